@@ -1,0 +1,206 @@
+"""The contract between the layer core and a broker backend.
+
+A backend is one class, registered under one or more URL schemes in the
+``multilayer.backends`` entry-point namespace. The core does everything that does not
+depend on the broker: validation, serialization, expiry deadlines, process-specific
+channel names, per-channel local buffers, cancellation safety and event-loop handling.
+A backend moves opaque payloads between named queues. It knows nothing of Django.
+
+Queues. Every message waits in a *queue*:
+
+* a normal channel's queue is named like the channel (``"chat.worker"``);
+* all process-specific channels of one process share an *inbox* queue named by the
+  non-local part of their names (``"specific.3f2a9c!"``); the backend stores each
+  message with its full channel name and :meth:`Backend.pop` returns it.
+
+Payloads begin with the 8-byte expiry deadline (:func:`multilayer.serialization.deadline_of`);
+the core drops expired payloads on receive, so a backend without native expiry stays
+correct, but it should still drop them to bound memory.
+
+Event loops. The core makes one backend instance per event loop that uses the layer
+(``async_to_sync`` runs each call in a loop of its own) and calls :meth:`Backend.open`
+in it before anything else. Several instances for one URL and prefix must see the same
+queues and groups, whether in one process or many.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .capacity import CapacityPolicy
+from .exceptions import ChannelFull
+from .options import Option
+from .url import LayerURL
+
+__all__ = ["Backend", "Capabilities", "LayerSettings"]
+
+logger = logging.getLogger("multilayer")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's broker does itself; the conformance suite reads these.
+
+    ``multiprocess``: separate OS processes share channels through it.
+    ``native_expiry``: the broker discards expired messages itself.
+    ``native_fanout``: ``group_send`` is one broker operation whatever the member count.
+    ``restartable``: state outlives a broker restart (queues and groups are kept).
+    """
+
+    multiprocess: bool = True
+    native_expiry: bool = True
+    native_fanout: bool = True
+    restartable: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        """The capabilities as plain data (for records and reports)."""
+        return {
+            "multiprocess": self.multiprocess,
+            "native_expiry": self.native_expiry,
+            "native_fanout": self.native_fanout,
+            "restartable": self.restartable,
+        }
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """The core options, validated, as a backend sees them."""
+
+    prefix: str
+    expiry: float
+    group_expiry: float
+    capacity: CapacityPolicy
+    max_message_size: int
+
+
+class Backend(abc.ABC):
+    """One connection set to a broker, used from one event loop.
+
+    Subclasses set :attr:`capabilities`, :attr:`extra` and :attr:`options`, and
+    implement the abstract coroutines. Broker client errors should surface as
+    :class:`multilayer.exceptions.BrokerError` with the original as ``__cause__``;
+    transient connection loss should be retried inside the backend so that a waiting
+    :meth:`pop` resumes after the broker comes back.
+    """
+
+    #: What the broker does natively.
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: The ``pip install multilayer[extra]`` that installs this backend's client library.
+    extra: ClassVar[str | None] = None
+    #: Backend-specific options (URL query parameters or keyword arguments).
+    options: ClassVar[Mapping[str, Option]] = {}
+
+    def __init__(self, url: LayerURL, settings: LayerSettings, options: Mapping[str, Any]):
+        self.url = url
+        self.settings = settings
+        self.config = dict(options)
+
+    @classmethod
+    def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
+        """Reject a URL this backend cannot use, without any I/O (ConfigurationError)."""
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        """Client library versions, for conformance records."""
+        return {}
+
+    async def broker_version(self) -> str | None:
+        """The broker's version, if it tells (called after :meth:`open`)."""
+        return None
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect. Called once, in this instance's event loop, before anything else."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every connection and task. Called at most once, after :meth:`open`."""
+
+    @abc.abstractmethod
+    async def declare_inbox(self, inbox: str) -> None:
+        """Make the process queue ``inbox`` exist, so that messages sent to it wait.
+
+        Called by ``new_channel()`` before it returns, and again (idempotently) by the
+        first receive of a process-specific channel in another event loop.
+        """
+
+    @abc.abstractmethod
+    async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        """Append ``payload`` to ``channel``'s queue, or raise ChannelFull.
+
+        For a process-specific channel the queue is the inbox ``non_local_name(channel)``,
+        and ``capacity`` counts every message waiting in that inbox. The check and the
+        append are one atomic step on the broker: two processes must not both fit into
+        the last free place.
+        """
+
+    @abc.abstractmethod
+    async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+        """Take between 1 and ``limit`` messages from ``queue``, oldest first, waiting for one.
+
+        Returns ``(channel, payload)`` pairs. Each message goes to exactly one caller,
+        whichever process it is in. The core calls this from one task per queue and does
+        not cancel it when a receiver gives up (it buffers what arrives); it is cancelled
+        when the layer closes or the event loop ends, and should not lose a message then.
+        """
+
+    def pop_nowait(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+        """Take up to ``limit`` waiting messages without I/O; [] when there are none.
+
+        Only backends holding messages in this process (memory) override this.
+        """
+        return []
+
+    @abc.abstractmethod
+    async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
+        """Add ``channel`` to ``group`` until ``deadline`` (renewing an earlier membership)."""
+
+    @abc.abstractmethod
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; no error if it was not a member."""
+
+    async def group_members(self, group: str) -> Iterable[str]:
+        """The live (unexpired) members of ``group``; used by the default :meth:`group_send`."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither group_send nor group_members")
+
+    async def group_send(
+        self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
+    ) -> None:
+        """Deliver ``payload`` to each live member of ``group``, skipping full ones (logged).
+
+        Never raises ChannelFull. The default pushes to each member concurrently;
+        a broker that fans out natively overrides this.
+        """
+        members = list(await self.group_members(group))
+        results = await asyncio.gather(
+            *(
+                self.push(member, payload, deadline=deadline, capacity=capacity.for_channel(member))
+                for member in members
+            ),
+            return_exceptions=True,
+        )
+        for member, result in zip(members, results):
+            if isinstance(result, ChannelFull):
+                log_full_member(group, member)
+            elif isinstance(result, BaseException):
+                raise result
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Delete every queue, message and group under this layer's prefix, and only those."""
+
+
+def log_full_member(group: str, channel: str) -> None:
+    """Log that ``group_send`` skipped a full member (one place, one wording)."""
+    logger.warning("group_send to %r skipped member %r: channel is full", group, channel)
+
+
+def now() -> float:
+    """Wall-clock seconds, the clock that deadlines use across processes."""
+    return time.time()

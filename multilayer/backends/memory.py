@@ -1,0 +1,192 @@
+"""In-process backend: ``memory://`` (the embedded default).
+
+Features: every contract point within one process; layers built from the same URL share
+channels and groups, across event loops and threads. No broker, no persistence, no
+multiprocess delivery.
+
+URL format: ``memory://`` or ``memory://NAME`` (NAME selects a separate store; layers with
+different names never see each other).
+
+Options: only the core ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import ClassVar
+
+from ..backend import Backend, Capabilities, log_full_member, now
+from ..capacity import CapacityPolicy
+from ..exceptions import ChannelFull
+from ..names import non_local_name
+from ..serialization import deadline_of
+
+__all__ = ["MemoryBackend"]
+
+Item = tuple[str, bytes]
+
+
+class _Store:
+    """Queues, groups and waiting pops shared by every memory layer of one name."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queues: dict[str, deque[Item]] = {}
+        self.groups: dict[str, dict[str, float]] = {}
+        self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
+
+    def pop_locked(self, key: str, limit: int) -> list[Item]:
+        queue = self.queues.get(key)
+        if not queue:
+            return []
+        taken = []
+        current = now()
+        while queue and len(taken) < limit:
+            item = queue.popleft()
+            if deadline_of(item[1]) > current:
+                taken.append(item)
+        if not queue:
+            del self.queues[key]
+        return taken
+
+    def push_locked(self, key: str, item: Item, capacity: int) -> bool:
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = deque()
+        elif len(queue) >= capacity:
+            current = now()
+            kept = [entry for entry in queue if deadline_of(entry[1]) > current]
+            if len(kept) >= capacity:
+                return False
+            queue.clear()
+            queue.extend(kept)
+        queue.append(item)
+        waiters = self.waiters.get(key)
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                _resolve(future)
+                break
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    loop = future.get_loop()
+    try:
+        same_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        same_loop = False
+    if same_loop:
+        future.set_result(None)
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(_set_if_pending, future)
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_stores: dict[str, _Store] = {}
+_stores_lock = threading.Lock()
+
+
+class MemoryBackend(Backend):
+    """Queues in this process's memory, shared by every layer with the same URL path."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        multiprocess=False, native_expiry=True, native_fanout=True, restartable=False
+    )
+
+    async def open(self) -> None:
+        name = self.url.host or self.url.path or ""
+        with _stores_lock:
+            self._store = _stores.setdefault(name, _Store())
+        self._prefix = self.settings.prefix + ":"
+
+    async def close(self) -> None:
+        """Nothing to release: the store outlives layers, like a broker."""
+
+    async def broker_version(self) -> str:
+        return "in-process"
+
+    async def declare_inbox(self, inbox: str) -> None:
+        """Queues exist implicitly."""
+
+    async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        store = self._store
+        with store.lock:
+            accepted = store.push_locked(
+                self._prefix + non_local_name(channel), (channel, payload), capacity
+            )
+        if not accepted:
+            raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    def pop_nowait(self, queue: str, limit: int) -> list[Item]:
+        store = self._store
+        with store.lock:
+            return store.pop_locked(self._prefix + queue, limit)
+
+    async def pop(self, queue: str, limit: int) -> list[Item]:
+        store = self._store
+        key = self._prefix + queue
+        while True:
+            with store.lock:
+                taken = store.pop_locked(key, limit)
+                if taken:
+                    return taken
+                future = asyncio.get_running_loop().create_future()
+                store.waiters.setdefault(key, deque()).append(future)
+            try:
+                await future
+            finally:
+                if not future.done():
+                    future.cancel()
+
+    async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
+        with self._store.lock:
+            self._store.groups.setdefault(self._prefix + group, {})[channel] = deadline
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        with self._store.lock:
+            members = self._store.groups.get(self._prefix + group)
+            if members is not None:
+                members.pop(channel, None)
+                if not members:
+                    del self._store.groups[self._prefix + group]
+
+    async def group_members(self, group: str) -> Iterable[str]:
+        current = now()
+        with self._store.lock:
+            members = self._store.groups.get(self._prefix + group, {})
+            return [channel for channel, until in members.items() if until > current]
+
+    async def group_send(
+        self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
+    ) -> None:
+        store = self._store
+        current = now()
+        full = []
+        with store.lock:
+            members = store.groups.get(self._prefix + group)
+            if not members:
+                return
+            for channel, until in list(members.items()):
+                if until <= current:
+                    del members[channel]
+                    continue
+                key = self._prefix + non_local_name(channel)
+                if not store.push_locked(key, (channel, payload), capacity.for_channel(channel)):
+                    full.append(channel)
+        for channel in full:
+            log_full_member(group, channel)
+
+    async def flush(self) -> None:
+        store = self._store
+        with store.lock:
+            for table in (store.queues, store.groups):
+                for key in [k for k in table if k.startswith(self._prefix)]:
+                    del table[key]

@@ -1,0 +1,306 @@
+"""The channel layer: the Django Channels contract on top of any backend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from .backend import Backend, LayerSettings, now
+from .capacity import CapacityPolicy
+from .exceptions import ForeignChannel, LayerClosed
+from .local import LocalQueue
+from .names import check_channel_name, check_group_name, check_message, non_local_name
+from .options import Option, resolve_options
+from .plugins import load_backend
+from .serialization import deadline_of, pack, unpack
+from .url import LayerURL
+
+__all__ = ["ENV_URL", "LAYER_OPTIONS", "ChannelLayer", "from_url"]
+
+logger = logging.getLogger("multilayer")
+
+#: The environment variable read when no URL is given.
+ENV_URL = "MULTILAYER_URL"
+DEFAULT_URL = "memory://"
+
+
+def _check_prefix(value: str) -> str | None:
+    try:
+        check_group_name(value)
+    except TypeError:
+        return f"must be made of ASCII letters, digits, '-', '_' or '.', not {value!r}"
+    return None
+
+
+#: Options every layer accepts, whatever the backend.
+LAYER_OPTIONS: Mapping[str, Option] = {
+    "prefix": Option(str, "asgi", "namespace of every key, queue and topic", check=_check_prefix),
+    "expiry": Option(float, 60.0, "seconds an undelivered message lives", minimum=0.001),
+    "group_expiry": Option(float, 86400.0, "seconds a group membership lives", minimum=0.001),
+    "capacity": Option(int, 100, "messages that may wait in one channel", minimum=1),
+    "channel_capacity": Option(
+        object, None, "{glob or regex: capacity} overriding capacity", in_url=False
+    ),
+    "max_message_size": Option(
+        int, 8 * 1024 * 1024, "largest serialized message in bytes", minimum=64
+    ),
+}
+
+
+class _LoopState:
+    """What the layer holds for one event loop: a backend and its local queues."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.queues: dict[str, LocalQueue] = {}
+        self.inboxes: set[str] = set()
+        self._opened: asyncio.Task[None] | None = None
+
+    async def ready(self) -> Backend:
+        if self._opened is None:
+            self._opened = asyncio.ensure_future(self.backend.open())
+        # A failed open is retried by the next call rather than cached forever.
+        try:
+            await asyncio.shield(self._opened)
+        except Exception:
+            if self._opened.done():
+                self._opened = None
+            raise
+        return self.backend
+
+    def queue(self, name: str) -> LocalQueue:
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = LocalQueue(self.backend, name)
+        return queue
+
+    async def close(self) -> None:
+        for queue in self.queues.values():
+            await queue.stop(LayerClosed("the channel layer was closed"))
+        if self._opened is not None:
+            opened, self._opened = self._opened, None
+            if opened.done() and not opened.cancelled() and opened.exception() is None:
+                await self.backend.close()
+            else:
+                opened.cancel()
+
+
+class ChannelLayer:
+    """A Django Channels layer on the broker named by ``url``.
+
+    ``url`` picks the backend by scheme (``memory://``, ``redis://``, ``amqp://``,
+    ``kafka://``, ``zmq://``, ...); with ``url=None`` the ``MULTILAYER_URL`` environment
+    variable is read, else ``memory://``. Query parameters of the URL set options;
+    keyword arguments override them. Core options and their defaults: ``prefix="asgi"``,
+    ``expiry=60`` seconds, ``group_expiry=86400`` seconds, ``capacity=100``,
+    ``channel_capacity=None``, ``max_message_size=8 MiB``; each backend documents its own.
+    An unknown option raises :class:`~multilayer.exceptions.ConfigurationError` listing
+    the valid ones.
+
+    One layer object may be used from several event loops in turn; each loop gets its
+    own broker connections.
+    """
+
+    extensions = ["groups", "flush"]
+
+    def __init__(
+        self,
+        url: str | LayerURL | None = None,
+        *,
+        prefix: str | None = None,
+        expiry: float | None = None,
+        group_expiry: float | None = None,
+        capacity: int | None = None,
+        channel_capacity: Mapping[Any, int] | None = None,
+        **backend_options: Any,
+    ) -> None:
+        if url is None:
+            url = os.environ.get(ENV_URL) or DEFAULT_URL
+        self.url = url if isinstance(url, LayerURL) else LayerURL.parse(url)
+        self.backend_class = load_backend(self.url.scheme)
+        given = {
+            name: value
+            for name, value in {
+                "prefix": prefix,
+                "expiry": expiry,
+                "group_expiry": group_expiry,
+                "capacity": capacity,
+                "channel_capacity": channel_capacity,
+                **backend_options,
+            }.items()
+            if value is not None
+        }
+        specs = {**LAYER_OPTIONS, **self.backend_class.options}
+        values = resolve_options(specs, self.url.query, given, where=self.url.sanitized())
+        self.prefix: str = values["prefix"]
+        self.expiry: float = values["expiry"]
+        self.group_expiry: float = values["group_expiry"]
+        self.capacity: int = values["capacity"]
+        self.channel_capacity: Mapping[Any, int] = values["channel_capacity"] or {}
+        self.settings = LayerSettings(
+            prefix=self.prefix,
+            expiry=self.expiry,
+            group_expiry=self.group_expiry,
+            capacity=CapacityPolicy(self.capacity, self.channel_capacity),
+            max_message_size=values["max_message_size"],
+        )
+        self.backend_options = {k: values[k] for k in self.backend_class.options}
+        self.backend_class.check_url(self.url, self.backend_options)
+        # Random bytes from the OS: unique across processes and immune to random.seed().
+        self.process_name = secrets.token_hex(8)
+        self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._states_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url.sanitized()} prefix={self.prefix!r}>"
+
+    # -- per-event-loop state -------------------------------------------------------
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is not None:
+            return state
+        with self._states_lock:
+            state = self._states.get(loop)
+            if state is None:
+                backend = self.backend_class(self.url, self.settings, self.backend_options)
+                state = self._states[loop] = _LoopState(backend)
+                for dead_loop in [old for old in self._states if old.is_closed()]:
+                    self._adopt(state, self._states.pop(dead_loop))
+        return state
+
+    @staticmethod
+    def _adopt(state: _LoopState, dead: _LoopState) -> None:
+        """Keep what a finished event loop had fetched but not handed out."""
+        for name, queue in dead.queues.items():
+            state.queue(name).adopt(queue)
+        state.inboxes |= dead.inboxes
+
+    async def _backend(self) -> Backend:
+        return await self._state().ready()
+
+    # -- the Channels contract -------------------------------------------------------
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to ``channel``; ChannelFull if the channel is at capacity."""
+        check_channel_name(channel)
+        check_message(message)
+        deadline = now() + self.expiry
+        payload = pack(message, deadline, max_size=self.settings.max_message_size)
+        backend = await self._backend()
+        await backend.push(
+            channel,
+            payload,
+            deadline=deadline,
+            capacity=self.settings.capacity.for_channel(channel),
+        )
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The next message on ``channel``, waiting as long as it takes.
+
+        Safe to cancel at any moment: a message fetched for a cancelled receive is kept
+        for the next receive of the same channel in this process.
+        """
+        check_channel_name(channel)
+        queue_name = non_local_name(channel)
+        state = self._state()
+        if queue_name != channel:
+            self._require_own(channel)
+            if queue_name not in state.inboxes:
+                await (await state.ready()).declare_inbox(queue_name)
+                state.inboxes.add(queue_name)
+        else:
+            await state.ready()
+        queue = state.queue(queue_name)
+        while True:
+            payload = queue.take(channel)
+            if payload is None:
+                await queue.wait(channel)
+                continue
+            if deadline_of(payload) > now():
+                return unpack(payload)[1]
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        """A new process-specific channel name, receivable only through this layer.
+
+        Its process queue exists on the broker before this returns, so messages sent to
+        it right away wait for the first receive.
+        """
+        check_group_name(prefix)
+        inbox = f"{prefix}.{self.process_name}!"
+        state = self._state()
+        if inbox not in state.inboxes:
+            await (await state.ready()).declare_inbox(inbox)
+            state.inboxes.add(inbox)
+        return inbox + secrets.token_hex(6)
+
+    def _require_own(self, channel: str) -> None:
+        if not non_local_name(channel).endswith(f".{self.process_name}!"):
+            raise ForeignChannel(
+                f"cannot receive from {channel!r}: process-specific channels are received "
+                "only through the layer whose new_channel() made them"
+            )
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add ``channel`` to ``group`` for ``group_expiry`` seconds."""
+        check_group_name(group)
+        check_channel_name(channel)
+        backend = await self._backend()
+        await backend.group_add(group, channel, deadline=now() + self.group_expiry)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; nothing happens if it was not a member."""
+        check_group_name(group)
+        check_channel_name(channel)
+        backend = await self._backend()
+        await backend.group_discard(group, channel)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send one copy of ``message`` to every member of ``group``.
+
+        A member at capacity is skipped and logged; this never raises ChannelFull.
+        """
+        check_group_name(group)
+        check_message(message)
+        deadline = now() + self.expiry
+        payload = pack(message, deadline, max_size=self.settings.max_message_size)
+        backend = await self._backend()
+        await backend.group_send(group, payload, deadline=deadline, capacity=self.settings.capacity)
+
+    async def flush(self) -> None:
+        """Delete every message, channel and group under this layer's prefix."""
+        state = self._state()
+        backend = await state.ready()
+        await backend.flush()
+        for queue in state.queues.values():
+            queue.buffers.clear()
+
+    async def close(self) -> None:
+        """Close the connections of the current event loop; safe to call again, or never used.
+
+        The layer may be used again afterwards: it reconnects on demand.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._states_lock:
+            state = self._states.pop(loop, None) if loop is not None else None
+            others = list(self._states.items())
+            self._states.clear()
+        for other_loop, other in others:
+            if not other_loop.is_closed() and other_loop.is_running() and other_loop is not loop:
+                asyncio.run_coroutine_threadsafe(other.close(), other_loop)
+        if state is not None:
+            await state.close()
+
+
+def from_url(url: str, **options: Any) -> ChannelLayer:
+    """The layer for ``url``; the same as ``ChannelLayer(url, **options)``."""
+    return ChannelLayer(url, **options)

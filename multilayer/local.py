@@ -1,0 +1,109 @@
+"""Local buffers: one broker queue feeding per-channel buffers in one event loop.
+
+A receive never pops from the broker itself. It registers as a waiter and one fetch
+task per queue pops on behalf of all waiters, appending what arrives to per-channel
+buffers. A receive cancelled at any moment therefore loses nothing (what was fetched
+for it stays buffered for the next receive of that channel) and duplicates nothing
+(each buffered payload is handed out once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from .backend import Backend
+
+__all__ = ["LocalQueue"]
+
+
+class LocalQueue:
+    """Buffers and waiters for one broker queue (a normal channel or a process inbox)."""
+
+    def __init__(self, backend: Backend, queue: str) -> None:
+        self.backend = backend
+        self.queue = queue
+        self.buffers: dict[str, deque[bytes]] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._hungry = 0
+        self._fetcher: asyncio.Task[None] | None = None
+
+    def take(self, channel: str) -> bytes | None:
+        """A buffered payload for ``channel``, fetching without I/O if the backend can."""
+        buffer = self.buffers.get(channel)
+        if buffer:
+            return buffer.popleft()
+        if self._fetcher is None:
+            for name, payload in self.backend.pop_nowait(self.queue, 64):
+                self.buffers.setdefault(name, deque()).append(payload)
+            buffer = self.buffers.get(channel)
+            if buffer:
+                return buffer.popleft()
+        return None
+
+    async def wait(self, channel: str) -> None:
+        """Wait until a payload for ``channel`` may be buffered."""
+        future = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(channel, deque())
+        waiters.append(future)
+        self._hungry += 1
+        if self._fetcher is None:
+            self._fetcher = asyncio.create_task(self._fetch(), name=f"multilayer fetch {self.queue}")
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # Woken and cancelled in the same step: pass the wake-up on.
+                self._wake(channel)
+            raise
+        finally:
+            if not future.done():
+                future.cancel()
+            if future in waiters:
+                waiters.remove(future)
+                self._hungry -= 1
+
+    def _wake(self, channel: str) -> None:
+        waiters = self._waiters.get(channel)
+        while waiters:
+            future = waiters.popleft()
+            self._hungry -= 1
+            if not future.done():
+                future.set_result(None)
+                return
+
+    async def _fetch(self) -> None:
+        try:
+            while self._hungry > 0:
+                for channel, payload in await self.backend.pop(self.queue, self._hungry):
+                    self.buffers.setdefault(channel, deque()).append(payload)
+                    self._wake(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.fail(error)
+        finally:
+            self._fetcher = None
+
+    def fail(self, error: BaseException) -> None:
+        """End every waiter with ``error``."""
+        for waiters in self._waiters.values():
+            while waiters:
+                future = waiters.popleft()
+                self._hungry -= 1
+                if not future.done():
+                    future.set_exception(error)
+
+    async def stop(self, error: BaseException) -> None:
+        """Cancel the fetch task and end waiters with ``error``."""
+        fetcher = self._fetcher
+        if fetcher is not None:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+        self.fail(error)
+
+    def adopt(self, other: LocalQueue) -> None:
+        """Take over the buffered payloads of a queue whose event loop has ended."""
+        for channel, payloads in other.buffers.items():
+            self.buffers.setdefault(channel, deque()).extendleft(reversed(payloads))
+        other.buffers.clear()

@@ -1,0 +1,121 @@
+"""Typed options: read from a URL query or from keyword arguments, validated in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+__all__ = ["Option", "resolve_options"]
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a layer or a backend accepts.
+
+    ``kind`` is ``int``, ``float``, ``bool``, ``str`` or ``object`` (keyword argument only,
+    checked by ``check``). ``minimum`` bounds numbers; ``choices`` bounds strings; ``check``
+    receives the typed value and returns an error text, or None when the value is fine.
+    ``secret`` values are never echoed in errors.
+    """
+
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+    in_url: bool = True
+    secret: bool = False
+    check: Callable[[Any], str | None] | None = None
+
+    def from_text(self, name: str, text: str) -> Any:
+        """Convert a URL query value to this option's type."""
+        if not self.in_url:
+            raise ConfigurationError(
+                f"option {name!r} cannot be set in the URL; pass it as a keyword argument"
+            )
+        shown = "***" if self.secret else repr(text)
+        try:
+            if self.kind is bool:
+                lowered = text.strip().lower()
+                if lowered in _TRUE:
+                    return self.validate(name, True)
+                if lowered in _FALSE:
+                    return self.validate(name, False)
+                raise ValueError(text)
+            if self.kind is int:
+                return self.validate(name, int(text))
+            if self.kind is float:
+                return self.validate(name, float(text))
+        except ValueError:
+            raise ConfigurationError(
+                f"option {name!r} must be {_kind_name(self.kind)}, not {shown}"
+            ) from None
+        return self.validate(name, text)
+
+    def validate(self, name: str, value: Any) -> Any:
+        """Check a typed value (from a keyword argument or converted from the URL)."""
+        shown = "***" if self.secret else repr(value)
+        if value is None and self.default is None:
+            return None
+        kind_ok = (
+            isinstance(value, bool)
+            if self.kind is bool
+            else isinstance(value, int) and not isinstance(value, bool)
+            if self.kind is int
+            else isinstance(value, (int, float)) and not isinstance(value, bool)
+            if self.kind is float
+            else isinstance(value, self.kind)
+        )
+        if not kind_ok:
+            raise ConfigurationError(
+                f"option {name!r} must be {_kind_name(self.kind)}, not {shown} "
+                f"({type(value).__name__})"
+            )
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigurationError(f"option {name!r} must be >= {self.minimum:g}, not {shown}")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigurationError(
+                f"option {name!r} must be one of {', '.join(self.choices)}; not {shown}"
+            )
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise ConfigurationError(f"option {name!r}: {problem}")
+        return float(value) if self.kind is float else value
+
+
+def resolve_options(
+    specs: Mapping[str, Option],
+    query: Mapping[str, str],
+    overrides: Mapping[str, Any],
+    *,
+    where: str,
+) -> dict[str, Any]:
+    """Merge defaults, URL query values and keyword overrides (in that order of precedence).
+
+    An unknown name is an error that lists the valid ones; ``where`` (the sanitized URL)
+    tells the user which layer the error is about.
+    """
+    for name in (*query, *overrides):
+        if name not in specs:
+            raise ConfigurationError(
+                f"unknown option {name!r} for {where}; valid options: {', '.join(sorted(specs))}"
+            )
+    values = {name: spec.default for name, spec in specs.items()}
+    for name, text in query.items():
+        values[name] = specs[name].from_text(name, text)
+    for name, value in overrides.items():
+        values[name] = specs[name].validate(name, value)
+    return values
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        kind, kind.__name__
+    )

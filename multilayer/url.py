@@ -1,0 +1,131 @@
+"""Layer URLs: ``scheme://[user[:password]@]host[:port][,host[:port]...][/path][?option=value...]``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import parse_qsl, quote, unquote
+
+from .exceptions import ConfigurationError
+
+__all__ = ["LayerURL"]
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://(.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class LayerURL:
+    """An immutable, parsed layer URL.
+
+    ``hosts`` keeps every ``host:port`` of a comma-separated host list, in order; IPv6
+    addresses are written in brackets (``[::1]:6379``) and stored without them. The
+    username and password are percent-decoded. The password never appears in ``repr()``
+    or :meth:`sanitized`; use those in logs and errors.
+    """
+
+    scheme: str
+    hosts: tuple[tuple[str, int | None], ...] = ()
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    path: str = ""
+    query: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def parse(cls, url: str) -> LayerURL:
+        """Parse ``url``; raise :class:`ConfigurationError` naming what is wrong."""
+        if not isinstance(url, str):
+            raise ConfigurationError(f"layer URL must be a string, not {type(url).__name__}")
+        match = _SCHEME.match(url.strip())
+        if match is None:
+            raise ConfigurationError(
+                f"layer URL {_redact(url)!r} has no scheme; write it as scheme://..., "
+                "for example memory:// or redis://localhost:6379/0"
+            )
+        scheme, rest = match.group(1).lower(), match.group(2)
+        rest, _, query_string = rest.partition("?")
+        rest, _, _fragment = rest.partition("#")
+        netloc, slash, path = rest.partition("/")
+        username = password = None
+        if "@" in netloc:
+            userinfo, _, netloc = netloc.rpartition("@")
+            user, has_password, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if has_password else None
+        hosts = tuple(_parse_host(item, url) for item in netloc.split(",") if item)
+        query: dict[str, str] = {}
+        for key, value in parse_qsl(query_string, keep_blank_values=True, strict_parsing=False):
+            if key in query:
+                raise ConfigurationError(
+                    f"option {key!r} appears twice in layer URL {_redact(url)!r}"
+                )
+            query[key] = value
+        return cls(
+            scheme=scheme,
+            hosts=hosts,
+            username=username,
+            password=password,
+            path=unquote(path) if slash else "",
+            query=MappingProxyType(query),
+        )
+
+    @property
+    def host(self) -> str | None:
+        """The first host, or None."""
+        return self.hosts[0][0] if self.hosts else None
+
+    @property
+    def port(self) -> int | None:
+        """The first host's port, or None."""
+        return self.hosts[0][1] if self.hosts else None
+
+    def sanitized(self) -> str:
+        """The URL with the password replaced by ``***``: safe for logs and errors."""
+        return self._render(mask_password=True)
+
+    def render(self) -> str:
+        """The full URL, password included, for handing to a client library."""
+        return self._render(mask_password=False)
+
+    def without_query(self) -> LayerURL:
+        """The same URL with no options."""
+        return LayerURL(self.scheme, self.hosts, self.username, self.password, self.path)
+
+    def _render(self, *, mask_password: bool) -> str:
+        auth = ""
+        if self.username is not None or self.password is not None:
+            auth = quote(self.username or "", safe="")
+            if self.password is not None:
+                auth += ":" + ("***" if mask_password else quote(self.password, safe=""))
+            auth += "@"
+        hosts = ",".join(
+            (f"[{h}]" if ":" in h else h) + (f":{p}" if p is not None else "")
+            for h, p in self.hosts
+        )
+        path = "/" + quote(self.path, safe="/:") if self.path else ""
+        query = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in self.query.items())
+        return f"{self.scheme}://{auth}{hosts}{path}" + (f"?{query}" if query else "")
+
+    def __str__(self) -> str:
+        return self.sanitized()
+
+
+def _parse_host(item: str, url: str) -> tuple[str, int | None]:
+    if item.startswith("["):
+        host, bracket, tail = item[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ConfigurationError(f"bad IPv6 host {item!r} in layer URL {_redact(url)!r}")
+        port_text = tail[1:]
+    else:
+        host, _, port_text = item.partition(":")
+    if not port_text:
+        return unquote(host), None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigurationError(f"bad port {port_text!r} in layer URL {_redact(url)!r}")
+    return unquote(host), int(port_text)
+
+
+def _redact(url: str) -> str:
+    """Mask a password in a URL that may not even parse."""
+    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", url)
