@@ -59,18 +59,22 @@ class _LoopState:
         self.backend = backend
         self.queues: dict[str, LocalQueue] = {}
         self.inboxes: set[str] = set()
-        self._opened: asyncio.Task[None] | None = None
+        self._opened: asyncio.Future[None] | None = None
+        self.is_open = False
 
     async def ready(self) -> Backend:
+        if self.is_open:
+            return self.backend
         if self._opened is None:
             self._opened = asyncio.ensure_future(self.backend.open())
         # A failed open is retried by the next call rather than cached forever.
         try:
             await asyncio.shield(self._opened)
         except Exception:
-            if self._opened.done():
+            if self._opened is not None and self._opened.done():
                 self._opened = None
             raise
+        self.is_open = True
         return self.backend
 
     def queue(self, name: str) -> LocalQueue:
@@ -82,12 +86,12 @@ class _LoopState:
     async def close(self) -> None:
         for queue in self.queues.values():
             await queue.stop(LayerClosed("the channel layer was closed"))
-        if self._opened is not None:
-            opened, self._opened = self._opened, None
-            if opened.done() and not opened.cancelled() and opened.exception() is None:
-                await self.backend.close()
-            else:
-                opened.cancel()
+        if self.is_open:
+            self.is_open = False
+            await self.backend.close()
+        elif self._opened is not None:
+            self._opened.cancel()
+        self._opened = None
 
 
 class ChannelLayer:
@@ -180,7 +184,6 @@ class ChannelLayer:
         """Keep what a finished event loop had fetched but not handed out."""
         for name, queue in dead.queues.items():
             state.queue(name).adopt(queue)
-        state.inboxes |= dead.inboxes
 
     async def _backend(self) -> Backend:
         return await self._state().ready()
@@ -209,14 +212,14 @@ class ChannelLayer:
         """
         check_channel_name(channel)
         queue_name = non_local_name(channel)
-        state = self._state()
         if queue_name != channel:
             self._require_own(channel)
+        state = self._state()
+        backend = await state.ready()
+        if queue_name != channel:
             if queue_name not in state.inboxes:
-                await (await state.ready()).declare_inbox(queue_name)
+                await backend.declare_inbox(queue_name)
                 state.inboxes.add(queue_name)
-        else:
-            await state.ready()
         queue = state.queue(queue_name)
         while True:
             payload = queue.take(channel)

@@ -1,0 +1,108 @@
+"""pytest plugin of the conformance suite: the ``--multilayer-url`` option and fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from ..backend import Capabilities
+from ..layer import ENV_URL, ChannelLayer
+from ..url import LayerURL
+
+T = TypeVar("T")
+
+#: Upper bound of one test's event-loop run, so that no test can hang CI.
+RUN_TIMEOUT = 90.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("multilayer")
+    group.addoption(
+        "--multilayer-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="layer URL the conformance suite runs against (repeatable; default "
+        f"${ENV_URL} or memory://)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "multiprocess: runs layers in separate OS processes")
+    config.addinivalue_line("markers", "slow: waits for expiry timers")
+
+
+def _urls(config: pytest.Config) -> list[str]:
+    urls: list[str] = config.getoption("--multilayer-url") or []
+    return urls or [os.environ.get(ENV_URL) or "memory://"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "layer_url" in metafunc.fixturenames:
+        urls = _urls(metafunc.config)
+        schemes = [LayerURL.parse(url).scheme for url in urls]
+        ids = [
+            scheme if schemes.count(scheme) == 1 else f"{scheme}{index}"
+            for index, scheme in enumerate(schemes)
+        ]
+        metafunc.parametrize("layer_url", urls, ids=ids, scope="session")
+
+
+class Harness:
+    """Builds layers for one test, runs its coroutine with a bound, and cleans up.
+
+    Every layer of one test shares a fresh random prefix, so tests never see each
+    other's messages, and each is flushed and closed when the test's run ends.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.prefix = "conf" + secrets.token_hex(4)
+        self._layers: list[ChannelLayer] = []
+        probe = ChannelLayer(url, prefix=self.prefix)
+        self.scheme = probe.url.scheme
+        self.capabilities: Capabilities = probe.backend_class.capabilities
+
+    def layer(self, **options: Any) -> ChannelLayer:
+        """A layer on the test URL and prefix; options override the URL's."""
+        options.setdefault("prefix", self.prefix)
+        layer = ChannelLayer(self.url, **options)
+        self._layers.append(layer)
+        return layer
+
+    def require(self, capability: str, why: str) -> None:
+        """Skip, with the reason recorded, when the backend lacks ``capability``."""
+        if not getattr(self.capabilities, capability):
+            pytest.skip(f"{self.scheme}: capabilities.{capability} is false ({why})")
+
+    def run(self, body: Callable[[], Awaitable[T]], timeout: float = RUN_TIMEOUT) -> T:
+        """Run ``body()`` in a new event loop, bounded by ``timeout`` seconds."""
+
+        async def bounded() -> T:
+            try:
+                return await asyncio.wait_for(body(), timeout)
+            finally:
+                await self._cleanup()
+
+        return asyncio.run(bounded())
+
+    async def _cleanup(self) -> None:
+        layers, self._layers = self._layers, []
+        for index, layer in enumerate(layers):
+            if index == 0:
+                try:
+                    await asyncio.wait_for(layer.flush(), 10)
+                except Exception:  # cleanup must not hide the test's own outcome
+                    pass
+            await asyncio.wait_for(layer.close(), 10)
+
+
+@pytest.fixture
+def harness(layer_url: str) -> Iterator[Harness]:
+    """A :class:`Harness` on the URL this test runs against."""
+    yield Harness(layer_url)

@@ -1,0 +1,134 @@
+"""The layer object: attributes, flush, close, event loops, async_to_sync."""
+
+from __future__ import annotations
+
+import asyncio
+
+from asgiref.sync import async_to_sync
+from channels.layers import BaseChannelLayer
+
+from .plugin import Harness
+from ._util import assert_nothing, recv
+
+
+def test_contract_attributes(harness: Harness) -> None:
+    layer = harness.layer(expiry=30, group_expiry=600, capacity=50)
+    assert "groups" in layer.extensions and "flush" in layer.extensions
+    assert (layer.expiry, layer.group_expiry, layer.capacity) == (30, 600, 50)
+    for method in (
+        "send",
+        "receive",
+        "new_channel",
+        "group_add",
+        "group_discard",
+        "group_send",
+        "flush",
+        "close",
+    ):
+        assert asyncio.iscoroutinefunction(getattr(layer, method)), method
+    # The Channels base class accepts what the layer accepts, and the reverse.
+    assert BaseChannelLayer.channel_name_regex.match("a.b-c_d!e")
+
+
+def test_flush_is_seen_by_other_instances(harness: Harness) -> None:
+    async def body() -> None:
+        first, second = harness.layer(), harness.layer()
+        channel = await first.new_channel()
+        await second.send("conf.flushed", {"n": 1})
+        await second.send(channel, {"n": 1})
+        await first.group_add("conf-flushed", channel)
+        await second.flush()
+        await assert_nothing(first, "conf.flushed", 0.3)
+        await second.group_send("conf-flushed", {"n": 2})
+        await assert_nothing(first, channel, 0.3)
+        # The layers stay usable after a flush.
+        channel = await first.new_channel()
+        await second.send(channel, {"n": 3})
+        assert await recv(first, channel) == {"n": 3}
+        await second.send("conf.flushed", {"n": 4})
+        assert await recv(first, "conf.flushed") == {"n": 4}
+
+    harness.run(body)
+
+
+def test_flush_keeps_other_prefixes(harness: Harness) -> None:
+    async def body() -> None:
+        mine = harness.layer()
+        other = harness.layer(prefix=harness.prefix + "x")
+        try:
+            await other.send("conf.keep", {"kept": True})
+            await mine.send("conf.keep", {"kept": False})
+            await mine.flush()
+            assert await recv(other, "conf.keep") == {"kept": True}
+        finally:
+            await other.flush()
+
+    harness.run(body)
+
+
+def test_close_is_idempotent_and_works_unused(harness: Harness) -> None:
+    async def body() -> None:
+        unused = harness.layer()
+        await unused.close()
+        await unused.close()
+        used = harness.layer()
+        await used.send("conf.close", {"n": 1})
+        await used.close()
+        await used.close()
+        # A closed layer reconnects on demand.
+        assert await recv(used, "conf.close") == {"n": 1}
+
+    harness.run(body)
+
+
+def test_close_ends_a_waiting_receive(harness: Harness) -> None:
+    async def body() -> None:
+        layer = harness.layer()
+        waiting = asyncio.ensure_future(layer.receive("conf.never"))
+        await asyncio.sleep(0.2)
+        await layer.close()
+        done, _ = await asyncio.wait([waiting], timeout=10)
+        assert done, "receive() still waits after close()"
+        assert waiting.exception() is not None
+
+    harness.run(body)
+
+
+def test_one_layer_in_several_event_loops(harness: Harness) -> None:
+    layer = harness.layer()
+    sender = harness.layer()
+
+    async def first_loop() -> str:
+        channel = await layer.new_channel()
+        await sender.send("conf.loops", {"n": 1})
+        await sender.send("conf.loops", {"n": 2})
+        assert await recv(layer, "conf.loops") == {"n": 1}
+        await sender.send(channel, {"n": 3})
+        return channel
+
+    async def second_loop(channel: str) -> None:
+        assert await recv(layer, "conf.loops") == {"n": 2}
+        assert await recv(layer, channel) == {"n": 3}
+        fresh = await layer.new_channel()
+        await sender.send(fresh, {"n": 4})
+        assert await recv(layer, fresh) == {"n": 4}
+
+    channel = asyncio.run(asyncio.wait_for(first_loop(), 60))
+    harness.run(lambda: second_loop(channel))
+
+
+def test_async_to_sync(harness: Harness) -> None:
+    layer = harness.layer()
+    try:
+        channel = async_to_sync(layer.new_channel)()
+        async_to_sync(layer.send)(channel, {"sync": 1})
+        async_to_sync(layer.send)("conf.sync", {"sync": 2})
+        async_to_sync(layer.group_add)("conf-sync", channel)
+        async_to_sync(layer.group_send)("conf-sync", {"sync": 3})
+        receive = async_to_sync(recv)
+        assert receive(layer, channel) == {"sync": 1}
+        assert receive(layer, "conf.sync") == {"sync": 2}
+        assert receive(layer, channel) == {"sync": 3}
+    finally:
+        async_to_sync(layer.flush)()
+        async_to_sync(layer.close)()
