@@ -167,7 +167,9 @@ class Backend(abc.ABC):
 
     async def group_members(self, group: str) -> Iterable[str]:
         """The live (unexpired) members of ``group``; used by the default :meth:`group_send`."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither group_send nor group_members")
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither group_send nor group_members"
+        )
 
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
@@ -185,7 +187,7 @@ class Backend(abc.ABC):
             ),
             return_exceptions=True,
         )
-        for member, result in zip(members, results):
+        for member, result in zip(members, results, strict=True):
             if isinstance(result, ChannelFull):
                 log_full_member(group, member)
             elif isinstance(result, BaseException):

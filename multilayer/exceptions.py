@@ -43,11 +43,11 @@ class BackendNotFound(ConfigurationError):
     """No backend is installed for a URL scheme."""
 
 
-class ChannelFull(MultilayerError, _channels_exceptions.ChannelFull):
+class ChannelFull(MultilayerError, _channels_exceptions.ChannelFull):  # type: ignore[misc]
     """The channel holds ``capacity`` messages already; the message was not sent."""
 
 
-class MessageTooLarge(MultilayerError, _channels_exceptions.MessageTooLarge):
+class MessageTooLarge(MultilayerError, _channels_exceptions.MessageTooLarge):  # type: ignore[misc]
     """The serialized message is larger than the layer's ``max_message_size``."""
 
 

@@ -7,17 +7,18 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from .backend import Backend, LayerSettings, now
+from .backend import Backend, LayerSettings
 from .capacity import CapacityPolicy
 from .exceptions import ForeignChannel, LayerClosed
 from .local import LocalQueue
 from .names import check_channel_name, check_group_name, check_message, non_local_name
 from .options import Option, resolve_options
 from .plugins import load_backend
-from .serialization import deadline_of, pack, unpack
+from .serialization import deadline_of, pack, unpack_message
 from .url import LayerURL
 
 __all__ = ["ENV_URL", "LAYER_OPTIONS", "ChannelLayer", "from_url"]
@@ -157,6 +158,9 @@ class ChannelLayer:
         self.backend_class.check_url(self.url, self.backend_options)
         # Random bytes from the OS: unique across processes and immune to random.seed().
         self.process_name = secrets.token_hex(8)
+        self._own_suffix = f".{self.process_name}!"
+        self._capacity_for = self.settings.capacity.for_channel
+        self._max_size = self.settings.max_message_size
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._states_lock = threading.Lock()
 
@@ -167,9 +171,10 @@ class ChannelLayer:
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
-        state = self._states.get(loop)
-        if state is not None:
-            return state
+        try:
+            return self._states[loop]
+        except KeyError:
+            pass
         with self._states_lock:
             state = self._states.get(loop)
             if state is None:
@@ -193,15 +198,14 @@ class ChannelLayer:
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; ChannelFull if the channel is at capacity."""
         check_channel_name(channel)
-        check_message(message)
-        deadline = now() + self.expiry
-        payload = pack(message, deadline, max_size=self.settings.max_message_size)
-        backend = await self._backend()
+        if not isinstance(message, dict):
+            check_message(message)
+        deadline = time.time() + self.expiry
+        payload = pack(message, deadline, max_size=self._max_size)
+        state = self._state()
+        backend = state.backend if state.is_open else await state.ready()
         await backend.push(
-            channel,
-            payload,
-            deadline=deadline,
-            capacity=self.settings.capacity.for_channel(channel),
+            channel, payload, deadline=deadline, capacity=self._capacity_for(channel)
         )
 
     async def receive(self, channel: str) -> dict[str, Any]:
@@ -215,19 +219,17 @@ class ChannelLayer:
         if queue_name != channel:
             self._require_own(channel)
         state = self._state()
-        backend = await state.ready()
-        if queue_name != channel:
-            if queue_name not in state.inboxes:
-                await backend.declare_inbox(queue_name)
-                state.inboxes.add(queue_name)
-        queue = state.queue(queue_name)
+        backend = state.backend if state.is_open else await state.ready()
+        if queue_name != channel and queue_name not in state.inboxes:
+            await backend.declare_inbox(queue_name)
+            state.inboxes.add(queue_name)
+        queue = state.queues.get(queue_name) or state.queue(queue_name)
         while True:
             payload = queue.take(channel)
             if payload is None:
                 await queue.wait(channel)
-                continue
-            if deadline_of(payload) > now():
-                return unpack(payload)[1]
+            elif deadline_of(payload) > time.time():
+                return unpack_message(payload)
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, receivable only through this layer.
@@ -244,7 +246,7 @@ class ChannelLayer:
         return inbox + secrets.token_hex(6)
 
     def _require_own(self, channel: str) -> None:
-        if not non_local_name(channel).endswith(f".{self.process_name}!"):
+        if not non_local_name(channel).endswith(self._own_suffix):
             raise ForeignChannel(
                 f"cannot receive from {channel!r}: process-specific channels are received "
                 "only through the layer whose new_channel() made them"
@@ -255,7 +257,7 @@ class ChannelLayer:
         check_group_name(group)
         check_channel_name(channel)
         backend = await self._backend()
-        await backend.group_add(group, channel, deadline=now() + self.group_expiry)
+        await backend.group_add(group, channel, deadline=time.time() + self.group_expiry)
 
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group``; nothing happens if it was not a member."""
@@ -271,7 +273,7 @@ class ChannelLayer:
         """
         check_group_name(group)
         check_message(message)
-        deadline = now() + self.expiry
+        deadline = time.time() + self.expiry
         payload = pack(message, deadline, max_size=self.settings.max_message_size)
         backend = await self._backend()
         await backend.group_send(group, payload, deadline=deadline, capacity=self.settings.capacity)

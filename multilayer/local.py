@@ -48,7 +48,9 @@ class LocalQueue:
         waiters.append(future)
         self._hungry += 1
         if self._fetcher is None:
-            self._fetcher = asyncio.create_task(self._fetch(), name=f"multilayer fetch {self.queue}")
+            self._fetcher = asyncio.create_task(
+                self._fetch(), name=f"multilayer fetch {self.queue}"
+            )
         try:
             await future
         except asyncio.CancelledError:

@@ -18,15 +18,21 @@ MAX_NAME_LENGTH = 100
 
 _CHANNEL = re.compile(r"[a-zA-Z\d\-_.]+(![a-zA-Z\d\-_.]*)?")
 _GROUP = re.compile(r"[a-zA-Z\d\-_.]+")
-_RULE = (
-    "ASCII letters, digits, '-', '_' or '.', shorter than 100 characters"
-)
+_RULE = "ASCII letters, digits, '-', '_' or '.', shorter than 100 characters"
+# Names already checked; hot paths skip the regex for them. Bounded, then simply full.
+_KNOWN_CHANNELS: set[str] = set()
+_KNOWN_LIMIT = 100_000
 
 
 def check_channel_name(name: Any) -> str:
     """Return ``name`` if it is a valid channel name, else raise TypeError naming it."""
-    if type(name) is str and len(name) < MAX_NAME_LENGTH and _CHANNEL.fullmatch(name):
-        return name
+    if type(name) is str:
+        if name in _KNOWN_CHANNELS:
+            return name
+        if len(name) < MAX_NAME_LENGTH and _CHANNEL.fullmatch(name):
+            if len(_KNOWN_CHANNELS) < _KNOWN_LIMIT:
+                _KNOWN_CHANNELS.add(name)
+            return name
     raise TypeError(
         f"invalid channel name {name!r}: use {_RULE}, with at most one '!' "
         "(process-specific channels)"

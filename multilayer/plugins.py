@@ -53,17 +53,19 @@ def load_backend(scheme: str) -> type[Backend]:
             f"Installed schemes: {', '.join(sorted(registered)) or 'none'}"
         )
 
-    def failed(_manager: Any, ep: EntryPoint, error: Exception) -> NoReturn:
+    def failed(_manager: Any, ep: EntryPoint, error: BaseException) -> NoReturn:
         if isinstance(error, ImportError):
             raise BackendNotFound(
                 f"URL scheme {scheme!r} needs a client library that is not installed "
                 f"({error}); {_install_hint(ep)}"
             ) from error
-        raise BackendNotFound(f"backend for URL scheme {scheme!r} failed to load: {error}") from error
+        raise BackendNotFound(
+            f"backend for URL scheme {scheme!r} failed to load: {error}"
+        ) from error
 
     if scheme not in registered:
         missing([scheme])
-    manager = DriverManager(
+    manager: DriverManager[Any] = DriverManager(
         NAMESPACE,
         scheme,
         invoke_on_load=False,
@@ -87,5 +89,7 @@ def installed_backends() -> list[BackendInfo]:
             load_backend(scheme)
         except BackendNotFound as error:
             problem = str(error)
-        result.append(BackendInfo(scheme, ep.value.split()[0], next(iter(ep.extras), None), problem))
+        result.append(
+            BackendInfo(scheme, ep.value.split()[0], next(iter(ep.extras), None), problem)
+        )
     return result

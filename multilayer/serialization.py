@@ -8,13 +8,14 @@ A future encryption step wraps :class:`Serializer`; the envelope stays the same.
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any, Protocol
 
 import msgpack
 
 from .exceptions import MessageTooLarge
 
-__all__ = ["MsgpackSerializer", "Serializer", "deadline_of", "pack", "unpack"]
+__all__ = ["MsgpackSerializer", "Serializer", "deadline_of", "pack", "unpack", "unpack_message"]
 
 _DEADLINE = struct.Struct("!d")
 HEADER_SIZE = _DEADLINE.size
@@ -31,10 +32,19 @@ class Serializer(Protocol):
 class MsgpackSerializer:
     """msgpack with bin/str kept apart, so bytes and str survive the round trip."""
 
+    def __init__(self) -> None:
+        # A Packer is reused (it is twice as fast as packb) but is not thread-safe.
+        self._local = threading.local()
+
     def dumps(self, message: dict[str, Any]) -> bytes:
         try:
-            data: bytes = msgpack.packb(message, use_bin_type=True)
+            packer = self._local.packer
+        except AttributeError:
+            packer = self._local.packer = msgpack.Packer(use_bin_type=True)
+        try:
+            data: bytes = packer.pack(message)
         except (TypeError, ValueError, OverflowError) as error:
+            packer.reset()
             raise TypeError(f"message is not msgpack-serializable: {error}") from None
         return data
 
@@ -67,6 +77,11 @@ def unpack(
 ) -> tuple[float, dict[str, Any]]:
     """The deadline and message of a payload made by :func:`pack`."""
     return _DEADLINE.unpack_from(payload)[0], serializer.loads(payload[HEADER_SIZE:])
+
+
+def unpack_message(payload: bytes, serializer: Serializer = DEFAULT_SERIALIZER) -> dict[str, Any]:
+    """The message of a payload made by :func:`pack`."""
+    return serializer.loads(payload[HEADER_SIZE:])
 
 
 def deadline_of(payload: bytes) -> float:

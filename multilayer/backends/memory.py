@@ -42,7 +42,7 @@ class _Store:
         queue = self.queues.get(key)
         if not queue:
             return []
-        taken = []
+        taken: list[Item] = []
         current = now()
         while queue and len(taken) < limit:
             item = queue.popleft()
@@ -117,11 +117,10 @@ class MemoryBackend(Backend):
         """Queues exist implicitly."""
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        key = self._prefix + (non_local_name(channel) if "!" in channel else channel)
         store = self._store
         with store.lock:
-            accepted = store.push_locked(
-                self._prefix + non_local_name(channel), (channel, payload), capacity
-            )
+            accepted = store.push_locked(key, (channel, payload), capacity)
         if not accepted:
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
 

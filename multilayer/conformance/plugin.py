@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
@@ -95,10 +96,9 @@ class Harness:
         layers, self._layers = self._layers, []
         for index, layer in enumerate(layers):
             if index == 0:
-                try:
+                # Cleanup must not hide the test's own outcome.
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(layer.flush(), 10)
-                except Exception:  # cleanup must not hide the test's own outcome
-                    pass
             await asyncio.wait_for(layer.close(), 10)
 
 

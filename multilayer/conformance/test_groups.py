@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from .plugin import Harness
 from ._util import assert_nothing, recv
+from .plugin import Harness
 
 
 def test_group_send_reaches_every_member_across_instances(harness: Harness) -> None:
@@ -62,9 +62,7 @@ def test_group_discard_readd_and_unknown_groups(harness: Harness) -> None:
     harness.run(body)
 
 
-def test_group_send_skips_a_full_member(
-    harness: Harness, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_group_send_skips_a_full_member(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
         layer, sender = harness.layer(capacity=2), harness.layer(capacity=2)
         full, free = await layer.new_channel("conf-a"), await layer.new_channel("conf-b")

@@ -7,8 +7,8 @@ import asyncio
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer
 
-from .plugin import Harness
 from ._util import assert_nothing, recv
+from .plugin import Harness
 
 
 def test_contract_attributes(harness: Harness) -> None:

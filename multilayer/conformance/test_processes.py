@@ -21,9 +21,7 @@ class Worker:
         self.process = process
 
     @classmethod
-    async def start(
-        cls, harness: Harness, role: str, arg: str, options: dict[str, Any]
-    ) -> Worker:
+    async def start(cls, harness: Harness, role: str, arg: str, options: dict[str, Any]) -> Worker:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
