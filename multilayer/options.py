@@ -40,23 +40,22 @@ class Option:
                 f"option {name!r} cannot be set in the URL; pass it as a keyword argument"
             )
         shown = "***" if self.secret else repr(text)
+        value: Any = text
         try:
             if self.kind is bool:
                 lowered = text.strip().lower()
-                if lowered in _TRUE:
-                    return self.validate(name, True)
-                if lowered in _FALSE:
-                    return self.validate(name, False)
-                raise ValueError(text)
-            if self.kind is int:
-                return self.validate(name, int(text))
-            if self.kind is float:
-                return self.validate(name, float(text))
+                if lowered not in _TRUE | _FALSE:
+                    raise ValueError(text)
+                value = lowered in _TRUE
+            elif self.kind is int:
+                value = int(text)
+            elif self.kind is float:
+                value = float(text)
         except ValueError:
             raise ConfigurationError(
                 f"option {name!r} must be {_kind_name(self.kind)}, not {shown}"
             ) from None
-        return self.validate(name, text)
+        return self.validate(name, value)
 
     def validate(self, name: str, value: Any) -> Any:
         """Check a typed value (from a keyword argument or converted from the URL)."""

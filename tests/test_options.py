@@ -1,0 +1,69 @@
+"""Options from URL queries and keyword arguments: typed, validated, never silently ignored."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from multilayer import ChannelLayer, ConfigurationError
+
+
+def test_query_options_are_typed() -> None:
+    layer = ChannelLayer("memory://?prefix=chat&capacity=500&expiry=30&group_expiry=7.5")
+    assert (layer.prefix, layer.capacity, layer.expiry, layer.group_expiry) == (
+        "chat",
+        500,
+        30.0,
+        7.5,
+    )
+
+
+def test_keyword_arguments_override_the_url() -> None:
+    layer = ChannelLayer("memory://?capacity=500&prefix=chat", capacity=7)
+    assert (layer.capacity, layer.prefix) == (7, "chat")
+
+
+def test_defaults() -> None:
+    layer = ChannelLayer("memory://")
+    assert (layer.prefix, layer.expiry, layer.group_expiry, layer.capacity) == (
+        "asgi",
+        60,
+        86400,
+        100,
+    )
+    assert layer.channel_capacity == {}
+
+
+def test_unknown_option_names_the_valid_ones() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"unknown option 'capacty'.*valid options:.*capacity"
+    ):
+        ChannelLayer("memory://?capacty=5")
+    with pytest.raises(ConfigurationError, match="unknown option 'hosts'"):
+        ChannelLayer("memory://", hosts=["h"])
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs", "message"),
+    [
+        ("memory://?capacity=many", {}, "'capacity' must be an integer, not 'many'"),
+        ("memory://?capacity=0", {}, "'capacity' must be >= 1"),
+        ("memory://?expiry=-1", {}, "'expiry' must be >= 0.001"),
+        ("memory://", {"capacity": "5"}, "'capacity' must be an integer, not '5'"),
+        ("memory://", {"capacity": True}, "'capacity' must be an integer"),
+        ("memory://", {"expiry": "soon"}, "'expiry' must be a number"),
+        ("memory://?prefix=bad!prefix", {}, "'prefix': must be made of ASCII"),
+        ("memory://?channel_capacity=5", {}, "cannot be set in the URL"),
+        ("memory://", {"channel_capacity": {"a*": 0}}, "must be a positive integer"),
+        ("memory://", {"channel_capacity": {3: 5}}, "glob strings or compiled regexes"),
+    ],
+)
+def test_bad_values_are_named(url: str, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        ChannelLayer(url, **kwargs)  # type: ignore[arg-type]
+
+
+def test_configuration_errors_are_value_errors() -> None:
+    with pytest.raises(ValueError):
+        ChannelLayer("memory://?capacity=x")
