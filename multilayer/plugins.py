@@ -54,7 +54,7 @@ def load_backend(scheme: str) -> type[Backend]:
         )
 
     def failed(_manager: Any, ep: EntryPoint, error: BaseException) -> NoReturn:
-        if isinstance(error, ImportError):
+        if isinstance(error, ImportError) and not (error.name or "").startswith("multilayer."):
             raise BackendNotFound(
                 f"URL scheme {scheme!r} needs a client library that is not installed "
                 f"({error}); {_install_hint(ep)}"

@@ -229,6 +229,31 @@ def test_capacity_raises_channel_full_and_loses_nothing(harness: Harness) -> Non
     harness.run(body)
 
 
+def test_capacity_is_atomic_across_instances(harness: Harness) -> None:
+    async def body() -> None:
+        senders = [harness.layer(capacity=10) for _ in range(2)]
+        receiver = harness.layer(capacity=10)
+        inbox = await receiver.new_channel()
+
+        async def attempt(layer: object, channel: str, i: int) -> bool:
+            try:
+                await layer.send(channel, {"i": i})  # type: ignore[attr-defined]
+            except ChannelFull:
+                return False
+            return True
+
+        for channel in ("conf.race", inbox):
+            accepted = await asyncio.gather(
+                *(attempt(senders[i % 2], channel, i) for i in range(40))
+            )
+            assert sum(accepted) == 10, "two senders both took the last free place"
+            got = [(await recv(receiver, channel))["i"] for _ in range(10)]
+            assert sorted(got) == [i for i, ok in enumerate(accepted) if ok]
+            await assert_nothing(receiver, channel, 0.3)
+
+    harness.run(body)
+
+
 def test_capacity_of_process_channels_counts_the_whole_inbox(harness: Harness) -> None:
     async def body() -> None:
         sender, owner = harness.layer(capacity=4), harness.layer(capacity=4)
