@@ -1,0 +1,98 @@
+"""Local buffers: cancellation at each step loses and doubles nothing (deterministic cases)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from multilayer.local import LocalQueue
+
+
+class ScriptedBackend:
+    """A backend whose pop() hands out what the test puts in, when the test says."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
+        self.pops = 0
+
+    async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+        self.pops += 1
+        return await self.incoming.get()
+
+    def pop_nowait(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+        return []
+
+
+async def _receive(queue: LocalQueue, channel: str) -> bytes:
+    while True:
+        payload = queue.take(channel)
+        if payload is not None:
+            return payload
+        await queue.wait(channel)
+
+
+def run(body: Any) -> None:
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_woken_then_cancelled_passes_the_message_on() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        queue = LocalQueue(backend, "q")  # type: ignore[arg-type]
+        first = asyncio.ensure_future(_receive(queue, "q"))
+        second = asyncio.ensure_future(_receive(queue, "q"))
+        await asyncio.sleep(0)
+        backend.incoming.put_nowait([("q", b"one")])
+        # Let the fetch task buffer it and wake `first`, then cancel `first` before it runs.
+        await asyncio.sleep(0)
+        assert queue.buffers["q"] and not first.done()
+        first.cancel()
+        assert await second == b"one"
+        assert first.cancelled()
+
+    run(body)
+
+
+def test_cancelled_waiter_leaves_the_fetched_message_buffered() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        queue = LocalQueue(backend, "q")  # type: ignore[arg-type]
+        waiter = asyncio.ensure_future(_receive(queue, "q"))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        # The pop in flight is not cancelled; what it returns is kept for the next receive.
+        backend.incoming.put_nowait([("q", b"kept")])
+        await asyncio.sleep(0.01)
+        assert await _receive(queue, "q") == b"kept"
+        assert backend.pops == 1
+
+    run(body)
+
+
+def test_inbox_messages_for_other_channels_wait_in_their_buffers() -> None:
+    async def body() -> None:
+        backend = ScriptedBackend()
+        queue = LocalQueue(backend, "p!")  # type: ignore[arg-type]
+        waiter = asyncio.ensure_future(_receive(queue, "p!b"))
+        await asyncio.sleep(0)
+        backend.incoming.put_nowait([("p!a", b"a1"), ("p!b", b"b1"), ("p!a", b"a2")])
+        assert await waiter == b"b1"
+        assert [queue.take("p!a"), queue.take("p!a"), queue.take("p!a")] == [b"a1", b"a2", None]
+
+    run(body)
+
+
+def test_fetch_failure_reaches_every_waiter() -> None:
+    class Broken(ScriptedBackend):
+        async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+            raise ConnectionError("broker gone")
+
+    async def body() -> None:
+        queue = LocalQueue(Broken(), "q")  # type: ignore[arg-type]
+        results = await asyncio.gather(
+            _receive(queue, "q"), _receive(queue, "q"), return_exceptions=True
+        )
+        assert all(isinstance(r, ConnectionError) for r in results)
+
+    run(body)
