@@ -14,7 +14,12 @@ from collections import deque
 
 from .backend import Backend
 
-__all__ = ["LocalQueue"]
+__all__ = ["INBOX_BATCH", "LocalQueue"]
+
+#: Messages one pop may take from a process inbox. Only this process can receive them, so
+#: taking several at once is free; a normal channel's pop takes no more than there are
+#: waiting receivers, so that a message never waits here while another process is idle.
+INBOX_BATCH = 100
 
 
 class LocalQueue:
@@ -27,6 +32,7 @@ class LocalQueue:
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._hungry = 0
         self._fetcher: asyncio.Task[None] | None = None
+        self._batch = INBOX_BATCH if queue.endswith("!") else 1
 
     def take(self, channel: str) -> bytes | None:
         """A buffered payload for ``channel``, fetching without I/O if the backend can."""
@@ -77,7 +83,8 @@ class LocalQueue:
     async def _fetch(self) -> None:
         try:
             while self._hungry > 0:
-                for channel, payload in await self.backend.pop(self.queue, self._hungry):
+                limit = max(self._hungry, self._batch)
+                for channel, payload in await self.backend.pop(self.queue, limit):
                     self.buffers.setdefault(channel, deque()).append(payload)
                     self._wake(channel)
         except asyncio.CancelledError:

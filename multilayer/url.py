@@ -12,6 +12,8 @@ from .exceptions import ConfigurationError
 
 __all__ = ["LayerURL"]
 
+# Query options whose values are credentials: masked wherever the URL is shown.
+_SECRET_OPTION = re.compile(r"password|secret|token|passphrase", re.IGNORECASE)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://(.*)$", re.DOTALL)
 
 
@@ -104,7 +106,11 @@ class LayerURL:
             for h, p in self.hosts
         )
         path = "/" + quote(self.path, safe="/:") if self.path else ""
-        query = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in self.query.items())
+        query = "&".join(
+            f"{quote(k)}="
+            + ("***" if mask_password and _SECRET_OPTION.search(k) else quote(v, safe=""))
+            for k, v in self.query.items()
+        )
         return f"{self.scheme}://{auth}{hosts}{path}" + (f"?{query}" if query else "")
 
     def __str__(self) -> str:

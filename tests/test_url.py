@@ -89,6 +89,12 @@ def test_password_never_shown() -> None:
     assert "hunter2" in url.render()
 
 
+def test_secret_options_never_shown() -> None:
+    url = LayerURL.parse("redis+sentinel://s1/0?sentinel_password=hunter2&service=m")
+    assert url.sanitized() == "redis+sentinel://s1/0?sentinel_password=***&service=m"
+    assert "hunter2" in url.render()
+
+
 BAD = {
     "no scheme": ("localhost:6379", "has no scheme"),
     "bad port": ("redis://h:99999/0", "bad port '99999'"),

@@ -1,0 +1,631 @@
+"""Redis backend tests beyond the conformance suite: URLs, sharding, TLS, Sentinel,
+restarts, cancellation and idle receives. Every server here is started by the test on a
+free loopback port (tests/brokers.py); none touches the machine's shared Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+import redis.asyncio
+from brokers import BrokerProcess, broker, free_port, require_binary
+
+from multilayer import BrokerError, ChannelLayer, ConfigurationError
+from multilayer.backends.redis import RedisBackend, _Ring
+from multilayer.names import non_local_name
+from multilayer.serialization import pack
+
+T = TypeVar("T")
+
+
+def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+    """Run ``body()`` in a fresh event loop, bounded."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(body(), timeout)
+
+    return asyncio.run(bounded())
+
+
+def redis_argv(port: int, tmp: Path, *extra: str) -> list[str]:
+    """A throwaway redis-server: loopback only, no persistence."""
+    return [
+        require_binary("redis-server"),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(tmp),
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def redis_port(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    with broker(redis_argv(port, tmp_path), port, tmp_path):
+        yield port
+
+
+def keys_on(port: int, pattern: str = "*") -> list[str]:
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    try:
+        return sorted(client.keys(pattern))
+    finally:
+        client.close()
+
+
+def members_on(port: int, key: str) -> list[str]:
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    try:
+        return list(client.zrange(key, 0, -1))
+    finally:
+        client.close()
+
+
+async def open_backend(url: str, **options: Any) -> RedisBackend:
+    """A backend instance as the core makes one, opened in the running loop."""
+    layer = ChannelLayer(url, **options)
+    backend = layer.backend_class(layer.url, layer.settings, layer.backend_options)
+    assert isinstance(backend, RedisBackend)
+    await backend.open()
+    return backend
+
+
+# -- URLs and options ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "problem"),
+    [
+        ("redis://localhost/zero", {}, "database number"),
+        ("redis://h1:6379,h1:6379/0", {}, "appears twice"),
+        ("redis://localhost/0?ssl_ca_certs=/ca.pem", {}, "only to rediss://"),
+        ("redis://localhost/0", {"ssl_cert_reqs": "none"}, "only to rediss://"),
+        ("rediss://localhost/0?service=other", {}, "only to redis+sentinel://"),
+        ("redis://localhost/0?sentinel_password=hush", {}, "only to redis+sentinel://"),
+        ("redis+sentinel:///0", {}, "list the Sentinels"),
+        ("redis+sentinel://s1/0?service=a,,b", {}, "empty master name"),
+        ("redis+sentinel://s1/0?service=a,a", {}, "names a master twice"),
+        ("rediss://localhost/0?ssl_cert_reqs=maybe", {}, "must be one of"),
+        ("redis://localhost/0?socket_timeout=0.01", {}, ">= 0.2"),
+        ("redis://localhost/0?retries=3", {}, "unknown option 'retries'"),
+    ],
+)
+def test_bad_urls_are_refused_without_io(url: str, options: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(problem)):
+        ChannelLayer(url, **options)
+
+
+def test_errors_never_show_the_password() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        ChannelLayer("redis://user:s3cret@localhost/x")
+    assert "s3cret" not in str(caught.value)
+    with pytest.raises(ConfigurationError) as caught:
+        ChannelLayer("redis://localhost/0?sentinel_password=s3cret")
+    assert "s3cret" not in str(caught.value)
+    assert "s3cret" not in repr(ChannelLayer("redis://user:s3cret@localhost/0"))
+
+
+def test_unreachable_redis_is_a_broker_error_naming_the_host() -> None:
+    port = free_port()
+
+    async def body() -> None:
+        layer = ChannelLayer(f"redis://:s3cret@127.0.0.1:{port}/0", connect_timeout=1)
+        try:
+            with pytest.raises(BrokerError, match=f"127.0.0.1:{port}") as caught:
+                await layer.send("nobody.listens", {"n": 1})
+            assert "s3cret" not in str(caught.value)
+            assert caught.value.__cause__ is not None
+        finally:
+            await layer.close()
+
+    run(body)
+
+
+# -- sharding ----------------------------------------------------------------------------
+
+
+def test_ring_moves_few_names_when_a_shard_is_added() -> None:
+    names = [f"specific.{n:08x}!" for n in range(4000)]
+    three, four = _Ring(["a:1", "b:2", "c:3"]), _Ring(["a:1", "b:2", "c:3", "d:4"])
+    owners = [three.owner(name) for name in names]
+    assert {owners.count(shard) for shard in range(3)} <= set(range(900, 1800))
+    moved = sum(three.owner(name) != four.owner(name) for name in names)
+    # Ideal is 1/4 (the new shard's share); naive modulo hashing would move 3/4.
+    assert moved < len(names) * 0.35
+    assert all(four.owner(name) == 3 for name in names if three.owner(name) != four.owner(name))
+
+
+@pytest.fixture
+def three_redis(tmp_path: Path) -> Iterator[list[int]]:
+    ports = [free_port() for _ in range(3)]
+    processes = [
+        BrokerProcess(redis_argv(port, tmp_path), port, log=tmp_path / f"redis-{port}.log")
+        for port in ports
+    ]
+    try:
+        for process in processes:
+            process.start()
+        yield ports
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def test_channels_and_groups_spread_over_shards(three_redis: list[int]) -> None:
+    url = "redis://" + ",".join(f"127.0.0.1:{port}" for port in three_redis) + "/0"
+
+    async def body() -> None:
+        # Each layer is a process: its own inbox, hashed on its name up to '!'.
+        receivers = [ChannelLayer(url, prefix="shard") for _ in range(12)]
+        sender = ChannelLayer(url, prefix="shard")
+        try:
+            channels = [[await layer.new_channel() for _ in range(5)] for layer in receivers]
+            for layer, names in zip(receivers, channels, strict=True):
+                for name in names:
+                    await sender.send(name, {"to": name})
+                    await layer.group_add("everyone", name)
+            for normal in range(20):
+                await sender.send(f"work.{normal}", {"n": normal})
+            # A process's inbox and its memberships live together on exactly one server,
+            # and the twelve processes are spread over the servers.
+            used = set()
+            for names in channels:
+                inbox = f"shard:q:{non_local_name(names[0])}"
+                (port,) = [port for port in three_redis if inbox in keys_on(port)]
+                assert set(names) <= set(members_on(port, "shard:g:everyone"))
+                used.add(port)
+            assert len(used) >= 2, "12 inboxes all hashed to one of three servers"
+            await sender.group_send("everyone", {"all": True})
+            for layer, names in zip(receivers, channels, strict=True):
+                for name in names:
+                    assert await asyncio.wait_for(layer.receive(name), 5) == {"to": name}
+                    assert await asyncio.wait_for(layer.receive(name), 5) == {"all": True}
+            for normal in range(20):
+                assert await asyncio.wait_for(sender.receive(f"work.{normal}"), 5) == {"n": normal}
+        finally:
+            await sender.flush()
+            for layer in (sender, *receivers):
+                await layer.close()
+        assert all(keys_on(port, "shard:*") == [] for port in three_redis)
+
+    run(body)
+
+
+def test_process_channels_are_sent_and_received_on_one_shard(three_redis: list[int]) -> None:
+    """channels_redis#221: sends hashed the full name, receives the part up to '!'."""
+    url = "redis://" + ",".join(f"127.0.0.1:{port}" for port in three_redis) + "/0"
+
+    async def body() -> None:
+        layer, sender = ChannelLayer(url, prefix="own"), ChannelLayer(url, prefix="own")
+        try:
+            names = [await layer.new_channel() for _ in range(30)]
+            for name in names:
+                await sender.send(name, {"to": name})
+            inbox_key = f"own:q:{non_local_name(names[0])}"
+            assert sum(inbox_key in keys_on(port) for port in three_redis) == 1
+            for name in names:
+                assert await asyncio.wait_for(layer.receive(name), 5) == {"to": name}
+        finally:
+            await layer.flush()
+            await layer.close()
+            await sender.close()
+
+    run(body)
+
+
+def test_group_send_with_per_channel_capacities_over_shards(three_redis: list[int]) -> None:
+    """channel_capacity patterns make group_send look members up first (two round trips)."""
+    url = "redis://" + ",".join(f"127.0.0.1:{port}" for port in three_redis) + "/0"
+
+    async def body() -> None:
+        options = {"prefix": "caps", "channel_capacity": {"tight.*": 1}, "capacity": 50}
+        layer, sender = ChannelLayer(url, **options), ChannelLayer(url, **options)
+        try:
+            roomy = [f"roomy.{n}" for n in range(6)]
+            for channel in ("tight.one", *roomy):
+                await layer.group_add("caps-group", channel)
+            for n in range(3):
+                await sender.group_send("caps-group", {"n": n})
+            assert await asyncio.wait_for(layer.receive("tight.one"), 5) == {"n": 0}
+            for channel in roomy:
+                got = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(3)]
+                assert got == [{"n": 0}, {"n": 1}, {"n": 2}]
+            await layer.group_discard("caps-group", "tight.one")
+            await sender.group_send("caps-group", {"n": 3})
+            for channel in roomy:
+                assert await asyncio.wait_for(layer.receive(channel), 5) == {"n": 3}
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(layer.receive("tight.one"), 0.3)
+        finally:
+            await layer.flush()
+            await layer.close()
+            await sender.close()
+
+    run(body)
+
+
+def evalsha_calls(port: int) -> int:
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        stats = client.info("commandstats").get("cmdstat_evalsha", {})
+        return int(stats.get("calls", 0))
+    finally:
+        client.close()
+
+
+def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None:
+    url = "redis://" + ",".join(f"127.0.0.1:{port}" for port in three_redis) + "/0"
+
+    async def body() -> None:
+        receivers = [ChannelLayer(url, prefix="fan") for _ in range(10)]
+        sender = ChannelLayer(url, prefix="fan")
+        try:
+            members = []
+            for layer in receivers:
+                for _ in range(10):
+                    channel = await layer.new_channel()
+                    await layer.group_add("fan-100", channel)
+                    members.append((layer, channel))
+            await sender.group_send("fan-nobody", {"loads": "the script"})
+            before = [evalsha_calls(port) for port in three_redis]
+            await sender.group_send("fan-100", {"hello": "all"})
+            after = [evalsha_calls(port) for port in three_redis]
+            assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+            for layer, channel in members:
+                assert await asyncio.wait_for(layer.receive(channel), 5) == {"hello": "all"}
+        finally:
+            await sender.flush()
+            for layer in (sender, *receivers):
+                await layer.close()
+
+    run(body)
+
+
+def test_concurrent_sends_share_one_connection_and_keep_order(redis_port: int) -> None:
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="pipe", capacity=5000)
+        receiver = ChannelLayer(url, prefix="pipe", capacity=5000)
+        admin = redis.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            inbox = await receiver.new_channel()
+            baseline = len(admin.client_list())
+
+            async def burst(source: int) -> None:
+                for seq in range(20):
+                    await sender.send(inbox, {"source": source, "seq": seq})
+
+            await asyncio.gather(*(burst(source) for source in range(100)))
+            assert len(admin.client_list()) == baseline + 1, "one connection for all sends"
+            last = dict.fromkeys(range(100), -1)
+            for _ in range(2000):
+                message = await asyncio.wait_for(receiver.receive(inbox), 5)
+                assert message["seq"] == last[message["source"]] + 1
+                last[message["source"]] = message["seq"]
+        finally:
+            await receiver.flush()
+            await sender.close()
+            await receiver.close()
+            admin.close()
+
+    run(body)
+
+
+# -- restarts, leaks, idle receives -----------------------------------------------------------
+
+
+def test_receivers_resume_after_a_redis_restart(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with broker(redis_argv(port, tmp_path), port, tmp_path) as server:
+
+        async def body() -> None:
+            before = asyncio.all_tasks()
+            layer, sender = ChannelLayer(url, prefix="rs"), ChannelLayer(url, prefix="rs")
+            inbox = await layer.new_channel()
+            waiting = [
+                asyncio.ensure_future(layer.receive(inbox)),
+                asyncio.ensure_future(layer.receive("rs.normal")),
+            ]
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(server.restart, kill=True, down_for=0.5)
+            # Sends right after the restart may meet a stale connection: they fail
+            # loudly (BrokerError), never hang, and a later send goes through.
+            for channel, message in ((inbox, {"after": 1}), ("rs.normal", {"after": 2})):
+                for _ in range(50):
+                    try:
+                        await sender.send(channel, message)
+                        break
+                    except BrokerError:
+                        await asyncio.sleep(0.1)
+            got = await asyncio.wait_for(asyncio.gather(*waiting), 15)
+            assert got == [{"after": 1}, {"after": 2}]
+            await sender.close()
+            await layer.close()
+            assert asyncio.all_tasks() == before, "a task outlived close()"
+
+        run(body)
+        client = redis.Redis(host="127.0.0.1", port=port)
+        try:
+            clients = client.client_list()
+            assert len(clients) == 1, f"connections left open: {clients}"
+        finally:
+            client.close()
+
+
+def test_a_server_that_stops_answering_fails_sends_and_receives_resume(redis_port: int) -> None:
+    url = f"redis://127.0.0.1:{redis_port}/0?socket_timeout=0.5"
+
+    async def body() -> None:
+        layer, sender = ChannelLayer(url, prefix="hang"), ChannelLayer(url, prefix="hang")
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await sender.send("hang.work", {"n": 0})
+            assert await asyncio.wait_for(layer.receive("hang.work"), 5) == {"n": 0}
+            waiting = asyncio.ensure_future(layer.receive("hang.work"))
+            await admin.execute_command("CLIENT", "PAUSE", 2500, "ALL")
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=r"no reply within 0\.5s"):
+                await sender.send("hang.work", {"n": 1})
+            assert time.monotonic() - started < 2.0
+            await asyncio.sleep(2.5)
+            await sender.send("hang.work", {"n": 2})
+            # The message sent into the pause may have been stored: at most once.
+            got = await asyncio.wait_for(waiting, 10)
+            assert got in ({"n": 1}, {"n": 2})
+        finally:
+            await layer.flush()
+            await layer.close()
+            await sender.close()
+            await admin.aclose()
+
+    run(body)
+
+
+@pytest.mark.slow
+def test_idle_receive_outlasts_redis_py_default_timeout(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """channels_redis#422: with redis-py 8 an idle receive failed after 5 s."""
+
+    async def body() -> None:
+        layer = ChannelLayer(f"redis://127.0.0.1:{redis_port}/0")
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(layer.receive("idle.channel"), 7)
+            await layer.send("idle.channel", {"late": True})
+            assert await asyncio.wait_for(layer.receive("idle.channel"), 5) == {"late": True}
+        finally:
+            await layer.close()
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body)
+    assert caplog.records == []
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("moment", ["during take", "during blocking wait"])
+def test_a_cancelled_pop_loses_and_doubles_nothing(redis_port: int, moment: str) -> None:
+    """channels_redis#348: a receive cancelled between pop and backup lost its message.
+
+    Here the server has already taken the message for the receiver when the receive is
+    cancelled, and its reply is never read. The message is pushed by a synchronous
+    client and the cancellation follows without yielding to the event loop, so the
+    receiver cannot have read that reply.
+    """
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    pusher = redis.Redis(host="127.0.0.1", port=redis_port)
+
+    def push_now(body: dict[str, Any]) -> None:
+        payload = pack(body, time.time() + 60, max_size=1 << 20)
+        pusher.rpush("cx:q:cx.work", b"\n" + payload)
+        time.sleep(0.02)  # Redis runs the receiver's command meanwhile; the loop does not.
+
+    async def body() -> None:
+        first = await open_backend(url, prefix="cx")
+        second = await open_backend(url, prefix="cx")
+        try:
+            for round_ in range(3):
+                # Connected, with the take script loaded: nothing below waits for I/O
+                # before the command under test is on the wire.
+                push_now({"warm": round_})
+                assert len(await first.pop("cx.work", 5)) == 1
+                if moment == "during take":
+                    push_now({"round": round_})
+                    popping = asyncio.ensure_future(first.pop("cx.work", 5))
+                    await asyncio.sleep(0)  # the take script is written, its reply unread
+                    push_now({"extra": round_})
+                else:
+                    popping = asyncio.ensure_future(first.pop("cx.work", 1))
+                    await asyncio.sleep(0.1)  # blocked in BLMOVE
+                    push_now({"round": round_})
+                popping.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await popping
+                got = await asyncio.wait_for(second.pop("cx.work", 10), 5)
+                expected = 2 if moment == "during take" else 1
+                assert len(got) == expected, f"round {round_}: got {got}"
+                nothing = asyncio.ensure_future(second.pop("cx.work", 10))
+                await asyncio.sleep(0.2)
+                assert not nothing.done(), f"delivered twice: {nothing.result()}"
+                nothing.cancel()
+                await asyncio.gather(nothing, return_exceptions=True)
+        finally:
+            await first.close()
+            await second.close()
+            pusher.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("limit", [1, 5])
+def test_reply_lost_to_a_dropped_connection_is_delivered_on_reconnect(
+    redis_port: int, limit: int
+) -> None:
+    """A message taken (limit 5) or landed (limit 1, BLMOVE) for a receiver whose reply was
+    lost with its connection is still on the server; after reconnecting it is delivered."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="lost")
+        backend = await open_backend(url, prefix="lost")
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await sender.send("lost.work", {"n": 1})
+            popping = asyncio.ensure_future(backend.pop("lost.work", limit))
+            assert [channel for channel, _ in await popping] == ["lost.work"]
+            # The next take runs, then its connection dies before the reply is read.
+            await sender.send("lost.work", {"n": 2})
+            await admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+            popping = asyncio.ensure_future(backend.pop("lost.work", limit))
+            await asyncio.sleep(0.1)
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            got = await asyncio.wait_for(popping, 10)
+            assert len(got) == 1
+            await sender.send("lost.work", {"n": 3})
+            assert len(await asyncio.wait_for(backend.pop("lost.work", limit), 5)) == 1
+        finally:
+            await sender.flush()
+            await sender.close()
+            await backend.close()
+            await admin.aclose()
+
+    run(body)
+
+
+# -- TLS and Sentinel ------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(
+        [require_binary("openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60
+    )
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Path:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=multilayer test CA", "-keyout", "ca.key", "-out", "ca.pem",
+             cwd=tmp_path)  # fmt: skip
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=tmp_path)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "1", "-extfile", "san.cnf",
+                 "-out", f"{name}.pem", cwd=tmp_path)  # fmt: skip
+    return tmp_path
+
+
+def test_rediss_with_mutual_tls(certificates: Path) -> None:
+    port = free_port()
+    tls = [
+        "--port", "0", "--tls-port", str(port),
+        "--tls-cert-file", str(certificates / "server.pem"),
+        "--tls-key-file", str(certificates / "server.key"),
+        "--tls-ca-cert-file", str(certificates / "ca.pem"),
+        "--tls-auth-clients", "yes",
+    ]  # fmt: skip
+    argv = redis_argv(port, certificates)
+    argv[argv.index("--port") : argv.index("--port") + 2] = []
+    url = (
+        f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificates / 'ca.pem'}"
+        f"&ssl_certfile={certificates / 'client.pem'}&ssl_keyfile={certificates / 'client.key'}"
+    )
+    with broker([*argv, *tls], port, certificates):
+
+        async def body() -> None:
+            layer, sender = ChannelLayer(url), ChannelLayer(url)
+            untrusted = ChannelLayer(f"rediss://127.0.0.1:{port}/0")
+            try:
+                inbox = await layer.new_channel()
+                await sender.send(inbox, {"tls": b"\x00bytes"})
+                await layer.group_add("tls-group", inbox)
+                await sender.group_send("tls-group", {"group": 1})
+                assert await asyncio.wait_for(layer.receive(inbox), 5) == {"tls": b"\x00bytes"}
+                assert await asyncio.wait_for(layer.receive(inbox), 5) == {"group": 1}
+                # Without the CA the server certificate is not trusted.
+                with pytest.raises(BrokerError):
+                    await untrusted.send("tls.x", {"n": 1})
+            finally:
+                await layer.flush()
+                for each in (layer, sender, untrusted):
+                    await each.close()
+
+        run(body)
+
+
+def test_sentinel_discovers_the_master_and_follows_a_failover(tmp_path: Path) -> None:
+    master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
+        "sentinel down-after-milliseconds mymaster 500\n"
+        "sentinel failover-timeout mymaster 3000\n"
+    )
+    master_dir, replica_dir = tmp_path / "master", tmp_path / "replica"
+    master_dir.mkdir()
+    replica_dir.mkdir()
+    master = BrokerProcess(
+        redis_argv(master_port, master_dir), master_port, log=tmp_path / "master.log"
+    )
+    replica = BrokerProcess(
+        redis_argv(replica_port, replica_dir, "--replicaof", "127.0.0.1", str(master_port)),
+        replica_port,
+        log=tmp_path / "replica.log",
+    )
+    sentinel = BrokerProcess(
+        [require_binary("redis-server"), str(conf), "--sentinel"],
+        sentinel_port,
+        log=tmp_path / "sentinel.log",
+    )
+    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/0?service=mymaster"
+    try:
+        for process in (master, replica, sentinel):
+            process.start()
+
+        async def body() -> None:
+            layer, sender = ChannelLayer(url, prefix="sn"), ChannelLayer(url, prefix="sn")
+            try:
+                inbox = await layer.new_channel()
+                await sender.send(inbox, {"before": True})
+                assert await asyncio.wait_for(layer.receive(inbox), 5) == {"before": True}
+                waiting = asyncio.ensure_future(layer.receive(inbox))
+                await asyncio.sleep(0.2)
+                await asyncio.to_thread(master.stop, kill=True)
+                for _ in range(300):
+                    try:
+                        await sender.send(inbox, {"after": True})
+                        break
+                    except BrokerError:
+                        await asyncio.sleep(0.1)
+                assert await asyncio.wait_for(waiting, 20) == {"after": True}
+                promoted = redis.Redis(host="127.0.0.1", port=replica_port)
+                try:
+                    assert promoted.info("replication")["role"] == "master"
+                finally:
+                    promoted.close()
+            finally:
+                await sender.close()
+                await layer.close()
+
+        run(body, timeout=90)
+    finally:
+        for process in (sentinel, replica, master):
+            process.stop()
