@@ -144,10 +144,12 @@ class Backend(abc.ABC):
     async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
         """Take between 1 and ``limit`` messages from ``queue``, oldest first, waiting for one.
 
-        Returns ``(channel, payload)`` pairs. Each message goes to exactly one caller,
-        whichever process it is in. The core calls this from one task per queue and does
-        not cancel it when a receiver gives up (it buffers what arrives); it is cancelled
-        when the layer closes or the event loop ends, and should not lose a message then.
+        Returns ``(channel, payload)`` pairs; one broker message fanned out to several
+        channels of an inbox (a group message) may be returned whole, beyond ``limit``.
+        Each message goes to exactly one caller, whichever process it is in. The core
+        calls this from one task per queue and does not cancel it when a receiver gives
+        up (it buffers what arrives); it is cancelled when the layer closes or the event
+        loop ends, and should not lose a message then.
         """
 
     def pop_nowait(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
@@ -198,9 +200,13 @@ class Backend(abc.ABC):
         """Delete every queue, message and group under this layer's prefix, and only those."""
 
 
-def log_full_member(group: str, channel: str) -> None:
-    """Log that ``group_send`` skipped a full member (one place, one wording)."""
-    logger.warning("group_send to %r skipped member %r: channel is full", group, channel)
+def log_full_member(group: str, channel: str | None) -> None:
+    """Log that ``group_send`` skipped a full member (one place, one wording).
+
+    ``channel`` is None when the broker refuses a copy without saying which member's.
+    """
+    member = "a member" if channel is None else f"member {channel!r}"
+    logger.warning("group_send to %r skipped %s: channel is full", group, member)
 
 
 def now() -> float:

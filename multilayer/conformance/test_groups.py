@@ -73,9 +73,11 @@ def test_group_send_skips_a_full_member(harness: Harness, caplog: pytest.LogCapt
         await layer.group_add("conf-mixed", "conf.full-normal")
         await sender.send("conf.full-normal", {"n": 0})
         await sender.send("conf.full-normal", {"n": 1})
-        with caplog.at_level(logging.DEBUG):
+        with caplog.at_level(logging.WARNING, logger="multilayer"):
             await sender.group_send("conf-mixed", {"n": 2})  # must not raise ChannelFull
-        assert await recv(layer, free) == {"n": 2}
+            assert await recv(layer, free) == {"n": 2}
+        skipped = [r.getMessage() for r in caplog.records if "conf-mixed" in r.getMessage()]
+        assert skipped and all("full" in text for text in skipped), "the skip was not logged"
         assert [await recv(layer, full) for _ in range(2)] == [{"n": 0}, {"n": 1}]
         assert [await recv(layer, "conf.full-normal") for _ in range(2)] == [{"n": 0}, {"n": 1}]
         await assert_nothing(layer, full, 0.3)
