@@ -183,13 +183,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_hub(args: argparse.Namespace) -> int:
-    from .backends.zmqhub import main as hub_main
-
-    code: int = hub_main(args.hub_args)
-    return code
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multilayer", description="Channel layers for Django Channels on any broker."
@@ -214,17 +207,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="repetitions (medians reported)")
     bench.add_argument("--scenarios", default="abcd", help="subset of a, b, c, d")
     bench.set_defaults(run=_cmd_bench)
-    hub = commands.add_parser("hub", help="run a ZeroMQ hub", add_help=False)
-    hub.add_argument("hub_args", nargs=argparse.REMAINDER)
-    hub.set_defaults(run=_cmd_hub)
+    # Listed for --help only: main() hands "hub ..." to the hub's own parser untouched.
+    commands.add_parser("hub", help="run a ZeroMQ hub (multilayer hub --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``multilayer`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hub"]:
+        from .backends.zmqhub import main as hub_main
+
+        code: int = hub_main(argv[1:])
+        return code
     args = _parser().parse_args(argv)
     try:
-        code: int = args.run(args)
+        code = args.run(args)
     except MultilayerError as error:
         print(f"multilayer: {error}", file=sys.stderr)
         return 2

@@ -86,3 +86,22 @@ def test_bench_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     assert "multilayer/inmemory" in out
     assert "(d) group of 100: group_send/s" in out
     assert "-  " not in out.split("\n", 3)[3].split("(a)")[1].split("\n")[0]
+
+
+def test_hub_subcommand_runs_the_zeromq_hub() -> None:
+    from brokers import free_port, wait_port
+
+    port = free_port()
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "multilayer", "hub", "--bind", f"tcp://127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_port(port, 20)
+    finally:
+        hub.terminate()
+        output, _ = hub.communicate(timeout=20)
+    assert hub.returncode == 0, output
+    assert f"hub listening on tcp://127.0.0.1:{port}" in output

@@ -1,0 +1,947 @@
+"""ZeroMQ backend: ``zmq://`` and ``zmq+ipc://`` on pyzmq, with a hub and direct paths.
+
+Features: every contract point, across processes and hosts. A hub process
+(:mod:`multilayer.backends.zmqhub`, ``multilayer hub --bind tcp://127.0.0.1:5599``) holds
+normal-channel queues with capacity and expiry, group memberships with expiry, and the
+directory of live process inboxes. Each process runs one *node*: a ROUTER socket on an
+ephemeral port, served by a background thread, holding the inboxes of that process's
+layers. Process-specific messages go straight from sender to node once the sender has
+learnt the node's endpoint (the first message travels through the hub, which answers with
+the endpoint); the node checks capacity and answers ok/full, and with an ok leases the
+sender a few places (at most half the free room, for 0.2 s) that it fills without waiting
+for answers. ``group_send`` is one request to the hub, which queues normal members and
+forwards specific members to their nodes, one forward per node. Several hubs shard
+queues, groups and inboxes by rendezvous hashing of the name. Optional CURVE encryption
+and authentication.
+
+Faults. The hub keeps everything in memory: a hub restart loses the queued normal-channel
+messages, group memberships and parked messages; nodes re-register their inboxes within
+one ``heartbeat``, and waiting receives re-issue their request to the new hub. A send to a
+process that died is parked at the hub once the directory forgets the process (at most
+``peer_timeout`` seconds on the direct path plus the hub's own peer timeout), and expires
+there: it is accepted, never delivered (messages sent on a lease to a node that has
+just died are lost the same way). A hub that does not answer within ``timeout``
+seconds makes the call raise :class:`~multilayer.exceptions.BrokerError`.
+
+URL format: ``zmq://HOST:PORT[,HOST:PORT...][?option=value...]`` (TCP hubs) or
+``zmq+ipc:///path/to/hub.sock`` (one hub on this host, over a Unix socket).
+
+Options:
+
+* ``timeout`` (float, 10): seconds to wait for a hub's answer before BrokerError.
+* ``peer_timeout`` (float, 2): seconds to wait for another process's node before the
+  message is routed through the hub instead.
+* ``heartbeat`` (float, 1): seconds between hub pings and inbox re-registrations; the hub
+  forgets a process silent for five heartbeats.
+* ``advertise`` (str): the address other processes reach this process's node at (TCP
+  only); default: the local address that routes to the first hub.
+* ``curve_serverkey`` (str): the hub's CURVE public key (Z85); turns on CURVE.
+* ``curve_secretkey`` (str, secret): this process's CURVE secret key (Z85), for hubs that
+  allow only listed clients; default: a fresh key pair per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import hashlib
+import ipaddress
+import itertools
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import zmq
+import zmq.asyncio
+
+from ..backend import Backend, Capabilities, LayerSettings, log_full_member, now
+from ..capacity import CapacityPolicy
+from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..names import non_local_name
+from ..options import Option
+from ..serialization import HEADER_SIZE, deadline_of
+from ..url import LayerURL
+from .zmqhub import DEFAULT_MAX_MESSAGE, FULL, OK, UNKNOWN, decode, encode
+
+__all__ = ["ZmqBackend"]
+
+logger = logging.getLogger("multilayer.zmq")
+
+Item = tuple[str, bytes]
+
+#: How long one pop request waits at the hub before it is renewed.
+_POP_WAIT = 20.0
+#: Bound on the clean-up of a cancelled pop, so that closing never hangs on a dead hub.
+_ABANDON_WAIT = 2.0
+#: Places a sender asks an inbox to lease it, and for how long a lease holds them.
+_WANT = 64
+_LEASE = 0.2
+
+
+def _check_key(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        valid = len(value) == 40 and len(zmq.utils.z85.decode(value)) == 32
+    except (ValueError, KeyError, UnicodeEncodeError):
+        valid = False
+    # Z85 uses '&', '+', '#', '%', '?' and '/': in a URL they must be percent-encoded.
+    return None if valid else "a CURVE key is 40 Z85 characters (percent-encode it in a URL)"
+
+
+class _Restarted(Exception):
+    """The hub restarted: a pop parked at the old hub will never be answered."""
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """CURVE keys of this process: the hub's public key and our own key pair."""
+
+    server_key: bytes
+    public_key: bytes
+    secret_key: bytes
+
+    def client(self, sock: zmq.Socket[Any], server_key: bytes) -> None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public_key)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret_key)
+
+
+def _shard(name: str, hubs: Sequence[str]) -> int:
+    """Rendezvous hashing: the hub a name lives on, stable whatever the order of ``hubs``."""
+    if len(hubs) == 1:
+        return 0
+    scores = [hashlib.blake2b(f"{hub}\0{name}".encode(), digest_size=8).digest() for hub in hubs]
+    return scores.index(max(scores))
+
+
+# -- the node: this process's inboxes, served by one thread ------------------------------
+
+
+class _Inbox:
+    """Messages of one process inbox and the event-loop futures waiting for them."""
+
+    def __init__(self) -> None:
+        self.items: deque[Item] = deque()
+        self.waiters: list[asyncio.Future[None]] = []
+        #: Places leased to senders: sender id -> (messages, monotonic end of the lease).
+        self.leases: dict[bytes, tuple[int, float]] = {}
+
+    def leased(self, but: bytes = b"") -> int:
+        """Places still leased to senders other than ``but`` (expired leases are dropped)."""
+        current = time.monotonic()
+        total = 0
+        for sender, (count, until) in list(self.leases.items()):
+            if until <= current:
+                del self.leases[sender]
+            elif sender != but:
+                total += count
+        return total
+
+    def put(self, item: Item, capacity: int | None, sender: bytes = b"") -> bool:
+        if capacity is not None and len(self.items) + self.leased(sender) >= capacity:
+            current = now()
+            kept = [entry for entry in self.items if deadline_of(entry[1]) > current]
+            if len(kept) + self.leased(sender) >= capacity:
+                return False
+            self.items = deque(kept)
+        self.items.append(item)
+        waiters, self.waiters = self.waiters, []
+        for future in waiters:
+            _wake(future)
+        return True
+
+    def lease(self, sender: bytes, capacity: int, want: int) -> int:
+        """Lease up to ``want`` places to ``sender``, never more than half the free room.
+
+        The sender then sends that many messages without waiting for answers; leaving
+        half the room free means another sender is never refused while there is space.
+        """
+        self.leases.pop(sender, None)
+        free = capacity - len(self.items) - self.leased()
+        granted = max(0, min(want, free // 2))
+        if granted:
+            self.leases[sender] = (granted, time.monotonic() + _LEASE)
+        return granted
+
+    def take_lease(self, sender: bytes) -> bool:
+        """Use one leased place of ``sender``; False when it holds none."""
+        count, until = self.leases.get(sender, (0, 0.0))
+        if count <= 0 or until <= time.monotonic():
+            return False
+        self.leases[sender] = (count - 1, until)
+        return True
+
+    def take(self, limit: int) -> list[Item]:
+        taken: list[Item] = []
+        current = now()
+        while self.items and len(taken) < limit:
+            item = self.items.popleft()
+            if deadline_of(item[1]) > current:
+                taken.append(item)
+        return taken
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    # A loop that has ended raises RuntimeError; the message stays for the next receive.
+    with contextlib.suppress(RuntimeError):
+        future.get_loop().call_soon_threadsafe(_set_if_pending, future)
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@dataclass(frozen=True)
+class _NodeConfig:
+    hubs: tuple[str, ...]
+    names: tuple[str, ...]
+    bind: str
+    heartbeat: float
+    curve: _Curve | None
+
+
+class _Node:
+    """One per process and hub set: a ROUTER socket and the inboxes behind it.
+
+    A thread serves the socket so that inboxes outlive any one event loop (``async_to_sync``
+    runs each call in a fresh loop) and the hub hears from the process between calls.
+    """
+
+    #: The running nodes, by configuration without the bound address.
+    nodes: ClassVar[dict[_NodeConfig, _Node]] = {}
+    nodes_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, config: _NodeConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()
+        self.inboxes: dict[str, _Inbox] = {}
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE)
+        self._router.setsockopt(zmq.RCVHWM, 100_000)
+        self._router.setsockopt(zmq.SNDHWM, 100_000)
+        public = b""
+        if config.curve is not None:
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, config.curve.secret_key)
+            public = config.curve.public_key
+        self._router.bind(config.bind)
+        self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.public_key = public.decode()
+        self._hubs: list[zmq.Socket[bytes]] = []
+        for endpoint in config.hubs:
+            dealer = self._context.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            if config.curve is not None:
+                config.curve.client(dealer, config.curve.server_key)
+            dealer.connect(endpoint)
+            self._hubs.append(dealer)
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._commands: deque[tuple[str, concurrent.futures.Future[None]]] = deque()
+        self._keys: set[str] = set()
+        self._waiting: dict[str, list[concurrent.futures.Future[None]]] = {}
+        self._requests: dict[int, list[str]] = {}
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="multilayer zmq node", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)
+        logger.debug("node of process %d listens on %s", os.getpid(), self.endpoint)
+
+    def register(self, key: str) -> concurrent.futures.Future[None]:
+        """Make inbox ``key`` exist here and be known to its hub; the future ends when it is."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self.lock:
+            self.inboxes.setdefault(key, _Inbox())
+        self._commands.append((key, future))
+        self._wake_send.send(b"\0")
+        return future
+
+    def flush(self, start: str) -> None:
+        """Empty the inboxes whose key begins with ``start``."""
+        with self.lock:
+            for key, inbox in self.inboxes.items():
+                if key.startswith(start):
+                    inbox.items.clear()
+
+    def stop(self) -> None:
+        """End the thread and close the sockets (at interpreter exit)."""
+        self._stopping = True
+        try:
+            self._wake_send.send(b"\0")
+        except OSError:
+            return
+        self.thread.join(5)
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_recv, zmq.POLLIN)
+        for dealer in self._hubs:
+            poller.register(dealer, zmq.POLLIN)
+        next_refresh = time.monotonic() + self.config.heartbeat
+        try:
+            while not self._stopping:
+                wait = max(0.0, next_refresh - time.monotonic())
+                for sock, _ in poller.poll(int(wait * 1000) + 1):
+                    if sock is self._router:
+                        self._serve()
+                    elif isinstance(sock, zmq.Socket):
+                        self._registered(sock)
+                    else:
+                        self._take_commands()  # the wake-up socket, reported by descriptor
+                if time.monotonic() >= next_refresh:
+                    self._send_registrations(self._keys)
+                    next_refresh = time.monotonic() + self.config.heartbeat
+        except Exception:
+            logger.exception("the zmq node thread failed; process inboxes are unreachable")
+        finally:
+            for dealer in self._hubs:
+                dealer.close(0)
+            self._router.close(0)
+            self._wake_recv.close()
+            self._wake_send.close()
+            self._context.term()
+
+    def _take_commands(self) -> None:
+        try:
+            while self._wake_recv.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        fresh: set[str] = set()
+        while self._commands:
+            key, future = self._commands.popleft()
+            self._waiting.setdefault(key, []).append(future)
+            self._keys.add(key)
+            fresh.add(key)
+        self._send_registrations(fresh)
+
+    def _send_registrations(self, keys: Iterable[str]) -> None:
+        by_hub: dict[int, list[str]] = {}
+        for key in keys:
+            by_hub.setdefault(_shard(key.partition(":")[2], self.config.names), []).append(key)
+        ttl = self.config.heartbeat * 5
+        for index, batch in by_hub.items():
+            request_id = next(self._ids)
+            header = encode("register", request_id, batch, self.endpoint, self.public_key, ttl)
+            try:
+                self._hubs[index].send(header, zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # the hub is unreachable; the next heartbeat tries again
+            self._requests[request_id] = batch
+
+    def _registered(self, dealer: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                command, request_id, args = decode(frames[0])
+                handed = args[0] if command == "ok" else []
+            except (ValueError, IndexError):
+                logger.warning("ignored a malformed answer from a hub")
+                continue
+            with self.lock:
+                for (key, channel), payload in zip(handed, frames[1:], strict=False):
+                    self.inboxes.setdefault(key, _Inbox()).put((channel, payload), None)
+            for key in self._requests.pop(request_id, ()):
+                for future in self._waiting.pop(key, ()):
+                    if not future.done():
+                        future.set_result(None)
+
+    def _serve(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                command, request_id, args = decode(frames[1])
+                if command == "deliver":
+                    reply = self._deliver(frames[0], args, frames[2])
+                elif command == "send":
+                    self._leased(frames[0], args, frames[2])
+                    continue  # sent on a lease: the sender waits for no answer
+                elif command == "flush":
+                    self.flush(args[0])
+                    reply = []
+                else:
+                    raise ValueError(f"unknown command {command!r:.40}")
+            except (ValueError, IndexError, TypeError) as error:
+                logger.warning("node dropped a malformed request: %s", error)
+                continue
+            if reply is not None:
+                # A sender that is gone treats the silence as a timeout.
+                with contextlib.suppress(zmq.ZMQError):
+                    self._router.send_multipart(
+                        [frames[0], encode("ok", request_id, *reply)], zmq.NOBLOCK
+                    )
+
+    def _deliver(self, sender: bytes, args: list[Any], payload: bytes) -> list[Any] | None:
+        items, reply_by, want = args[0], args[1], args[2]
+        if items and len(payload) < HEADER_SIZE:
+            raise ValueError("short payload")
+        if time.time() > reply_by:
+            # The sender has given up on this message: accepting it now would deliver a
+            # message the sender was told failed (it may be resent through the hub).
+            return None
+        statuses = []
+        granted = 0
+        with self.lock:
+            for key, channel, capacity in items:
+                inbox = self.inboxes.get(key)
+                if inbox is None:
+                    statuses.append(UNKNOWN)
+                elif inbox.put((channel, payload), capacity, sender):
+                    statuses.append(OK)
+                    if want and len(items) == 1:
+                        granted = inbox.lease(sender, capacity, want)
+                else:
+                    statuses.append(FULL)
+        return [statuses, granted]
+
+    def _leased(self, sender: bytes, args: list[Any], payload: bytes) -> None:
+        key, channel = args[0], args[1]
+        if len(payload) < HEADER_SIZE:
+            raise ValueError("short payload")
+        with self.lock:
+            inbox = self.inboxes.get(key)
+            if inbox is None:
+                logger.warning("dropped a message for unknown inbox %s", key)
+                return
+            if not inbox.take_lease(sender):
+                # A lease that ran out in transit: the sender counted the message as
+                # accepted, so it is kept even if that overfills the inbox a little.
+                logger.debug("inbox %s: message past its sender's lease", key)
+            inbox.put((channel, payload), None)
+
+
+# -- event-loop side: request/reply links ------------------------------------------------
+
+
+class _Link:
+    """A DEALER socket in one event loop, matching replies to requests by id."""
+
+    def __init__(
+        self,
+        owned: list[zmq.Socket[bytes]],
+        endpoint: str,
+        curve: _Curve | None,
+        server_key: bytes | None,
+        orphan: Any,
+    ) -> None:
+        self.endpoint = endpoint
+        raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        # The backend owns the raw socket and closes it even if its event loop just ends
+        # (async_to_sync); the asyncio view is a shadow that never warns on collection.
+        owned.append(raw)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE)
+        raw.setsockopt(zmq.SNDHWM, 100_000)
+        raw.setsockopt(zmq.RCVHWM, 100_000)
+        if curve is not None and server_key is not None:
+            curve.client(raw, server_key)
+        raw.connect(endpoint)
+        self.raw = raw
+        self.sock = zmq.asyncio.Socket.from_socket(raw)
+        self.pending: dict[int, asyncio.Future[tuple[list[Any], list[bytes]]]] = {}
+        self.pops: dict[int, str] = {}
+        #: Messages were sent on a lease since the node last answered.
+        self.unsettled = False
+        self._orphan = orphan
+        self._ids = itertools.count(1)
+        self._reader = asyncio.ensure_future(self._read())
+
+    def start(
+        self, command: str, args: Sequence[Any], payloads: Sequence[bytes] = ()
+    ) -> tuple[int, asyncio.Future[tuple[list[Any], list[bytes]]]]:
+        """Send a request now; its id and the future of its reply."""
+        request_id = next(self._ids)
+        future: asyncio.Future[tuple[list[Any], list[bytes]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        try:
+            self.sock.send_multipart([encode(command, request_id, *args), *payloads], zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            raise BrokerError(f"cannot send to {self.endpoint}: {error}") from error
+        self.pending[request_id] = future
+        return request_id, future
+
+    async def call(
+        self, command: str, args: Sequence[Any], payloads: Sequence[bytes], timeout: float
+    ) -> list[Any]:
+        """Send a request and wait up to ``timeout`` seconds for its reply arguments."""
+        request_id, future = self.start(command, args, payloads)
+        try:
+            reply, _ = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise BrokerError(
+                f"no answer from {self.endpoint} to {command!r} within {timeout:g}s"
+            ) from None
+        finally:
+            self.pending.pop(request_id, None)
+        return reply
+
+    def post(self, command: str, args: Sequence[Any], payloads: Sequence[bytes]) -> None:
+        """Send a message that has no reply."""
+        try:
+            self.sock.send_multipart([encode(command, 0, *args), *payloads], zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            raise BrokerError(f"cannot send to {self.endpoint}: {error}") from error
+        self.unsettled = True
+
+    def fail_pops(self) -> None:
+        for request_id in self.pops:
+            future = self.pending.get(request_id)
+            if future is not None and not future.done():
+                future.set_exception(_Restarted())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                command, request_id, args = decode(frames[0])
+            except ValueError:
+                logger.warning("ignored a malformed answer from %s", self.endpoint)
+                continue
+            future = self.pending.pop(request_id, None)
+            key = self.pops.pop(request_id, None)
+            if command == "error":
+                error = BrokerError(f"{self.endpoint} refused the request: {args[0]}")
+                if future is not None and not future.done():
+                    future.set_exception(error)
+                continue
+            if future is not None and not future.done():
+                future.set_result((args, frames[1:]))
+            elif key is not None and args and args[0]:
+                # A pop answered after its caller gave up: put the messages back.
+                self._orphan(self, key, args[0], frames[1:])
+
+    def close(self) -> None:
+        self._reader.cancel()
+        # Closing the asyncio view first unregisters its file descriptor from the loop:
+        # a stale registration would steal the wake-ups of a later socket reusing the fd.
+        self.sock.close(0)
+        self.raw.close(0)
+        closed = BrokerError(f"the connection to {self.endpoint} was closed")
+        for future in self.pending.values():
+            if not future.done():
+                # An error, not a cancellation: a send sharing this link must not look
+                # cancelled to its caller; it falls back to the hub instead.
+                future.set_exception(closed)
+                future.exception()  # marks it retrieved when nobody awaits it any more
+        self.pending.clear()
+
+
+#: Inbox key -> (node endpoint, node public key), shared by every backend of the process.
+_directory: dict[str, tuple[str, str]] = {}
+
+
+class ZmqBackend(Backend):
+    """Channel layer backend on ZeroMQ: see the module documentation."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        multiprocess=True, native_expiry=True, native_fanout=True, restartable=False
+    )
+    extra: ClassVar[str | None] = "zmq"
+    options: ClassVar[Mapping[str, Option]] = {
+        "timeout": Option(float, 10.0, "seconds to wait for a hub's answer", minimum=0.01),
+        "peer_timeout": Option(
+            float, 2.0, "seconds to wait for another process before using the hub", minimum=0.01
+        ),
+        "heartbeat": Option(
+            float, 1.0, "seconds between hub pings and inbox re-registrations", minimum=0.05
+        ),
+        "advertise": Option(str, "", "address other processes reach this process's node at"),
+        "curve_serverkey": Option(str, "", "the hub's CURVE public key (Z85)", check=_check_key),
+        "curve_secretkey": Option(
+            str, "", "this process's CURVE secret key (Z85)", secret=True, check=_check_key
+        ),
+    }
+
+    @classmethod
+    def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
+        if url.scheme == "zmq+ipc":
+            if url.hosts or not url.path:
+                raise ConfigurationError(
+                    f"{url.sanitized()}: write a ZeroMQ IPC hub as zmq+ipc:///path/to/hub.sock"
+                )
+        elif not url.hosts or any(port is None for _, port in url.hosts):
+            raise ConfigurationError(
+                f"{url.sanitized()}: write ZeroMQ hubs as zmq://HOST:PORT[,HOST:PORT...]"
+            )
+        if options.get("curve_secretkey") and not options.get("curve_serverkey"):
+            raise ConfigurationError(
+                f"{url.sanitized()}: curve_secretkey needs curve_serverkey (the hub's public key)"
+            )
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        return {"pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
+
+    def __init__(self, url: LayerURL, settings: LayerSettings, options: Mapping[str, Any]):
+        super().__init__(url, settings, options)
+        if url.scheme == "zmq+ipc":
+            self._hubs: tuple[str, ...] = (f"ipc:///{url.path.lstrip('/')}",)
+            self._hub_names: tuple[str, ...] = self._hubs
+        else:
+            self._hubs = tuple(
+                f"tcp://{f'[{host}]' if ':' in host else host}:{port}" for host, port in url.hosts
+            )
+            self._hub_names = tuple(f"{host}:{port}" for host, port in url.hosts)
+        self._prefix = settings.prefix + ":"
+        self._timeout: float = self.config["timeout"]
+        self._peer_timeout: float = self.config["peer_timeout"]
+        self._heartbeat: float = self.config["heartbeat"]
+        self._curve = self._curve_keys()
+        self._links: list[_Link] = []
+        self._peers: dict[str, _Link] = {}
+        #: Inbox key -> [places leased to us, monotonic time to stop using them].
+        self._credits: dict[str, list[Any]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._node: _Node | None = None
+        self._owned: list[zmq.Socket[bytes]] = []
+        weakref.finalize(self, _close_all, self._owned)
+
+    def _curve_keys(self) -> _Curve | None:
+        server = self.config["curve_serverkey"]
+        if not server:
+            return None
+        secret = self.config["curve_secretkey"]
+        if secret:
+            public = zmq.curve_public(secret.encode())
+            return _Curve(server.encode(), public, secret.encode())
+        public, generated = _process_keys()
+        return _Curve(server.encode(), public, generated)
+
+    def _node_bind(self) -> str:
+        if self.url.scheme == "zmq+ipc":
+            return f"{self._hubs[0]}.{os.getpid()}.{secrets.token_hex(4)}"
+        host = self.config["advertise"] or _route_to(self.url.hosts[0][0], self.url.hosts[0][1])
+        return f"tcp://{host}:*"
+
+    async def open(self) -> None:
+        self._node = _start_node(
+            _NodeConfig(self._hubs, self._hub_names, "", self._heartbeat, self._curve),
+            self._node_bind,
+        )
+        server = self._curve.server_key if self._curve else None
+        self._links = [
+            _Link(self._owned, endpoint, self._curve, server, self._orphan)
+            for endpoint in self._hubs
+        ]
+        self._tasks = [asyncio.ensure_future(self._watch(link)) for link in self._links]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in (*self._links, *self._peers.values()):
+            link.close()
+        self._links, self._peers, self._tasks = [], {}, []
+        _close_all(self._owned)
+
+    async def broker_version(self) -> str:
+        reply = await self._links[0].call("ping", (), (), self._timeout)
+        return f"multilayer hub {reply[1]}"
+
+    def _link(self, name: str) -> _Link:
+        return self._links[_shard(name, self._hub_names)]
+
+    async def _watch(self, link: _Link) -> None:
+        """Ping the hub; when it comes back as a new process, re-issue parked pops."""
+        epoch = None
+        while True:
+            try:
+                reply = await link.call("ping", (), (), self._heartbeat * 3)
+            except BrokerError:
+                await asyncio.sleep(self._heartbeat)
+                continue
+            if epoch is not None and reply[0] != epoch:
+                logger.warning("hub %s restarted; its queues and groups are gone", link.endpoint)
+                link.fail_pops()
+            epoch = reply[0]
+            await asyncio.sleep(self._heartbeat)
+
+    # -- inboxes -----------------------------------------------------------------------
+
+    async def declare_inbox(self, inbox: str) -> None:
+        assert self._node is not None
+        future = self._node.register(self._prefix + inbox)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
+        except asyncio.TimeoutError:
+            raise BrokerError(
+                f"hub {self.url.sanitized()} did not register inbox {inbox!r} "
+                f"within {self._timeout:g}s"
+            ) from None
+
+    # -- messages ----------------------------------------------------------------------
+
+    async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        name = non_local_name(channel)
+        key = self._prefix + name
+        if name == channel:
+            reply = await self._link(name).call(
+                "push", (key, channel, capacity), (payload,), self._timeout
+            )
+            status = reply[0]
+        else:
+            status = await self._push_specific(key, name, channel, payload, capacity)
+        if status == FULL:
+            raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    async def _push_specific(
+        self, key: str, name: str, channel: str, payload: bytes, capacity: int
+    ) -> int:
+        known = _directory.get(key)
+        if known is not None:
+            peer = self._peer(*known)
+            credit = self._credits.get(key)
+            if credit is not None and credit[0] > 0 and time.monotonic() < credit[1]:
+                credit[0] -= 1
+                peer.post("send", (key, channel), (payload,))
+                return OK
+            peer.unsettled = False  # the node answers in order: this answer settles all
+            reply_by = time.time() + self._peer_timeout
+            try:
+                reply = await peer.call(
+                    "deliver",
+                    ([[key, channel, capacity]], reply_by, _WANT),
+                    (payload,),
+                    self._peer_timeout,
+                )
+            except BrokerError:
+                logger.info("process node %s did not answer; asking the hub", peer.endpoint)
+                self._forget(key, peer)
+            else:
+                status: int = reply[0][0]
+                if status != UNKNOWN:
+                    if reply[1]:
+                        # Use the lease for half its life, so it cannot lapse in transit.
+                        self._credits[key] = [reply[1], time.monotonic() + _LEASE / 2]
+                    return status
+                self._forget(key, peer)
+        await self._settle()
+        reply = await self._link(name).call(
+            "spush", (key, channel, capacity), (payload,), self._timeout + self._peer_timeout
+        )
+        if reply[1]:
+            _directory[key] = (reply[1], reply[2] or "")
+        status = reply[0]
+        return status
+
+    async def _settle(self) -> None:
+        """Wait until nodes have stored what we sent them on leases.
+
+        A message routed through the hub must not overtake, on its way to a node, an
+        earlier message this backend sent straight to that node.
+        """
+        unsettled = [peer for peer in self._peers.values() if peer.unsettled]
+        if not unsettled:
+            return
+        reply_by = time.time() + self._peer_timeout
+        results = await asyncio.gather(
+            *(
+                peer.call("deliver", ([], reply_by, 0), (b"",), self._peer_timeout)
+                for peer in unsettled
+            ),
+            return_exceptions=True,
+        )
+        for peer, result in zip(unsettled, results, strict=True):
+            if not isinstance(result, BaseException):
+                peer.unsettled = False
+
+    def _peer(self, endpoint: str, public_key: str) -> _Link:
+        link = self._peers.get(endpoint)
+        if link is None:
+            server = public_key.encode() if public_key else None
+            link = self._peers[endpoint] = _Link(
+                self._owned, endpoint, self._curve, server, self._orphan
+            )
+        return link
+
+    def _forget(self, key: str, peer: _Link) -> None:
+        _directory.pop(key, None)
+        self._credits.pop(key, None)
+        if self._peers.get(peer.endpoint) is peer:
+            del self._peers[peer.endpoint]
+            peer.close()
+
+    async def pop(self, queue: str, limit: int) -> list[Item]:
+        if queue.endswith("!"):
+            return await self._pop_inbox(self._prefix + queue, limit)
+        return await self._pop_hub(self._prefix + queue, queue, limit)
+
+    async def _pop_inbox(self, key: str, limit: int) -> list[Item]:
+        node = self._node
+        assert node is not None
+        while True:
+            with node.lock:
+                inbox = node.inboxes.setdefault(key, _Inbox())
+                taken = inbox.take(limit)
+                if taken:
+                    return taken
+                future = asyncio.get_running_loop().create_future()
+                inbox.waiters.append(future)
+            try:
+                await future
+            finally:
+                if not future.done():
+                    future.cancel()
+                    with node.lock:
+                        if future in inbox.waiters:
+                            inbox.waiters.remove(future)
+
+    async def _pop_hub(self, key: str, name: str, limit: int) -> list[Item]:
+        link = self._link(name)
+        while True:
+            request_id, future = link.start("pop", (key, limit, _POP_WAIT))
+            link.pops[request_id] = key
+            try:
+                done, _ = await asyncio.wait({future}, timeout=_POP_WAIT + self._timeout)
+            except asyncio.CancelledError:
+                await self._abandon(link, key, request_id, future)
+                raise
+            if not done:
+                link.pending.pop(request_id, None)
+                continue  # a lost request (hub restart): ask again; a late answer is requeued
+            try:
+                args, frames = future.result()
+            except _Restarted:
+                # Keep the pop's key: should the new hub answer it after all, the reader
+                # requeues what it brings.
+                link.pending.pop(request_id, None)
+                continue
+            if args[0]:
+                return list(zip(args[0], frames, strict=True))
+
+    async def _abandon(
+        self, link: _Link, key: str, request_id: int, future: asyncio.Future[Any]
+    ) -> None:
+        """Withdraw a pop; messages the hub had already sent for it go back to the queue."""
+        try:
+            await link.call("cancel", (key, request_id), (), _ABANDON_WAIT)
+        except BrokerError as error:
+            logger.warning("could not withdraw a receive from %s: %s", link.endpoint, error)
+        # The hub answers in order, so the pop's own answer, if any, has arrived by now.
+        link.pending.pop(request_id, None)
+        link.pops.pop(request_id, None)
+        if future.done() and not future.cancelled() and future.exception() is None:
+            args, frames = future.result()
+            if args[0]:
+                self._orphan(link, key, args[0], frames)
+
+    def _orphan(self, link: _Link, key: str, channels: list[str], frames: list[bytes]) -> None:
+        try:
+            link.start("requeue", (key, channels), frames)
+        except BrokerError as error:
+            logger.error("lost %d message(s) of %s: %s", len(channels), key, error)
+
+    # -- groups ------------------------------------------------------------------------
+
+    async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
+        await self._link(group).call(
+            "gadd", (self._prefix + group, channel, deadline), (), self._timeout
+        )
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        await self._link(group).call("gdiscard", (self._prefix + group, channel), (), self._timeout)
+
+    async def group_members(self, group: str) -> Iterable[str]:
+        reply = await self._link(group).call("gmembers", (self._prefix + group,), (), self._timeout)
+        members: list[str] = reply[0]
+        return members
+
+    async def group_send(
+        self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
+    ) -> None:
+        if len(self._links) > 1:
+            # Members' queues live on other hubs: fetch the members, push to each hub.
+            await super().group_send(group, payload, deadline=deadline, capacity=capacity)
+            return
+        await self._settle()
+        overrides: dict[str, int] = {}
+        if not capacity.uniform:
+            overrides = {m: capacity.for_channel(m) for m in await self.group_members(group)}
+        reply = await self._links[0].call(
+            "gsend",
+            (self._prefix + group, self.settings.prefix, capacity.default, overrides),
+            (payload,),
+            self._timeout + self._peer_timeout,
+        )
+        for member in reply[0]:
+            log_full_member(group, member)
+
+    async def flush(self) -> None:
+        assert self._node is not None
+        await asyncio.gather(
+            *(
+                link.call("flush", (self.settings.prefix,), (), self._timeout + self._peer_timeout)
+                for link in self._links
+            )
+        )
+        self._node.flush(self._prefix)
+
+
+def _close_all(sockets: list[zmq.Socket[bytes]]) -> None:
+    for sock in sockets:
+        sock.close(0)
+    sockets.clear()
+
+
+def _start_node(config: _NodeConfig, bind: Callable[[], str]) -> _Node:
+    """The process's node for ``config``, started on ``bind()`` if there is none yet."""
+    with _Node.nodes_lock:
+        node = _Node.nodes.get(config)
+        if node is None or not node.thread.is_alive():
+            bound = _NodeConfig(config.hubs, config.names, bind(), config.heartbeat, config.curve)
+            node = _Node.nodes[config] = _Node(bound)
+        return node
+
+
+_keys_lock = threading.Lock()
+_keys: list[tuple[bytes, bytes]] = []
+
+
+def _process_keys() -> tuple[bytes, bytes]:
+    """A CURVE key pair made once per process, when the URL names none."""
+    with _keys_lock:
+        if not _keys:
+            _keys.append(zmq.curve_keypair())
+        return _keys[0]
+
+
+def _route_to(host: str, port: int | None) -> str:
+    """The local address this host uses to reach ``host``: where peers can reach us too."""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        if host == "localhost":
+            return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port or 9))
+            address: str = probe.getsockname()[0]
+            return address
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,738 @@
+"""The hub of the ZeroMQ backend: normal-channel queues, groups and the process directory.
+
+Run it with ``multilayer hub --bind tcp://127.0.0.1:5599`` or
+``python -m multilayer.backends.zmqhub --bind tcp://127.0.0.1:5599``; layers then use
+``zmq://127.0.0.1:5599``. ``--bind`` may be repeated or given a comma list
+(``--bind ipc:///run/ml.sock,tcp://0.0.0.0:5599``). Options: ``--curve-secret-key`` (or
+``--curve-secret-key-file``, or ``$MULTILAYER_HUB_SECRET_KEY``) turns on CURVE encryption,
+``--curve-allow PUBLIC_KEY`` (repeatable) restricts clients to those keys,
+``--peer-timeout``, ``--max-queue``, ``--max-message-size`` and ``--log-level``.
+
+One single-threaded poll loop holds all state in memory: nothing survives a restart.
+Clients (DEALER sockets) talk to one ROUTER socket; every request is a multipart message
+whose first frame is a msgpack list ``[command, request_id, *arguments]`` and whose
+further frames are payloads. The hub forwards messages for process-specific channels to
+the owning process's node over a DEALER socket of its own. A frame that does not parse is
+logged and dropped; it never stops the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.auth.thread
+
+from .. import __version__
+from ..serialization import HEADER_SIZE, deadline_of
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE",
+    "FULL",
+    "OK",
+    "UNKNOWN",
+    "Hub",
+    "decode",
+    "encode",
+    "main",
+]
+
+logger = logging.getLogger("multilayer.zmqhub")
+
+#: Item statuses in replies: accepted, refused for capacity, no such inbox here.
+OK, FULL, UNKNOWN = 0, 1, 2
+#: Frames larger than this are refused by the sockets themselves (8 MiB messages + headers).
+DEFAULT_MAX_MESSAGE = 8 * 1024 * 1024 + 64 * 1024
+#: Longest a pop waits at the hub before answering empty; clients then ask again.
+MAX_POP_WAIT = 30.0
+#: Longest a process registration lives without being refreshed.
+MAX_REGISTRATION_TTL = 120.0
+_SWEEP_EVERY = 0.5
+
+
+def encode(command: str, request_id: int, *args: Any) -> bytes:
+    """The header frame of a request or reply."""
+    data: bytes = msgpack.packb([command, request_id, *args], use_bin_type=True)
+    return data
+
+
+def decode(frame: bytes) -> tuple[str, int, list[Any]]:
+    """Split a header frame; ValueError when it is not one."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, use_list=True)
+    except Exception as error:  # msgpack raises many types for garbage
+        raise ValueError(f"undecodable header ({error})") from None
+    if (
+        not isinstance(header, list)
+        or len(header) < 2
+        or not isinstance(header[0], str)
+        or type(header[1]) is not int
+    ):
+        raise ValueError("header is not [command, request_id, ...]")
+    return header[0], header[1], header[2:]
+
+
+class _BadRequest(ValueError):
+    """A request whose arguments do not fit its command."""
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _BadRequest(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise _BadRequest(f"expected a count, got {value!r:.40}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise _BadRequest(f"expected a number, got {value!r:.40}")
+    return float(value)
+
+
+def _payload(frames: Sequence[bytes], index: int) -> bytes:
+    if len(frames) <= index or len(frames[index]) < HEADER_SIZE:
+        raise _BadRequest("missing or short payload frame")
+    return frames[index]
+
+
+@dataclass
+class _Waiter:
+    """A pop parked until a message arrives or ``until`` passes."""
+
+    client: bytes
+    request_id: int
+    limit: int
+    until: float
+
+
+@dataclass
+class _Owner:
+    """Where a process inbox lives: its node's endpoint and CURVE public key."""
+
+    endpoint: str
+    public_key: str
+    until: float
+
+
+@dataclass
+class _Forward:
+    """Messages handed to an owner node, waiting for its per-item answer."""
+
+    job: _Job
+    endpoint: str
+    items: list[tuple[str, str, int]]
+    payload: bytes
+    until: float
+
+
+@dataclass
+class _Job:
+    """A client request that waits for owner nodes before the hub answers it."""
+
+    client: bytes
+    request_id: int
+    reply: str
+    waiting: int = 0
+    full: list[str] = field(default_factory=list)
+    key: str = ""
+
+
+class Hub:
+    """The hub's state and poll loop; :func:`main` builds one from the command line."""
+
+    def __init__(
+        self,
+        binds: Sequence[str],
+        *,
+        secret_key: bytes | None = None,
+        allowed_keys: Sequence[bytes] = (),
+        peer_timeout: float = 2.0,
+        max_queue: int = 100_000,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self.binds = list(binds)
+        self.peer_timeout = peer_timeout
+        self.max_queue = max_queue
+        self.max_message_size = max_message_size
+        self.epoch = random.getrandbits(62)
+        self.queues: dict[str, deque[tuple[str, bytes]]] = {}
+        self.waiters: dict[str, deque[_Waiter]] = {}
+        self.groups: dict[str, dict[str, float]] = {}
+        self.directory: dict[str, _Owner] = {}
+        self._forwards: dict[int, _Forward] = {}
+        self._links: dict[str, zmq.Socket[bytes]] = {}
+        self._next_id = 0
+        self._stopping = False
+        self._secret = secret_key
+        self._public = zmq.curve_public(secret_key) if secret_key else None
+        self._allowed = list(allowed_keys)
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        self._router = self._context.socket(zmq.ROUTER)
+        self._poller = zmq.Poller()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current step (safe from a signal handler)."""
+        self._stopping = True
+
+    def run(self) -> None:
+        """Bind, serve until :meth:`stop`, then release every socket."""
+        router = self._router
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.RCVHWM, 100_000)
+        if self._secret is not None:
+            self._start_curve(router)
+        try:
+            for endpoint in self.binds:
+                router.bind(endpoint)
+                logger.info("hub listening on %s", endpoint)
+            self._poller.register(router, zmq.POLLIN)
+            self._loop()
+        finally:
+            for link in self._links.values():
+                link.close(0)
+            router.close(0)
+            if self._auth is not None:
+                self._auth.stop()
+            self._context.term()
+            logger.info("hub stopped")
+
+    def _start_curve(self, router: zmq.Socket[bytes]) -> None:
+        assert self._secret is not None and self._public is not None
+        self._auth = zmq.auth.thread.ThreadAuthenticator(
+            self._context, log=logging.getLogger("multilayer.zmqhub.auth")
+        )
+        self._auth.start()
+        if self._allowed:
+            allowed = set(self._allowed)
+
+            class _Allowed:
+                def callback(self, domain: str, key: bytes) -> bool:
+                    granted = key in allowed  # pyzmq hands the key over Z85-encoded
+                    if not granted:
+                        logger.warning("refused a client with an unlisted CURVE key")
+                    return granted
+
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_Allowed())
+        else:
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        router.setsockopt(zmq.CURVE_SERVER, 1)
+        router.setsockopt(zmq.CURVE_SECRETKEY, self._secret)
+        router.setsockopt(zmq.CURVE_PUBLICKEY, self._public)
+        logger.info("CURVE on; hub public key %s", self._public.decode())
+
+    def _loop(self) -> None:
+        next_sweep = time.monotonic() + _SWEEP_EVERY
+        while not self._stopping:
+            wait = max(0.0, min(next_sweep - time.monotonic(), 0.25))
+            events = dict(self._poller.poll(int(wait * 1000)))
+            for sock in events:
+                self._drain(sock)
+            if time.monotonic() >= next_sweep:
+                self._sweep(time.time())
+                next_sweep = time.monotonic() + _SWEEP_EVERY
+
+    def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        # A bounded batch per wake-up keeps one busy socket from starving the timers.
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if sock is self._router:
+                self._on_request(frames[0], frames[1:])
+            else:
+                self._on_owner_reply(frames)
+
+    # -- requests --------------------------------------------------------------------
+
+    def _on_request(self, client: bytes, frames: list[bytes]) -> None:
+        if not frames:
+            logger.warning("dropped an empty request from client %s", client.hex())
+            return
+        try:
+            command, request_id, args = decode(frames[0])
+        except ValueError as error:
+            logger.warning("dropped a malformed request from client %s: %s", client.hex(), error)
+            return
+        handler = self._handlers.get(command)
+        try:
+            if handler is None:
+                raise _BadRequest(f"unknown command {command!r:.40}")
+            handler(self, client, request_id, args, frames)
+        except (_BadRequest, IndexError, TypeError, ValueError) as error:
+            logger.warning("refused %r from client %s: %s", command[:40], client.hex(), error)
+            self._reply(client, encode("error", request_id, str(error)))
+
+    def _reply(self, client: bytes, *frames: bytes) -> bool:
+        try:
+            self._router.send_multipart([client, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            # EHOSTUNREACH (client gone) or EAGAIN (client not reading): nobody to tell.
+            logger.debug("reply to client %s not sent: %s", client.hex(), error)
+            return False
+        return True
+
+    def _ping(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        self._reply(client, encode("ok", rid, self.epoch, __version__))
+
+    def _push(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        key, channel, capacity = _text(args[0]), _text(args[1]), _count(args[2])
+        accepted = self._enqueue(key, channel, _payload(frames, 1), capacity)
+        self._reply(client, encode("ok", rid, OK if accepted else FULL))
+
+    def _spush(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        key, channel, capacity = _text(args[0]), _text(args[1]), _count(args[2])
+        payload = _payload(frames, 1)
+        owner = self.directory.get(key)
+        if owner is None:
+            accepted = self._enqueue(key, channel, payload, capacity)
+            self._reply(client, encode("ok", rid, OK if accepted else FULL, None, None))
+            return
+        job = _Job(client, rid, "spush", key=key)
+        self._forward(job, owner, [(key, channel, capacity)], payload)
+
+    def _pop(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        key, limit, wait = _text(args[0]), max(1, _count(args[1])), _number(args[2])
+        taken = self._take(key, limit, time.time())
+        if taken or wait <= 0:
+            self._send_taken(client, rid, key, taken)
+            return
+        until = time.time() + min(wait, MAX_POP_WAIT)
+        self.waiters.setdefault(key, deque()).append(_Waiter(client, rid, limit, until))
+
+    def _cancel(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        key, pop_id = _text(args[0]), _count(args[1])
+        removed = False
+        waiting = self.waiters.get(key)
+        if waiting:
+            for waiter in list(waiting):
+                if waiter.client == client and waiter.request_id == pop_id:
+                    waiting.remove(waiter)
+                    removed = True
+            if not waiting:
+                del self.waiters[key]
+        self._reply(client, encode("ok", rid, removed))
+
+    def _requeue(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        key, channels = _text(args[0]), args[1]
+        if not isinstance(channels, list) or len(channels) != len(frames) - 1:
+            raise _BadRequest("requeue needs one channel per payload frame")
+        queue = self.queues.setdefault(key, deque())
+        for index in range(len(channels) - 1, -1, -1):
+            queue.appendleft((_text(channels[index]), _payload(frames, index + 1)))
+        self._serve(key)
+        self._reply(client, encode("ok", rid))
+
+    def _group_add(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        group, channel, until = _text(args[0]), _text(args[1]), _number(args[2])
+        self.groups.setdefault(group, {})[channel] = until
+        self._reply(client, encode("ok", rid))
+
+    def _group_discard(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        group, channel = _text(args[0]), _text(args[1])
+        members = self.groups.get(group)
+        if members is not None:
+            members.pop(channel, None)
+            if not members:
+                del self.groups[group]
+        self._reply(client, encode("ok", rid))
+
+    def _group_members(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        self._reply(client, encode("ok", rid, self._members(_text(args[0]), time.time())))
+
+    def _group_send(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        group, prefix, default = _text(args[0]), _text(args[1]), _count(args[2])
+        overrides = args[3] or {}
+        if not isinstance(overrides, dict):
+            raise _BadRequest("capacity overrides must be a map")
+        payload = _payload(frames, 1)
+        job = _Job(client, rid, "gsend")
+        by_owner: dict[str, list[tuple[str, str, int]]] = {}
+        owners: dict[str, _Owner] = {}
+        for member in self._members(group, time.time()):
+            capacity = overrides.get(member, default)
+            bang = member.find("!")
+            key = f"{prefix}:{member if bang < 0 else member[: bang + 1]}"
+            owner = self.directory.get(key) if bang >= 0 else None
+            if owner is not None:
+                by_owner.setdefault(owner.endpoint, []).append((key, member, capacity))
+                owners[owner.endpoint] = owner
+            elif not self._enqueue(key, member, payload, capacity):
+                job.full.append(member)
+        for endpoint, items in by_owner.items():
+            self._forward(job, owners[endpoint], items, payload)
+        if not job.waiting:
+            self._finish(job)
+
+    def _flush(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        start = _text(args[0]) + ":"
+        for key in [k for k in self.queues if k.startswith(start)]:
+            del self.queues[key]
+        for key in [k for k in self.groups if k.startswith(start)]:
+            del self.groups[key]
+        job = _Job(client, rid, "flush")
+        owners = {o.endpoint: o for k, o in self.directory.items() if k.startswith(start)}
+        for owner in owners.values():
+            forward_id = self._new_id()
+            self._send_owner(job, owner, forward_id, [encode("flush", forward_id, start)], [], b"")
+        if not job.waiting:
+            self._finish(job)
+
+    def _register(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        keys, endpoint, public_key = args[0], _text(args[1]), _text(args[2])
+        ttl = min(_number(args[3]), MAX_REGISTRATION_TTL)
+        if not isinstance(keys, list):
+            raise _BadRequest("register needs a list of inboxes")
+        until = time.time() + ttl
+        handed: list[list[str]] = []
+        payloads: list[bytes] = []
+        for key in map(_text, keys):
+            known = self.directory.get(key)
+            if known is None or known.endpoint != endpoint:
+                logger.info("inbox %s now lives at %s", key, endpoint)
+            self.directory[key] = _Owner(endpoint, public_key, until)
+            # Messages parked while nobody owned the inbox go to the owner with this reply.
+            for channel, payload in self.queues.pop(key, ()):
+                handed.append([key, channel])
+                payloads.append(payload)
+        self._reply(client, encode("ok", rid, handed), *payloads)
+
+    _handlers = {
+        "ping": _ping,
+        "push": _push,
+        "spush": _spush,
+        "pop": _pop,
+        "cancel": _cancel,
+        "requeue": _requeue,
+        "gadd": _group_add,
+        "gdiscard": _group_discard,
+        "gmembers": _group_members,
+        "gsend": _group_send,
+        "flush": _flush,
+        "register": _register,
+    }
+
+    # -- queues ------------------------------------------------------------------------
+
+    def _enqueue(self, key: str, channel: str, payload: bytes, capacity: int) -> bool:
+        current = time.time()
+        if deadline_of(payload) <= current:
+            return True  # already expired: accepted and dropped at once, as a broker TTL would
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = deque()
+        limit = min(capacity, self.max_queue)
+        if len(queue) >= limit:
+            kept = [item for item in queue if deadline_of(item[1]) > current]
+            if len(kept) >= limit:
+                return False
+            queue.clear()
+            queue.extend(kept)
+        queue.append((channel, payload))
+        self._serve(key)
+        return True
+
+    def _take(self, key: str, limit: int, current: float) -> list[tuple[str, bytes]]:
+        queue = self.queues.get(key)
+        taken: list[tuple[str, bytes]] = []
+        while queue and len(taken) < limit:
+            item = queue.popleft()
+            if deadline_of(item[1]) > current:
+                taken.append(item)
+        if queue is not None and not queue:
+            del self.queues[key]
+        return taken
+
+    def _send_taken(
+        self, client: bytes, rid: int, key: str, taken: list[tuple[str, bytes]]
+    ) -> bool:
+        header = encode("ok", rid, [channel for channel, _ in taken])
+        if self._reply(client, header, *(payload for _, payload in taken)):
+            return True
+        queue = self.queues.setdefault(key, deque())
+        queue.extendleft(reversed(taken))
+        return False
+
+    def _serve(self, key: str) -> None:
+        """Hand waiting messages of ``key`` to parked pops, oldest pop first."""
+        waiting = self.waiters.get(key)
+        current = time.time()
+        while waiting and self.queues.get(key):
+            waiter = waiting.popleft()
+            taken = self._take(key, waiter.limit, current)
+            if taken:
+                self._send_taken(waiter.client, waiter.request_id, key, taken)
+        if waiting is not None and not waiting:
+            del self.waiters[key]
+
+    def _members(self, group: str, current: float) -> list[str]:
+        members = self.groups.get(group)
+        if not members:
+            return []
+        return [channel for channel, until in members.items() if until > current]
+
+    # -- owner nodes ---------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _link(self, owner: _Owner) -> zmq.Socket[bytes]:
+        link = self._links.get(owner.endpoint)
+        if link is None:
+            link = self._context.socket(zmq.DEALER)
+            link.setsockopt(zmq.LINGER, 0)
+            link.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+            if self._secret is not None and owner.public_key:
+                assert self._public is not None
+                link.setsockopt(zmq.CURVE_SERVERKEY, owner.public_key.encode())
+                link.setsockopt(zmq.CURVE_SECRETKEY, self._secret)
+                link.setsockopt(zmq.CURVE_PUBLICKEY, self._public)
+            link.connect(owner.endpoint)
+            self._poller.register(link, zmq.POLLIN)
+            self._links[owner.endpoint] = link
+        return link
+
+    def _forward(
+        self, job: _Job, owner: _Owner, items: list[tuple[str, str, int]], payload: bytes
+    ) -> None:
+        forward_id = self._new_id()
+        reply_by = time.time() + self.peer_timeout
+        header = encode("deliver", forward_id, [list(item) for item in items], reply_by, 0)
+        self._send_owner(job, owner, forward_id, [header, payload], items, payload)
+
+    def _send_owner(
+        self,
+        job: _Job,
+        owner: _Owner,
+        forward_id: int,
+        frames: list[bytes],
+        items: list[tuple[str, str, int]],
+        payload: bytes,
+    ) -> None:
+        try:
+            self._link(owner).send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            logger.warning("owner %s unreachable: %s", owner.endpoint, error)
+            self._owner_lost(owner.endpoint, items, payload, job)
+            return
+        job.waiting += 1
+        until = time.time() + self.peer_timeout
+        self._forwards[forward_id] = _Forward(job, owner.endpoint, items, payload, until)
+
+    def _on_owner_reply(self, frames: list[bytes]) -> None:
+        try:
+            _, forward_id, args = decode(frames[0])
+        except ValueError as error:
+            logger.warning("dropped a malformed reply from an owner node: %s", error)
+            return
+        forward = self._forwards.pop(forward_id, None)
+        if forward is None:
+            return  # answered after its timeout: the items were parked already
+        statuses = args[0] if args and isinstance(args[0], list) else []
+        job = forward.job
+        for (key, channel, capacity), status in zip(forward.items, statuses, strict=False):
+            if status == FULL:
+                job.full.append(channel)
+            elif status == UNKNOWN:
+                # The directory was stale: park the message until the owner registers.
+                self.directory.pop(key, None)
+                if not self._enqueue(key, channel, forward.payload, capacity):
+                    job.full.append(channel)
+        job.waiting -= 1
+        if not job.waiting:
+            self._finish(job)
+
+    def _owner_lost(
+        self, endpoint: str, items: list[tuple[str, str, int]], payload: bytes, job: _Job
+    ) -> None:
+        for key, owner in list(self.directory.items()):
+            if owner.endpoint == endpoint:
+                del self.directory[key]
+        link = self._links.pop(endpoint, None)
+        if link is not None:
+            self._poller.unregister(link)
+            link.close(0)
+        for key, channel, capacity in items:
+            if not self._enqueue(key, channel, payload, capacity):
+                job.full.append(channel)
+
+    def _finish(self, job: _Job) -> None:
+        if job.reply == "spush":
+            # Tell the sender where the owner lives, unless the directory just dropped it.
+            owner = self.directory.get(job.key)
+            status = FULL if job.full else OK
+            endpoint, public_key = (owner.endpoint, owner.public_key) if owner else (None, None)
+            self._reply(job.client, encode("ok", job.request_id, status, endpoint, public_key))
+        elif job.reply == "gsend":
+            self._reply(job.client, encode("ok", job.request_id, job.full))
+        else:
+            self._reply(job.client, encode("ok", job.request_id))
+
+    # -- expiry --------------------------------------------------------------------------
+
+    def _sweep(self, current: float) -> None:
+        """Drop what expired, answer pops that waited long enough, forget silent owners."""
+        for key in list(self.queues):
+            queue = self.queues[key]
+            while queue and deadline_of(queue[0][1]) <= current:
+                queue.popleft()
+            if not queue:
+                del self.queues[key]
+        for key in list(self.waiters):
+            waiting = self.waiters[key]
+            for waiter in [w for w in waiting if w.until <= current]:
+                waiting.remove(waiter)
+                self._reply(waiter.client, encode("ok", waiter.request_id, []))
+            if not waiting:
+                del self.waiters[key]
+        for group in list(self.groups):
+            members = self.groups[group]
+            for channel in [c for c, until in members.items() if until <= current]:
+                del members[channel]
+            if not members:
+                del self.groups[group]
+        for key in [k for k, owner in self.directory.items() if owner.until <= current]:
+            logger.info("inbox %s expired: its process stopped refreshing it", key)
+            del self.directory[key]
+        for forward_id in [f for f, fw in self._forwards.items() if fw.until <= current]:
+            forward = self._forwards.pop(forward_id)
+            logger.warning("owner %s did not answer in %gs", forward.endpoint, self.peer_timeout)
+            self._owner_lost(forward.endpoint, forward.items, forward.payload, forward.job)
+            forward.job.waiting -= 1
+            if not forward.job.waiting:
+                self._finish(forward.job)
+        live = {owner.endpoint for owner in self.directory.values()}
+        for endpoint in [e for e in self._links if e not in live]:
+            self._poller.unregister(self._links[endpoint])
+            self._links.pop(endpoint).close(0)
+
+
+def _split(values: Iterable[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multilayer hub",
+        description="Run the hub of the zmq:// channel layer backend.",
+    )
+    parser.add_argument(
+        "--bind",
+        action="append",
+        required=True,
+        metavar="ENDPOINT",
+        help="ZeroMQ endpoint to listen on, e.g. tcp://127.0.0.1:5599 or ipc:///run/ml.sock "
+        "(repeatable, or a comma list)",
+    )
+    parser.add_argument(
+        "--curve-secret-key",
+        metavar="Z85",
+        help="hub CURVE secret key (40 Z85 characters); default $MULTILAYER_HUB_SECRET_KEY; "
+        "turns on encryption",
+    )
+    parser.add_argument("--curve-secret-key-file", metavar="PATH", help="read the key from PATH")
+    parser.add_argument(
+        "--curve-allow",
+        action="append",
+        default=[],
+        metavar="Z85",
+        help="client public key allowed to connect (repeatable, or a comma list); "
+        "default: any client that knows the hub's public key",
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=2.0,
+        help="seconds to wait for a process node before parking its messages (default 2)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=100_000,
+        help="hard cap on the messages of one queue, whatever capacity clients ask (100000)",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE,
+        help=f"largest frame accepted, in bytes (default {DEFAULT_MAX_MESSAGE})",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser
+
+
+def _secret_key(options: argparse.Namespace) -> bytes | None:
+    text: str | None = options.curve_secret_key or os.environ.get("MULTILAYER_HUB_SECRET_KEY")
+    if options.curve_secret_key_file:
+        with open(options.curve_secret_key_file, encoding="ascii") as file:
+            text = file.read().strip()
+    if not text:
+        return None
+    if len(text) != 40:
+        raise SystemExit("multilayer hub: a CURVE secret key is 40 Z85 characters")
+    return text.encode("ascii")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a hub until SIGTERM or SIGINT; the exit status."""
+    options = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=options.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    secret = _secret_key(options)
+    allowed = [key.encode("ascii") for key in _split(options.curve_allow)]
+    if allowed and secret is None:
+        raise SystemExit("multilayer hub: --curve-allow needs --curve-secret-key")
+    hub = Hub(
+        _split(options.bind),
+        secret_key=secret,
+        allowed_keys=allowed,
+        peer_timeout=options.peer_timeout,
+        max_queue=options.max_queue,
+        max_message_size=options.max_message_size,
+    )
+
+    def on_signal(number: int, _frame: FrameType | None) -> None:
+        logger.info("received %s, stopping", signal.Signals(number).name)
+        hub.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        hub.run()
+    except zmq.ZMQError as error:
+        logger.error("hub failed: %s", error)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The ZeroMQ backend beyond the shared suite: hub faults, sharding, IPC, CURVE, fuzzing.
+
+Every test starts its own hub (``python -m multilayer.backends.zmqhub``) on a free
+loopback port or a socket in its temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import msgpack
+import pytest
+import zmq
+
+from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
+from multilayer.backends.zmq import _shard
+from tests.brokers import BrokerProcess, free_port
+
+T = TypeVar("T")
+
+
+def run(coroutine: Awaitable[T], timeout: float = 30) -> T:
+    """Run ``coroutine`` in a fresh event loop, failing after ``timeout`` seconds."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coroutine, timeout)
+
+    return asyncio.run(bounded())
+
+
+def hub_argv(endpoint: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "multilayer.backends.zmqhub", "--bind", endpoint, *extra]
+
+
+class Hub(BrokerProcess):
+    """A test-owned hub on a free loopback port."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        port = free_port()
+        super().__init__(
+            hub_argv(f"tcp://127.0.0.1:{port}", *extra), port, log=tmp / f"hub-{port}.log"
+        )
+        self.url = f"zmq://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    process = Hub(tmp_path, "--peer-timeout", "0.5")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+async def recv(layer: ChannelLayer, channel: str, timeout: float = 10) -> dict[str, Any]:
+    return await asyncio.wait_for(layer.receive(channel), timeout)
+
+
+async def nothing(layer: ChannelLayer, channel: str, wait: float = 0.3) -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), wait)
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("zmq://127.0.0.1", "HOST:PORT"),
+        ("zmq://127.0.0.1:5599,other", "HOST:PORT"),
+        ("zmq+ipc://host/sock", "zmq\\+ipc:///path"),
+        ("zmq+ipc://", "zmq\\+ipc:///path"),
+        ("zmq://127.0.0.1:5599?curve_serverkey=short", "40 Z85"),
+        ("zmq://127.0.0.1:5599?curve_secretkey=" + "a" * 40, "needs curve_serverkey"),
+        ("zmq://127.0.0.1:5599?timeout=soon", "timeout"),
+    ],
+)
+def test_bad_urls_are_refused_without_io(url: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        ChannelLayer(url)
+
+
+def test_curve_secret_never_shows_in_errors() -> None:
+    secret = "s" * 39
+    with pytest.raises(ConfigurationError) as caught:
+        ChannelLayer(f"zmq://127.0.0.1:5599?curve_serverkey={'k' * 40}&curve_secretkey={secret}")
+    assert secret not in str(caught.value)
+
+
+def test_rendezvous_sharding_is_order_free_and_spreads() -> None:
+    hubs = ["h1:5599", "h2:5600", "h3:5601"]
+    names = [f"chat.room{i}" for i in range(3000)]
+    placed = [hubs[_shard(name, hubs)] for name in names]
+    assert placed == [hubs[::-1][_shard(name, hubs[::-1])] for name in names]
+    assert all(800 < placed.count(hub) < 1200 for hub in hubs)
+    # Adding a hub moves only the names that now land on it.
+    grown = [*hubs, "h4:5602"]
+    moved = [a for a, name in zip(placed, names, strict=True) if grown[_shard(name, grown)] != a]
+    assert 500 < len(moved) < 1000
+
+
+# -- transports and sharding -----------------------------------------------------------
+
+
+def _exercise(url: str) -> None:
+    async def body() -> None:
+        sender, receiver = ChannelLayer(url, prefix="ex"), ChannelLayer(url, prefix="ex")
+        try:
+            inbox = await receiver.new_channel()
+            await receiver.group_add("room", inbox)
+            await receiver.group_add("room", "ex.normal")
+            await sender.send("ex.normal", {"n": 1})
+            await sender.send(inbox, {"n": 2})
+            await sender.group_send("room", {"n": 3})
+            assert await recv(receiver, "ex.normal") == {"n": 1}
+            assert await recv(receiver, inbox) == {"n": 2}
+            assert await recv(receiver, inbox) == {"n": 3}
+            assert await recv(receiver, "ex.normal") == {"n": 3}
+        finally:
+            await sender.flush()
+            await sender.close()
+            await receiver.close()
+
+    run(body())
+
+
+def test_ipc_hub(tmp_path: Path) -> None:
+    path = tmp_path / "hub.sock"
+    with open(tmp_path / "hub.log", "wb") as log:
+        process = subprocess.Popen(hub_argv(f"ipc://{path}"), stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "the IPC hub did not start"
+            time.sleep(0.05)
+        _exercise(f"zmq+ipc://{path}")
+    finally:
+        process.terminate()
+        assert process.wait(10) == 0
+
+
+def test_two_hubs_share_the_load(tmp_path: Path) -> None:
+    first, second = Hub(tmp_path), Hub(tmp_path)
+    first.start()
+    second.start()
+    try:
+        both = f"zmq://127.0.0.1:{first.port},127.0.0.1:{second.port}"
+        _exercise(both)
+
+        async def body() -> None:
+            layer = ChannelLayer(both, prefix="shard")
+            alone = [ChannelLayer(hub.url, prefix="shard") for hub in (first, second)]
+            channels = [f"shard.c{i}" for i in range(20)]
+            try:
+                inbox = await layer.new_channel()
+                for channel in channels:
+                    await layer.send(channel, {"c": channel})
+                    await layer.group_add("everyone", channel)
+                await layer.group_add("everyone", inbox)
+                await layer.group_send("everyone", {"c": "all"})
+                assert await recv(layer, inbox) == {"c": "all"}
+                # Each hub alone holds only its share of the channels.
+                held = [0, 0]
+                for channel in channels:
+                    for index, single in enumerate(alone):
+                        try:
+                            got = await asyncio.wait_for(single.receive(channel), 0.2)
+                        except asyncio.TimeoutError:
+                            continue
+                        assert got == {"c": channel}
+                        held[index] += 1
+                        assert await recv(single, channel) == {"c": "all"}
+                assert sum(held) == len(channels) and min(held) > 0
+            finally:
+                await layer.flush()
+                for each in (layer, *alone):
+                    await each.close()
+
+        run(body())
+    finally:
+        first.stop()
+        second.stop()
+
+
+# -- faults ----------------------------------------------------------------------------
+
+
+def test_hub_restart_resumes_receives_and_reregisters(hub: Hub) -> None:
+    options = {"prefix": "restart", "heartbeat": 0.2, "timeout": 5.0}
+
+    async def body() -> None:
+        owner, sender = ChannelLayer(hub.url, **options), ChannelLayer(hub.url, **options)
+        try:
+            inbox = await owner.new_channel()
+            await sender.send("restart.lost", {"n": 0})
+            waiting = asyncio.ensure_future(recv(owner, "restart.wait", 20))
+            await asyncio.sleep(0.3)
+            await asyncio.get_running_loop().run_in_executor(None, hub.restart)
+            await asyncio.sleep(1.0)  # a few heartbeats: pops re-issued, inbox re-registered
+            await sender.send("restart.wait", {"n": 1})
+            assert await waiting == {"n": 1}
+            # A sender that never met the owner finds it through the new hub's directory.
+            stranger = ChannelLayer(hub.url, **options)
+            try:
+                await stranger.send(inbox, {"n": 2})
+            finally:
+                await stranger.close()
+            assert await recv(owner, inbox) == {"n": 2}
+            # What the old hub queued died with it.
+            await nothing(owner, "restart.lost")
+        finally:
+            await sender.flush()
+            await owner.close()
+            await sender.close()
+
+    run(body(), 60)
+
+
+def test_send_while_the_hub_is_down_fails_cleanly(tmp_path: Path) -> None:
+    url = f"zmq://127.0.0.1:{free_port()}?timeout=0.5"
+
+    async def body() -> None:
+        layer = ChannelLayer(url)
+        try:
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match="no answer"):
+                await layer.send("down.normal", {"n": 1})
+            assert time.monotonic() - started < 3
+        finally:
+            await layer.close()
+
+    run(body())
+
+
+def _worker(url: str, group: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "multilayer.conformance.worker",
+            "inbox",
+            url,
+            "vanish",
+            json.dumps({"peer_timeout": 0.5}),
+            group,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sends_to_a_vanished_process_are_parked_and_expire(hub: Hub) -> None:
+    worker = _worker(hub.url, "vanish-room")
+    try:
+        assert worker.stdout is not None
+        channel = json.loads(worker.stdout.readline())["channel"]
+    finally:
+        worker.kill()
+        worker.wait(10)
+        if worker.stdout is not None:
+            worker.stdout.close()
+
+    async def body() -> None:
+        layer = ChannelLayer(hub.url, prefix="vanish", peer_timeout=0.5, expiry=1)
+        try:
+            for n in range(3):
+                started = time.monotonic()
+                await layer.send(channel, {"n": n})
+                await layer.group_send("vanish-room", {"n": n})
+                # The first send waits for the dead node once; the hub then parks.
+                assert time.monotonic() - started < (4 if n == 0 else 1)
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body())
+
+
+def test_hub_exits_cleanly_on_sigterm_and_sigint(tmp_path: Path) -> None:
+    for number in (signal.SIGTERM, signal.SIGINT):
+        process = Hub(tmp_path)
+        process.start()
+        assert process.process is not None
+        process.process.send_signal(number)
+        assert process.process.wait(10) == 0
+        log = process.log.read_text()
+        assert f"received {number.name}, stopping" in log and "hub stopped" in log
+
+
+def _garbage(chaos: random.Random) -> list[bytes]:
+    commands = ["ping", "push", "spush", "pop", "cancel", "requeue", "gadd", "gdiscard"]
+    commands += ["gmembers", "gsend", "flush", "register", "nope"]
+    values: list[Any] = [
+        None,
+        -1,
+        2**64 - 1,
+        -(2**63),
+        1.5,
+        "x",
+        b"\xff",
+        [],
+        {},
+        ["a", 1],
+        {"k": [1]},
+    ]
+    kind = chaos.randrange(4)
+    if kind == 0:
+        return [chaos.randbytes(chaos.randrange(0, 40)) for _ in range(chaos.randrange(0, 4))]
+    header: list[Any] = [chaos.choice(commands), chaos.choice([1, -5, "id", None])]
+    header += [chaos.choice(values) for _ in range(chaos.randrange(0, 6))]
+    frames = [msgpack.packb(header if kind != 1 else header[0])]
+    return frames + [chaos.randbytes(chaos.randrange(0, 16)) for _ in range(chaos.randrange(3))]
+
+
+def test_hub_survives_random_frames(hub: Hub) -> None:
+    chaos = random.Random(2024)
+    context = zmq.Context.instance()
+    dealers = [context.socket(zmq.DEALER) for _ in range(3)]
+    try:
+        for dealer in dealers:
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+        for _ in range(3000):
+            frames = _garbage(chaos) or [b""]
+            chaos.choice(dealers).send_multipart(frames)
+        # Raw TCP garbage as well, below the ZeroMQ framing.
+        import socket
+
+        with socket.create_connection(("127.0.0.1", hub.port), timeout=5) as raw:
+            raw.sendall(chaos.randbytes(4096))
+    finally:
+        for dealer in dealers:
+            dealer.close(0)
+    _exercise(hub.url)
+    assert hub.process is not None and hub.process.poll() is None
+    assert "Traceback" not in hub.log.read_text()
+
+
+def test_hub_queue_cap_bounds_memory(tmp_path: Path) -> None:
+    process = Hub(tmp_path, "--max-queue", "5")
+    process.start()
+    try:
+
+        async def body() -> None:
+            layer = ChannelLayer(process.url, prefix="cap", capacity=1000)
+            try:
+                for n in range(5):
+                    await layer.send("cap.q", {"n": n})
+                with pytest.raises(ChannelFull):
+                    await layer.send("cap.q", {"n": 5})
+            finally:
+                await layer.flush()
+                await layer.close()
+
+        run(body())
+    finally:
+        process.stop()
+
+
+# -- CURVE -----------------------------------------------------------------------------
+
+
+def test_curve_encrypts_and_authenticates(tmp_path: Path) -> None:
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    process = Hub(
+        tmp_path,
+        "--curve-secret-key",
+        server_secret.decode(),
+        "--curve-allow",
+        client_public.decode(),
+    )
+    process.start()
+    try:
+        base = f"{process.url}?curve_serverkey={quote(server_public.decode(), safe='')}"
+        _exercise(f"{base}&curve_secretkey={quote(client_secret.decode(), safe='')}")
+
+        async def refused(url: str) -> None:
+            layer = ChannelLayer(url, timeout=0.5)
+            try:
+                with pytest.raises(BrokerError):
+                    await layer.send("curve.x", {"n": 1})
+            finally:
+                await layer.close()
+
+        _, stranger_secret = zmq.curve_keypair()
+        run(refused(f"{base}&curve_secretkey={quote(stranger_secret.decode(), safe='')}"))
+        run(refused(process.url))
+        assert "unlisted CURVE key" in process.log.read_text()
+    finally:
+        process.stop()
+
+
+# -- the shared suite, against a hub this test owns ---------------------------------------
