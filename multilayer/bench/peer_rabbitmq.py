@@ -30,7 +30,7 @@ class _ChannelsRabbitmq(LayerContender):
     """channels_rabbitmq connects on first use and drops what is sent to a process queue
     before that queue is consumed, so each instance receives once before the clock starts."""
 
-    async def _warm(self, layer: Any) -> str:
+    async def _inbox(self, layer: Any) -> str:
         channel: str = await layer.new_channel()
         first = asyncio.ensure_future(layer.receive(channel))
         await asyncio.sleep(0.2)
@@ -38,31 +38,11 @@ class _ChannelsRabbitmq(LayerContender):
         await asyncio.wait_for(first, 10)
         return channel
 
-    async def throughput_normal(self, n: int) -> float:
+    async def _warm(self, layer: Any) -> None:
+        await self._inbox(layer)
+
+    async def _queue(self, sender: Any, receiver: Any) -> str:
         raise NotApplicable("channels_rabbitmq has no normal channels, only process-specific ones")
-
-    async def throughput_specific(self, n: int) -> float:
-        sender, receiver = self._layer(), self._layer()
-        await self._warm(sender)
-        return await self._stream(sender, receiver, await self._warm(receiver), n)
-
-    async def pingpong(self, n: int) -> list[float]:
-        a, b = self._layer(), self._layer()
-        pong, ping = await self._warm(a), await self._warm(b)
-
-        async def echo() -> None:
-            for _ in range(n):
-                await b.send(pong, await b.receive(ping))
-
-        echoer = asyncio.ensure_future(echo())
-        rounds = []
-        for i in range(n):
-            started = time.perf_counter()
-            await a.send(ping, payload(i))
-            await a.receive(pong)
-            rounds.append(time.perf_counter() - started)
-        await echoer
-        return rounds
 
 
 def _plain_url(url: str) -> str:

@@ -163,65 +163,26 @@ class _ChannelsZmq(LayerContender):
             await layer._get_sub_socket(channel)
         await asyncio.sleep(0.3)
 
-    async def throughput_normal(self, n: int) -> float:
-        sender, receiver = self._layer(), self._layer()
+    async def _queue(self, sender: Any, receiver: Any) -> str:
         channel = f"bench.a{secrets.token_hex(4)}"
         await self._subscribed(receiver, channel)
-        return await self._stream(sender, receiver, channel, n)
+        return channel
 
-    async def throughput_specific(self, n: int) -> float:
-        sender, receiver = self._layer(), self._layer()
-        channel = (await receiver.new_channel()).partition("!")[0] + "!"
-        await self._subscribed(receiver, channel)
-        return await self._stream(sender, receiver, channel, n)
+    async def _inbox(self, layer: Any) -> str:
+        created: str = await layer.new_channel()
+        channel = created.partition("!")[0] + "!"
+        await self._subscribed(layer, channel)
+        return channel
 
-    async def pingpong(self, n: int) -> list[float]:
-        a, b = self._layer(), self._layer()
-        ping = (await b.new_channel()).partition("!")[0] + "!"
-        pong = (await a.new_channel()).partition("!")[0] + "!"
-        await self._subscribed(b, ping)
-        await self._subscribed(a, pong)
-
-        async def echo() -> None:
-            for _ in range(n):
-                message = await b.receive(ping)
-                # It refuses to send a message carrying the routing key it added itself.
-                message.pop("__asgi_channel__", None)
-                await b.send(pong, message)
-
-        echoer = asyncio.ensure_future(echo())
-        rounds = []
-        for i in range(n):
-            started = time.perf_counter()
-            await a.send(ping, payload(i))
-            await a.receive(pong)
-            rounds.append(time.perf_counter() - started)
-        await echoer
-        return rounds
-
-    async def group_send(self, members: int, n: int) -> tuple[float, float]:
-        sender, receiver = self._layer(), self._layer()
-        group = f"bench-g{secrets.token_hex(4)}"
-        channels = [await receiver.new_channel() for _ in range(members)]
-        for channel in channels:
-            await receiver.group_add(group, channel)
+    async def _joined(self, receiver: Any) -> None:
         await self._subscribed(receiver)
 
-        async def consume(channel: str) -> None:
-            for _ in range(n):
-                await receiver.receive(channel)
+    def _echo(self, message: dict[str, Any]) -> dict[str, Any]:
+        # It refuses to send a message carrying the routing key it added itself.
+        message.pop("__asgi_channel__", None)
+        return message
 
-        consumers = asyncio.gather(*(consume(channel) for channel in channels))
-        started = time.perf_counter()
-        for i in range(n):
-            await self._send_group(sender, group, payload(i))
-        sent = time.perf_counter() - started
-        await consumers
-        delivered = time.perf_counter() - started
-        return n / sent, n * members / delivered
-
-    @staticmethod
-    async def _send_group(layer: Any, group: str, message: dict[str, Any]) -> None:
+    async def _group_send(self, layer: Any, group: str, message: dict[str, Any]) -> None:
         from channels.exceptions import ChannelFull
 
         # channels-zmq raises ChannelFull from group_send when its socket buffer is full.
