@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/15}
 AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}
 
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e '.[all,test]'
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e '.[all,test,bench]'
 
 port_open() { "$PYTHON" - "$1" <<'PY'
 import socket, sys

@@ -1,0 +1,833 @@
+"""Kafka backend: ``kafka://`` and ``kafka+ssl://`` on kafka-python.
+
+Features: every contract point across processes, on Apache Kafka or any broker speaking
+its protocol (CI runs Tansu). Each layer prefix owns one single-partition topic, the
+*operation log* ``multilayer.<prefix>``; every send, receive claim, group change and flush
+is a record in it, and every process replays the log through the same deterministic state
+machine, so the log order decides capacity, which receiver gets a message of a normal
+channel, group membership and flush, with no consumer groups and no rebalances. Only the
+owning process takes messages from its inbox; ``group_send`` is one record, fanned out by
+the replay. No topic is created or deleted while the layer runs, only when a prefix is
+first used. See ``docs/backends/kafka.md`` for the design and its costs.
+
+URL format: ``kafka://[user:password@]host[:port][,host[:port]...][?option=value...]``
+(port 9092 by default; credentials select SASL over plaintext) and
+``kafka+ssl://[user:password@]host[:port][,...]?ssl_cafile=...`` (TLS, and SASL when
+credentials are given).
+
+Options (URL query or keyword arguments), besides the core ones:
+
+* ``fetch_wait_ms`` (int, 5): how long the broker may hold a fetch while this layer is
+  busy; bounds delivery latency.
+* ``idle_fetch_wait_ms`` (int, 100): the same after ``idle_after`` seconds without traffic;
+  bounds the CPU an idle layer burns on polling.
+* ``idle_after`` (float, 2.0): seconds without traffic before polling slows down.
+* ``claim_lease`` (float, 10.0): seconds a waiting receive's claim lives unless renewed; a
+  crashed receiver's claim stops taking messages after this.
+* ``retention_hours`` (float, 168.0): ``retention.ms`` of the operation log topic.
+* ``acks`` (str, ``all``): producer acknowledgements (``all`` or ``1``).
+* ``sasl_mechanism`` (str, ``PLAIN``): ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
+* ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile`` (str): PEM files for ``kafka+ssl://``.
+* ``ssl_check_hostname`` (bool, true): verify the broker's certificate host name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Any, ClassVar
+
+import msgpack
+
+from ..backend import Backend, Capabilities, log_full_member, now
+from ..capacity import CapacityPolicy
+from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..names import non_local_name
+from ..options import Option
+from ..serialization import deadline_of
+from ..url import LayerURL
+
+__all__ = ["KafkaBackend"]
+
+logger = logging.getLogger("multilayer.kafka")
+
+Item = tuple[str, bytes]
+
+#: Bytes a log record may add around a payload (operation, channel name, numbers).
+_RECORD_OVERHEAD = 4096
+#: Longest a caller waits for its own record to come back through the log.
+_REPLAY_TIMEOUT = 60.0
+#: Seconds of waiting writes without any record arriving before the topic is checked.
+_STALL = 2.0
+
+# Operation codes of log records. Every record is a msgpack list
+# ``[op, token, sent_at, ...]``: ``token`` names the waiter in the writing process (or is
+# None) and ``sent_at`` is the writer's wall clock, which expiry decisions use so that every
+# replaying process decides the same.
+_SEND = "S"  # channel, capacity, payload
+_GROUP_SEND = "G"  # group, payload, default capacity, {member: capacity}
+_CLAIM = "C"  # queue, count, lease deadline (the token is the claim id)
+_RENEW = "K"  # queue, claim id, lease deadline
+_CANCEL = "X"  # queue, claim id
+_TAKE = "T"  # queue, [[offset, channel], ...]
+_GROUP_ADD = "A"  # group, channel, membership deadline
+_GROUP_DISCARD = "D"  # group, channel
+_FLUSH = "F"
+#: Records nobody waits for promptly: writing or reading them keeps polling slow, so a
+#: receive that waits (renewing its claim) does not keep an idle layer busy.
+_HOUSEKEEPING = frozenset({_RENEW, _CANCEL, _TAKE})
+
+
+@dataclass
+class _Message:
+    offset: int
+    channel: str
+    payload: bytes
+    deadline: float
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """Unique in the log: a group send puts one record's payload in several channels."""
+        return self.offset, self.channel
+
+
+@dataclass
+class _Claim:
+    cid: str
+    count: int
+    lease: float
+
+
+@dataclass
+class _Queue:
+    pending: deque[_Message] = field(default_factory=deque)
+    claims: deque[_Claim] = field(default_factory=deque)
+
+    def purge(self, instant: float) -> None:
+        """Forget claims, and messages at the head, whose time ran out before ``instant``."""
+        while self.pending and self.pending[0].deadline <= instant:
+            self.pending.popleft()
+        if self.claims:
+            self.claims = deque(c for c in self.claims if c.lease > instant)
+
+    def count(self, instant: float) -> int:
+        """Messages still alive at ``instant`` (senders may use different expiries)."""
+        self.pending = deque(m for m in self.pending if m.deadline > instant)
+        return len(self.pending)
+
+    def take(self, count: int, instant: float) -> list[_Message]:
+        """Up to ``count`` messages from the head that are alive at ``instant``."""
+        taken: list[_Message] = []
+        while self.pending and len(taken) < count:
+            message = self.pending.popleft()
+            if message.deadline > instant:
+                taken.append(message)
+        return taken
+
+
+@dataclass
+class _Outcome:
+    """What applying one record decided, for the process that waits on it."""
+
+    accepted: bool = True
+    full_members: list[str] = field(default_factory=list)
+    delivered: list[tuple[str, list[_Message]]] = field(default_factory=list)
+    appended: set[str] = field(default_factory=set)
+    flushed: bool = False
+
+
+class _Machine:
+    """The layer's state as of one log offset; every process computes the same one.
+
+    Decisions depend only on the records and their order, never on the replaying
+    process's clock, so two processes never disagree about who got a message.
+    """
+
+    def __init__(self) -> None:
+        self.queues: dict[str, _Queue] = {}
+        self.groups: dict[str, dict[str, float]] = {}
+
+    def apply(self, offset: int, record: list[Any]) -> _Outcome:
+        op, _token, sent_at = record[0], record[1], record[2]
+        outcome = _Outcome()
+        if op == _SEND:
+            channel, capacity, payload = record[3], record[4], record[5]
+            outcome.accepted = self._append(offset, channel, payload, capacity, sent_at, outcome)
+        elif op == _GROUP_SEND:
+            group, payload, default, capacities = record[3], record[4], record[5], record[6]
+            members = self.groups.get(group, {})
+            for channel, until in list(members.items()):
+                if until <= sent_at:
+                    del members[channel]
+                elif not self._append(
+                    offset, channel, payload, capacities.get(channel, default), sent_at, outcome
+                ):
+                    outcome.full_members.append(channel)
+            if not members:
+                self.groups.pop(group, None)
+        elif op == _CLAIM:
+            cid, queue, count, lease = record[1], record[3], record[4], record[5]
+            state = self.queues.setdefault(queue, _Queue())
+            state.purge(sent_at)
+            taken = state.take(count, sent_at)
+            if taken:
+                outcome.delivered.append((cid, taken))
+            else:
+                state.claims.append(_Claim(cid, count, lease))
+            self._tidy(queue)
+        elif op == _RENEW:
+            for claim in self._queue(record[3]).claims:
+                if claim.cid == record[4]:
+                    claim.lease = record[5]
+        elif op == _CANCEL:
+            state = self._queue(record[3])
+            state.claims = deque(c for c in state.claims if c.cid != record[4])
+            self._tidy(record[3])
+        elif op == _TAKE:
+            gone = {(offset, channel) for offset, channel in record[4]}
+            state = self._queue(record[3])
+            state.pending = deque(m for m in state.pending if m.key not in gone)
+            self._tidy(record[3])
+        elif op == _GROUP_ADD:
+            self.groups.setdefault(record[3], {})[record[4]] = record[5]
+        elif op == _GROUP_DISCARD:
+            current = self.groups.get(record[3])
+            if current is not None:
+                current.pop(record[4], None)
+                if not current:
+                    del self.groups[record[3]]
+        elif op == _FLUSH:
+            # Waiting receivers keep their claims: a flush empties queues, not receivers.
+            for state in self.queues.values():
+                state.pending.clear()
+            self.groups.clear()
+            outcome.flushed = True
+        return outcome
+
+    def _queue(self, name: str) -> _Queue:
+        return self.queues.get(name) or _Queue()
+
+    def _tidy(self, name: str) -> None:
+        state = self.queues.get(name)
+        if state is not None and not state.pending and not state.claims:
+            del self.queues[name]
+
+    def _append(
+        self,
+        offset: int,
+        channel: str,
+        payload: bytes,
+        capacity: int,
+        sent_at: float,
+        outcome: _Outcome,
+    ) -> bool:
+        queue = non_local_name(channel)
+        state = self.queues.setdefault(queue, _Queue())
+        state.purge(sent_at)
+        message = _Message(offset, channel, payload, deadline_of(payload))
+        try:
+            if state.claims:
+                claim = state.claims.popleft()
+                outcome.delivered.append((claim.cid, [message]))
+                return True
+            if len(state.pending) >= capacity and state.count(sent_at) >= capacity:
+                return False
+            state.pending.append(message)
+            outcome.appended.add(queue)
+            return True
+        finally:
+            self._tidy(queue)
+
+
+_Done = Callable[[BaseException | None], None]
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Waker:
+    """Futures of any event loop, woken from the replay thread."""
+
+    def __init__(self) -> None:
+        self._futures: dict[str, list[asyncio.Future[None]]] = {}
+
+    def add(self, key: str) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        self._futures.setdefault(key, []).append(future)
+        return future
+
+    def discard(self, key: str, future: asyncio.Future[None]) -> None:
+        futures = self._futures.get(key)
+        if futures and future in futures:
+            futures.remove(future)
+            if not futures:
+                del self._futures[key]
+
+    def wake(self, key: str) -> None:
+        for future in self._futures.pop(key, ()):
+            loop = future.get_loop()
+            if not loop.is_closed():
+                # A loop may close between the check and the call; nothing then waits.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_set_if_pending, future)
+
+
+class _Hub:
+    """One process's connection to one prefix's log, shared by every layer instance.
+
+    kafka-python is threaded, so one producer and one replay thread serve every event
+    loop of the process; instances reach the shared state under ``lock``.
+    """
+
+    def __init__(
+        self, key: str, topic: str, client_config: dict[str, Any], options: Mapping[str, Any]
+    ):
+        self.key = key
+        self.topic = topic
+        self.client_config = client_config
+        self.options = options
+        self.users = 0
+        self.lock = threading.Lock()
+        self.machine = _Machine()
+        self.waker = _Waker()
+        # Tokens of records whose writer waits for their outcome -> when it began waiting.
+        self.calls: dict[str, float] = {}
+        self.results: dict[str, _Outcome] = {}
+        self.failures: dict[str, BaseException] = {}
+        # Claim ids of this process -> messages the log gave them but no pop took yet.
+        self.claimed: dict[str, list[_Message]] = {}
+        self.abandoned: set[str] = set()
+        # Claim records of receives still waiting in this process, by claim id.
+        self.open_claims: dict[str, list[Any]] = {}
+        self.orphans: dict[str, deque[_Message]] = {}
+        # Inbox messages handed to a receiver whose take record is not replayed yet.
+        self.handed_out: set[tuple[int, str]] = set()
+        self.token_prefix = secrets.token_hex(6) + ":"
+        self._tokens = itertools.count()
+        self._busy_until = 0.0
+        self._progress = 0.0
+        self._stopping = threading.Event()
+        self._start_lock = threading.Lock()
+        self._started = False
+        self._threads: list[threading.Thread] = []
+        self._outbox: SimpleQueue[tuple[bytes, _Done | None] | None]
+        self._outbox = SimpleQueue()
+        self.producer: Any = None
+        self.consumer: Any = None
+        self.partition: Any = None
+        self.next_offset = 0
+
+    # -- lifecycle (blocking; run in a worker thread) ----------------------------------
+
+    def ensure_started(self) -> None:
+        """Create the log topic if needed, connect, and start replaying (once)."""
+        with self._start_lock:
+            if not self._started:
+                self._start()
+                self._started = True
+
+    def create_topic(self) -> None:
+        """Create the log topic unless it exists (first use of a prefix, broker restart)."""
+        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        topic = NewTopic(
+            self.topic,
+            num_partitions=1,
+            replication_factor=-1,
+            topic_configs={
+                "cleanup.policy": "delete",
+                "retention.ms": str(int(self.options["retention_hours"] * 3_600_000)),
+                "max.message.bytes": str(self.options["max_record"]),
+            },
+        )
+        admin = KafkaAdminClient(**self.client_config)
+        try:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([topic])
+        finally:
+            admin.close()
+
+    def _start(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+        self.create_topic()
+        self.producer = KafkaProducer(
+            **self.client_config,
+            acks=self.options["acks"] if self.options["acks"] == "all" else 1,
+            # One request in flight keeps this process's records in the order it wrote them.
+            max_in_flight_requests_per_connection=1,
+            max_request_size=self.options["max_record"],
+            linger_ms=0,
+        )
+        self.consumer = KafkaConsumer(
+            **self.client_config,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.options["fetch_wait_ms"],
+            max_partition_fetch_bytes=self.options["max_record"],
+            fetch_max_bytes=max(self.options["max_record"], 52_428_800),
+        )
+        self.partition = TopicPartition(self.topic, 0)
+        self.consumer.assign([self.partition])
+        self.consumer.seek_to_beginning(self.partition)
+        for target in (self._replay, self._write):
+            thread = threading.Thread(
+                target=target, name=f"multilayer kafka {self.topic}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._outbox.put(None)
+        for thread in self._threads:
+            thread.join(10)
+        if self.producer is not None:
+            self.producer.close(10)
+        if self.consumer is not None:
+            self.consumer.close()
+
+    # -- the replay thread ---------------------------------------------------------------
+
+    def _replay(self) -> None:
+        # Tansu (and Kafka, when no new record arrives) holds a fetch for the whole
+        # fetch_max_wait_ms, so the wait is short while traffic flows and long when the layer
+        # is idle, which is what keeps an idle layer's CPU low. kafka-python has no public
+        # setter; its fetcher reads this dict for every request (kafka-python is pinned).
+        fetch_config = self.consumer._fetcher.config
+        fast, slow = self.options["fetch_wait_ms"], self.options["idle_fetch_wait_ms"]
+        while not self._stopping.is_set():
+            fetch_config["fetch_max_wait_ms"] = (
+                fast if time.monotonic() < self._busy_until else slow
+            )
+            try:
+                batches = self.consumer.poll(timeout_ms=100)
+            except Exception as error:
+                logger.warning("kafka log %s: fetch failed (%s); retrying", self.topic, error)
+                self._stopping.wait(0.5)
+                continue
+            records = [record for batch in batches.values() for record in batch]
+            if not records and self._stalled():
+                self._recover()
+            if records:
+                self._progress = time.monotonic()
+                with self.lock:
+                    for record in records:
+                        try:
+                            self._apply(record.offset, record.value)
+                        except Exception:
+                            logger.exception("kafka log %s: record %d", self.topic, record.offset)
+
+    def _stalled(self) -> bool:
+        with self.lock:
+            oldest = min(self.calls.values(), default=None)
+        return oldest is not None and time.monotonic() - max(oldest, self._progress) > _STALL
+
+    def _recover(self) -> None:
+        # Writes wait and nothing arrives: an in-memory broker may have restarted without
+        # the topic, which producers wait for but nobody recreates.
+        self._progress = time.monotonic()
+        try:
+            self.create_topic()
+            end = self.consumer.end_offsets([self.partition])[self.partition]
+        except Exception as error:
+            logger.warning("kafka log %s: broker unreachable (%s)", self.topic, error)
+            return
+        if end < self.next_offset:
+            # A log shorter than what was read is a new log: read it from its start.
+            self.consumer.seek(self.partition, 0)
+
+    def _apply(self, offset: int, value: bytes) -> None:
+        if offset < self.next_offset:
+            # The log restarted from scratch (an in-memory broker came back empty):
+            # what it held is gone for every process, so start over from this record.
+            logger.warning(
+                "kafka log %s was reset; state restarts at offset %d", self.topic, offset
+            )
+            self.machine = _Machine()
+            self.handed_out.clear()
+            # The claims of receivers still waiting here died with the old log.
+            for claim in self.open_claims.values():
+                claim[2] = now()
+                self.write(claim)
+        self.next_offset = offset + 1
+        try:
+            record = msgpack.unpackb(value, raw=False)
+        except Exception:
+            logger.warning("kafka log %s: skipped undecodable record at %d", self.topic, offset)
+            return
+        outcome = self.machine.apply(offset, record)
+        token = record[1]
+        if record[0] not in _HOUSEKEEPING:
+            self.busy()
+        for cid, messages in outcome.delivered:
+            if cid in self.abandoned:
+                queue = non_local_name(messages[0].channel)
+                self.orphans.setdefault(queue, deque()).extend(messages)
+            else:
+                self.claimed.setdefault(cid, []).extend(messages)
+                self.waker.wake(cid)
+        for queue in outcome.appended:
+            self.waker.wake(queue)
+        if outcome.full_members and str(token).startswith(self.token_prefix):
+            for member in outcome.full_members:
+                log_full_member(record[3], member)
+        if record[0] == _CANCEL:
+            self.abandoned.discard(record[4])
+        elif record[0] == _TAKE:
+            self.handed_out.difference_update((offset, channel) for offset, channel in record[4])
+        if outcome.flushed:
+            self.orphans.clear()
+            self.handed_out.clear()
+        if token in self.calls:
+            del self.calls[token]
+            self.results[token] = outcome
+            self.waker.wake(token)
+
+    def busy(self) -> None:
+        """Poll fast for a while: traffic flows or this process waits for the log."""
+        self._busy_until = time.monotonic() + self.options["idle_after"]
+
+    # -- writing -------------------------------------------------------------------------
+
+    def token(self) -> str:
+        return f"{self.token_prefix}{next(self._tokens)}"
+
+    def write(self, record: list[Any], *, done: _Done | None = None) -> None:
+        """Append ``record`` to the log; ``done(error or None)`` runs once the broker answered.
+
+        No I/O here: the writer thread hands the record to the producer.
+        """
+        if record[0] not in _HOUSEKEEPING:
+            self.busy()
+        self._outbox.put((msgpack.packb(record, use_bin_type=True), done))
+
+    def _write(self) -> None:
+        # producer.send() blocks while the topic's metadata is unknown (after a broker
+        # restart, for max_block_ms) or its buffer is full, so it never runs in an event
+        # loop; one thread keeps this process's records in the order they were written.
+        while True:
+            entry = self._outbox.get()
+            if entry is None:
+                return
+            value, done = entry
+            try:
+                # Always partition 0: a topic auto-created by a broker (after a restart
+                # wiped it) may have more, and only partition 0 is replayed.
+                future = self.producer.send(self.topic, value, partition=0)
+            except Exception as error:
+                logger.warning("kafka log %s: write failed: %s", self.topic, error)
+                if done is not None:
+                    done(error)
+                continue
+            if done is not None:
+                future.add_callback(lambda _metadata, done=done: done(None))
+                future.add_errback(done)
+
+    async def acked(self, record: list[Any]) -> None:
+        """Write ``record`` and wait until the broker has it (not for its replay)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
+                loop.call_soon_threadsafe(_settle, answer, error)
+
+        self.write(record, done=done)
+        try:
+            await asyncio.wait_for(answer, _REPLAY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BrokerError(
+                f"kafka log {self.topic}: no answer from the broker in {_REPLAY_TIMEOUT:g}s"
+            ) from None
+        except Exception as error:
+            raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error
+
+    async def call(self, record: list[Any]) -> _Outcome:
+        """Write ``record`` and wait until the replay has applied it; its outcome."""
+        token = record[1]
+        with self.lock:
+            self.calls[token] = time.monotonic()
+            signal = self.waker.add(token)
+
+        def failed(error: BaseException | None) -> None:
+            if error is not None:
+                with self.lock:
+                    self.failures[token] = error
+                    self.waker.wake(token)
+
+        try:
+            self.write(record, done=failed)
+            await asyncio.wait_for(asyncio.shield(signal), _REPLAY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BrokerError(
+                f"kafka log {self.topic}: record not replayed within {_REPLAY_TIMEOUT:g}s"
+            ) from None
+        finally:
+            with self.lock:
+                self.calls.pop(token, None)
+                self.waker.discard(token, signal)
+                error = self.failures.pop(token, None)
+                outcome = self.results.pop(token, None)
+        if outcome is not None:
+            return outcome
+        raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error
+
+
+_hubs: dict[str, _Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+class KafkaBackend(Backend):
+    """Channels as a replicated state machine over one Kafka topic per prefix."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        multiprocess=True, native_expiry=False, native_fanout=True, restartable=False
+    )
+    extra: ClassVar[str | None] = "kafka"
+    options: ClassVar[Mapping[str, Option]] = {
+        "fetch_wait_ms": Option(int, 5, "broker fetch wait while busy (ms)", minimum=0),
+        "idle_fetch_wait_ms": Option(int, 100, "broker fetch wait when idle (ms)", minimum=1),
+        "idle_after": Option(float, 2.0, "seconds without traffic before slow polling", minimum=0),
+        "claim_lease": Option(float, 10.0, "seconds a receive claim lives unrenewed", minimum=0.5),
+        "retention_hours": Option(float, 168.0, "retention of the log topic", check=_positive),
+        "acks": Option(str, "all", "producer acknowledgements", choices=("all", "1")),
+        "sasl_mechanism": Option(
+            str, "PLAIN", "SASL mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+        ),
+        "ssl_cafile": Option(str, None, "CA bundle (PEM) for kafka+ssl"),
+        "ssl_certfile": Option(str, None, "client certificate (PEM) for kafka+ssl"),
+        "ssl_keyfile": Option(str, None, "client key (PEM) for kafka+ssl"),
+        "ssl_check_hostname": Option(bool, True, "verify the broker certificate's host name"),
+    }
+
+    @classmethod
+    def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
+        if not url.hosts:
+            raise ConfigurationError(f"{url.sanitized()}: name at least one broker host")
+        if url.path:
+            raise ConfigurationError(f"{url.sanitized()}: Kafka URLs take no path")
+        if url.scheme == "kafka":
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if options.get(name):
+                    raise ConfigurationError(
+                        f"{url.sanitized()}: option {name!r} needs the kafka+ssl:// scheme"
+                    )
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        import kafka
+
+        return {"kafka-python": kafka.__version__}
+
+    async def broker_version(self) -> str:
+        """The protocol version kafka-python negotiated (brokers do not name themselves)."""
+        version = self._hub.consumer.config["api_version"]
+        return "Kafka protocol " + ".".join(str(part) for part in version)
+
+    def _client_config(self) -> dict[str, Any]:
+        url = self.url
+        config: dict[str, Any] = {
+            "bootstrap_servers": [f"{host}:{port or 9092}" for host, port in url.hosts],
+            "client_id": "multilayer",
+        }
+        tls = url.scheme == "kafka+ssl"
+        if url.username is not None:
+            config["security_protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
+            config["sasl_mechanism"] = self.config["sasl_mechanism"]
+            config["sasl_plain_username"] = url.username
+            config["sasl_plain_password"] = url.password or ""
+        elif tls:
+            config["security_protocol"] = "SSL"
+        if tls:
+            config["ssl_check_hostname"] = self.config["ssl_check_hostname"]
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if self.config[name]:
+                    config[name] = self.config[name]
+        return config
+
+    async def open(self) -> None:
+        topic = f"multilayer.{self.settings.prefix}"
+        key = f"{self.url.without_query().render()}|{topic}|{sorted(self.config.items())}"
+        options = {**self.config, "max_record": self.settings.max_message_size + _RECORD_OVERHEAD}
+        with _hubs_lock:
+            hub = _hubs.get(key)
+            if hub is None:
+                hub = _hubs[key] = _Hub(key, topic, self._client_config(), options)
+            hub.users += 1
+        self._hub = hub
+        self._lease = float(self.config["claim_lease"])
+        try:
+            await asyncio.to_thread(hub.ensure_started)
+        except BaseException as error:
+            await self.close()
+            if isinstance(error, Exception):
+                raise BrokerError(f"cannot open {self.url.sanitized()}: {error}") from error
+            raise
+
+    async def close(self) -> None:
+        hub = self._hub
+        with _hubs_lock:
+            hub.users -= 1
+            last = hub.users == 0
+            if last and _hubs.get(hub.key) is hub:
+                del _hubs[hub.key]
+        if last:
+            await asyncio.to_thread(hub.stop)
+
+    async def declare_inbox(self, inbox: str) -> None:
+        """Nothing to create: the hub replays the log from its start, so no record is missed.
+
+        Every queue, inbox or not, lives in the one log topic created by :meth:`open`.
+        """
+
+    async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        hub = self._hub
+        outcome = await hub.call([_SEND, hub.token(), now(), channel, capacity, payload])
+        if not outcome.accepted:
+            raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    async def pop(self, queue: str, limit: int) -> list[Item]:
+        if queue.endswith("!"):
+            return await self._pop_inbox(queue, limit)
+        return await self._pop_shared(queue, limit)
+
+    async def _pop_inbox(self, queue: str, limit: int) -> list[Item]:
+        # Only this process receives from its inbox, so it takes messages straight from its
+        # replayed state and tells the others afterwards (the take record frees capacity).
+        hub = self._hub
+        while True:
+            taken: list[Item] = []
+            keys: list[tuple[int, str]] = []
+            instant = now()
+            with hub.lock:
+                state = hub.machine.queues.get(queue)
+                for message in state.pending if state is not None else ():
+                    if message.key in hub.handed_out:
+                        continue
+                    hub.handed_out.add(message.key)
+                    keys.append(message.key)
+                    if message.deadline > instant:
+                        taken.append((message.channel, message.payload))
+                        if len(taken) >= limit:
+                            break
+                if not keys:
+                    signal = hub.waker.add(queue)
+            if keys:
+                hub.write([_TAKE, None, instant, queue, keys])
+                if taken:
+                    return taken
+                continue
+            try:
+                await signal
+            finally:
+                with hub.lock:
+                    hub.waker.discard(queue, signal)
+
+    async def _pop_shared(self, queue: str, limit: int) -> list[Item]:
+        # A normal channel may have receivers in many processes: a claim record asks for up
+        # to ``limit`` messages and the log order decides which ones each claim gets.
+        hub = self._hub
+        with hub.lock:
+            orphans = hub.orphans.get(queue)
+            if orphans:
+                instant = now()
+                kept = [m for m in orphans if m.deadline > instant]
+                orphans.clear()
+                orphans.extend(kept[limit:])
+                if kept:
+                    return [(m.channel, m.payload) for m in kept[:limit]]
+            cid = hub.token()
+            signal = hub.waker.add(cid)
+
+        def failed(error: BaseException | None) -> None:
+            if error is not None:
+                with hub.lock:
+                    hub.failures[cid] = error
+                    hub.waker.wake(cid)
+
+        claim = [_CLAIM, cid, now(), queue, limit, now() + self._lease]
+        with hub.lock:
+            hub.open_claims[cid] = claim
+        hub.write(claim, done=failed)
+        try:
+            while not signal.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(signal), self._lease / 3)
+                except asyncio.TimeoutError:
+                    with hub.lock:
+                        claim[2], claim[5] = now(), now() + self._lease
+                    hub.write([_RENEW, None, now(), queue, cid, claim[5]])
+        except asyncio.CancelledError:
+            with hub.lock:
+                del hub.open_claims[cid]
+                hub.waker.discard(cid, signal)
+                messages = hub.claimed.pop(cid, None)
+                if messages:
+                    hub.orphans.setdefault(queue, deque()).extend(messages)
+                # Whatever the log gives this claim before the cancel record lands is kept
+                # for the next receive here, never lost in between.
+                hub.abandoned.add(cid)
+            hub.write([_CANCEL, None, now(), queue, cid])
+            raise
+        with hub.lock:
+            del hub.open_claims[cid]
+            error = hub.failures.pop(cid, None)
+            messages = hub.claimed.pop(cid, [])
+        if error is not None:
+            raise BrokerError(f"kafka log {hub.topic}: claim failed: {error}") from error
+        return [(m.channel, m.payload) for m in messages]
+
+    async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
+        hub = self._hub
+        # Acknowledged is enough: any group send written after this record sees it.
+        await hub.acked([_GROUP_ADD, None, now(), group, channel, deadline])
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        hub = self._hub
+        await hub.acked([_GROUP_DISCARD, None, now(), group, channel])
+
+    async def group_send(
+        self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
+    ) -> None:
+        hub = self._hub
+        capacities: dict[str, int] = {}
+        if not capacity.uniform:
+            # Members this process has not seen yet get the default capacity.
+            with hub.lock:
+                known = list(hub.machine.groups.get(group, ()))
+            capacities = {member: capacity.for_channel(member) for member in known}
+        # The record decides the fan-out for every process; waiting for its replay here
+        # would only delay the warnings about full members, which the replay thread logs.
+        await hub.acked(
+            [_GROUP_SEND, hub.token(), now(), group, payload, capacity.default, capacities]
+        )
+
+    async def flush(self) -> None:
+        hub = self._hub
+        await hub.call([_FLUSH, hub.token(), now()])

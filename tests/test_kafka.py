@@ -1,0 +1,271 @@
+"""Kafka backend tests beyond the conformance suite: URLs and client settings, the replayed
+state machine's rules, the topic layout, broker restarts, a joining receiver, latency and
+idle CPU. Every broker here is a Tansu started by the test on a free loopback port
+(tests/kafka_broker.py); the conformance suite runs against one with
+``--multilayer-url kafka://127.0.0.1:PORT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kafka_broker import tansu
+
+from multilayer import ChannelLayer, ConfigurationError
+from multilayer.backends.kafka import KafkaBackend, _Machine
+from multilayer.serialization import pack
+
+kafka = pytest.importorskip("kafka")
+
+T = TypeVar("T")
+
+
+def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+    """Run ``body()`` in a fresh event loop, bounded."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(body(), timeout)
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture(scope="module")
+def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with tansu(tmp_path_factory.mktemp("tansu")) as process:
+        yield f"kafka://127.0.0.1:{process.port}"
+
+
+def topics_on(url: str) -> set[str]:
+    consumer = kafka.KafkaConsumer(bootstrap_servers=url.removeprefix("kafka://"))
+    try:
+        return set(consumer.topics())
+    finally:
+        consumer.close()
+
+
+# -- URLs and client settings (no broker) --------------------------------------------------
+
+
+def backend_for(url: str, **options: Any) -> KafkaBackend:
+    layer = ChannelLayer(url, **options)
+    backend = layer.backend_class(layer.url, layer.settings, layer.backend_options)
+    assert isinstance(backend, KafkaBackend)
+    return backend
+
+
+def test_plain_url_defaults_the_port_and_keeps_every_host() -> None:
+    config = backend_for("kafka://one,two:9093")._client_config()
+    assert config["bootstrap_servers"] == ["one:9092", "two:9093"]
+    assert "security_protocol" not in config
+
+
+def test_ssl_url_passes_tls_files_and_sasl_credentials_through() -> None:
+    url = "kafka+ssl://app:s%3Acret@broker:9094?ssl_cafile=/ca.pem&sasl_mechanism=SCRAM-SHA-512"
+    config = backend_for(url, ssl_certfile="/c.pem", ssl_keyfile="/k.pem")._client_config()
+    assert config["security_protocol"] == "SASL_SSL"
+    assert config["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (config["sasl_plain_username"], config["sasl_plain_password"]) == ("app", "s:cret")
+    assert (config["ssl_cafile"], config["ssl_certfile"], config["ssl_keyfile"]) == (
+        "/ca.pem",
+        "/c.pem",
+        "/k.pem",
+    )
+    assert backend_for("kafka+ssl://broker")._client_config()["security_protocol"] == "SSL"
+    plain_sasl = backend_for("kafka://app:pw@broker")._client_config()
+    assert plain_sasl["security_protocol"] == "SASL_PLAINTEXT"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("kafka://", "at least one broker host"),
+        ("kafka://broker/topic", "no path"),
+        ("kafka://u:hunter2@broker?ssl_cafile=/ca.pem", r"needs the kafka\+ssl:// scheme"),
+        ("kafka://broker?acks=0", "acks"),
+    ],
+)
+def test_bad_urls_are_refused_without_showing_the_password(url: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem) as caught:
+        ChannelLayer(url)
+    assert "hunter2" not in str(caught.value)
+
+
+# -- the replayed state machine (no broker) ------------------------------------------------
+
+
+def payload(body: int, *, expires: float = 1e12) -> bytes:
+    return pack({"n": body}, expires, max_size=1000)
+
+
+def test_the_log_order_decides_capacity_and_claims() -> None:
+    machine = _Machine()
+    sends = [machine.apply(i, ["S", None, 1.0, "q", 2, payload(i)]) for i in range(3)]
+    assert [outcome.accepted for outcome in sends] == [True, True, False]
+    claim = machine.apply(3, ["C", "c1", 1.0, "q", 5, 100.0])
+    assert [(cid, [m.offset for m in got]) for cid, got in claim.delivered] == [("c1", [0, 1])]
+    # A claim with nothing waiting stays open and takes exactly the next message.
+    assert not machine.apply(4, ["C", "c2", 1.0, "q", 5, 100.0]).delivered
+    later = machine.apply(5, ["S", None, 2.0, "q", 2, payload(5)])
+    assert [(cid, len(got)) for cid, got in later.delivered] == [("c2", 1)]
+    assert not machine.queues
+
+
+def test_dead_claims_and_expired_messages_take_nothing() -> None:
+    machine = _Machine()
+    machine.apply(0, ["C", "crashed", 1.0, "q", 1, 5.0])
+    # Written after the crashed receiver's lease ran out: the message waits instead.
+    assert not machine.apply(1, ["S", None, 6.0, "q", 9, payload(1)]).delivered
+    machine.apply(2, ["S", None, 6.0, "q", 9, payload(2, expires=7.0)])
+    claim = machine.apply(3, ["C", "live", 8.0, "q", 9, 20.0])
+    assert [[m.offset for m in got] for _, got in claim.delivered] == [[1]]
+
+
+def test_inbox_capacity_counts_untaken_messages_and_flush_keeps_claims() -> None:
+    machine = _Machine()
+    machine.apply(0, ["S", None, 1.0, "specific.p!a", 2, payload(0)])
+    machine.apply(1, ["S", None, 1.0, "specific.p!b", 2, payload(1)])
+    assert not machine.apply(2, ["S", None, 1.0, "specific.p!a", 2, payload(2)]).accepted
+    machine.apply(3, ["T", None, 1.0, "specific.p!", [[0, "specific.p!a"]]])
+    assert machine.apply(4, ["S", None, 1.0, "specific.p!a", 2, payload(4)]).accepted
+    machine.apply(5, ["C", "waiting", 1.0, "q", 1, 100.0])
+    machine.apply(6, ["A", None, 1.0, "g", "q", 100.0])
+    assert machine.apply(7, ["F", None, 1.0]).flushed
+    assert not machine.groups and not machine.queues["q"].pending
+    assert [claim.cid for claim in machine.queues["q"].claims] == ["waiting"]
+
+
+def test_group_send_is_one_record_with_per_member_capacity() -> None:
+    machine = _Machine()
+    for offset, member in enumerate(["a", "b", "specific.p!x"]):
+        machine.apply(offset, ["A", None, 1.0, "g", member, 50.0])
+    machine.apply(3, ["A", None, 1.0, "g", "old", 1.5])
+    machine.apply(4, ["S", None, 1.0, "b", 1, payload(0)])
+    outcome = machine.apply(5, ["G", None, 2.0, "g", payload(5), 1, {"a": 3}])
+    assert outcome.full_members == ["b"]
+    assert outcome.appended == {"a", "specific.p!"}
+    assert "old" not in machine.groups["g"]
+
+
+# -- against a Tansu broker ----------------------------------------------------------------
+
+
+def test_one_topic_per_prefix_whatever_the_traffic(broker_url: str) -> None:
+    async def body() -> None:
+        sender, receiver = (
+            ChannelLayer(broker_url, prefix="layout"),
+            ChannelLayer(broker_url, prefix="layout"),
+        )
+        try:
+            channels = [await receiver.new_channel() for _ in range(5)]
+            for index, channel in enumerate(channels):
+                await receiver.group_add("layout-g", channel)
+                await sender.send(f"layout.normal{index}", {"n": index})
+            await sender.group_send("layout-g", {"n": -1})
+            for channel in channels:
+                assert await asyncio.wait_for(receiver.receive(channel), 10) == {"n": -1}
+        finally:
+            await sender.flush()
+            await sender.close()
+            await receiver.close()
+
+    run(body)
+    assert {topic for topic in topics_on(broker_url) if "layout" in topic} == {"multilayer.layout"}
+
+
+def test_a_joining_receiver_does_not_stall_the_others(broker_url: str) -> None:
+    async def body() -> float:
+        sender, first, second = (ChannelLayer(broker_url, prefix="join") for _ in range(3))
+        gaps: list[float] = []
+        try:
+
+            async def produce() -> None:
+                for i in range(150):
+                    await sender.send("join.work", {"i": i})
+                    await asyncio.sleep(0.01)
+
+            async def consume_first() -> None:
+                last = time.monotonic()
+                while True:
+                    await first.receive("join.work")
+                    gaps.append(time.monotonic() - last)
+                    last = time.monotonic()
+
+            consumer = asyncio.ensure_future(consume_first())
+            producer = asyncio.ensure_future(produce())
+            await asyncio.sleep(0.5)
+            joined = asyncio.ensure_future(second.receive("join.work"))
+            await asyncio.wait_for(producer, 30)
+            consumer.cancel()
+            joined.cancel()
+            await asyncio.gather(consumer, joined, return_exceptions=True)
+        finally:
+            await sender.flush()
+            for layer in (sender, first, second):
+                await layer.close()
+        return max(gaps[1:])
+
+    worst = run(body)
+    # A consumer-group join would pause every receiver for seconds; claims never do.
+    assert worst < 0.5, f"a receiver stalled {worst:.3f}s while another joined"
+
+
+def test_an_idle_layer_does_not_spin(broker_url: str) -> None:
+    # Latency is measured by `multilayer bench` (scenario c); this checks the polling
+    # design: waiting receives, one renewing its claim, cost almost no CPU.
+    async def body() -> float:
+        a = ChannelLayer(broker_url, prefix="idle", claim_lease=3.0)
+        try:
+            inbox = await a.new_channel()
+            waiting = [
+                asyncio.ensure_future(a.receive("idle.work")),
+                asyncio.ensure_future(a.receive(inbox)),
+            ]
+            await asyncio.sleep(3)
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            await asyncio.sleep(3)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        finally:
+            await a.flush()
+            await a.close()
+        used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        return used / 3
+
+    idle_share = run(body)
+    # Busy polling would take most of a core; the design takes about 2.5 %.
+    assert idle_share < 0.2, f"an idle layer used {100 * idle_share:.1f}% of a core"
+
+
+def test_waiting_receives_resume_after_a_broker_restart(tmp_path: Path) -> None:
+    with tansu(tmp_path) as process:
+        url = f"kafka://127.0.0.1:{process.port}"
+
+        async def body() -> None:
+            sender, receiver = ChannelLayer(url), ChannelLayer(url)
+            try:
+                inbox = await receiver.new_channel()
+                await sender.send("restart.q", {"n": 0})
+                assert await asyncio.wait_for(receiver.receive("restart.q"), 10) == {"n": 0}
+                normal = asyncio.ensure_future(receiver.receive("restart.q"))
+                specific = asyncio.ensure_future(receiver.receive(inbox))
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(process.restart, down_for=0.5)
+                # The in-memory broker came back empty: the backend recreates its topic
+                # and re-files the claims of the receives still waiting.
+                await asyncio.wait_for(sender.send("restart.q", {"n": 1}), 30)
+                await asyncio.wait_for(sender.send(inbox, {"n": 2}), 30)
+                assert await asyncio.wait_for(normal, 30) == {"n": 1}
+                assert await asyncio.wait_for(specific, 30) == {"n": 2}
+            finally:
+                await sender.close()
+                await receiver.close()
+
+        run(body, timeout=120)
