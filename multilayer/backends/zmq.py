@@ -491,13 +491,15 @@ class _Link:
         """Send a request and wait up to ``timeout`` seconds for its reply arguments."""
         request_id, future = self.start(command, args, payloads)
         try:
-            reply, _ = await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise BrokerError(
-                f"no answer from {self.endpoint} to {command!r} within {timeout:g}s"
-            ) from None
+            # Not wait_for: on Python 3.11 it can swallow a cancellation that arrives as the
+            # reply fails, and a heartbeat loop would then outlive its event loop.
+            done, _ = await asyncio.wait({future}, timeout=timeout)
         finally:
             self.pending.pop(request_id, None)
+        if not done:
+            future.cancel()
+            raise BrokerError(f"no answer from {self.endpoint} to {command!r} within {timeout:g}s")
+        reply, _ = future.result()
         return reply
 
     def post(self, command: str, args: Sequence[Any], payloads: Sequence[bytes]) -> None:
