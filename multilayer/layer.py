@@ -216,11 +216,15 @@ class ChannelLayer:
         """
         check_channel_name(channel)
         queue_name = non_local_name(channel)
-        if queue_name != channel:
-            self._require_own(channel)
+        specific = queue_name != channel
+        if specific and not queue_name.endswith(self._own_suffix):
+            raise ForeignChannel(
+                f"cannot receive from {channel!r}: process-specific channels are received "
+                "only through the layer whose new_channel() made them"
+            )
         state = self._state()
         backend = state.backend if state.is_open else await state.ready()
-        if queue_name != channel and queue_name not in state.inboxes:
+        if specific and queue_name not in state.inboxes:
             await backend.declare_inbox(queue_name)
             state.inboxes.add(queue_name)
         queue = state.queues.get(queue_name) or state.queue(queue_name)
@@ -244,13 +248,6 @@ class ChannelLayer:
             await (await state.ready()).declare_inbox(inbox)
             state.inboxes.add(inbox)
         return inbox + secrets.token_hex(6)
-
-    def _require_own(self, channel: str) -> None:
-        if not non_local_name(channel).endswith(self._own_suffix):
-            raise ForeignChannel(
-                f"cannot receive from {channel!r}: process-specific channels are received "
-                "only through the layer whose new_channel() made them"
-            )
 
     async def group_add(self, group: str, channel: str) -> None:
         """Add ``channel`` to ``group`` for ``group_expiry`` seconds."""

@@ -40,12 +40,21 @@ class LocalQueue:
         if buffer:
             return buffer.popleft()
         if self._fetcher is None:
-            for name, payload in self.backend.pop_nowait(self.queue, 64):
-                self.buffers.setdefault(name, deque()).append(payload)
-            buffer = self.buffers.get(channel)
-            if buffer:
-                return buffer.popleft()
+            items = self.backend.pop_nowait(self.queue, 64)
+            if items:
+                self._buffer(items)
+                buffer = self.buffers.get(channel)
+                if buffer:
+                    return buffer.popleft()
         return None
+
+    def _buffer(self, items: list[tuple[str, bytes]]) -> None:
+        buffers = self.buffers
+        for channel, payload in items:
+            buffer = buffers.get(channel)
+            if buffer is None:
+                buffer = buffers[channel] = deque()
+            buffer.append(payload)
 
     async def wait(self, channel: str) -> None:
         """Wait until a payload for ``channel`` may be buffered."""
@@ -84,8 +93,9 @@ class LocalQueue:
         try:
             while self._hungry > 0:
                 limit = max(self._hungry, self._batch)
-                for channel, payload in await self.backend.pop(self.queue, limit):
-                    self.buffers.setdefault(channel, deque()).append(payload)
+                items = await self.backend.pop(self.queue, limit)
+                self._buffer(items)
+                for channel, _payload in items:
                     self._wake(channel)
         except asyncio.CancelledError:
             raise
