@@ -21,7 +21,7 @@ import importlib
 import secrets
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ __all__ = [
     "Result",
     "load_contender",
     "payload",
+    "retry_while_full",
     "run_bench",
 ]
 
@@ -94,6 +95,18 @@ def load_contender(name: str, url: str, capacity: int) -> Contender:
     return factory(url, capacity)
 
 
+async def retry_while_full(operation: Callable[[], Awaitable[None]]) -> None:
+    """Run ``operation`` until it stops raising ChannelFull: a benchmark waits, never drops."""
+    from channels.exceptions import ChannelFull
+
+    while True:
+        try:
+            await operation()
+            return
+        except ChannelFull:
+            await asyncio.sleep(0.001)
+
+
 class LayerContender:
     """The four scenarios over any object with the Channels layer API.
 
@@ -134,14 +147,7 @@ class LayerContender:
         await layer.group_send(group, message)
 
     async def _send(self, layer: Any, channel: str, message: dict[str, Any]) -> None:
-        from channels.exceptions import ChannelFull
-
-        while True:
-            try:
-                await layer.send(channel, message)
-                return
-            except ChannelFull:
-                await asyncio.sleep(0.001)
+        await retry_while_full(lambda: layer.send(channel, message))
 
     async def _stream(self, sender: Any, receiver: Any, channel: str, n: int) -> float:
         async def produce() -> None:

@@ -23,7 +23,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from . import LayerContender, NotApplicable, payload
+from . import LayerContender, NotApplicable, payload, retry_while_full
 
 __all__ = ["channels_zmq", "raw_zmq"]
 
@@ -183,15 +183,8 @@ class _ChannelsZmq(LayerContender):
         return message
 
     async def _group_send(self, layer: Any, group: str, message: dict[str, Any]) -> None:
-        from channels.exceptions import ChannelFull
-
         # channels-zmq raises ChannelFull from group_send when its socket buffer is full.
-        while True:
-            try:
-                await layer.group_send(group, message)
-                return
-            except ChannelFull:
-                await asyncio.sleep(0.001)
+        await retry_while_full(lambda: layer.group_send(group, message))
 
     async def close(self) -> None:
         layers = list(self._layers)
