@@ -35,6 +35,7 @@ __all__ = [
     "payload",
     "retry_while_full",
     "run_bench",
+    "timed_rounds",
 ]
 
 
@@ -105,6 +106,20 @@ async def retry_while_full(operation: Callable[[], Awaitable[None]]) -> None:
             return
         except ChannelFull:
             await asyncio.sleep(0.001)
+
+
+async def timed_rounds(
+    n: int, echo: Callable[[], Awaitable[None]], round_trip: Callable[[int], Awaitable[object]]
+) -> list[float]:
+    """Seconds each of ``n`` calls of ``round_trip(i)`` took while ``echo()`` answers them."""
+    echoer = asyncio.ensure_future(echo())
+    rounds = []
+    for i in range(n):
+        started = time.perf_counter()
+        await round_trip(i)
+        rounds.append(time.perf_counter() - started)
+    await echoer
+    return rounds
 
 
 class LayerContender:
@@ -180,15 +195,11 @@ class LayerContender:
             for _ in range(n):
                 await b.send(pong, self._echo(await b.receive(ping)))
 
-        echoer = asyncio.ensure_future(echo())
-        rounds = []
-        for i in range(n):
-            started = time.perf_counter()
+        async def round_trip(i: int) -> None:
             await a.send(ping, payload(i))
             await a.receive(pong)
-            rounds.append(time.perf_counter() - started)
-        await echoer
-        return rounds
+
+        return await timed_rounds(n, echo, round_trip)
 
     async def group_send(self, members: int, n: int) -> tuple[float, float]:
         sender, receiver = self._layer(), self._layer()

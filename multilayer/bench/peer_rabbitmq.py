@@ -21,7 +21,7 @@ import pika.channel
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from ..url import LayerURL
-from . import LayerContender, NotApplicable, payload
+from . import LayerContender, NotApplicable, payload, timed_rounds
 
 __all__ = ["channels_rabbitmq", "raw_pika"]
 
@@ -207,15 +207,11 @@ class RawPika:
             for _ in range(n):
                 await b.publish(pong, msgpack.packb(await b.receive()))
 
-        echoer = asyncio.ensure_future(echo())
-        rounds = []
-        for i in range(n):
-            started = time.perf_counter()
+        async def round_trip(i: int) -> None:
             await a.publish(ping, msgpack.packb(payload(i)))
             await a.receive()
-            rounds.append(time.perf_counter() - started)
-        await echoer
-        return rounds
+
+        return await timed_rounds(n, echo, round_trip)
 
     async def group_send(self, members: int, n: int) -> tuple[float, float]:
         raise NotApplicable("raw queues have no groups")

@@ -17,7 +17,7 @@ import msgpack
 from redis.asyncio import Redis
 
 from ..url import LayerURL
-from . import LayerContender, NotApplicable, payload
+from . import LayerContender, NotApplicable, payload, timed_rounds
 
 __all__ = ["channels_redis", "channels_redis_pubsub", "raw_redis"]
 
@@ -117,15 +117,11 @@ class RawRedis:
             for _ in range(n):
                 await b.lpush(pong, await _brpop(b, ping))
 
-        echoer = asyncio.ensure_future(echo())
-        rounds = []
-        for i in range(n):
-            started = time.perf_counter()
+        async def round_trip(i: int) -> None:
             await a.lpush(ping, msgpack.packb(payload(i)))
             msgpack.unpackb(await _brpop(a, pong))
-            rounds.append(time.perf_counter() - started)
-        await echoer
-        return rounds
+
+        return await timed_rounds(n, echo, round_trip)
 
     async def group_send(self, members: int, n: int) -> tuple[float, float]:
         raise NotApplicable("raw lists have no groups")

@@ -23,7 +23,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from . import LayerContender, NotApplicable, payload, retry_while_full
+from . import LayerContender, NotApplicable, payload, retry_while_full, timed_rounds
 
 __all__ = ["channels_zmq", "raw_zmq"]
 
@@ -84,15 +84,11 @@ class RawZmq:
             for _ in range(n):
                 await router.send_multipart(await router.recv_multipart())
 
-        echoer = asyncio.ensure_future(echo())
-        rounds = []
-        for i in range(n):
-            started = time.perf_counter()
+        async def round_trip(i: int) -> None:
             await dealer.send(msgpack.packb(payload(i)))
             msgpack.unpackb(await dealer.recv())
-            rounds.append(time.perf_counter() - started)
-        await echoer
-        return rounds
+
+        return await timed_rounds(n, echo, round_trip)
 
     async def group_send(self, members: int, n: int) -> tuple[float, float]:
         raise NotApplicable("raw pyzmq has no groups")
