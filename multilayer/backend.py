@@ -38,9 +38,12 @@ from .exceptions import ChannelFull
 from .options import Option
 from .url import LayerURL
 
-__all__ = ["Backend", "Capabilities", "LayerSettings"]
+__all__ = ["Backend", "Capabilities", "Item", "LayerSettings"]
 
 logger = logging.getLogger("multilayer")
+
+#: One message taken from a queue: its full channel name and its payload.
+Item = tuple[str, bytes]
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+    async def pop(self, queue: str, limit: int) -> list[Item]:
         """Take between 1 and ``limit`` messages from ``queue``, oldest first, waiting for one.
 
         Returns ``(channel, payload)`` pairs; one broker message fanned out to several
@@ -152,7 +155,7 @@ class Backend(abc.ABC):
         loop ends, and should not lose a message then.
         """
 
-    def pop_nowait(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+    def pop_nowait(self, queue: str, limit: int) -> list[Item]:
         """Take up to ``limit`` waiting messages without I/O; [] when there are none.
 
         Only backends holding messages in this process (memory) override this.

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ..backend import Backend, Capabilities, log_full_member, now
+from ..backend import Backend, Capabilities, Item, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..names import non_local_name
@@ -60,7 +60,6 @@ __all__ = ["KafkaBackend"]
 
 logger = logging.getLogger("multilayer.kafka")
 
-Item = tuple[str, bytes]
 
 #: Bytes a log record may add around a payload (operation, channel name, numbers).
 _RECORD_OVERHEAD = 4096

@@ -18,15 +18,13 @@ from collections import deque
 from collections.abc import Iterable
 from typing import ClassVar
 
-from ..backend import Backend, Capabilities, log_full_member, now
+from ..backend import Backend, Capabilities, Item, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import ChannelFull
 from ..names import non_local_name
 from ..serialization import deadline_of
 
 __all__ = ["MemoryBackend"]
-
-Item = tuple[str, bytes]
 
 
 class _Store:

@@ -81,7 +81,7 @@ import pika.frame
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from ..backend import Backend, Capabilities, LayerSettings, log_full_member, now
+from ..backend import Backend, Capabilities, Item, LayerSettings, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..names import non_local_name
@@ -93,7 +93,6 @@ __all__ = ["RabbitMQBackend"]
 
 logger = logging.getLogger("multilayer.rabbitmq")
 
-Item = tuple[str, bytes]
 
 #: How long a consumer with no receive waiting keeps its prefetched messages: enough for
 #: a receive loop that sends a reply in between to keep it, short because meanwhile the

@@ -64,7 +64,7 @@ from typing import Any, ClassVar
 import zmq
 import zmq.asyncio
 
-from ..backend import Backend, Capabilities, LayerSettings, log_full_member, now
+from ..backend import Backend, Capabilities, Item, LayerSettings, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..names import non_local_name
@@ -77,7 +77,6 @@ __all__ = ["ZmqBackend"]
 
 logger = logging.getLogger("multilayer.zmq")
 
-Item = tuple[str, bytes]
 
 #: How long one pop request waits at the hub before it is renewed.
 _POP_WAIT = 20.0
