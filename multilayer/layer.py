@@ -227,7 +227,7 @@ class ChannelLayer:
         if specific and queue_name not in state.inboxes:
             await backend.declare_inbox(queue_name)
             state.inboxes.add(queue_name)
-        queue = state.queues.get(queue_name) or state.queue(queue_name)
+        queue = state.queue(queue_name)
         while True:
             payload = queue.take(channel)
             if payload is None:
