@@ -158,7 +158,8 @@ class Backend(abc.ABC):
     def pop_nowait(self, queue: str, limit: int) -> list[Item]:
         """Take up to ``limit`` waiting messages without I/O; [] when there are none.
 
-        Only backends holding messages in this process (memory) override this.
+        Backends holding messages in this process override this (memory; Kafka, whose
+        replay keeps every waiting message in memory).
         """
         return []
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from kafka_broker import tansu
 
-from multilayer import ChannelLayer, ConfigurationError
+from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend, _Machine
 from multilayer.serialization import pack
 
@@ -152,6 +152,31 @@ def test_group_send_is_one_record_with_per_member_capacity() -> None:
     assert "old" not in machine.groups["g"]
 
 
+def test_admitted_sends_are_appended_whatever_the_capacity() -> None:
+    # The writer saw room; every replay must agree, so capacity is not checked again.
+    machine = _Machine()
+    machine.apply(0, ["S", None, 1.0, "q", 1, payload(0)])
+    assert machine.apply(1, ["S", None, 1.0, "q", None, payload(1)]).accepted
+    assert len(machine.queues["q"].pending) == 2
+
+
+def test_given_back_messages_serve_open_claims_then_return_to_the_head() -> None:
+    machine = _Machine()
+    machine.apply(0, ["S", None, 1.0, "q", 9, payload(0)])
+    machine.apply(1, ["S", None, 1.0, "q", 9, payload(1)])
+    machine.apply(2, ["C", "greedy", 1.0, "q", 2, 100.0])
+    machine.apply(3, ["S", None, 1.0, "q", 9, payload(3)])
+    # Nobody wanted 0 and 1: they go back ahead of 3, except the expired one.
+    back = [[0, "q", payload(0)], [1, "q", payload(1, expires=1.5)]]
+    assert machine.apply(4, ["R", None, 2.0, "q", back]).appended == {"q"}
+    assert [m.offset for m in machine.queues["q"].pending] == [0, 3]
+    taken = machine.apply(5, ["C", "other", 2.0, "q", 5, 100.0]).delivered
+    assert [[m.offset for m in got] for _, got in taken] == [[0, 3]]
+    assert not machine.apply(6, ["C", "waiting", 2.0, "q", 1, 100.0]).delivered
+    served = machine.apply(7, ["R", None, 2.0, "q", [[9, "q", payload(9)]]])
+    assert [(cid, [m.offset for m in got]) for cid, got in served.delivered] == [("waiting", [9])]
+
+
 # -- against a Tansu broker ----------------------------------------------------------------
 
 
@@ -176,6 +201,84 @@ def test_one_topic_per_prefix_whatever_the_traffic(broker_url: str) -> None:
 
     run(body)
     assert {topic for topic in topics_on(broker_url) if "layout" in topic} == {"multilayer.layout"}
+
+
+def test_operations_written_together_share_a_kafka_record(broker_url: str) -> None:
+    async def body() -> None:
+        layer = ChannelLayer(broker_url, prefix="packed", capacity=1000)
+        try:
+            await layer.new_channel()
+            await asyncio.gather(*(layer.send("packed.q", {"i": i}) for i in range(500)))
+            got = [(await asyncio.wait_for(layer.receive("packed.q"), 10))["i"] for _ in range(500)]
+            assert got == list(range(500))
+        finally:
+            await layer.close()
+
+    run(body)
+    consumer = kafka.KafkaConsumer(bootstrap_servers=broker_url.removeprefix("kafka://"))
+    try:
+        partition = kafka.TopicPartition("multilayer.packed", 0)
+        records = consumer.end_offsets([partition])[partition]
+    finally:
+        consumer.close()
+    # 500 sends and the claims and takes around them: far fewer records than operations.
+    assert records < 250, f"{records} Kafka records for 500 sends"
+
+
+def test_a_new_process_sees_the_present_before_it_sends(broker_url: str) -> None:
+    # A send returns without a round trip only when the sender's replayed view has room;
+    # a layer that had not caught up with the log would see an empty channel instead.
+    async def body() -> None:
+        first = ChannelLayer(broker_url, prefix="present", capacity=5)
+        try:
+            for i in range(5):
+                await first.send("present.q", {"i": i})
+            # Different options give the late layer a hub of its own, like a new process.
+            late = ChannelLayer(broker_url, prefix="present", capacity=5, claim_lease=9.0)
+            try:
+                await late.new_channel()
+                with pytest.raises(ChannelFull):
+                    await late.send("present.q", {"i": 5})
+            finally:
+                await late.close()
+        finally:
+            await first.flush()
+            await first.close()
+
+    run(body)
+
+
+def test_prefetched_messages_go_back_when_no_receive_wants_them(broker_url: str) -> None:
+    async def body() -> None:
+        greedy = ChannelLayer(broker_url, prefix="prefetch", prefetch_hold=0.3)
+        other = ChannelLayer(broker_url, prefix="prefetch")
+        try:
+            await other.new_channel()
+            for i in range(5):
+                await other.send("prefetch.q", {"i": i})
+            # One claim takes all five; its receive wants one, the rest wait in its process.
+            assert await asyncio.wait_for(greedy.receive("prefetch.q"), 10) == {"i": 0}
+            got = [(await asyncio.wait_for(other.receive("prefetch.q"), 10))["i"] for _ in range(4)]
+            assert got == [1, 2, 3, 4]
+        finally:
+            await other.flush()
+            await greedy.close()
+            await other.close()
+
+    run(body)
+
+
+def test_retention_shorter_than_group_expiry_is_refused(broker_url: str) -> None:
+    async def body() -> None:
+        layer = ChannelLayer(broker_url, prefix="short", retention_hours=2, group_expiry=86400)
+        try:
+            with pytest.raises(ConfigurationError, match="retention_hours=2 is shorter"):
+                await layer.send("short.q", {})
+        finally:
+            await layer.close()
+
+    run(body)
+    assert "multilayer.short" not in topics_on(broker_url)
 
 
 def test_a_joining_receiver_does_not_stall_the_others(broker_url: str) -> None:

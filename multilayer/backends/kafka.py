@@ -24,7 +24,12 @@ Options (URL query or keyword arguments), besides the core ones:
 * ``idle_after`` (float, 2.0): seconds without traffic before polling slows down.
 * ``claim_lease`` (float, 10.0): seconds a waiting receive's claim lives unless renewed; a
   crashed receiver's claim stops taking messages after this.
-* ``retention_hours`` (float, 168.0): ``retention.ms`` of the operation log topic.
+* ``prefetch`` (int, 500): messages one receive claim on a normal channel may take when
+  they are already waiting; those no receive here wants yet go back to the channel after
+  ``prefetch_hold`` seconds.
+* ``prefetch_hold`` (float, 1.0): see ``prefetch``.
+* ``retention_hours`` (float, ``group_expiry`` + 1 h): ``retention.ms`` of the operation log
+  topic when this layer creates it; at least ``group_expiry``.
 * ``acks`` (str, ``all``): producer acknowledgements (``all`` or ``1``).
 * ``sasl_mechanism`` (str, ``PLAIN``): ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
 * ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile`` (str): PEM files for ``kafka+ssl://``.
@@ -40,10 +45,10 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
 import msgpack
@@ -65,14 +70,25 @@ logger = logging.getLogger("multilayer.kafka")
 _RECORD_OVERHEAD = 4096
 #: Longest a caller waits for its own record to come back through the log.
 _REPLAY_TIMEOUT = 60.0
+#: Operations one Kafka record may carry; an operation's position in the log, which
+#: identifies a message, is ``record offset * this + index in the record``.
+_OPERATIONS_PER_RECORD = 1024
 #: Seconds of waiting writes without any record arriving before the topic is checked.
 _STALL = 2.0
+#: Sends in flight without waiting for their replay, per process, and their bytes; beyond
+#: either, a send waits for its record's replay, which paces a sender to the broker.
+_MAX_UNREPLAYED = 10_000
+_MAX_UNREPLAYED_BYTES = 32 * 1024 * 1024
+#: Seconds after a failed write during which every send waits for its replay, so that a
+#: broker outage surfaces as BrokerError instead of sends lost after returning.
+_DISTRUST = 5.0
 
 # Operation codes of log records. Every record is a msgpack list
 # ``[op, token, sent_at, ...]``: ``token`` names the waiter in the writing process (or is
 # None) and ``sent_at`` is the writer's wall clock, which expiry decisions use so that every
 # replaying process decides the same.
-_SEND = "S"  # channel, capacity, payload
+_SEND = "S"  # channel, capacity (None: admitted by the writer), payload
+_RETURN = "R"  # queue, [[offset, channel, payload], ...] taken by a claim, given back
 _GROUP_SEND = "G"  # group, payload, default capacity, {member: capacity}
 _CLAIM = "C"  # queue, count, lease deadline (the token is the claim id)
 _RENEW = "K"  # queue, claim id, lease deadline
@@ -83,7 +99,7 @@ _GROUP_DISCARD = "D"  # group, channel
 _FLUSH = "F"
 #: Records nobody waits for promptly: writing or reading them keeps polling slow, so a
 #: receive that waits (renewing its claim) does not keep an idle layer busy.
-_HOUSEKEEPING = frozenset({_RENEW, _CANCEL, _TAKE})
+_HOUSEKEEPING = frozenset({_RENEW, _CANCEL, _TAKE, _RETURN})
 
 
 @dataclass
@@ -173,6 +189,8 @@ class _Machine:
                     outcome.full_members.append(channel)
             if not members:
                 self.groups.pop(group, None)
+        elif op == _RETURN:
+            self._give_back(offset, record[3], record[4], sent_at, outcome)
         elif op == _CLAIM:
             cid, queue, count, lease = record[1], record[3], record[4], record[5]
             state = self.queues.setdefault(queue, _Queue())
@@ -215,6 +233,27 @@ class _Machine:
     def _queue(self, name: str) -> _Queue:
         return self.queues.get(name) or _Queue()
 
+    def _give_back(
+        self, offset: int, queue: str, items: list[Any], sent_at: float, outcome: _Outcome
+    ) -> None:
+        # Messages a claim took and no receive wanted: they are older than anything still
+        # waiting, so they go to open claims first and otherwise back to the head.
+        state = self.queues.setdefault(queue, _Queue())
+        state.purge(sent_at)
+        back: list[_Message] = []
+        for original, channel, payload in items:
+            message = _Message(original, channel, payload, deadline_of(payload))
+            if message.deadline <= sent_at:
+                continue
+            if state.claims:
+                outcome.delivered.append((state.claims.popleft().cid, [message]))
+            else:
+                back.append(message)
+        if back:
+            state.pending.extendleft(reversed(back))
+            outcome.appended.add(queue)
+        self._tidy(queue)
+
     def _tidy(self, name: str) -> None:
         state = self.queues.get(name)
         if state is not None and not state.pending and not state.claims:
@@ -225,7 +264,7 @@ class _Machine:
         offset: int,
         channel: str,
         payload: bytes,
-        capacity: int,
+        capacity: int | None,
         sent_at: float,
         outcome: _Outcome,
     ) -> bool:
@@ -238,7 +277,11 @@ class _Machine:
                 claim = state.claims.popleft()
                 outcome.delivered.append((claim.cid, [message]))
                 return True
-            if len(state.pending) >= capacity and state.count(sent_at) >= capacity:
+            if (
+                capacity is not None
+                and len(state.pending) >= capacity
+                and state.count(sent_at) >= capacity
+            ):
                 return False
             state.pending.append(message)
             outcome.appended.add(queue)
@@ -318,7 +361,14 @@ class _Hub:
         self.abandoned: set[str] = set()
         # Claim records of receives still waiting in this process, by claim id.
         self.open_claims: dict[str, list[Any]] = {}
-        self.orphans: dict[str, deque[_Message]] = {}
+        # Messages this process's claims took beyond what its receives wanted (prefetch, or
+        # a receive cancelled while its claim was served), with when they arrived, by queue.
+        self.held: dict[str, deque[tuple[float, _Message]]] = {}
+        # Sends written without waiting for their replay: token -> (queue, size, written at).
+        self.unreplayed: dict[str, tuple[str, int, float]] = {}
+        self.unreplayed_per_queue: Counter[str] = Counter()
+        self.unreplayed_bytes = 0
+        self.distrust_until = 0.0
         # Inbox messages handed to a receiver whose take record is not replayed yet.
         self.handed_out: set[tuple[int, str]] = set()
         self.token_prefix = secrets.token_hex(6) + ":"
@@ -328,6 +378,8 @@ class _Hub:
         self._stopping = threading.Event()
         self._start_lock = threading.Lock()
         self._started = False
+        self._caught_up = threading.Event()
+        self._start_end = 0
         self._threads: list[threading.Thread] = []
         self._outbox: SimpleQueue[tuple[bytes, _Done | None] | None]
         self._outbox = SimpleQueue()
@@ -339,11 +391,22 @@ class _Hub:
     # -- lifecycle (blocking; run in a worker thread) ----------------------------------
 
     def ensure_started(self) -> None:
-        """Create the log topic if needed, connect, and start replaying (once)."""
+        """Create the log topic if needed, connect, and replay what the log holds (once).
+
+        Returning only once the replay has reached the end the log had at start means a
+        new layer's view (capacity, groups) is the present, not a past state.
+        """
         with self._start_lock:
             if not self._started:
                 self._start()
                 self._started = True
+        if not self._caught_up.wait(_REPLAY_TIMEOUT):
+            logger.warning(
+                "kafka log %s: replay did not reach offset %d in %gs; going on",
+                self.topic,
+                self._start_end,
+                _REPLAY_TIMEOUT,
+            )
 
     def create_topic(self) -> None:
         """Create the log topic unless it exists (first use of a prefix, broker restart)."""
@@ -390,6 +453,9 @@ class _Hub:
         self.partition = TopicPartition(self.topic, 0)
         self.consumer.assign([self.partition])
         self.consumer.seek_to_beginning(self.partition)
+        self._start_end = self.consumer.end_offsets([self.partition])[self.partition]
+        if self._start_end == 0:
+            self._caught_up.set()
         for target in (self._replay, self._write):
             thread = threading.Thread(
                 target=target, name=f"multilayer kafka {self.topic}", daemon=True
@@ -399,6 +465,9 @@ class _Hub:
 
     def stop(self) -> None:
         self._stopping.set()
+        with self.lock:
+            for queue in list(self.held):
+                self.give_back(queue, len(self.held[queue]))
         self._outbox.put(None)
         for thread in self._threads:
             thread.join(10)
@@ -429,6 +498,8 @@ class _Hub:
             records = [record for batch in batches.values() for record in batch]
             if not records and self._stalled():
                 self._recover()
+            if self.held:
+                self._give_back_stale()
             if records:
                 self._progress = time.monotonic()
                 with self.lock:
@@ -437,10 +508,16 @@ class _Hub:
                             self._apply(record.offset, record.value)
                         except Exception:
                             logger.exception("kafka log %s: record %d", self.topic, record.offset)
+                if self.next_offset >= self._start_end:
+                    self._caught_up.set()
 
     def _stalled(self) -> bool:
         with self.lock:
             oldest = min(self.calls.values(), default=None)
+            if self.unreplayed:
+                # Admitted sends are written in order: the first one is the oldest.
+                since = next(iter(self.unreplayed.values()))[2]
+                oldest = since if oldest is None else min(oldest, since)
         return oldest is not None and time.monotonic() - max(oldest, self._progress) > _STALL
 
     def _recover(self) -> None:
@@ -457,6 +534,125 @@ class _Hub:
             # A log shorter than what was read is a new log: read it from its start.
             self.consumer.seek(self.partition, 0)
 
+    def _give_back_stale(self) -> None:
+        cutoff = time.monotonic() - self.options["prefetch_hold"]
+        with self.lock:
+            for queue, held in list(self.held.items()):
+                stale = 0
+                for since, _message in held:
+                    if since > cutoff:
+                        break
+                    stale += 1
+                if stale:
+                    self.give_back(queue, stale)
+
+    def give_back(self, queue: str, count: int) -> None:
+        """Return the ``count`` oldest held messages of ``queue`` to it (under ``lock``)."""
+        held = self.held[queue]
+        items = [held.popleft()[1] for _ in range(count)]
+        if not held:
+            del self.held[queue]
+        instant = now()
+        chunks: list[list[list[Any]]] = [[]]
+        size = 0
+        for message in items:
+            if message.deadline <= instant:
+                continue
+            if size + len(message.payload) > self.options["max_record"] - _RECORD_OVERHEAD:
+                chunks.append([])
+                size = 0
+            chunks[-1].append([message.offset, message.channel, message.payload])
+            size += len(message.payload)
+        # Each record puts its messages at the head of the queue: the newest go first.
+        for chunk in reversed(chunks):
+            if chunk:
+                self.write([_RETURN, None, instant, queue, chunk])
+
+    def hold(self, queue: str, messages: list[_Message]) -> None:
+        """Keep messages a claim took for later receives here (under ``lock``)."""
+        if messages:
+            since = time.monotonic()
+            self.held.setdefault(queue, deque()).extend((since, m) for m in messages)
+
+    def take_held(self, queue: str, limit: int) -> list[Item]:
+        """Up to ``limit`` live held messages of ``queue``, oldest first (under ``lock``)."""
+        held = self.held.get(queue)
+        taken: list[Item] = []
+        if held is None:
+            return taken
+        instant = now()
+        while held and len(taken) < limit:
+            message = held.popleft()[1]
+            if message.deadline > instant:
+                taken.append((message.channel, message.payload))
+        if not held:
+            del self.held[queue]
+        return taken
+
+    def take_inbox(self, queue: str, limit: int) -> tuple[list[Item], list[tuple[int, str]]]:
+        """Live messages of this process's inbox not handed out yet, and every key it
+        looked at (expired ones included), which a take record must name (under ``lock``).
+        """
+        taken: list[Item] = []
+        keys: list[tuple[int, str]] = []
+        state = self.machine.queues.get(queue)
+        if state is None:
+            return taken, keys
+        instant = now()
+        for message in state.pending:
+            if message.key in self.handed_out:
+                continue
+            self.handed_out.add(message.key)
+            keys.append(message.key)
+            if message.deadline > instant:
+                taken.append((message.channel, message.payload))
+                if len(taken) >= limit:
+                    break
+        return taken, keys
+
+    def admit(self, queue: str, capacity: int, size: int) -> str | None:
+        """A token for a send that may skip waiting for its replay, or None.
+
+        It may when this process's view of ``queue`` (replayed messages plus its own
+        unreplayed sends) leaves room: then the record is written as admitted and every
+        replay appends it. Near capacity the send waits for the log to decide instead.
+        """
+        with self.lock:
+            if (
+                time.monotonic() < self.distrust_until
+                or len(self.unreplayed) >= _MAX_UNREPLAYED
+                or self.unreplayed_bytes + size > _MAX_UNREPLAYED_BYTES
+            ):
+                return None
+            state = self.machine.queues.get(queue)
+            waiting = len(state.pending) if state is not None else 0
+            if waiting + self.unreplayed_per_queue[queue] >= capacity:
+                return None
+            token = self.token()
+            self.unreplayed[token] = (queue, size, time.monotonic())
+            self.unreplayed_per_queue[queue] += 1
+            self.unreplayed_bytes += size
+            return token
+
+    def replayed(self, token: str) -> None:
+        """Forget an admitted send: replayed, or lost (under ``lock``)."""
+        entry = self.unreplayed.pop(token, None)
+        if entry is not None:
+            queue, size, _since = entry
+            self.unreplayed_per_queue[queue] -= 1
+            if not self.unreplayed_per_queue[queue]:
+                del self.unreplayed_per_queue[queue]
+            self.unreplayed_bytes -= size
+
+    def lost(self, token: str, channel: str, error: BaseException) -> None:
+        """An admitted send's write failed: say so, and make the next sends wait."""
+        logger.warning(
+            "kafka log %s: a send to %r was lost after it returned: %s", self.topic, channel, error
+        )
+        with self.lock:
+            self.replayed(token)
+            self.distrust_until = time.monotonic() + _DISTRUST
+
     def _apply(self, offset: int, value: bytes) -> None:
         if offset < self.next_offset:
             # The log restarted from scratch (an in-memory broker came back empty):
@@ -466,24 +662,32 @@ class _Hub:
             )
             self.machine = _Machine()
             self.handed_out.clear()
+            # Sends written before the reset are in the new log or nowhere.
+            for pending in list(self.unreplayed):
+                self.replayed(pending)
             # The claims of receivers still waiting here died with the old log.
             for claim in self.open_claims.values():
                 claim[2] = now()
                 self.write(claim)
         self.next_offset = offset + 1
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(value))
+        unpacker.feed(value)
         try:
-            record = msgpack.unpackb(value, raw=False)
-        except Exception:
+            for index, operation in enumerate(unpacker):
+                self._apply_operation(offset * _OPERATIONS_PER_RECORD + index, operation)
+        except (ValueError, msgpack.UnpackException):
             logger.warning("kafka log %s: skipped undecodable record at %d", self.topic, offset)
-            return
-        outcome = self.machine.apply(offset, record)
+
+    def _apply_operation(self, position: int, record: list[Any]) -> None:
+        outcome = self.machine.apply(position, record)
         token = record[1]
         if record[0] not in _HOUSEKEEPING:
             self.busy()
+        if token in self.unreplayed:
+            self.replayed(token)
         for cid, messages in outcome.delivered:
             if cid in self.abandoned:
-                queue = non_local_name(messages[0].channel)
-                self.orphans.setdefault(queue, deque()).extend(messages)
+                self.hold(non_local_name(messages[0].channel), messages)
             else:
                 self.claimed.setdefault(cid, []).extend(messages)
                 self.waker.wake(cid)
@@ -497,7 +701,7 @@ class _Hub:
         elif record[0] == _TAKE:
             self.handed_out.difference_update((offset, channel) for offset, channel in record[4])
         if outcome.flushed:
-            self.orphans.clear()
+            self.held.clear()
             self.handed_out.clear()
         if token in self.calls:
             del self.calls[token]
@@ -526,23 +730,50 @@ class _Hub:
         # producer.send() blocks while the topic's metadata is unknown (after a broker
         # restart, for max_block_ms) or its buffer is full, so it never runs in an event
         # loop; one thread keeps this process's records in the order they were written.
+        # Operations waiting together go out as one Kafka record (msgpack values back to
+        # back): kafka-python's cost is per record, so this is what makes sends cheap.
+        limit = self.options["max_record"] - _RECORD_OVERHEAD
         while True:
             entry = self._outbox.get()
             if entry is None:
                 return
-            value, done = entry
-            try:
-                # Always partition 0: a topic auto-created by a broker (after a restart
-                # wiped it) may have more, and only partition 0 is replayed.
-                future = self.producer.send(self.topic, value, partition=0)
-            except Exception as error:
-                logger.warning("kafka log %s: write failed: %s", self.topic, error)
-                if done is not None:
-                    done(error)
-                continue
-            if done is not None:
-                future.add_callback(lambda _metadata, done=done: done(None))
-                future.add_errback(done)
+            batch = [entry]
+            size = len(entry[0])
+            while len(batch) < _OPERATIONS_PER_RECORD:
+                try:
+                    entry = self._outbox.get_nowait()
+                except Empty:
+                    break
+                if entry is None:
+                    self._produce(batch)
+                    return
+                if size + len(entry[0]) > limit:
+                    self._produce(batch)
+                    batch, size = [], 0
+                batch.append(entry)
+                size += len(entry[0])
+            self._produce(batch)
+
+    def _produce(self, batch: list[tuple[bytes, _Done | None]]) -> None:
+        dones = [done for _value, done in batch if done is not None]
+
+        def answer(error: BaseException | None) -> None:
+            for done in dones:
+                done(error)
+
+        try:
+            # Always partition 0: a topic auto-created by a broker (after a restart wiped
+            # it) may have more, and only partition 0 is replayed.
+            future = self.producer.send(
+                self.topic, b"".join(value for value, _done in batch), partition=0
+            )
+        except Exception as error:
+            logger.warning("kafka log %s: write failed: %s", self.topic, error)
+            answer(error)
+            return
+        if dones:
+            future.add_callback(lambda _metadata: answer(None))
+            future.add_errback(answer)
 
     async def acked(self, record: list[Any]) -> None:
         """Write ``record`` and wait until the broker has it (not for its replay)."""
@@ -614,7 +845,13 @@ class KafkaBackend(Backend):
         "idle_fetch_wait_ms": Option(int, 100, "broker fetch wait when idle (ms)", minimum=1),
         "idle_after": Option(float, 2.0, "seconds without traffic before slow polling", minimum=0),
         "claim_lease": Option(float, 10.0, "seconds a receive claim lives unrenewed", minimum=0.5),
-        "retention_hours": Option(float, 168.0, "retention of the log topic", check=_positive),
+        "prefetch": Option(int, 500, "messages one claim may take at once", minimum=1),
+        "prefetch_hold": Option(
+            float, 1.0, "seconds prefetched messages wait here before going back", minimum=0
+        ),
+        "retention_hours": Option(
+            float, None, "retention of the log topic (default: group_expiry + 1 h)", check=_positive
+        ),
         "acks": Option(str, "all", "producer acknowledgements", choices=("all", "1")),
         "sasl_mechanism": Option(
             str, "PLAIN", "SASL mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -672,8 +909,21 @@ class KafkaBackend(Backend):
 
     async def open(self) -> None:
         topic = f"multilayer.{self.settings.prefix}"
-        key = f"{self.url.without_query().render()}|{topic}|{sorted(self.config.items())}"
-        options = {**self.config, "max_record": self.settings.max_message_size + _RECORD_OVERHEAD}
+        retention = self.config["retention_hours"]
+        least = self.settings.group_expiry / 3600
+        if retention is None:
+            retention = least + 1
+        elif retention < least:
+            raise ConfigurationError(
+                f"{self.url.sanitized()}: retention_hours={retention:g} is shorter than "
+                f"group_expiry ({least:g} h): memberships would vanish from the log"
+            )
+        options = {
+            **self.config,
+            "retention_hours": retention,
+            "max_record": self.settings.max_message_size + _RECORD_OVERHEAD,
+        }
+        key = f"{self.url.without_query().render()}|{topic}|{sorted(options.items())}"
         with _hubs_lock:
             hub = _hubs.get(key)
             if hub is None:
@@ -681,6 +931,7 @@ class KafkaBackend(Backend):
             hub.users += 1
         self._hub = hub
         self._lease = float(self.config["claim_lease"])
+        self._prefetch = int(self.config["prefetch"])
         try:
             await asyncio.to_thread(hub.ensure_started)
         except BaseException as error:
@@ -707,9 +958,32 @@ class KafkaBackend(Backend):
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
         hub = self._hub
+        token = hub.admit(non_local_name(channel), capacity, len(payload))
+        if token is not None:
+            # Room is certain as far as this process can see: the record goes out admitted
+            # and the send returns without a round trip (see "Sends" in the backend docs).
+            def done(error: BaseException | None) -> None:
+                if error is not None:
+                    hub.lost(token, channel, error)
+
+            hub.write([_SEND, token, now(), channel, None, payload], done=done)
+            return
         outcome = await hub.call([_SEND, hub.token(), now(), channel, capacity, payload])
         if not outcome.accepted:
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    def pop_nowait(self, queue: str, limit: int) -> list[Item]:
+        """Messages already in this process: held by its claims, or replayed to its inbox."""
+        hub = self._hub
+        if not queue.endswith("!"):
+            with hub.lock:
+                return hub.take_held(queue, limit)
+        instant = now()
+        with hub.lock:
+            taken, keys = hub.take_inbox(queue, limit)
+        if keys:
+            hub.write([_TAKE, None, instant, queue, keys])
+        return taken
 
     async def pop(self, queue: str, limit: int) -> list[Item]:
         if queue.endswith("!"):
@@ -721,20 +995,9 @@ class KafkaBackend(Backend):
         # replayed state and tells the others afterwards (the take record frees capacity).
         hub = self._hub
         while True:
-            taken: list[Item] = []
-            keys: list[tuple[int, str]] = []
             instant = now()
             with hub.lock:
-                state = hub.machine.queues.get(queue)
-                for message in state.pending if state is not None else ():
-                    if message.key in hub.handed_out:
-                        continue
-                    hub.handed_out.add(message.key)
-                    keys.append(message.key)
-                    if message.deadline > instant:
-                        taken.append((message.channel, message.payload))
-                        if len(taken) >= limit:
-                            break
+                taken, keys = hub.take_inbox(queue, limit)
                 if not keys:
                     signal = hub.waker.add(queue)
             if keys:
@@ -750,17 +1013,12 @@ class KafkaBackend(Backend):
 
     async def _pop_shared(self, queue: str, limit: int) -> list[Item]:
         # A normal channel may have receivers in many processes: a claim record asks for up
-        # to ``limit`` messages and the log order decides which ones each claim gets.
+        # to ``prefetch`` messages and the log order decides which ones each claim gets.
         hub = self._hub
         with hub.lock:
-            orphans = hub.orphans.get(queue)
-            if orphans:
-                instant = now()
-                kept = [m for m in orphans if m.deadline > instant]
-                orphans.clear()
-                orphans.extend(kept[limit:])
-                if kept:
-                    return [(m.channel, m.payload) for m in kept[:limit]]
+            held = hub.take_held(queue, limit)
+            if held:
+                return held
             cid = hub.token()
             signal = hub.waker.add(cid)
 
@@ -770,7 +1028,7 @@ class KafkaBackend(Backend):
                     hub.failures[cid] = error
                     hub.waker.wake(cid)
 
-        claim = [_CLAIM, cid, now(), queue, limit, now() + self._lease]
+        claim = [_CLAIM, cid, now(), queue, max(limit, self._prefetch), now() + self._lease]
         with hub.lock:
             hub.open_claims[cid] = claim
         hub.write(claim, done=failed)
@@ -786,11 +1044,9 @@ class KafkaBackend(Backend):
             with hub.lock:
                 del hub.open_claims[cid]
                 hub.waker.discard(cid, signal)
-                messages = hub.claimed.pop(cid, None)
-                if messages:
-                    hub.orphans.setdefault(queue, deque()).extend(messages)
-                # Whatever the log gives this claim before the cancel record lands is kept
-                # for the next receive here, never lost in between.
+                hub.hold(queue, hub.claimed.pop(cid, []))
+                # Whatever the log gives this claim before the cancel record lands is held
+                # for the next receive here (or given back), never lost in between.
                 hub.abandoned.add(cid)
             hub.write([_CANCEL, None, now(), queue, cid])
             raise
@@ -798,9 +1054,10 @@ class KafkaBackend(Backend):
             del hub.open_claims[cid]
             error = hub.failures.pop(cid, None)
             messages = hub.claimed.pop(cid, [])
+            hub.hold(queue, messages[limit:])
         if error is not None:
             raise BrokerError(f"kafka log {hub.topic}: claim failed: {error}") from error
-        return [(m.channel, m.payload) for m in messages]
+        return [(m.channel, m.payload) for m in messages[:limit]]
 
     async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
         hub = self._hub

@@ -140,7 +140,8 @@ class LayerContender:
         return layer
 
     async def _warm(self, layer: Any) -> None:
-        """Make ``layer`` ready to send before the clock starts."""
+        """Make ``layer`` connected and ready before the clock starts."""
+        await layer.new_channel()
 
     async def _inbox(self, layer: Any) -> str:
         """A process-specific channel of ``layer``, ready to receive."""
@@ -180,11 +181,13 @@ class LayerContender:
     async def throughput_normal(self, n: int) -> float:
         sender, receiver = self._layer(), self._layer()
         await self._warm(sender)
+        await self._warm(receiver)
         return await self._stream(sender, receiver, await self._queue(sender, receiver), n)
 
     async def throughput_specific(self, n: int) -> float:
         sender, receiver = self._layer(), self._layer()
         await self._warm(sender)
+        await self._warm(receiver)
         return await self._stream(sender, receiver, await self._inbox(receiver), n)
 
     async def pingpong(self, n: int) -> list[float]:
