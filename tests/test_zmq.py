@@ -23,7 +23,7 @@ import pytest
 import zmq
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
-from multilayer.backends.zmq import _shard
+from multilayer.backends.zmq import _Node, _shard
 from tests.brokers import BrokerProcess, free_port
 
 T = TypeVar("T")
@@ -346,6 +346,40 @@ def test_hub_survives_random_frames(hub: Hub) -> None:
     _exercise(hub.url)
     assert hub.process is not None and hub.process.poll() is None
     assert "Traceback" not in hub.log.read_text()
+
+
+def test_node_survives_malformed_leased_batches(hub: Hub) -> None:
+    async def body() -> None:
+        layer = ChannelLayer(hub.url, prefix="nodefuzz")
+        sender = ChannelLayer(hub.url, prefix="nodefuzz")
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        try:
+            channel = await layer.new_channel()
+            key = "nodefuzz:" + channel.partition("!")[0] + "!"
+            endpoints = [n.endpoint for n in _Node.nodes.values() if n.thread.is_alive()]
+            dealer.setsockopt(zmq.LINGER, 0)
+            for endpoint in endpoints:
+                dealer.connect(endpoint)
+            good = msgpack.packb([0.0, 0]) + b"x" * 8
+            for items, frame in [
+                ([[key, channel, 5]], b"1234"),  # sizes do not add up
+                ([[key, channel, 2]], b"12"),  # shorter than a payload header
+                ("not a list", b""),
+                ([[key, channel, "9"]], good),
+                ([[key]], good),
+            ]:
+                dealer.send_multipart([msgpack.packb(["send", 0, items]), frame])
+            await asyncio.sleep(0.3)
+            # Every batch above was refused whole; the node still serves its inboxes.
+            await sender.send(channel, {"n": 1})
+            assert await recv(layer, channel) == {"n": 1}
+            await nothing(layer, channel)
+        finally:
+            dealer.close(0)
+            await sender.close()
+            await layer.close()
+
+    run(body())
 
 
 def test_hub_queue_cap_bounds_memory(tmp_path: Path) -> None:
