@@ -40,7 +40,9 @@ class LocalQueue:
         if buffer:
             return buffer.popleft()
         if self._fetcher is None:
-            items = self.backend.pop_nowait(self.queue, 64)
+            # No more than a pop would take: what a normal channel's pop leaves behind stays
+            # where other processes' receives (or a give-back) can still reach it.
+            items = self.backend.pop_nowait(self.queue, self._batch)
             if items:
                 self._buffer(items)
                 buffer = self.buffers.get(channel)

@@ -21,9 +21,11 @@ from urllib.parse import quote
 import msgpack
 import pytest
 import zmq
+import zmq.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.zmq import _Node, _shard
+from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
 
 T = TypeVar("T")
@@ -301,7 +303,7 @@ def test_hub_exits_cleanly_on_sigterm_and_sigint(tmp_path: Path) -> None:
 
 def _garbage(chaos: random.Random) -> list[bytes]:
     commands = ["ping", "push", "spush", "pop", "cancel", "requeue", "gadd", "gdiscard"]
-    commands += ["gmembers", "gsend", "flush", "register", "nope"]
+    commands += ["gmembers", "gsend", "flush", "register", "send", "nope"]
     values: list[Any] = [
         None,
         -1,
@@ -346,6 +348,60 @@ def test_hub_survives_random_frames(hub: Hub) -> None:
     _exercise(hub.url)
     assert hub.process is not None and hub.process.poll() is None
     assert "Traceback" not in hub.log.read_text()
+
+
+def test_leases_never_let_two_senders_overfill_a_channel(hub: Hub) -> None:
+    async def body() -> None:
+        first = ChannelLayer(hub.url, prefix="leases", capacity=10)
+        second = ChannelLayer(hub.url, prefix="leases", capacity=10)
+        receiver = ChannelLayer(hub.url, prefix="leases", capacity=10)
+        accepted = 0
+        try:
+            for n in range(30):
+                for layer in (first, second):
+                    try:
+                        await layer.send("leases.q", {"n": n})
+                    except ChannelFull:
+                        continue
+                    accepted += 1
+            # Places leased and not used count as taken, so the two may stop short of 10,
+            # but never go past it, and every accepted message is there.
+            assert 5 <= accepted <= 10
+            got = [await recv(receiver, "leases.q") for _ in range(accepted)]
+            assert len(got) == accepted
+            await nothing(receiver, "leases.q")
+        finally:
+            await receiver.flush()
+            for layer in (first, second, receiver):
+                await layer.close()
+
+    run(body())
+
+
+def test_prefetched_messages_go_back_to_the_hub(hub: Hub) -> None:
+    async def body() -> list[Any]:
+        layer = ChannelLayer(hub.url, prefix="prefetch")
+        try:
+            for n in range(5):
+                await layer.send("prefetch.q", {"n": n})
+            # The pop takes all five; the receive wants one, the node holds four.
+            assert await recv(layer, "prefetch.q") == {"n": 0}
+            await asyncio.sleep(1.6)  # past the hold: the node has given them back
+            dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+            try:
+                await dealer.send_multipart(
+                    [msgpack.packb(["pop", 7, "prefetch:prefetch.q", 9, 0])]
+                )
+                frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
+            finally:
+                dealer.close(0)
+            return [unpack_message(frame)["n"] for frame in frames[1:]]
+        finally:
+            await layer.close()
+
+    assert run(body()) == [1, 2, 3, 4]
 
 
 def test_node_survives_malformed_leased_batches(hub: Hub) -> None:

@@ -9,7 +9,9 @@ layers. Process-specific messages go straight from sender to node once the sende
 learnt the node's endpoint (the first message travels through the hub, which answers with
 the endpoint); the node checks capacity and answers ok/full, and with an ok leases the
 sender a few places (at most half the free room, for 0.2 s) that it fills without waiting
-for answers. ``group_send`` is one request to the hub, which queues normal members and
+for answers. Normal-channel sends get the same leases from the hub, and a pop takes up
+to 100 waiting messages, the ones no receive wanted going back to the hub after 1 s.
+``group_send`` is one request to the hub, which queues normal members and
 forwards specific members to their nodes, one forward per node. Several hubs shard
 queues, groups and inboxes by rendezvous hashing of the name. Optional CURVE encryption
 and authentication.
@@ -71,7 +73,7 @@ from ..names import non_local_name
 from ..options import Option
 from ..serialization import HEADER_SIZE, deadline_of
 from ..url import LayerURL
-from .zmqhub import DEFAULT_MAX_MESSAGE, FULL, OK, UNKNOWN, decode, encode
+from .zmqhub import DEFAULT_MAX_MESSAGE, FULL, LEASE, OK, UNKNOWN, decode, encode, split_batch
 
 __all__ = ["ZmqBackend"]
 
@@ -84,7 +86,12 @@ _POP_WAIT = 20.0
 _ABANDON_WAIT = 2.0
 #: Places a sender asks an inbox to lease it, and for how long a lease holds them.
 _WANT = 256
-_LEASE = 0.2
+#: Messages one pop of a normal channel may take when they already wait at the hub; those
+#: no receive here wants go back to the hub after PREFETCH_HOLD seconds.
+_PREFETCH = 100
+_PREFETCH_HOLD = 1.0
+#: How long a stopping node waits for its last give-back to reach the hub (ms).
+_GIVE_BACK_LINGER_MS = 2000
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
 _GROUP_SENDS_IN_FLIGHT = 256
 
@@ -172,7 +179,7 @@ class _Inbox:
         free = capacity - len(self.items) - self.leased()
         granted = max(0, min(want, free // 2))
         if granted:
-            self.leases[sender] = (granted, time.monotonic() + _LEASE)
+            self.leases[sender] = (granted, time.monotonic() + LEASE)
         return granted
 
     def take_lease(self, sender: bytes) -> bool:
@@ -254,6 +261,10 @@ class _Node:
         self._wake_recv.setblocking(False)
         self._commands: deque[tuple[str, concurrent.futures.Future[None]]] = deque()
         self._keys: set[str] = set()
+        #: Normal-channel messages a pop took beyond what its receive wanted, by queue key,
+        #: with when they arrived; the thread gives back those held too long.
+        self.held: dict[str, deque[tuple[float, Item]]] = {}
+        self._give_back_ids: set[int] = set()
         self._waiting: dict[str, list[concurrent.futures.Future[None]]] = {}
         self._requests: dict[int, list[str]] = {}
         self._ids = itertools.count(1)
@@ -273,11 +284,36 @@ class _Node:
         return future
 
     def flush(self, start: str) -> None:
-        """Empty the inboxes whose key begins with ``start``."""
+        """Empty the inboxes, and the held messages, whose key begins with ``start``."""
         with self.lock:
             for key, inbox in self.inboxes.items():
                 if key.startswith(start):
                     inbox.items.clear()
+            for key in [key for key in self.held if key.startswith(start)]:
+                del self.held[key]
+
+    def hold(self, key: str, items: list[Item]) -> None:
+        """Keep messages a pop of normal channel ``key`` took for later receives here."""
+        if items:
+            since = time.monotonic()
+            with self.lock:
+                self.held.setdefault(key, deque()).extend((since, item) for item in items)
+
+    def take_held(self, key: str, limit: int) -> list[Item]:
+        """Up to ``limit`` live held messages of ``key``, oldest first."""
+        taken: list[Item] = []
+        with self.lock:
+            held = self.held.get(key)
+            if not held:
+                return taken
+            current = now()
+            while held and len(taken) < limit:
+                item = held.popleft()[1]
+                if deadline_of(item[1]) > current:
+                    taken.append(item)
+            if not held:
+                del self.held[key]
+        return taken
 
     def stop(self) -> None:
         """End the thread and close the sockets (at interpreter exit)."""
@@ -300,6 +336,8 @@ class _Node:
         try:
             while not self._stopping:
                 wait = max(0.0, next_refresh - time.monotonic())
+                if self.held:
+                    wait = min(wait, _PREFETCH_HOLD / 4)
                 for sock, _ in poller.poll(int(wait * 1000) + 1):
                     if sock is self._router:
                         self._serve()
@@ -310,15 +348,43 @@ class _Node:
                 if time.monotonic() >= next_refresh:
                     self._send_registrations(self._keys)
                     next_refresh = time.monotonic() + self.config.heartbeat
+                if self.held:
+                    self._give_back(time.monotonic() - _PREFETCH_HOLD)
         except Exception:
             logger.exception("the zmq node thread failed; process inboxes are unreachable")
         finally:
+            with contextlib.suppress(Exception):
+                self._give_back(float("inf"))
             for dealer in self._hubs:
-                dealer.close(0)
+                # Long enough for the held messages just given back to leave the process.
+                dealer.close(linger=_GIVE_BACK_LINGER_MS)
             self._router.close(0)
             self._wake_recv.close()
             self._wake_send.close()
             self._context.term()
+
+    def _give_back(self, cutoff: float) -> None:
+        """Return held messages that arrived before ``cutoff`` to the head of their queue."""
+        batches: list[tuple[str, list[Item]]] = []
+        with self.lock:
+            for key, held in list(self.held.items()):
+                items: list[Item] = []
+                while held and held[0][0] <= cutoff:
+                    items.append(held.popleft()[1])
+                if not held:
+                    del self.held[key]
+                if items:
+                    batches.append((key, items))
+        for key, items in batches:
+            request_id = next(self._ids)
+            header = encode("requeue", request_id, key, [channel for channel, _ in items])
+            hub = self._hubs[_shard(key.partition(":")[2], self.config.names)]
+            try:
+                hub.send_multipart([header, *(payload for _, payload in items)], zmq.NOBLOCK)
+            except zmq.ZMQError as error:
+                logger.error("lost %d held message(s) of %s: %s", len(items), key, error)
+                continue
+            self._give_back_ids.add(request_id)
 
     def _take_commands(self) -> None:
         try:
@@ -356,6 +422,9 @@ class _Node:
                 return
             try:
                 command, request_id, args = decode(frames[0])
+                if request_id in self._give_back_ids:
+                    self._give_back_ids.discard(request_id)
+                    continue
                 handed = args[0] if command == "ok" else []
             except (ValueError, IndexError):
                 logger.warning("ignored a malformed answer from a hub")
@@ -422,15 +491,7 @@ class _Node:
     def _leased(self, sender: bytes, items: list[Any], payloads: bytes) -> None:
         # Messages sent on leases arrive batched: one frame holds the payloads back to
         # back, ``items`` their inbox keys, channels and sizes.
-        messages: list[tuple[str, str, bytes]] = []
-        start = 0
-        for key, channel, size in items:
-            if not isinstance(size, int) or size < HEADER_SIZE:
-                raise ValueError("short payload")
-            messages.append((key, channel, payloads[start : start + size]))
-            start += size
-        if start != len(payloads):
-            raise ValueError("payload sizes do not add up")
+        messages = split_batch(items, payloads)
         with self.lock:
             for key, channel, payload in messages:
                 inbox = self.inboxes.get(key)
@@ -740,14 +801,30 @@ class ZmqBackend(Backend):
         name = non_local_name(channel)
         key = self._prefix + name
         if name == channel:
-            reply = await self._link(name).call(
-                "push", (key, channel, capacity), (payload,), self._timeout
-            )
-            status = reply[0]
+            status = await self._push_normal(key, name, channel, payload, capacity)
         else:
             status = await self._push_specific(key, name, channel, payload, capacity)
         if status == FULL:
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    async def _push_normal(
+        self, key: str, name: str, channel: str, payload: bytes, capacity: int
+    ) -> int:
+        # The hub leases places like a node does (see _push_specific): sends on a lease
+        # cost no round trip, and ChannelFull stays exact for one sender.
+        link = self._link(name)
+        credit = self._credits.get(key)
+        if credit is not None and credit[0] > 0 and time.monotonic() < credit[1]:
+            credit[0] -= 1
+            link.send_leased(key, channel, payload)
+            return OK
+        reply = await link.call("push", (key, channel, capacity, _WANT), (payload,), self._timeout)
+        if len(reply) > 1 and reply[1]:
+            self._credits[key] = [reply[1], time.monotonic() + LEASE / 2]
+        else:
+            self._credits.pop(key, None)
+        status: int = reply[0]
+        return status
 
     async def _push_specific(
         self, key: str, name: str, channel: str, payload: bytes, capacity: int
@@ -780,7 +857,7 @@ class ZmqBackend(Backend):
                 if status != UNKNOWN:
                     if reply[1]:
                         # Use the lease for half its life, so it cannot lapse in transit.
-                        self._credits[key] = [reply[1], time.monotonic() + _LEASE / 2]
+                        self._credits[key] = [reply[1], time.monotonic() + LEASE / 2]
                     return status
                 self._forget(key, peer)
         await self._settle()
@@ -829,6 +906,18 @@ class ZmqBackend(Backend):
             del self._peers[peer.endpoint]
             peer.close()
 
+    def pop_nowait(self, queue: str, limit: int) -> list[Item]:
+        """Messages already in this process: in its inbox, or held from a normal pop."""
+        node = self._node
+        if node is None:
+            return []
+        key = self._prefix + queue
+        if not queue.endswith("!"):
+            return node.take_held(key, limit)
+        with node.lock:
+            inbox = node.inboxes.get(key)
+            return inbox.take(limit) if inbox is not None else []
+
     async def pop(self, queue: str, limit: int) -> list[Item]:
         if queue.endswith("!"):
             return await self._pop_inbox(self._prefix + queue, limit)
@@ -855,9 +944,14 @@ class ZmqBackend(Backend):
                             inbox.waiters.remove(future)
 
     async def _pop_hub(self, key: str, name: str, limit: int) -> list[Item]:
+        node = self._node
+        assert node is not None
+        held = node.take_held(key, limit)
+        if held:
+            return held
         link = self._link(name)
         while True:
-            request_id, future = link.start("pop", (key, limit, _POP_WAIT))
+            request_id, future = link.start("pop", (key, max(limit, _PREFETCH), _POP_WAIT))
             link.pops[request_id] = key
             try:
                 done, _ = await asyncio.wait({future}, timeout=_POP_WAIT + self._timeout)
@@ -875,7 +969,9 @@ class ZmqBackend(Backend):
                 link.pending.pop(request_id, None)
                 continue
             if args[0]:
-                return list(zip(args[0], frames, strict=True))
+                items = list(zip(args[0], frames, strict=True))
+                node.hold(key, items[limit:])
+                return items[:limit]
 
     async def _abandon(
         self, link: _Link, key: str, request_id: int, future: asyncio.Future[Any]

@@ -13,7 +13,10 @@ Clients (DEALER sockets) talk to one ROUTER socket; every request is a multipart
 whose first frame is a msgpack list ``[command, request_id, *arguments]`` and whose
 further frames are payloads. The hub forwards messages for process-specific channels to
 the owning process's node over a DEALER socket of its own. A frame that does not parse is
-logged and dropped; it never stops the loop.
+logged and dropped; it never stops the loop. A ``push`` may ask for a lease of places in
+the queue; messages sent on it arrive batched as one ``send`` request (no reply) whose
+second frame holds the payloads back to back (:func:`split_batch`), the same format
+nodes take from senders holding an inbox lease.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ from ..serialization import HEADER_SIZE, deadline_of
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
     "FULL",
+    "LEASE",
     "OK",
     "UNKNOWN",
     "Hub",
     "decode",
     "encode",
     "main",
+    "split_batch",
 ]
 
 logger = logging.getLogger("multilayer.zmqhub")
@@ -60,6 +65,8 @@ MAX_POP_WAIT = 30.0
 #: Longest a process registration lives without being refreshed.
 MAX_REGISTRATION_TTL = 120.0
 _SWEEP_EVERY = 0.5
+#: How long places leased to a sender stay reserved for it (hub queues and node inboxes).
+LEASE = 0.2
 
 
 def encode(command: str, request_id: int, *args: Any) -> bytes:
@@ -104,6 +111,28 @@ def _number(value: Any) -> float:
     if type(value) not in (int, float):
         raise _BadRequest(f"expected a number, got {value!r:.40}")
     return float(value)
+
+
+def split_batch(items: Any, blob: bytes) -> list[tuple[str, str, bytes]]:
+    """The messages of a batch of leased sends: ``items`` are ``[key, channel, size]``
+    triples, ``blob`` the payloads back to back. ValueError, before anything is used,
+    when the batch does not add up.
+    """
+    if not isinstance(items, list):
+        raise _BadRequest("a batch needs a list of [key, channel, size]")
+    messages: list[tuple[str, str, bytes]] = []
+    start = 0
+    for item in items:
+        if not isinstance(item, list) or len(item) != 3:
+            raise _BadRequest("a batch item is [key, channel, size]")
+        key, channel, size = _text(item[0]), _text(item[1]), item[2]
+        if type(size) is not int or size < HEADER_SIZE:
+            raise _BadRequest("short payload in a batch")
+        messages.append((key, channel, blob[start : start + size]))
+        start += size
+    if start != len(blob):
+        raise _BadRequest("batch payload sizes do not add up")
+    return messages
 
 
 def _payload(frames: Sequence[bytes], index: int) -> bytes:
@@ -175,6 +204,8 @@ class Hub:
         self.queues: dict[str, deque[tuple[str, bytes]]] = {}
         self.waiters: dict[str, deque[_Waiter]] = {}
         self.groups: dict[str, dict[str, float]] = {}
+        #: Places of normal queues leased to senders: key -> client -> (count, until).
+        self.leases: dict[str, dict[bytes, tuple[int, float]]] = {}
         self.directory: dict[str, _Owner] = {}
         self._forwards: dict[int, _Forward] = {}
         self._links: dict[str, zmq.Socket[bytes]] = {}
@@ -300,8 +331,49 @@ class Hub:
 
     def _push(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         key, channel, capacity = _text(args[0]), _text(args[1]), _count(args[2])
-        accepted = self._enqueue(key, channel, _payload(frames, 1), capacity)
-        self._reply(client, encode("ok", rid, OK if accepted else FULL))
+        want = _count(args[3]) if len(args) > 3 else 0
+        accepted = self._enqueue(key, channel, _payload(frames, 1), capacity, client)
+        granted = self._lease(key, client, capacity, want) if accepted and want else 0
+        self._reply(client, encode("ok", rid, OK if accepted else FULL, granted))
+
+    def _send(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        # Pushes on a lease, batched, answered by nobody: the places were reserved.
+        for key, channel, payload in split_batch(args[0], frames[1] if len(frames) > 1 else b""):
+            leases = self.leases.get(key)
+            held = leases.get(client) if leases else None
+            if leases is not None and held is not None:
+                leases[client] = (held[0] - 1, held[1])
+            self._enqueue(key, channel, payload, None)
+
+    def _lease(self, key: str, client: bytes, capacity: int, want: int) -> int:
+        """Reserve up to ``want`` places of ``key`` for ``client``: at most half the free
+        room, so that another sender is never refused while there is space.
+        """
+        leases = self.leases.get(key)
+        if leases:
+            leases.pop(client, None)
+        free = min(capacity, self.max_queue) - len(self.queues.get(key, ())) - self._leased(key)
+        granted = max(0, min(want, free // 2))
+        if granted:
+            self.leases.setdefault(key, {})[client] = (granted, time.monotonic() + LEASE)
+        return granted
+
+    def _leased(self, key: str, but: bytes = b"") -> int:
+        """Places of ``key`` leased to clients other than ``but``; drops spent leases."""
+        leases = self.leases.get(key)
+        if not leases:
+            self.leases.pop(key, None)
+            return 0
+        current = time.monotonic()
+        total = 0
+        for client, (count, until) in list(leases.items()):
+            if count <= 0 or until <= current:
+                del leases[client]
+            elif client != but:
+                total += count
+        if not leases:
+            del self.leases[key]
+        return total
 
     def _spush(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         key, channel, capacity = _text(args[0]), _text(args[1]), _count(args[2])
@@ -423,6 +495,7 @@ class Hub:
     _handlers = {
         "ping": _ping,
         "push": _push,
+        "send": _send,
         "spush": _spush,
         "pop": _pop,
         "cancel": _cancel,
@@ -437,17 +510,27 @@ class Hub:
 
     # -- queues ------------------------------------------------------------------------
 
-    def _enqueue(self, key: str, channel: str, payload: bytes, capacity: int) -> bool:
+    def _enqueue(
+        self, key: str, channel: str, payload: bytes, capacity: int | None, client: bytes = b""
+    ) -> bool:
+        """Queue a message unless ``key`` is full; ``capacity`` None: sent on a lease, bound
+        only by ``--max-queue``. Places leased to others than ``client`` count as taken.
+        """
         current = time.time()
         if deadline_of(payload) <= current:
             return True  # already expired: accepted and dropped at once, as a broker TTL would
         queue = self.queues.get(key)
         if queue is None:
             queue = self.queues[key] = deque()
-        limit = min(capacity, self.max_queue)
-        if len(queue) >= limit:
+        if capacity is None:
+            limit, reserved = self.max_queue, 0
+        else:
+            limit, reserved = min(capacity, self.max_queue), self._leased(key, client)
+        if len(queue) + reserved >= limit:
             kept = [item for item in queue if deadline_of(item[1]) > current]
-            if len(kept) >= limit:
+            if len(kept) + reserved >= limit:
+                if capacity is None:
+                    logger.warning("queue %s is at --max-queue: dropped a leased message", key)
                 return False
             queue.clear()
             queue.extend(kept)
@@ -596,6 +679,8 @@ class Hub:
 
     def _sweep(self, current: float) -> None:
         """Drop what expired, answer pops that waited long enough, forget silent owners."""
+        for key in list(self.leases):
+            self._leased(key)
         for key in list(self.queues):
             queue = self.queues[key]
             while queue and deadline_of(queue[0][1]) <= current:
