@@ -303,7 +303,7 @@ def test_hub_exits_cleanly_on_sigterm_and_sigint(tmp_path: Path) -> None:
 
 def _garbage(chaos: random.Random) -> list[bytes]:
     commands = ["ping", "push", "spush", "pop", "cancel", "requeue", "gadd", "gdiscard"]
-    commands += ["gmembers", "gsend", "flush", "register", "send", "nope"]
+    commands += ["gmembers", "gsend", "flush", "register", "send", "batch", "nope"]
     values: list[Any] = [
         None,
         -1,
@@ -402,6 +402,27 @@ def test_prefetched_messages_go_back_to_the_hub(hub: Hub) -> None:
             await layer.close()
 
     assert run(body()) == [1, 2, 3, 4]
+
+
+def test_hub_answers_each_request_of_a_batch(hub: Hub) -> None:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+    try:
+        payload = msgpack.packb([0.0, 0]) + b"x" * 8
+        batch = [["ping", 1, [], 0], ["gmembers", 2, ["g"], 0], ["gsend", 3, ["g", "p", 5, {}], 1]]
+        dealer.send_multipart([msgpack.packb(["batch", 0, batch]), payload])
+        answers = [msgpack.unpackb(dealer.recv_multipart()[0]) for _ in range(3)]
+        assert [(answer[0], answer[1]) for answer in answers] == [("ok", 1), ("ok", 2), ("ok", 3)]
+        # A malformed entry ends its batch, never the hub; an entry claiming more payload
+        # frames than the batch has, or a nested batch, counts as malformed.
+        for bad in ([["ping", 4, [], 5]], [["batch", 5, [], 0]], [["ping", "6", [], 0]], "x"):
+            dealer.send_multipart([msgpack.packb(["batch", 0, bad])])
+        dealer.send_multipart([msgpack.packb(["ping", 7])])
+        assert msgpack.unpackb(dealer.recv_multipart()[0])[:2] == ["ok", 7]
+    finally:
+        dealer.close(0)
 
 
 def test_node_survives_malformed_leased_batches(hub: Hub) -> None:

@@ -92,6 +92,8 @@ _PREFETCH = 100
 _PREFETCH_HOLD = 1.0
 #: How long a stopping node waits for its last give-back to reach the hub (ms).
 _GIVE_BACK_LINGER_MS = 2000
+#: A leased send this long after the previous write goes out at once, unbatched.
+_SPARSE = 0.001
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
 _GROUP_SENDS_IN_FLIGHT = 256
 
@@ -539,6 +541,9 @@ class _Link:
         self.unsettled = False
         #: Messages sent on leases, not yet written: ([key, channel, size], payload) pairs.
         self._leased: list[tuple[list[Any], bytes]] = []
+        #: Requests batched by start_batched, not yet written.
+        self._requests: list[tuple[str, int, list[Any], list[bytes]]] = []
+        self._last_write = 0.0
         self._orphan = orphan
         self._ids = itertools.count(1)
         self._reader = asyncio.ensure_future(self._read())
@@ -548,6 +553,7 @@ class _Link:
     ) -> tuple[int, asyncio.Future[tuple[list[Any], list[bytes]]]]:
         """Send a request now; its id and the future of its reply."""
         self.write_leased()
+        self.write_requests()
         request_id = next(self._ids)
         future: asyncio.Future[tuple[list[Any], list[bytes]]] = (
             asyncio.get_running_loop().create_future()
@@ -576,24 +582,65 @@ class _Link:
         reply, _ = future.result()
         return reply
 
+    def start_batched(
+        self, command: str, args: Sequence[Any], payloads: Sequence[bytes]
+    ) -> tuple[int, asyncio.Future[tuple[list[Any], list[bytes]]]]:
+        """Like :meth:`start`, but written with the other requests of this loop step as
+        one ZeroMQ message (at the end of the step, or before anything else on the link).
+        """
+        self.write_leased()
+        request_id = next(self._ids)
+        future: asyncio.Future[tuple[list[Any], list[bytes]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.pending[request_id] = future
+        self._requests.append((command, request_id, list(args), list(payloads)))
+        if len(self._requests) >= _WANT:
+            self.write_requests()
+        elif len(self._requests) == 1:
+            asyncio.get_running_loop().call_soon(self.write_requests)
+        return request_id, future
+
+    def write_requests(self) -> None:
+        """Write the batched requests now."""
+        if not self._requests:
+            return
+        batch, self._requests = self._requests, []
+        header = encode("batch", 0, [[c, rid, args, len(p)] for c, rid, args, p in batch])
+        try:
+            self.sock.send_multipart(
+                [header, *(frame for *_, payloads in batch for frame in payloads)], zmq.NOBLOCK
+            )
+        except zmq.ZMQError as error:
+            failed = BrokerError(f"cannot send to {self.endpoint}: {error}")
+            for _command, request_id, _args, _payloads in batch:
+                future = self.pending.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(failed)
+
     def send_leased(self, key: str, channel: str, payload: bytes) -> None:
         """Send a message on a lease (no reply), batched with the others of this loop step.
 
         Batching is what makes leased sends cheap: one ZeroMQ message, not one per send.
         Any request on this link writes the batch first, so order is kept.
         """
-        if not self._leased:
-            asyncio.get_running_loop().call_soon(self.write_leased)
+        self.write_requests()
         self._leased.append(([key, channel, len(payload)], payload))
         self.unsettled = True
-        if len(self._leased) >= _WANT:
+        if len(self._leased) >= _WANT or (
+            len(self._leased) == 1 and time.monotonic() - self._last_write > _SPARSE
+        ):
+            # Sparse traffic (ping-pong) has no batch to wait for: write at once.
             self.write_leased()
+        elif len(self._leased) == 1:
+            asyncio.get_running_loop().call_soon(self.write_leased)
 
     def write_leased(self) -> None:
         """Write the batch of leased messages now."""
         if not self._leased:
             return
         batch, self._leased = self._leased, []
+        self._last_write = time.monotonic()
         header = encode("send", 0, [item for item, _ in batch])
         try:
             self.sock.send_multipart(
@@ -633,6 +680,7 @@ class _Link:
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing can be written
             self.write_leased()
+            self.write_requests()
         self._reader.cancel()
         # Closing the asyncio view first unregisters its file descriptor from the loop:
         # a stale registration would steal the wake-ups of a later socket reusing the fd.
@@ -1026,7 +1074,7 @@ class ZmqBackend(Backend):
         # The hub fans out on its own; waiting for its answer (which comes once the members'
         # nodes have the message) would only delay the log lines about full members.
         link = self._links[0]
-        request_id, future = link.start(
+        request_id, future = link.start_batched(
             "gsend",
             (self._prefix + group, self.settings.prefix, capacity.default, overrides),
             (payload,),

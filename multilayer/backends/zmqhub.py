@@ -13,10 +13,11 @@ Clients (DEALER sockets) talk to one ROUTER socket; every request is a multipart
 whose first frame is a msgpack list ``[command, request_id, *arguments]`` and whose
 further frames are payloads. The hub forwards messages for process-specific channels to
 the owning process's node over a DEALER socket of its own. A frame that does not parse is
-logged and dropped; it never stops the loop. A ``push`` may ask for a lease of places in
-the queue; messages sent on it arrive batched as one ``send`` request (no reply) whose
-second frame holds the payloads back to back (:func:`split_batch`), the same format
-nodes take from senders holding an inbox lease.
+logged and dropped; it never stops the loop. A ``batch`` request carries several requests
+a client wrote in one event-loop step (each answered on its own). A ``push`` may ask for
+a lease of places in the queue; messages sent on it arrive batched as one ``send``
+request (no reply) whose second frame holds the payloads back to back
+(:func:`split_batch`), the same format nodes take from senders holding an inbox lease.
 """
 
 from __future__ import annotations
@@ -308,6 +309,14 @@ class Hub:
         except ValueError as error:
             logger.warning("dropped a malformed request from client %s: %s", client.hex(), error)
             return
+        if command == "batch":
+            self._batch(client, args, frames)
+        else:
+            self._dispatch(client, command, request_id, args, frames)
+
+    def _dispatch(
+        self, client: bytes, command: str, request_id: int, args: list[Any], frames: list[bytes]
+    ) -> None:
         handler = self._handlers.get(command)
         try:
             if handler is None:
@@ -316,6 +325,33 @@ class Hub:
         except (_BadRequest, IndexError, TypeError, ValueError) as error:
             logger.warning("refused %r from client %s: %s", command[:40], client.hex(), error)
             self._reply(client, encode("error", request_id, str(error)))
+
+    def _batch(self, client: bytes, args: list[Any], frames: list[bytes]) -> None:
+        # Requests a client wrote in one event-loop step, as one message:
+        # [[command, request_id, args, payload frame count], ...] and then their payloads.
+        requests = args[0] if args else None
+        if not isinstance(requests, list):
+            logger.warning("dropped a malformed batch from client %s", client.hex())
+            return
+        index = 1
+        for entry in requests:
+            if (
+                not isinstance(entry, list)
+                or len(entry) != 4
+                or not isinstance(entry[0], str)
+                or type(entry[1]) is not int
+                or not isinstance(entry[2], list)
+                or type(entry[3]) is not int
+                or not 0 <= entry[3] <= len(frames) - index
+                or entry[0] == "batch"
+            ):
+                logger.warning("dropped the rest of a malformed batch from client %s", client.hex())
+                return
+            command, request_id, request_args, count = entry
+            self._dispatch(
+                client, command, request_id, request_args, [b"", *frames[index : index + count]]
+            )
+            index += count
 
     def _reply(self, client: bytes, *frames: bytes) -> bool:
         try:
