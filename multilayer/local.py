@@ -18,7 +18,8 @@ __all__ = ["INBOX_BATCH", "LocalQueue"]
 
 #: Messages one pop may take from a process inbox. Only this process can receive them, so
 #: taking several at once is free; a normal channel's pop takes no more than there are
-#: waiting receivers, so that a message never waits here while another process is idle.
+#: waiting receivers, so that a message never waits here while another process is idle
+#: (unless the backend's channels live in this process alone).
 INBOX_BATCH = 100
 
 
@@ -32,7 +33,8 @@ class LocalQueue:
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._hungry = 0
         self._fetcher: asyncio.Task[None] | None = None
-        self._batch = INBOX_BATCH if queue.endswith("!") else 1
+        shared = backend.capabilities.multiprocess and not queue.endswith("!")
+        self._batch = 1 if shared else INBOX_BATCH
 
     def take(self, channel: str) -> bytes | None:
         """A buffered payload for ``channel``, fetching without I/O if the backend can."""
@@ -40,8 +42,8 @@ class LocalQueue:
         if buffer:
             return buffer.popleft()
         if self._fetcher is None:
-            # No more than a pop would take: what a normal channel's pop leaves behind stays
-            # where other processes' receives (or a give-back) can still reach it.
+            # No more than a pop would take: what a shared normal channel's pop leaves
+            # behind stays where other processes' receives (or a give-back) can reach it.
             items = self.backend.pop_nowait(self.queue, self._batch)
             if items:
                 self._buffer(items)

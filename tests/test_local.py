@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from multilayer.local import LocalQueue
+from multilayer.backend import Capabilities
+from multilayer.local import INBOX_BATCH, LocalQueue
 
 
 class ScriptedBackend:
     """A backend whose pop() hands out what the test puts in, when the test says."""
 
+    capabilities = Capabilities()
+
     def __init__(self) -> None:
         self.incoming: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self.pops = 0
+        self.limits: list[int] = []
 
     async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
         self.pops += 1
+        self.limits.append(limit)
         return await self.incoming.get()
 
     def pop_nowait(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+        self.limits.append(limit)
         return []
 
 
@@ -96,3 +102,29 @@ def test_fetch_failure_reaches_every_waiter() -> None:
         assert all(isinstance(r, ConnectionError) for r in results)
 
     run(body)
+
+
+def test_shared_normal_channels_take_only_what_receivers_wait_for() -> None:
+    # Another process may be idle on a shared normal channel: never take more than one
+    # message per waiting receive. An inbox, or a channel no other process can reach,
+    # may be taken in batches.
+    class SingleProcess(ScriptedBackend):
+        capabilities = Capabilities(multiprocess=False)
+
+    for backend, queue, batch in [
+        (ScriptedBackend(), "q", 1),
+        (ScriptedBackend(), "p!", INBOX_BATCH),
+        (SingleProcess(), "q", INBOX_BATCH),
+    ]:
+
+        async def body(backend: ScriptedBackend = backend, queue: str = queue) -> None:
+            local = LocalQueue(backend, queue)  # type: ignore[arg-type]
+            channel = queue + "c" if queue.endswith("!") else queue
+            assert local.take(channel) is None
+            waiting = asyncio.ensure_future(local.wait(channel))
+            await asyncio.sleep(0.01)
+            backend.incoming.put_nowait([(channel, b"x")])
+            await asyncio.wait_for(waiting, 5)
+
+        run(body)
+        assert set(backend.limits) == {batch}, (queue, backend.limits)
