@@ -7,6 +7,7 @@ services. Under ``CI=true`` a missing binary fails the test instead of skipping 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,16 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: a missing broker or tool is a failure, not a skip)")
     pytest.skip(reason)
+
+
+def require_module(name: str) -> Any:
+    """Import client library ``name``; skip the test module (fail it in CI) without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed (CI=true: a failure, not a skip): {error}")
+        pytest.skip(f"{name} is not installed", allow_module_level=True)
 
 
 def require_binary(name: str) -> str:

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from brokers import require_module
 from kafka_broker import tansu
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend, _Machine
 from multilayer.serialization import pack
 
-kafka = pytest.importorskip("kafka")
+kafka = require_module("kafka")
 
 T = TypeVar("T")
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from brokers import BrokerProcess, free_port, require, require_binary, wait_port
+from brokers import BrokerProcess, free_port, require, require_binary, require_module, wait_port
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backend import LayerSettings
 from multilayer.capacity import CapacityPolicy
 
-pika = pytest.importorskip("pika")
+pika = require_module("pika")
 
 from multilayer.backends.rabbitmq import RabbitMQBackend  # noqa: E402
 
