@@ -10,11 +10,15 @@ for it stays buffered for the next receive of that channel) and duplicates nothi
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections import deque
+from collections.abc import Callable, Iterable
 
-from .backend import Backend
+from .backend import Backend, Item, now
+from .serialization import deadline_of
 
-__all__ = ["INBOX_BATCH", "LocalQueue"]
+__all__ = ["INBOX_BATCH", "HeldMessages", "LocalQueue"]
 
 #: Messages one pop may take from a process inbox. Only this process can receive them, so
 #: taking several at once is free; a normal channel's pop takes no more than there are
@@ -130,3 +134,71 @@ class LocalQueue:
         for channel, payloads in other.buffers.items():
             self.buffers.setdefault(channel, deque()).extendleft(reversed(payloads))
         other.buffers.clear()
+
+
+class HeldMessages:
+    """Messages a backend took from shared normal channels beyond what its receives wanted.
+
+    Backends whose pops take a backlog at once (a claim, a prefetching pop) keep the
+    surplus here, process-wide, for the next receives of the same queue, and give back
+    to the broker whatever waited longer than a hold time, so that a process that stops
+    receiving strands nothing. Safe to use from any thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, deque[tuple[float, Item]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def hold(self, queue: str, items: Iterable[Item]) -> None:
+        """Keep ``items`` of ``queue``, oldest first, from now."""
+        since = time.monotonic()
+        with self._lock:
+            held = self._held.setdefault(queue, deque())
+            held.extend((since, item) for item in items)
+            if not held:
+                del self._held[queue]
+
+    def take(self, queue: str, limit: int) -> list[Item]:
+        """Up to ``limit`` unexpired held messages of ``queue``, oldest first."""
+        taken: list[Item] = []
+        with self._lock:
+            held = self._held.get(queue)
+            if held is None:
+                return taken
+            current = now()
+            while held and len(taken) < limit:
+                item = held.popleft()[1]
+                if deadline_of(item[1]) > current:
+                    taken.append(item)
+            if not held:
+                del self._held[queue]
+        return taken
+
+    def release(self, held_for: float) -> list[tuple[str, list[Item]]]:
+        """Remove and return, by queue, the unexpired messages held ``held_for`` seconds or
+        more (all of them when it is 0): what the backend must give back to the broker.
+        """
+        cutoff = time.monotonic() - held_for
+        current = now()
+        released: list[tuple[str, list[Item]]] = []
+        with self._lock:
+            for queue, held in list(self._held.items()):
+                items: list[Item] = []
+                while held and (held_for <= 0 or held[0][0] <= cutoff):
+                    item = held.popleft()[1]
+                    if deadline_of(item[1]) > current:
+                        items.append(item)
+                if not held:
+                    del self._held[queue]
+                if items:
+                    released.append((queue, items))
+        return released
+
+    def discard(self, keep: Callable[[str], bool] = lambda queue: False) -> None:
+        """Forget the held messages of every queue ``keep`` refuses (all by default)."""
+        with self._lock:
+            for queue in [queue for queue in self._held if not keep(queue)]:
+                del self._held[queue]

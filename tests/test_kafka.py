@@ -168,14 +168,15 @@ def test_given_back_messages_serve_open_claims_then_return_to_the_head() -> None
     machine.apply(2, ["C", "greedy", 1.0, "q", 2, 100.0])
     machine.apply(3, ["S", None, 1.0, "q", 9, payload(3)])
     # Nobody wanted 0 and 1: they go back ahead of 3, except the expired one.
-    back = [[0, "q", payload(0)], [1, "q", payload(1, expires=1.5)]]
+    back = [["q", payload(0)], ["q", payload(1, expires=1.5)]]
     assert machine.apply(4, ["R", None, 2.0, "q", back]).appended == {"q"}
-    assert [m.offset for m in machine.queues["q"].pending] == [0, 3]
+    # The given-back message is keyed by the give-back's position, ahead of message 3.
+    assert [m.offset for m in machine.queues["q"].pending] == [4, 3]
     taken = machine.apply(5, ["C", "other", 2.0, "q", 5, 100.0]).delivered
-    assert [[m.offset for m in got] for _, got in taken] == [[0, 3]]
+    assert [[m.offset for m in got] for _, got in taken] == [[4, 3]]
     assert not machine.apply(6, ["C", "waiting", 2.0, "q", 1, 100.0]).delivered
-    served = machine.apply(7, ["R", None, 2.0, "q", [[9, "q", payload(9)]]])
-    assert [(cid, [m.offset for m in got]) for cid, got in served.delivered] == [("waiting", [9])]
+    served = machine.apply(7, ["R", None, 2.0, "q", [["q", payload(9)]]])
+    assert [(cid, [m.offset for m in got]) for cid, got in served.delivered] == [("waiting", [7])]
 
 
 # -- against a Tansu broker ----------------------------------------------------------------

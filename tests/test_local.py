@@ -6,7 +6,8 @@ import asyncio
 from typing import Any
 
 from multilayer.backend import Capabilities
-from multilayer.local import INBOX_BATCH, LocalQueue
+from multilayer.local import INBOX_BATCH, HeldMessages, LocalQueue
+from multilayer.serialization import pack
 
 
 class ScriptedBackend:
@@ -128,3 +129,16 @@ def test_shared_normal_channels_take_only_what_receivers_wait_for() -> None:
 
         run(body)
         assert set(backend.limits) == {batch}, (queue, backend.limits)
+
+
+def test_held_messages_are_taken_oldest_first_and_released_when_stale() -> None:
+    live, dead = pack({"n": 1}, 1e12, max_size=100), pack({"n": 0}, 1.0, max_size=100)
+    held = HeldMessages()
+    assert not held
+    held.hold("q", [("q", dead), ("q", live), ("q", live)])
+    held.hold("other", [("other", live)])
+    assert held.take("q", 1) == [("q", live)]  # the expired one is skipped, not returned
+    assert held.release(60) == []  # nothing held that long yet
+    held.discard(keep=lambda queue: queue == "q")
+    assert held.release(0) == [("q", [("q", live)])]
+    assert not held and held.take("q", 5) == []

@@ -56,6 +56,7 @@ import msgpack
 from ..backend import Backend, Capabilities, Item, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
 from ..serialization import deadline_of
@@ -88,7 +89,7 @@ _DISTRUST = 5.0
 # None) and ``sent_at`` is the writer's wall clock, which expiry decisions use so that every
 # replaying process decides the same.
 _SEND = "S"  # channel, capacity (None: admitted by the writer), payload
-_RETURN = "R"  # queue, [[offset, channel, payload], ...] taken by a claim, given back
+_RETURN = "R"  # queue, [[channel, payload], ...] taken by a claim, given back
 _GROUP_SEND = "G"  # group, payload, default capacity, {member: capacity}
 _CLAIM = "C"  # queue, count, lease deadline (the token is the claim id)
 _RENEW = "K"  # queue, claim id, lease deadline
@@ -241,8 +242,9 @@ class _Machine:
         state = self.queues.setdefault(queue, _Queue())
         state.purge(sent_at)
         back: list[_Message] = []
-        for original, channel, payload in items:
-            message = _Message(original, channel, payload, deadline_of(payload))
+        for channel, payload in items:
+            # Keys only tell inbox messages apart (take records); these are normal ones.
+            message = _Message(offset, channel, payload, deadline_of(payload))
             if message.deadline <= sent_at:
                 continue
             if state.claims:
@@ -362,8 +364,8 @@ class _Hub:
         # Claim records of receives still waiting in this process, by claim id.
         self.open_claims: dict[str, list[Any]] = {}
         # Messages this process's claims took beyond what its receives wanted (prefetch, or
-        # a receive cancelled while its claim was served), with when they arrived, by queue.
-        self.held: dict[str, deque[tuple[float, _Message]]] = {}
+        # a receive cancelled while its claim was served).
+        self.held = HeldMessages()
         # Sends written without waiting for their replay: token -> (queue, size, written at).
         self.unreplayed: dict[str, tuple[str, int, float]] = {}
         self.unreplayed_per_queue: Counter[str] = Counter()
@@ -465,9 +467,8 @@ class _Hub:
 
     def stop(self) -> None:
         self._stopping.set()
-        with self.lock:
-            for queue in list(self.held):
-                self.give_back(queue, len(self.held[queue]))
+        for queue, items in self.held.release(0):
+            self.give_back(queue, items)
         self._outbox.put(None)
         for thread in self._threads:
             thread.join(10)
@@ -498,8 +499,8 @@ class _Hub:
             records = [record for batch in batches.values() for record in batch]
             if not records and self._stalled():
                 self._recover()
-            if self.held:
-                self._give_back_stale()
+            for queue, items in self.held.release(self.options["prefetch_hold"]):
+                self.give_back(queue, items)
             if records:
                 self._progress = time.monotonic()
                 with self.lock:
@@ -534,60 +535,26 @@ class _Hub:
             # A log shorter than what was read is a new log: read it from its start.
             self.consumer.seek(self.partition, 0)
 
-    def _give_back_stale(self) -> None:
-        cutoff = time.monotonic() - self.options["prefetch_hold"]
-        with self.lock:
-            for queue, held in list(self.held.items()):
-                stale = 0
-                for since, _message in held:
-                    if since > cutoff:
-                        break
-                    stale += 1
-                if stale:
-                    self.give_back(queue, stale)
-
-    def give_back(self, queue: str, count: int) -> None:
-        """Return the ``count`` oldest held messages of ``queue`` to it (under ``lock``)."""
-        held = self.held[queue]
-        items = [held.popleft()[1] for _ in range(count)]
-        if not held:
-            del self.held[queue]
+    def give_back(self, queue: str, items: list[Item]) -> None:
+        """Return held ``items`` of ``queue`` to the head of the queue, for every process."""
         instant = now()
         chunks: list[list[list[Any]]] = [[]]
         size = 0
-        for message in items:
-            if message.deadline <= instant:
-                continue
-            if size + len(message.payload) > self.options["max_record"] - _RECORD_OVERHEAD:
+        for channel, payload in items:
+            if size + len(payload) > self.options["max_record"] - _RECORD_OVERHEAD:
                 chunks.append([])
                 size = 0
-            chunks[-1].append([message.offset, message.channel, message.payload])
-            size += len(message.payload)
+            chunks[-1].append([channel, payload])
+            size += len(payload)
         # Each record puts its messages at the head of the queue: the newest go first.
         for chunk in reversed(chunks):
             if chunk:
                 self.write([_RETURN, None, instant, queue, chunk])
 
     def hold(self, queue: str, messages: list[_Message]) -> None:
-        """Keep messages a claim took for later receives here (under ``lock``)."""
+        """Keep messages a claim took for later receives here."""
         if messages:
-            since = time.monotonic()
-            self.held.setdefault(queue, deque()).extend((since, m) for m in messages)
-
-    def take_held(self, queue: str, limit: int) -> list[Item]:
-        """Up to ``limit`` live held messages of ``queue``, oldest first (under ``lock``)."""
-        held = self.held.get(queue)
-        taken: list[Item] = []
-        if held is None:
-            return taken
-        instant = now()
-        while held and len(taken) < limit:
-            message = held.popleft()[1]
-            if message.deadline > instant:
-                taken.append((message.channel, message.payload))
-        if not held:
-            del self.held[queue]
-        return taken
+            self.held.hold(queue, [(m.channel, m.payload) for m in messages])
 
     def take_inbox(self, queue: str, limit: int) -> tuple[list[Item], list[tuple[int, str]]]:
         """Live messages of this process's inbox not handed out yet, and every key it
@@ -701,7 +668,7 @@ class _Hub:
         elif record[0] == _TAKE:
             self.handed_out.difference_update((offset, channel) for offset, channel in record[4])
         if outcome.flushed:
-            self.held.clear()
+            self.held.discard()
             self.handed_out.clear()
         if token in self.calls:
             del self.calls[token]
@@ -976,8 +943,7 @@ class KafkaBackend(Backend):
         """Messages already in this process: held by its claims, or replayed to its inbox."""
         hub = self._hub
         if not queue.endswith("!"):
-            with hub.lock:
-                return hub.take_held(queue, limit)
+            return hub.held.take(queue, limit)
         instant = now()
         with hub.lock:
             taken, keys = hub.take_inbox(queue, limit)
@@ -1016,7 +982,7 @@ class KafkaBackend(Backend):
         # to ``prefetch`` messages and the log order decides which ones each claim gets.
         hub = self._hub
         with hub.lock:
-            held = hub.take_held(queue, limit)
+            held = hub.held.take(queue, limit)
             if held:
                 return held
             cid = hub.token()

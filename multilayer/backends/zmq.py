@@ -69,6 +69,7 @@ import zmq.asyncio
 from ..backend import Backend, Capabilities, Item, LayerSettings, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
 from ..serialization import HEADER_SIZE, deadline_of
@@ -264,8 +265,8 @@ class _Node:
         self._commands: deque[tuple[str, concurrent.futures.Future[None]]] = deque()
         self._keys: set[str] = set()
         #: Normal-channel messages a pop took beyond what its receive wanted, by queue key,
-        #: with when they arrived; the thread gives back those held too long.
-        self.held: dict[str, deque[tuple[float, Item]]] = {}
+        #: the thread gives back those held too long.
+        self.held = HeldMessages()
         self._give_back_ids: set[int] = set()
         self._waiting: dict[str, list[concurrent.futures.Future[None]]] = {}
         self._requests: dict[int, list[str]] = {}
@@ -291,31 +292,7 @@ class _Node:
             for key, inbox in self.inboxes.items():
                 if key.startswith(start):
                     inbox.items.clear()
-            for key in [key for key in self.held if key.startswith(start)]:
-                del self.held[key]
-
-    def hold(self, key: str, items: list[Item]) -> None:
-        """Keep messages a pop of normal channel ``key`` took for later receives here."""
-        if items:
-            since = time.monotonic()
-            with self.lock:
-                self.held.setdefault(key, deque()).extend((since, item) for item in items)
-
-    def take_held(self, key: str, limit: int) -> list[Item]:
-        """Up to ``limit`` live held messages of ``key``, oldest first."""
-        taken: list[Item] = []
-        with self.lock:
-            held = self.held.get(key)
-            if not held:
-                return taken
-            current = now()
-            while held and len(taken) < limit:
-                item = held.popleft()[1]
-                if deadline_of(item[1]) > current:
-                    taken.append(item)
-            if not held:
-                del self.held[key]
-        return taken
+        self.held.discard(keep=lambda key: not key.startswith(start))
 
     def stop(self) -> None:
         """End the thread and close the sockets (at interpreter exit)."""
@@ -351,12 +328,12 @@ class _Node:
                     self._send_registrations(self._keys)
                     next_refresh = time.monotonic() + self.config.heartbeat
                 if self.held:
-                    self._give_back(time.monotonic() - _PREFETCH_HOLD)
+                    self._give_back(_PREFETCH_HOLD)
         except Exception:
             logger.exception("the zmq node thread failed; process inboxes are unreachable")
         finally:
             with contextlib.suppress(Exception):
-                self._give_back(float("inf"))
+                self._give_back(0)
             for dealer in self._hubs:
                 # Long enough for the held messages just given back to leave the process.
                 dealer.close(linger=_GIVE_BACK_LINGER_MS)
@@ -365,19 +342,9 @@ class _Node:
             self._wake_send.close()
             self._context.term()
 
-    def _give_back(self, cutoff: float) -> None:
-        """Return held messages that arrived before ``cutoff`` to the head of their queue."""
-        batches: list[tuple[str, list[Item]]] = []
-        with self.lock:
-            for key, held in list(self.held.items()):
-                items: list[Item] = []
-                while held and held[0][0] <= cutoff:
-                    items.append(held.popleft()[1])
-                if not held:
-                    del self.held[key]
-                if items:
-                    batches.append((key, items))
-        for key, items in batches:
+    def _give_back(self, held_for: float) -> None:
+        """Return messages held ``held_for`` seconds or more (0: all) to their hub queue."""
+        for key, items in self.held.release(held_for):
             request_id = next(self._ids)
             header = encode("requeue", request_id, key, [channel for channel, _ in items])
             hub = self._hubs[_shard(key.partition(":")[2], self.config.names)]
@@ -961,7 +928,7 @@ class ZmqBackend(Backend):
             return []
         key = self._prefix + queue
         if not queue.endswith("!"):
-            return node.take_held(key, limit)
+            return node.held.take(key, limit)
         with node.lock:
             inbox = node.inboxes.get(key)
             return inbox.take(limit) if inbox is not None else []
@@ -994,7 +961,7 @@ class ZmqBackend(Backend):
     async def _pop_hub(self, key: str, name: str, limit: int) -> list[Item]:
         node = self._node
         assert node is not None
-        held = node.take_held(key, limit)
+        held = node.held.take(key, limit)
         if held:
             return held
         link = self._link(name)
@@ -1018,7 +985,7 @@ class ZmqBackend(Backend):
                 continue
             if args[0]:
                 items = list(zip(args[0], frames, strict=True))
-                node.hold(key, items[limit:])
+                node.held.hold(key, items[limit:])
                 return items[:limit]
 
     async def _abandon(
