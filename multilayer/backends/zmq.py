@@ -74,7 +74,17 @@ from ..names import non_local_name
 from ..options import Option
 from ..serialization import HEADER_SIZE, deadline_of
 from ..url import LayerURL
-from .zmqhub import DEFAULT_MAX_MESSAGE, FULL, LEASE, OK, UNKNOWN, decode, encode, split_batch
+from .zmqhub import (
+    DEFAULT_MAX_MESSAGE,
+    FULL,
+    LEASE,
+    OK,
+    UNKNOWN,
+    Leases,
+    decode,
+    encode,
+    split_batch,
+)
 
 __all__ = ["ZmqBackend"]
 
@@ -145,52 +155,19 @@ class _Inbox:
     def __init__(self) -> None:
         self.items: deque[Item] = deque()
         self.waiters: list[asyncio.Future[None]] = []
-        #: Places leased to senders: sender id -> (messages, monotonic end of the lease).
-        self.leases: dict[bytes, tuple[int, float]] = {}
-
-    def leased(self, but: bytes = b"") -> int:
-        """Places still leased to senders other than ``but`` (expired leases are dropped)."""
-        current = time.monotonic()
-        total = 0
-        for sender, (count, until) in list(self.leases.items()):
-            if until <= current:
-                del self.leases[sender]
-            elif sender != but:
-                total += count
-        return total
+        self.leases = Leases()
 
     def put(self, item: Item, capacity: int | None, sender: bytes = b"") -> bool:
-        if capacity is not None and len(self.items) + self.leased(sender) >= capacity:
+        if capacity is not None and len(self.items) + self.leases.reserved(sender) >= capacity:
             current = now()
             kept = [entry for entry in self.items if deadline_of(entry[1]) > current]
-            if len(kept) + self.leased(sender) >= capacity:
+            if len(kept) + self.leases.reserved(sender) >= capacity:
                 return False
             self.items = deque(kept)
         self.items.append(item)
         waiters, self.waiters = self.waiters, []
         for future in waiters:
             _wake(future)
-        return True
-
-    def lease(self, sender: bytes, capacity: int, want: int) -> int:
-        """Lease up to ``want`` places to ``sender``, never more than half the free room.
-
-        The sender then sends that many messages without waiting for answers; leaving
-        half the room free means another sender is never refused while there is space.
-        """
-        self.leases.pop(sender, None)
-        free = capacity - len(self.items) - self.leased()
-        granted = max(0, min(want, free // 2))
-        if granted:
-            self.leases[sender] = (granted, time.monotonic() + LEASE)
-        return granted
-
-    def take_lease(self, sender: bytes) -> bool:
-        """Use one leased place of ``sender``; False when it holds none."""
-        count, until = self.leases.get(sender, (0, 0.0))
-        if count <= 0 or until <= time.monotonic():
-            return False
-        self.leases[sender] = (count - 1, until)
         return True
 
     def take(self, limit: int) -> list[Item]:
@@ -452,7 +429,7 @@ class _Node:
                 elif inbox.put((channel, payload), capacity, sender):
                     statuses.append(OK)
                     if want and len(items) == 1:
-                        granted = inbox.lease(sender, capacity, want)
+                        granted = inbox.leases.grant(sender, capacity - len(inbox.items), want)
                 else:
                     statuses.append(FULL)
         return [statuses, granted]
@@ -467,7 +444,7 @@ class _Node:
                 if inbox is None:
                     logger.warning("dropped a message for unknown inbox %s", key)
                     continue
-                if not inbox.take_lease(sender):
+                if not inbox.leases.use(sender):
                     # A lease that ran out in transit: the sender counted the message as
                     # accepted, so it is kept even if that overfills the inbox a little.
                     logger.debug("inbox %s: message past its sender's lease", key)
@@ -828,18 +805,29 @@ class ZmqBackend(Backend):
         # The hub leases places like a node does (see _push_specific): sends on a lease
         # cost no round trip, and ChannelFull stays exact for one sender.
         link = self._link(name)
-        credit = self._credits.get(key)
-        if credit is not None and credit[0] > 0 and time.monotonic() < credit[1]:
-            credit[0] -= 1
+        if self._use_credit(key):
             link.send_leased(key, channel, payload)
             return OK
         reply = await link.call("push", (key, channel, capacity, _WANT), (payload,), self._timeout)
-        if len(reply) > 1 and reply[1]:
-            self._credits[key] = [reply[1], time.monotonic() + LEASE / 2]
-        else:
-            self._credits.pop(key, None)
+        self._store_credit(key, reply[1] if len(reply) > 1 else 0)
         status: int = reply[0]
         return status
+
+    def _use_credit(self, key: str) -> bool:
+        """Take one place of a lease held on ``key``; False when none is usable."""
+        credit = self._credits.get(key)
+        if credit is None or credit[0] <= 0 or time.monotonic() >= credit[1]:
+            return False
+        credit[0] -= 1
+        return True
+
+    def _store_credit(self, key: str, granted: int) -> None:
+        """Remember a lease of ``granted`` places on ``key`` (0: none)."""
+        if granted:
+            # Use the lease for half its life, so it cannot lapse in transit.
+            self._credits[key] = [granted, time.monotonic() + LEASE / 2]
+        else:
+            self._credits.pop(key, None)
 
     async def _push_specific(
         self, key: str, name: str, channel: str, payload: bytes, capacity: int
@@ -850,9 +838,7 @@ class ZmqBackend(Backend):
                 # A group send forwarded by the hub must reach the node before this does.
                 await asyncio.wait(set(self._group_sends))
             peer = self._peer(*known)
-            credit = self._credits.get(key)
-            if credit is not None and credit[0] > 0 and time.monotonic() < credit[1]:
-                credit[0] -= 1
+            if self._use_credit(key):
                 peer.send_leased(key, channel, payload)
                 return OK
             peer.unsettled = False  # the node answers in order: this answer settles all
@@ -870,9 +856,7 @@ class ZmqBackend(Backend):
             else:
                 status: int = reply[0][0]
                 if status != UNKNOWN:
-                    if reply[1]:
-                        # Use the lease for half its life, so it cannot lapse in transit.
-                        self._credits[key] = [reply[1], time.monotonic() + LEASE / 2]
+                    self._store_credit(key, reply[1])
                     return status
                 self._forget(key, peer)
         await self._settle()

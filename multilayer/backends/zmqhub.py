@@ -49,6 +49,7 @@ __all__ = [
     "OK",
     "UNKNOWN",
     "Hub",
+    "Leases",
     "decode",
     "encode",
     "main",
@@ -112,6 +113,50 @@ def _number(value: Any) -> float:
     if type(value) not in (int, float):
         raise _BadRequest(f"expected a number, got {value!r:.40}")
     return float(value)
+
+
+class Leases:
+    """Places of one queue reserved for senders (hub queues and node inboxes alike).
+
+    With an ok, the queue's owner leases a sender up to ``want`` places for ``LEASE``
+    seconds, never more than half the free room: the sender then sends that many
+    messages without waiting for answers, and another sender is never refused while
+    there is space. Places leased and not used yet count as taken for everyone else.
+    """
+
+    def __init__(self) -> None:
+        #: sender id -> (places left, monotonic end of the lease)
+        self._leases: dict[bytes, tuple[int, float]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._leases)
+
+    def reserved(self, but: bytes = b"") -> int:
+        """Places leased to senders other than ``but``; drops spent and expired leases."""
+        current = time.monotonic()
+        total = 0
+        for sender, (count, until) in list(self._leases.items()):
+            if count <= 0 or until <= current:
+                del self._leases[sender]
+            elif sender != but:
+                total += count
+        return total
+
+    def grant(self, sender: bytes, free: int, want: int) -> int:
+        """Lease ``sender`` up to ``want`` of ``free`` places (free of stored messages)."""
+        self._leases.pop(sender, None)
+        granted = max(0, min(want, (free - self.reserved()) // 2))
+        if granted:
+            self._leases[sender] = (granted, time.monotonic() + LEASE)
+        return granted
+
+    def use(self, sender: bytes) -> bool:
+        """Use one leased place of ``sender``; False when it holds none."""
+        count, until = self._leases.get(sender, (0, 0.0))
+        if count <= 0 or until <= time.monotonic():
+            return False
+        self._leases[sender] = (count - 1, until)
+        return True
 
 
 def split_batch(items: Any, blob: bytes) -> list[tuple[str, str, bytes]]:
@@ -205,8 +250,8 @@ class Hub:
         self.queues: dict[str, deque[tuple[str, bytes]]] = {}
         self.waiters: dict[str, deque[_Waiter]] = {}
         self.groups: dict[str, dict[str, float]] = {}
-        #: Places of normal queues leased to senders: key -> client -> (count, until).
-        self.leases: dict[str, dict[bytes, tuple[int, float]]] = {}
+        #: Places of normal queues leased to senders, by queue key.
+        self.leases: dict[str, Leases] = {}
         self.directory: dict[str, _Owner] = {}
         self._forwards: dict[int, _Forward] = {}
         self._links: dict[str, zmq.Socket[bytes]] = {}
@@ -376,37 +421,25 @@ class Hub:
         # Pushes on a lease, batched, answered by nobody: the places were reserved.
         for key, channel, payload in split_batch(args[0], frames[1] if len(frames) > 1 else b""):
             leases = self.leases.get(key)
-            held = leases.get(client) if leases else None
-            if leases is not None and held is not None:
-                leases[client] = (held[0] - 1, held[1])
+            if leases is not None:
+                leases.use(client)
             self._enqueue(key, channel, payload, None)
 
     def _lease(self, key: str, client: bytes, capacity: int, want: int) -> int:
-        """Reserve up to ``want`` places of ``key`` for ``client``: at most half the free
-        room, so that another sender is never refused while there is space.
-        """
-        leases = self.leases.get(key)
-        if leases:
-            leases.pop(client, None)
-        free = min(capacity, self.max_queue) - len(self.queues.get(key, ())) - self._leased(key)
-        granted = max(0, min(want, free // 2))
-        if granted:
-            self.leases.setdefault(key, {})[client] = (granted, time.monotonic() + LEASE)
+        """Reserve up to ``want`` places of ``key`` for ``client`` (see :class:`Leases`)."""
+        leases = self.leases.setdefault(key, Leases())
+        free = min(capacity, self.max_queue) - len(self.queues.get(key, ()))
+        granted = leases.grant(client, free, want)
+        if not leases:
+            del self.leases[key]
         return granted
 
     def _leased(self, key: str, but: bytes = b"") -> int:
         """Places of ``key`` leased to clients other than ``but``; drops spent leases."""
         leases = self.leases.get(key)
-        if not leases:
-            self.leases.pop(key, None)
+        if leases is None:
             return 0
-        current = time.monotonic()
-        total = 0
-        for client, (count, until) in list(leases.items()):
-            if count <= 0 or until <= current:
-                del leases[client]
-            elif client != but:
-                total += count
+        total = leases.reserved(but)
         if not leases:
             del self.leases[key]
         return total
