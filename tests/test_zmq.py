@@ -485,13 +485,15 @@ def test_hub_queue_cap_bounds_memory(tmp_path: Path) -> None:
 
 def test_curve_encrypts_and_authenticates(tmp_path: Path) -> None:
     server_public, server_secret = zmq.curve_keypair()
+    # Z85 keys may begin with "-", which argparse takes for an option unless written as
+    # --option=VALUE (as the docs say): make sure such a key is the one passed.
     client_public, client_secret = zmq.curve_keypair()
+    while not client_public.startswith(b"-"):
+        client_public, client_secret = zmq.curve_keypair()
     process = Hub(
         tmp_path,
-        "--curve-secret-key",
-        server_secret.decode(),
-        "--curve-allow",
-        client_public.decode(),
+        f"--curve-secret-key={server_secret.decode()}",
+        f"--curve-allow={client_public.decode()}",
     )
     process.start()
     try:

@@ -5,7 +5,8 @@ Run it with ``multilayer hub --bind tcp://127.0.0.1:5599`` or
 ``zmq://127.0.0.1:5599``. ``--bind`` may be repeated or given a comma list
 (``--bind ipc:///run/ml.sock,tcp://0.0.0.0:5599``). Options: ``--curve-secret-key`` (or
 ``--curve-secret-key-file``, or ``$MULTILAYER_HUB_SECRET_KEY``) turns on CURVE encryption,
-``--curve-allow PUBLIC_KEY`` (repeatable) restricts clients to those keys,
+``--curve-allow=PUBLIC_KEY`` (repeatable; write keys with ``=``, as a Z85 key may begin
+with ``-``) restricts clients to those keys,
 ``--peer-timeout``, ``--max-queue``, ``--max-message-size`` and ``--log-level``.
 
 One single-threaded poll loop holds all state in memory: nothing survives a restart.
