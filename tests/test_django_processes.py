@@ -113,7 +113,7 @@ class Chat:
                 self.worker = Service("runworker", argv, env, logs / "worker.log")
                 self.services.append(self.worker)
             deadline = time.monotonic() + START_TIMEOUT
-            for service, port in zip(self.services, self.ports.values()):
+            for service, port in zip(self.services[:2], self.ports.values(), strict=True):
                 service.wait_listening(port, deadline)
         except BaseException:
             self.stop()
@@ -279,9 +279,7 @@ def test_bad_input_gets_a_clear_error_and_the_room_goes_on(chat: Chat) -> None:
     here = room()
 
     async def body() -> None:
-        status, reply = await asyncio.to_thread(
-            post, chat.http("a", f"/rooms/{here}/announce"), {}
-        )
+        status, reply = await asyncio.to_thread(post, chat.http("a", f"/rooms/{here}/announce"), {})
         assert status == 400 and "'text'" in reply, reply
         async with chat.ws("a", here, "alice") as alice, chat.ws("b", here, "bob") as bob:
             await alice.send(json.dumps({"no": "text"}))
@@ -323,9 +321,7 @@ def redis_chat(
         cluster.stop()
 
 
-def test_browser_tabs_on_two_servers_chat(
-    redis_chat: Chat, request: pytest.FixtureRequest
-) -> None:
+def test_browser_tabs_on_two_servers_chat(redis_chat: Chat, request: pytest.FixtureRequest) -> None:
     sync_api = require_module("playwright.sync_api")
     executable = require_binary(CHROMIUM)
     here = room()
@@ -347,15 +343,15 @@ def test_browser_tabs_on_two_servers_chat(
             tabs["a"].fill("#text", "typed in tab a")
             tabs["a"].press("#text", "Enter")
             line = tabs["b"].locator("#log li", has_text="typed in tab a")
-            sync_api.expect(line).to_contain_text(f"alice: typed in tab a")
+            sync_api.expect(line).to_contain_text("alice: typed in tab a")
             sync_api.expect(line).to_contain_text(f"process {redis_chat.pid('a')}")
 
             tabs["b"].fill("#text", "typed in tab b")
             tabs["b"].click("button")
             line = tabs["a"].locator("#log li", has_text="typed in tab b")
             sync_api.expect(line).to_contain_text(f"process {redis_chat.pid('b')}")
-            for server, shot in zip(tabs, shots):
-                tabs[server].screenshot(path=str(shot), full_page=True)
+            for tab, shot in zip(tabs.values(), shots, strict=True):
+                tab.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
