@@ -49,6 +49,9 @@ if ! port_open 5672; then
   wait_port 5672 120 RabbitMQ
 fi
 
+# The browser test drives Debian's chromium (never a downloaded one: CI has no such download).
+command -v chromium >/dev/null || apt_install chromium
+
 exec "$PYTHON" -m pytest \
   --multilayer-url memory:// \
   --multilayer-url "$REDIS_URL" \

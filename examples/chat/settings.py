@@ -26,3 +26,4 @@ CHANNEL_LAYERS = {
     }
 }
 USE_TZ = True
+TIME_ZONE = "UTC"
