@@ -291,6 +291,35 @@ def test_bad_input_gets_a_clear_error_and_the_room_goes_on(chat: Chat) -> None:
     run(body)
 
 
+def test_one_command_runs_the_example_on_memory(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("MULTILAYER_URL", None)
+    argv = [sys.executable, "-m", "examples.chat", "--port", str(port)]
+    service = Service("python -m examples.chat", argv, env, tmp_path / "chat.log")
+    try:
+        service.wait_listening(port, time.monotonic() + START_TIMEOUT)
+        address = f"ws://127.0.0.1:{port}/ws/chat/lobby/?user=solo"
+        announce = f"http://127.0.0.1:{port}/rooms/lobby/announce"
+
+        async def body() -> None:
+            async with websockets_client.connect(address, open_timeout=EVENT_TIMEOUT) as ws:
+                await ws.send(json.dumps({"text": "anyone?"}))
+                await next_event(ws, kind="message", text="anyone?", process=service.pid)
+                status, reply = await asyncio.to_thread(post, announce, {"text": "in-process"})
+                assert status == 202, reply
+                # memory:// is one process: the worker runs inside the server.
+                await next_event(ws, kind="announcement", text="in-process", process=service.pid)
+
+        run(body)
+        assert "memory://" in service.log.read_text()
+    finally:
+        service.stop()
+
+
 # -- the browser ------------------------------------------------------------------------
 
 CHROMIUM_ARGS = [

@@ -37,7 +37,7 @@ def main() -> None:
 
     worker = Worker(application, [ANNOUNCE_CHANNEL], get_channel_layer())
     threading.Thread(target=worker.run, name="chat-announce worker", daemon=True).start()
-    print(f"chat on http://{args.host}:{args.port}/ (layer {get_channel_layer()!r})")
+    print(f"chat on http://{args.host}:{args.port}/ (layer {get_channel_layer()!r})", flush=True)
     CommandLineInterface().run(
         ["--bind", args.host, "--port", str(args.port), "examples.chat.asgi:application"]
     )
