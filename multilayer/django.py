@@ -27,6 +27,7 @@ from django.conf import settings  # type: ignore[import-untyped]
 from django.core import checks  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
+from .exceptions import MultilayerError
 from .layer import ChannelLayer
 
 __all__ = ["PROBE_TIMEOUT", "MultilayerConfig", "check_channel_layers"]
@@ -65,10 +66,11 @@ def check_channel_layers(
         config = entry.get("CONFIG") or {}
         try:
             layer = backend(**config)
-        except (ValueError, TypeError) as error:  # ConfigurationError is a ValueError
+        except Exception as error:  # whatever stops the layer from being built is an error
+            text = str(error) if isinstance(error, MultilayerError) else repr(error)
             messages.append(
                 checks.Error(
-                    str(error),
+                    text,
                     hint="See the multilayer README for URL schemes and options.",
                     obj=where,
                     id="multilayer.E001",
@@ -77,7 +79,7 @@ def check_channel_layers(
             continue
         if not layer.backend_class.capabilities.multiprocess:
             continue  # An in-process layer has no broker to reach.
-        problem = probe(layer, PROBE_TIMEOUT)
+        problem = _probe(layer, PROBE_TIMEOUT)
         if problem is not None:
             messages.append(
                 checks.Warning(
@@ -90,12 +92,12 @@ def check_channel_layers(
     return messages
 
 
-def probe(layer: ChannelLayer, timeout: float) -> str | None:
+def _probe(layer: ChannelLayer, timeout: float) -> str | None:
     """Connect a fresh backend of ``layer`` and ask the broker's version; None if it worked.
 
     The probe runs in its own thread and event loop so that it works under a running
-    loop too, and the caller waits at most ``timeout`` (plus a second) even when a
-    client library blocks.
+    loop too; the caller waits at most ``2 * timeout + 1`` seconds (open and request,
+    then close) even when a client library blocks.
     """
     outcome: list[str | None] = []
 

@@ -60,8 +60,18 @@ def test_the_app_registers_the_check() -> None:
         ({"url": "memory://", "capcity": 10}, "'capcity'"),
         ({"url": "memory://?capacity=0"}, "capacity"),
         ({"url": "redis://127.0.0.1:6379/0?expiry=soon"}, "expiry"),
+        ({"url": "redis://127.0.0.1:port/0"}, "'port'"),
+        ({"url": 6379}, "must be a string"),
     ],
-    ids=["unknown-scheme", "unknown-url-option", "unknown-config-key", "bad-value", "bad-type"],
+    ids=[
+        "unknown-scheme",
+        "unknown-url-option",
+        "unknown-config-key",
+        "bad-value",
+        "bad-type",
+        "bad-port",
+        "not-a-url",
+    ],
 )
 def test_bad_url_or_config_is_an_error(config: dict[str, Any], named: str) -> None:
     from django.core.checks import ERROR
