@@ -12,6 +12,10 @@ rather than at the first message:
 * ``multilayer.W001`` (Warning): the broker did not answer a connect probe bounded by
   :data:`PROBE_TIMEOUT` seconds. It is a warning because brokers may start after the web
   processes; the layer reconnects on its own.
+
+The probe opens the backend exactly as the layer's first message would (so a RabbitMQ
+layer declares its prefix's exchange, a Kafka layer its topic), asks for the broker's
+version and closes; a ``memory://`` layer is not probed.
 """
 
 from __future__ import annotations

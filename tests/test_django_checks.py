@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import time
 from typing import Any
 
@@ -119,7 +121,19 @@ def test_credentials_never_appear_in_a_warning(fast_probe: float) -> None:
 
 
 def test_a_reachable_broker_passes(layer_url: str) -> None:
-    assert messages({"url": layer_url}) == []
+    from multilayer import ChannelLayer
+
+    prefix = "check" + secrets.token_hex(4)
+    assert messages({"url": layer_url, "prefix": prefix}) == []
+
+    async def flush() -> None:  # what the probe's open() declared, e.g. RabbitMQ's exchange
+        layer = ChannelLayer(layer_url, prefix=prefix)
+        try:
+            await asyncio.wait_for(layer.flush(), 20)
+        finally:
+            await asyncio.wait_for(layer.close(), 10)
+
+    asyncio.run(flush())
 
 
 def test_other_layer_backends_are_left_to_channels() -> None:
