@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,3 +141,25 @@ def test_a_reachable_broker_passes(layer_url: str) -> None:
 
 def test_other_layer_backends_are_left_to_channels() -> None:
     assert messages({}, backend="channels.layers.InMemoryChannelLayer") == []
+
+
+@pytest.mark.parametrize("command", [["check"], ["runworker", "chat-announce"]])
+def test_manage_commands_refuse_to_start_on_a_bad_url(command: list[str]) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "MULTILAYER_URL": "nosuch://localhost",
+        "DJANGO_SETTINGS_MODULE": "examples.chat.settings",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "django", *command],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "multilayer.E001" in done.stderr and "'nosuch'" in done.stderr, done.stderr
