@@ -13,8 +13,12 @@ from .exceptions import ConfigurationError
 __all__ = ["LayerURL"]
 
 # Query options whose values are credentials: masked wherever the URL is shown.
-_SECRET_OPTION = re.compile(r"password|secret|token|passphrase", re.IGNORECASE)
+_SECRET_OPTION = re.compile(r"password|secret|token|passphrase|encryption", re.IGNORECASE)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://(.*)$", re.DOTALL)
+# An '@' before any option value (which may hold one) after the host part.
+_STRAY_AT = re.compile(r"^[^=&]*@")
+# What no host name or address contains.
+_BAD_HOST = re.compile(r"[\s/?#@\\\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,15 @@ class LayerURL:
             )
         scheme, rest = match.group(1).lower(), match.group(2)
         rest, _, query_string = rest.partition("?")
-        rest, _, _fragment = rest.partition("#")
+        rest, _, fragment = rest.partition("#")
         netloc, slash, path = rest.partition("/")
+        if "@" not in netloc and _STRAY_AT.search(f"{path}?{query_string}#{fragment}"):
+            # A password with an unencoded '/', '?' or '#' ends the host part early; what
+            # follows would show up as path or options. The URL is not shown: it holds it.
+            raise ConfigurationError(
+                "layer URL has an '@' after its host part: percent-encode '/', '?', '#' "
+                "and '@' in a user name or password (%2F, %3F, %23, %40), and '@' in a path"
+            )
         username = password = None
         if "@" in netloc:
             userinfo, _, netloc = netloc.rpartition("@")
@@ -125,13 +136,20 @@ def _parse_host(item: str, url: str) -> tuple[str, int | None]:
         port_text = tail[1:]
     else:
         host, _, port_text = item.partition(":")
+    host = unquote(host)
+    if _BAD_HOST.search(host):
+        raise ConfigurationError(f"bad host {host!r} in layer URL {_redact(url)!r}")
     if not port_text:
-        return unquote(host), None
+        return host, None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigurationError(f"bad port {port_text!r} in layer URL {_redact(url)!r}")
-    return unquote(host), int(port_text)
+    return host, int(port_text)
 
 
 def _redact(url: str) -> str:
-    """Mask a password in a URL that may not even parse."""
-    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", url)
+    """Mask a password in a URL that may not even parse.
+
+    Everything from the first ':' after the scheme to the last '@' is masked: a password
+    may hold '/', ':' or '@', and masking too much is harmless in an error message.
+    """
+    return re.sub(r"(://[^/@:]*:).*@", r"\1***@", url, flags=re.DOTALL)
