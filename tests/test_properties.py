@@ -7,31 +7,21 @@ each example costs a send and a receive rather than new connections.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
-import threading
 import time
-from collections.abc import Awaitable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
 from channels.layers import BaseChannelLayer
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
+from looping import BROKER_EXAMPLES, LoopThread
 
 from multilayer.conformance.plugin import Harness
 from multilayer.names import MAX_NAME_LENGTH, check_channel_name, check_group_name
-
-T = TypeVar("T")
-
-#: Per backend: small enough for CI against real brokers (a few seconds each).
-BROKER_EXAMPLES = settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 NAME_CHARS = st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 GROUP_NAMES = st.text(NAME_CHARS, min_size=1, max_size=MAX_NAME_LENGTH - 1)
@@ -115,26 +105,6 @@ VALUES = st.recursive(
     max_leaves=20,
 )
 MESSAGES = st.dictionaries(st.text(max_size=20), VALUES, max_size=6)
-
-
-class LoopThread:
-    """One event loop in a thread, so that hypothesis examples share the layers' connections."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coroutine: Awaitable[T], timeout: float = 20.0) -> T:
-        async def bounded() -> T:
-            return await asyncio.wait_for(coroutine, timeout)
-
-        return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result(timeout + 5)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -700,7 +700,7 @@ class _Hub:
                 else:
                     log_malformed(self.topic, len(value), f"bad operation at offset {offset}")
         except (ValueError, msgpack.UnpackException):
-            logger.warning("kafka log %s: skipped undecodable record at %d", self.topic, offset)
+            log_malformed(self.topic, len(value), f"undecodable record at offset {offset}")
 
     def _apply_operation(self, position: int, record: list[Any]) -> None:
         outcome = self.machine.apply(position, record)

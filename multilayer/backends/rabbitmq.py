@@ -492,6 +492,10 @@ class _Consumer:
             return []
         if kind:
             return [(kind, body)]
+        if not method.exchange:
+            # Group messages come through the groups exchange; this was published straight
+            # into the inbox without a channel name, by something that is not a layer.
+            raise ValueError("no channel name")
         group = method.routing_key
         members = memberships.live(group)
         if not members:
