@@ -103,6 +103,29 @@ _FLUSH = "F"
 _HOUSEKEEPING = frozenset({_RENEW, _CANCEL, _TAKE, _RETURN})
 
 
+class _MaskSecrets(logging.Filter):
+    """Masks known passwords in a library's log records (kafka-python's admin client logs
+    its whole configuration, SASL password included, at DEBUG).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = message
+        for secret in self.secrets:
+            masked = masked.replace(secret, "***")
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+_MASK = _MaskSecrets()
+logging.getLogger("kafka.admin.client").addFilter(_MASK)
+
+
 def _is_number(value: Any) -> bool:
     return type(value) in (int, float)
 
@@ -922,6 +945,8 @@ class KafkaBackend(Backend):
             config["sasl_mechanism"] = self.config["sasl_mechanism"]
             config["sasl_plain_username"] = url.username
             config["sasl_plain_password"] = url.password or ""
+            if url.password:
+                _MASK.secrets.add(url.password)
         elif tls:
             config["security_protocol"] = "SSL"
         if tls:
