@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from multilayer import ChannelLayer, ConfigurationError
+from multilayer import ChannelLayer, ConfigurationError, MessageTooLarge
 
 
 def test_query_options_are_typed() -> None:
@@ -80,9 +80,14 @@ def test_configuration_errors_are_value_errors() -> None:
         ChannelLayer("memory://?capacity=x")
 
 
-def test_max_message_size_defaults_to_one_mebibyte() -> None:
-    assert ChannelLayer("memory://").settings.max_message_size == 1024 * 1024
+def test_max_message_size_defaults_to_one_mebibyte_and_is_exact() -> None:
+    layer = ChannelLayer("memory://")
+    assert layer.settings.max_message_size == 1024 * 1024
     assert ChannelLayer("memory://?max_message_size=2048").settings.max_message_size == 2048
+    # 8 bytes of deadline and 8 of msgpack framing around the bytes.
+    assert len(layer._codec.encode({"b": b"x" * (1024 * 1024 - 16)}, 0.0)) == 1024 * 1024
+    with pytest.raises(MessageTooLarge, match="message of 1048577 bytes exceeds"):
+        layer._codec.encode({"b": b"x" * (1024 * 1024 - 15)}, 0.0)
 
 
 def test_unknown_schemes_and_options_name_themselves() -> None:
