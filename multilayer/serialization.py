@@ -185,8 +185,9 @@ class Codec:
             message = self.serializer.loads(body)
             if type(message) is not dict:
                 raise ValueError(f"body is a {type(message).__name__}, not a map")
-            if not all(type(key) is str for key in message):
-                raise ValueError("body has keys that are not strings")
+            for key in message:
+                if type(key) is not str:
+                    raise ValueError("body has keys that are not strings")
         except Exception as error:  # msgpack and cryptography raise many types for garbage
             log_malformed(channel, len(payload), error)
             return None
