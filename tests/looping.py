@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, settings
 
 T = TypeVar("T")
 
+#: No per-example deadline: a shared CI machine under load must not turn into flaky tests.
+UNHURRIED = settings(deadline=None)
+
 #: Per backend: small enough for CI against real brokers (a few seconds each).
 BROKER_EXAMPLES = settings(
     max_examples=30,

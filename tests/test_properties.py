@@ -12,14 +12,16 @@ import struct
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import msgpack
 import pytest
 from channels.layers import BaseChannelLayer
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from looping import BROKER_EXAMPLES, LoopThread
+from looping import BROKER_EXAMPLES, UNHURRIED, LoopThread
 
+from multilayer import ChannelLayer, ConfigurationError, LayerURL
 from multilayer.conformance.plugin import Harness
 from multilayer.names import MAX_NAME_LENGTH, check_channel_name, check_group_name
 
@@ -35,6 +37,7 @@ CHANNEL_NAMES = st.builds(
 # -- names (no broker) -------------------------------------------------------------------
 
 
+@UNHURRIED
 @given(GROUP_NAMES)
 def test_valid_group_names_are_accepted_as_channels_accepts_them(name: str) -> None:
     assert check_group_name(name) == name
@@ -42,12 +45,14 @@ def test_valid_group_names_are_accepted_as_channels_accepts_them(name: str) -> N
     assert BaseChannelLayer().require_valid_group_name(name)
 
 
+@UNHURRIED
 @given(CHANNEL_NAMES)
 def test_valid_channel_names_are_accepted_as_channels_accepts_them(name: str) -> None:
     assert check_channel_name(name) == name
     assert BaseChannelLayer().require_valid_channel_name(name)
 
 
+@UNHURRIED
 @given(st.text(max_size=120) | st.text(NAME_CHARS | st.sampled_from("! \n\t/:#é€"), max_size=110))
 def test_names_channels_refuses_are_refused_with_the_name(name: str) -> None:
     # Nothing Channels itself would refuse gets through (we may refuse a little more).
@@ -71,6 +76,7 @@ def test_names_channels_refuses_are_refused_with_the_name(name: str) -> None:
         assert BaseChannelLayer().require_valid_group_name(name)
 
 
+@UNHURRIED
 @given(st.one_of(st.none(), st.integers(), st.binary(), st.lists(st.text()), st.floats()))
 def test_names_that_are_not_strings_are_type_errors(name: Any) -> None:
     with pytest.raises(TypeError, match="invalid channel name"):
@@ -79,6 +85,7 @@ def test_names_that_are_not_strings_are_type_errors(name: Any) -> None:
         check_group_name(name)
 
 
+@UNHURRIED
 @given(GROUP_NAMES.map(lambda name: name + "x" * MAX_NAME_LENGTH))
 def test_names_of_100_characters_or_more_are_refused(name: str) -> None:
     with pytest.raises(TypeError):
@@ -97,13 +104,13 @@ SCALARS = (
     | st.text(max_size=40)
     | st.binary(max_size=40)
 )
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+
+
+VALUES = st.recursive(SCALARS, _containers, max_leaves=20)
 MESSAGES = st.dictionaries(st.text(max_size=20), VALUES, max_size=6)
 
 
@@ -181,3 +188,34 @@ def test_undecodable_payloads_are_logged_dropped_and_receiving_goes_on(
 
     garbage_then_good()
     assert sent > 0
+
+
+# -- URLs (no broker) ----------------------------------------------------------------------
+
+SCHEMES = st.sampled_from(["redis", "rediss", "amqp", "kafka", "zmq", "memory", "nosuch"])
+
+
+@UNHURRIED
+@given(st.text(max_size=80) | st.builds("{}://{}".format, SCHEMES, st.text(max_size=60)))
+def test_any_text_parses_or_is_a_configuration_error(text: str) -> None:
+    try:
+        url = LayerURL.parse(text)
+    except ConfigurationError:
+        return
+    assert LayerURL.parse(url.render()).hosts == url.hosts
+
+
+@UNHURRIED
+@given(SCHEMES, st.text(max_size=20), st.text(max_size=20).map(lambda p: f"Zq9{p}Zq9"))
+def test_any_password_round_trips_and_is_never_shown(scheme: str, user: str, password: str) -> None:
+    url = f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:1/0"
+    parsed = LayerURL.parse(url)
+    assert (parsed.username, parsed.password) == (user or None, password)
+    assert LayerURL.parse(parsed.render()).password == password
+    shown = [repr(parsed), str(parsed), parsed.sanitized()]
+    try:
+        shown.append(repr(ChannelLayer(url)))
+    except ConfigurationError as error:  # memory:// takes no host, nosuch:// has no backend
+        shown.append(str(error))
+    for text in shown:
+        assert "Zq9" not in text
