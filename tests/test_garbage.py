@@ -293,10 +293,12 @@ def test_zmq_junk_frames_to_hub_and_node(
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
 
-        def deliver(channel: str, payload: bytes) -> None:
-            # A well-formed delivery of junk into the node's inbox for ``channel``.
+        def deliver(channel: str, payload: bytes, name: Any = None) -> None:
+            # A well-formed delivery of junk into the node's inbox for ``channel``, under
+            # the channel's name or a ``name`` that is none.
             key = backend._prefix + channel.partition("!")[0] + "!"
-            header = msgpack.packb(["deliver", 1, [[key, channel, None]], time.time() + 60, 0])
+            item = [key, channel if name is None else name, None]
+            header = msgpack.packb(["deliver", 1, [item], time.time() + 60, 0])
             to_node.send_multipart([header, payload])
 
         def envelopes(channel: str, payload: bytes) -> list[Injection]:
@@ -316,7 +318,11 @@ def test_zmq_junk_frames_to_hub_and_node(
                 (lambda: to_node.send_multipart([msgpack.packb(["flush", 4, 5])]), True),
             ]
             if "!" in channel:
-                injections.append((lambda: deliver(channel, payload), True))
+                injections += [
+                    (lambda: deliver(channel, payload), True),
+                    (lambda: deliver(channel, FUTURE + b"\x80", ["a", "list"]), True),
+                    (lambda: deliver(channel, FUTURE + b"\x80", 42), True),
+                ]
             return injections
 
         try:
