@@ -18,7 +18,7 @@ from .local import LocalQueue
 from .names import check_channel_name, check_group_name, check_message, non_local_name
 from .options import Option, resolve_options
 from .plugins import load_backend
-from .serialization import deadline_of, pack, unpack_message
+from .serialization import Codec, check_encryption_keys, deadline_of
 from .url import LayerURL
 
 __all__ = ["ENV_URL", "LAYER_OPTIONS", "ChannelLayer", "from_url"]
@@ -47,8 +47,13 @@ LAYER_OPTIONS: Mapping[str, Option] = {
     "channel_capacity": Option(
         object, None, "{glob or regex: capacity} overriding capacity", in_url=False
     ),
-    "max_message_size": Option(
-        int, 8 * 1024 * 1024, "largest serialized message in bytes", minimum=64
+    "max_message_size": Option(int, 1024 * 1024, "largest serialized message in bytes", minimum=64),
+    "symmetric_encryption_keys": Option(
+        object,
+        None,
+        "Fernet keys: encrypt with the first, decrypt with any (comma-separated in the URL)",
+        secret=True,
+        convert=check_encryption_keys,
     ),
 }
 
@@ -103,7 +108,9 @@ class ChannelLayer:
     variable is read, else ``memory://``. Query parameters of the URL set options;
     keyword arguments override them. Core options and their defaults: ``prefix="asgi"``,
     ``expiry=60`` seconds, ``group_expiry=86400`` seconds, ``capacity=100``,
-    ``channel_capacity=None``, ``max_message_size=8 MiB``; each backend documents its own.
+    ``channel_capacity=None``, ``max_message_size=1 MiB``, ``symmetric_encryption_keys=None``
+    (Fernet keys; message bodies are encrypted with the first, decrypted with any); each
+    backend documents its own.
     An unknown option raises :class:`~multilayer.exceptions.ConfigurationError` listing
     the valid ones.
 
@@ -160,7 +167,10 @@ class ChannelLayer:
         self.process_name = secrets.token_hex(8)
         self._own_suffix = f".{self.process_name}!"
         self._capacity_for = self.settings.capacity.for_channel
-        self._max_size = self.settings.max_message_size
+        self._codec = Codec(
+            max_size=self.settings.max_message_size,
+            keys=values["symmetric_encryption_keys"] or (),
+        )
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._states_lock = threading.Lock()
 
@@ -198,10 +208,9 @@ class ChannelLayer:
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; ChannelFull if the channel is at capacity."""
         check_channel_name(channel)
-        if not isinstance(message, dict):
-            check_message(message)
+        check_message(message)
         deadline = time.time() + self.expiry
-        payload = pack(message, deadline, max_size=self._max_size)
+        payload = self._codec.encode(message, deadline)
         state = self._state()
         backend = state.backend if state.is_open else await state.ready()
         await backend.push(
@@ -233,7 +242,10 @@ class ChannelLayer:
             if payload is None:
                 await queue.wait(channel)
             elif deadline_of(payload) > time.time():
-                return unpack_message(payload)
+                # Broker content is untrusted: what does not decode is logged and dropped.
+                message = self._codec.decode(payload, channel)
+                if message is not None:
+                    return message
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, receivable only through this layer.
@@ -271,7 +283,7 @@ class ChannelLayer:
         check_group_name(group)
         check_message(message)
         deadline = time.time() + self.expiry
-        payload = pack(message, deadline, max_size=self.settings.max_message_size)
+        payload = self._codec.encode(message, deadline)
         backend = await self._backend()
         await backend.group_send(group, payload, deadline=deadline, capacity=self.settings.capacity)
 

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from .backend import Backend, Item, now
-from .serialization import deadline_of
+from .serialization import deadline_of, log_malformed
 
 __all__ = ["INBOX_BATCH", "HeldMessages", "LocalQueue"]
 
@@ -59,6 +59,11 @@ class LocalQueue:
     def _buffer(self, items: list[tuple[str, bytes]]) -> None:
         buffers = self.buffers
         for channel, payload in items:
+            if type(channel) is not str or type(payload) is not bytes:
+                # Junk another client put where this queue's messages wait.
+                size = len(payload) if isinstance(payload, bytes) else 0
+                log_malformed(self.queue, size, "not a channel name and bytes")
+                continue
             buffer = buffers.get(channel)
             if buffer is None:
                 buffer = buffers[channel] = deque()
@@ -104,7 +109,8 @@ class LocalQueue:
                 items = await self.backend.pop(self.queue, limit)
                 self._buffer(items)
                 for channel, _payload in items:
-                    self._wake(channel)
+                    if type(channel) is str:
+                        self._wake(channel)
         except asyncio.CancelledError:
             raise
         except Exception as error:

@@ -47,10 +47,13 @@ def check_group_name(name: Any) -> str:
 
 
 def check_message(message: Any) -> dict[str, Any]:
-    """Return ``message`` if it is a dict, else raise TypeError naming its type."""
-    if isinstance(message, dict):
-        return message
-    raise TypeError(f"message must be a dict, not {type(message).__name__}: {message!r:.80}")
+    """Return ``message`` if it is a dict with string keys, else raise TypeError naming why."""
+    if not isinstance(message, dict):
+        raise TypeError(f"message must be a dict, not {type(message).__name__}: {message!r:.80}")
+    for key in message:
+        if not isinstance(key, str):
+            raise TypeError(f"message keys must be strings, not {type(key).__name__}: {key!r:.80}")
+    return message
 
 
 def non_local_name(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ class Option:
     ``kind`` is ``int``, ``float``, ``bool``, ``str`` or ``object`` (keyword argument only,
     checked by ``check``). ``minimum`` bounds numbers; ``choices`` bounds strings; ``check``
     receives the typed value and returns an error text, or None when the value is fine.
-    ``secret`` values are never echoed in errors.
+    ``secret`` values are never echoed in errors. ``convert`` (for ``object`` options that
+    may also come from the URL as text) returns the canonical value or raises
+    :class:`~multilayer.exceptions.ConfigurationError` itself.
     """
 
     kind: type
@@ -32,6 +35,7 @@ class Option:
     in_url: bool = True
     secret: bool = False
     check: Callable[[Any], str | None] | None = None
+    convert: Callable[[Any], Any] | None = None
 
     def from_text(self, name: str, text: str) -> Any:
         """Convert a URL query value to this option's type."""
@@ -71,6 +75,8 @@ class Option:
             if self.kind is float
             else isinstance(value, self.kind)
         )
+        if kind_ok and self.kind is float and not math.isfinite(value):
+            raise ConfigurationError(f"option {name!r} must be a finite number, not {shown}")
         if not kind_ok:
             raise ConfigurationError(
                 f"option {name!r} must be {_kind_name(self.kind)}, not {shown} "
@@ -86,6 +92,8 @@ class Option:
             problem = self.check(value)
             if problem:
                 raise ConfigurationError(f"option {name!r}: {problem}")
+        if self.convert is not None:
+            return self.convert(value)
         return float(value) if self.kind is float else value
 
 

@@ -2,20 +2,43 @@
 
 The deadline (seconds since the epoch, as a big-endian double) stays readable without
 decoding the body, so brokers' scripts and the core can drop expired messages cheaply.
-A future encryption step wraps :class:`Serializer`; the envelope stays the same.
+With ``symmetric_encryption_keys`` the body is a Fernet token of the deadline and the
+msgpack bytes: the broker sees only the deadline, and a changed deadline fails
+authentication like a changed body.
+
+Whatever arrives from a broker is untrusted: :meth:`Codec.decode` turns anything that is
+not a payload this layer could have made into a logged warning and ``None``, never an
+exception, so a receive loop carries on with the next message.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import struct
 import threading
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from .exceptions import MessageTooLarge
+from .exceptions import ConfigurationError, MessageTooLarge
 
-__all__ = ["MsgpackSerializer", "Serializer", "deadline_of", "pack", "unpack", "unpack_message"]
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
+
+__all__ = [
+    "Codec",
+    "MsgpackSerializer",
+    "Serializer",
+    "check_encryption_keys",
+    "deadline_of",
+    "pack",
+    "unpack",
+    "unpack_message",
+]
+
+logger = logging.getLogger("multilayer")
 
 _DEADLINE = struct.Struct("!d")
 HEADER_SIZE = _DEADLINE.size
@@ -56,6 +79,134 @@ class MsgpackSerializer:
 DEFAULT_SERIALIZER = MsgpackSerializer()
 
 
+def check_encryption_keys(keys: Any) -> tuple[str, ...]:
+    """``keys`` as a tuple of Fernet keys; ConfigurationError naming the bad one by position.
+
+    Accepts a list or tuple of keys, or one string of comma-separated keys (the URL form).
+    Never shows a key: a wrong one may be a real key with a typo.
+    """
+    if isinstance(keys, str):
+        keys = [key for key in keys.split(",") if key.strip()]
+    if not isinstance(keys, (list, tuple)) or not keys:
+        raise ConfigurationError(
+            "option 'symmetric_encryption_keys' must be a non-empty list of Fernet keys "
+            f"(or a comma-separated string of them), not a {type(keys).__name__}"
+        )
+    fernet = _fernet_module()
+    checked = []
+    for index, key in enumerate(keys):
+        if not isinstance(key, (str, bytes)):
+            raise ConfigurationError(
+                f"option 'symmetric_encryption_keys': key #{index} must be a string, "
+                f"not {type(key).__name__}"
+            )
+        text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+        try:
+            fernet.Fernet(text.strip())
+        except (ValueError, TypeError):
+            raise ConfigurationError(
+                f"option 'symmetric_encryption_keys': key #{index} is not a Fernet key "
+                "(32 random bytes in URL-safe base64, 44 characters; make one with "
+                "cryptography.fernet.Fernet.generate_key())"
+            ) from None
+        checked.append(text.strip())
+    return tuple(checked)
+
+
+def _fernet_module() -> Any:
+    try:
+        from cryptography import fernet
+    except ImportError:
+        raise ConfigurationError(
+            "option 'symmetric_encryption_keys' needs the cryptography package: "
+            "pip install 'multilayer[crypto]'"
+        ) from None
+    return fernet
+
+
+class Codec:
+    """Payloads of one layer: size limit, optional encryption, defensive decoding.
+
+    ``keys`` are Fernet keys: messages are encrypted with the first and decrypted with
+    any of them, so a new key is rolled out by putting it first while the old one still
+    decrypts what is in flight.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        keys: Sequence[str] = (),
+        serializer: Serializer = DEFAULT_SERIALIZER,
+    ) -> None:
+        self.max_size = max_size
+        self.serializer = serializer
+        self._cipher: MultiFernet | None = None
+        self._invalid_token: type[Exception] = Exception
+        if keys:
+            fernet = _fernet_module()
+            self._cipher = fernet.MultiFernet([fernet.Fernet(key) for key in keys])
+            self._invalid_token = fernet.InvalidToken
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether message bodies are encrypted."""
+        return self._cipher is not None
+
+    def encode(self, message: dict[str, Any], deadline: float) -> bytes:
+        """The payload of ``message``; MessageTooLarge when it exceeds ``max_size`` bytes."""
+        header = _DEADLINE.pack(deadline)
+        body = self.serializer.dumps(message)
+        if self._cipher is not None:
+            body = self._cipher.encrypt(header + body)
+        payload = header + body
+        if len(payload) > self.max_size:
+            raise MessageTooLarge(
+                f"message of {len(payload)} bytes exceeds max_message_size={self.max_size}"
+            )
+        return payload
+
+    def decode(self, payload: bytes, channel: str) -> dict[str, Any] | None:
+        """The message of ``payload``, or None (logged) when it is not one of ours."""
+        try:
+            body = payload[HEADER_SIZE:]
+            if len(payload) < HEADER_SIZE:
+                raise ValueError("shorter than the deadline header")
+            if self._cipher is not None:
+                try:
+                    plain = self._cipher.decrypt(body)
+                except self._invalid_token:
+                    raise ValueError(
+                        "failed authentication (tampered, or encrypted with an unknown key)"
+                    ) from None
+                if plain[:HEADER_SIZE] != payload[:HEADER_SIZE]:
+                    raise ValueError("failed authentication (the deadline was changed)")
+                body = plain[HEADER_SIZE:]
+            message = self.serializer.loads(body)
+            if type(message) is not dict:
+                raise ValueError(f"body is a {type(message).__name__}, not a map")
+            for key in message:
+                if type(key) is not str:
+                    raise ValueError("body has keys that are not strings")
+        except Exception as error:  # msgpack and cryptography raise many types for garbage
+            log_malformed(channel, len(payload), error)
+            return None
+        return message
+
+
+def log_malformed(where: str, size: int, error: BaseException | str) -> None:
+    """Warn that a malformed message or frame was dropped (one wording, never its bytes)."""
+    reason = error if isinstance(error, str) else _describe(error)
+    logger.warning("dropped a malformed message on %r (%d bytes): %s", where, size, reason)
+
+
+def _describe(error: BaseException) -> str:
+    # Errors of our own checks say what was wrong; a library's may quote the bytes.
+    if type(error) is ValueError:
+        return str(error)
+    return f"undecodable ({type(error).__name__})"
+
+
 def pack(
     message: dict[str, Any],
     deadline: float,
@@ -63,28 +214,30 @@ def pack(
     max_size: int,
     serializer: Serializer = DEFAULT_SERIALIZER,
 ) -> bytes:
-    """The payload of ``message``; MessageTooLarge when it exceeds ``max_size`` bytes."""
-    payload = _DEADLINE.pack(deadline) + serializer.dumps(message)
-    if len(payload) > max_size:
-        raise MessageTooLarge(
-            f"message of {len(payload)} bytes exceeds max_message_size={max_size}"
-        )
-    return payload
+    """The unencrypted payload of ``message``; MessageTooLarge beyond ``max_size`` bytes."""
+    return Codec(max_size=max_size, serializer=serializer).encode(message, deadline)
 
 
 def unpack(
     payload: bytes, serializer: Serializer = DEFAULT_SERIALIZER
 ) -> tuple[float, dict[str, Any]]:
-    """The deadline and message of a payload made by :func:`pack`."""
+    """The deadline and message of an unencrypted payload made by :func:`pack`."""
     return _DEADLINE.unpack_from(payload)[0], serializer.loads(payload[HEADER_SIZE:])
 
 
 def unpack_message(payload: bytes, serializer: Serializer = DEFAULT_SERIALIZER) -> dict[str, Any]:
-    """The message of a payload made by :func:`pack`."""
+    """The message of an unencrypted payload made by :func:`pack`."""
     return serializer.loads(payload[HEADER_SIZE:])
 
 
 def deadline_of(payload: bytes) -> float:
-    """The expiry deadline of a payload, without decoding its body."""
-    deadline: float = _DEADLINE.unpack_from(payload)[0]
+    """The expiry deadline of a payload, without decoding its body.
+
+    A payload too short to hold one never expires here: it travels on to
+    :meth:`Codec.decode`, which logs and drops it, rather than vanishing unseen.
+    """
+    try:
+        deadline: float = _DEADLINE.unpack_from(payload)[0]
+    except struct.error:
+        return math.inf
     return deadline

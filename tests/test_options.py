@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from multilayer import ChannelLayer, ConfigurationError
+from multilayer import ChannelLayer, ConfigurationError, MessageTooLarge
 
 
 def test_query_options_are_typed() -> None:
@@ -57,6 +57,17 @@ def test_unknown_option_names_the_valid_ones() -> None:
         ("memory://?channel_capacity=5", {}, "cannot be set in the URL"),
         ("memory://", {"channel_capacity": {"a*": 0}}, "must be a positive integer"),
         ("memory://", {"channel_capacity": {3: 5}}, "glob strings or compiled regexes"),
+        ("memory://?expiry=nan", {}, "'expiry' must be a finite number, not nan"),
+        ("memory://?group_expiry=inf", {}, "'group_expiry' must be a finite number, not inf"),
+        ("memory://", {"expiry": float("-inf")}, "'expiry' must be a finite number"),
+        ("memory://?max_message_size=63", {}, "'max_message_size' must be >= 64"),
+        ("memory://?max_message_size=1MB", {}, "'max_message_size' must be an integer"),
+        ("memory://", {"max_message_size": 1.5}, "'max_message_size' must be an integer"),
+        ("memory://", {"capacity": None, "prefix": 5}, "'prefix' must be a string, not 5"),
+        ("memory://?prefix=", {}, "'prefix': must be made of ASCII"),
+        ("memory://?prefix=" + "p" * 100, {}, "'prefix': must be made of ASCII"),
+        ("memory://?capacity=1&expiry", {}, "'expiry' must be a number, not ''"),
+        ("memory://?symmetric_encryption_keys=", {}, "non-empty list of Fernet keys"),
     ],
 )
 def test_bad_values_are_named(url: str, kwargs: dict[str, object], message: str) -> None:
@@ -67,3 +78,22 @@ def test_bad_values_are_named(url: str, kwargs: dict[str, object], message: str)
 def test_configuration_errors_are_value_errors() -> None:
     with pytest.raises(ValueError):
         ChannelLayer("memory://?capacity=x")
+
+
+def test_max_message_size_defaults_to_one_mebibyte_and_is_exact() -> None:
+    layer = ChannelLayer("memory://")
+    assert layer.settings.max_message_size == 1024 * 1024
+    assert ChannelLayer("memory://?max_message_size=2048").settings.max_message_size == 2048
+    # 8 bytes of deadline and 8 of msgpack framing around the bytes.
+    assert len(layer._codec.encode({"b": b"x" * (1024 * 1024 - 16)}, 0.0)) == 1024 * 1024
+    with pytest.raises(MessageTooLarge, match="message of 1048577 bytes exceeds"):
+        layer._codec.encode({"b": b"x" * (1024 * 1024 - 15)}, 0.0)
+
+
+def test_unknown_schemes_and_options_name_themselves() -> None:
+    with pytest.raises(ConfigurationError, match="no multilayer backend for URL scheme 'nats'"):
+        ChannelLayer("nats://h:4222")
+    with pytest.raises(ConfigurationError, match=r"unknown option 'heartbeat' for memory://"):
+        ChannelLayer("memory://?heartbeat=5")
+    with pytest.raises(ConfigurationError, match="unknown option 'Prefix'"):
+        ChannelLayer("memory://", Prefix="x")

@@ -97,8 +97,13 @@ def test_secret_options_never_shown() -> None:
 
 BAD = {
     "no scheme": ("localhost:6379", "has no scheme"),
-    "bad port": ("redis://h:99999/0", "bad port '99999'"),
-    "port not a number": ("redis://h:abc/0", "bad port 'abc'"),
+    "bad port": ("redis://h:99999/0", "bad port for host 'h': it must be a number"),
+    "port not a number": ("redis://h:abc/0", "bad port for host 'h'"),
+    "bad port after credentials": ("redis://u:p@h:abc/0", "bad port 'abc' in layer URL"),
+    "host with a space": ("redis://my host:6379/0", "bad host 'my host'"),
+    "password with a slash": ("redis://:pa/ss@h/0", "percent-encode '/'"),
+    "password with a hash": ("redis://:pa#ss@h/0", "percent-encode"),
+    "password with a question mark": ("amqp://u:pa?ss@h/", "percent-encode"),
     "bad ipv6": ("redis://[::1/0", "bad IPv6 host"),
     "option twice": ("redis://h/0?capacity=1&capacity=2", "'capacity' appears twice"),
     "not a string": (b"redis://h", "must be a string"),

@@ -59,7 +59,7 @@ from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import deadline_of
+from ..serialization import deadline_of, log_malformed
 from ..url import LayerURL
 
 __all__ = ["KafkaBackend"]
@@ -101,6 +101,83 @@ _FLUSH = "F"
 #: Records nobody waits for promptly: writing or reading them keeps polling slow, so a
 #: receive that waits (renewing its claim) does not keep an idle layer busy.
 _HOUSEKEEPING = frozenset({_RENEW, _CANCEL, _TAKE, _RETURN})
+
+
+class _MaskSecrets(logging.Filter):
+    """Masks known passwords in a library's log records (kafka-python's admin client logs
+    its whole configuration, SASL password included, at DEBUG).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = message
+        for secret in self.secrets:
+            masked = masked.replace(secret, "***")
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+_MASK = _MaskSecrets()
+logging.getLogger("kafka.admin.client").addFilter(_MASK)
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _is_pairs(value: Any, first: type, second: type) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and type(pair[0]) is first
+        and type(pair[1]) is second
+        for pair in value
+    )
+
+
+#: The argument types of each operation after ``[op, token, sent_at]``.
+_SHAPES: dict[str, Callable[[list[Any]], bool]] = {
+    _SEND: lambda a: (
+        (len(a) == 3 and type(a[0]) is str and (a[1] is None or type(a[1]) is int))
+        and type(a[2]) is bytes
+    ),
+    _RETURN: lambda a: len(a) == 2 and type(a[0]) is str and _is_pairs(a[1], str, bytes),
+    _GROUP_SEND: lambda a: (
+        (len(a) == 4 and type(a[0]) is str and type(a[1]) is bytes and type(a[2]) is int)
+        and isinstance(a[3], dict)
+        and all(type(k) is str and type(v) is int for k, v in a[3].items())
+    ),
+    _CLAIM: lambda a: len(a) == 3 and type(a[0]) is str and type(a[1]) is int and _is_number(a[2]),
+    _RENEW: lambda a: len(a) == 3 and type(a[0]) is str and type(a[1]) is str and _is_number(a[2]),
+    _CANCEL: lambda a: len(a) == 2 and type(a[0]) is str and type(a[1]) is str,
+    _TAKE: lambda a: len(a) == 2 and type(a[0]) is str and _is_pairs(a[1], int, str),
+    _GROUP_ADD: lambda a: (
+        len(a) == 3 and type(a[0]) is str and type(a[1]) is str and _is_number(a[2])
+    ),
+    _GROUP_DISCARD: lambda a: len(a) == 2 and type(a[0]) is str and type(a[1]) is str,
+    _FLUSH: lambda a: not a,
+}
+
+
+def _well_formed(operation: Any) -> bool:
+    """Whether ``operation`` is one this backend writes: another client's garbage in the
+    topic must neither stop the replay nor leave state that breaks later operations.
+    """
+    if not isinstance(operation, list) or len(operation) < 3:
+        return False
+    shape = _SHAPES.get(operation[0]) if type(operation[0]) is str else None
+    token = operation[1]
+    return (
+        shape is not None
+        and (token is None or type(token) is str)
+        and _is_number(operation[2])
+        and shape(operation[3:])
+    )
 
 
 @dataclass
@@ -641,9 +718,12 @@ class _Hub:
         unpacker.feed(value)
         try:
             for index, operation in enumerate(unpacker):
-                self._apply_operation(offset * _OPERATIONS_PER_RECORD + index, operation)
+                if _well_formed(operation):
+                    self._apply_operation(offset * _OPERATIONS_PER_RECORD + index, operation)
+                else:
+                    log_malformed(self.topic, len(value), f"bad operation at offset {offset}")
         except (ValueError, msgpack.UnpackException):
-            logger.warning("kafka log %s: skipped undecodable record at %d", self.topic, offset)
+            log_malformed(self.topic, len(value), f"undecodable record at offset {offset}")
 
     def _apply_operation(self, position: int, record: list[Any]) -> None:
         outcome = self.machine.apply(position, record)
@@ -865,6 +945,8 @@ class KafkaBackend(Backend):
             config["sasl_mechanism"] = self.config["sasl_mechanism"]
             config["sasl_plain_username"] = url.username
             config["sasl_plain_password"] = url.password or ""
+            if url.password:
+                _MASK.secrets.add(url.password)
         elif tls:
             config["security_protocol"] = "SSL"
         if tls:

@@ -86,7 +86,7 @@ from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import deadline_of
+from ..serialization import deadline_of, log_malformed
 from ..url import LayerURL
 
 __all__ = ["RabbitMQBackend"]
@@ -459,7 +459,10 @@ class _Consumer:
         while self.buffer and len(taken) < limit:
             method, properties, body = self.buffer.popleft()
             last = method.delivery_tag
-            taken.extend(self._open(method, properties, body))
+            try:
+                taken.extend(self._open(method, properties, body))
+            except Exception as error:  # another client's garbage must not stop the queue
+                log_malformed(self.queue, len(body), f"bad envelope ({type(error).__name__})")
         # One group message's copies are returned together, even beyond ``limit``.
         if last is not None and self.channel is not None and self.channel.closed is None:
             # Acknowledged in the same step as the return: the caller has these messages
@@ -477,6 +480,9 @@ class _Consumer:
         memberships = self.backend.memberships(self.queue)
         if kind in (_JOIN, _LEAVE):
             group, channel, deadline = msgpack.unpackb(body)
+            named = isinstance(group, str) and isinstance(channel, str)
+            if not named or type(deadline) not in (int, float):
+                raise ValueError("a membership is [group, channel, deadline]")
             if kind == _JOIN:
                 memberships.join(group, channel, deadline)
             elif memberships.leave(group, channel):
@@ -486,6 +492,10 @@ class _Consumer:
             return []
         if kind:
             return [(kind, body)]
+        if not method.exchange:
+            # Group messages come through the groups exchange; this was published straight
+            # into the inbox without a channel name, by something that is not a layer.
+            raise ValueError("no channel name")
         group = method.routing_key
         members = memberships.live(group)
         if not members:

@@ -74,6 +74,7 @@ from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..names import non_local_name
 from ..options import Option
+from ..serialization import log_malformed
 from ..url import LayerURL
 
 __all__ = ["RedisBackend"]
@@ -102,8 +103,10 @@ class _Script:
 
 # Elements are ``suffix \n payload``; payloads start with the 8-byte big-endian deadline.
 _LUA_HELPERS = """
+-- A malformed element (another client's write) counts as live: Python logs and drops it.
 local function expired(element, now)
   local at = string.find(element, '\\n', 1, true)
+  if not at or #element < at + 8 then return false end
   return struct.unpack('>d', element, at + 1) <= now
 end
 local function keep_alive(key, ttl)
@@ -681,7 +684,9 @@ class _Receiver(_Watched):
         at, end = 0, len(framed)
         while at < end:
             size = int.from_bytes(framed[at : at + 4], "big")
-            taken.append(self._decode(framed[at + 4 : at + 4 + size]))
+            item = self._decode(framed[at + 4 : at + 4 + size])
+            if item is not None:
+                taken.append(item)
             at += 4 + size
         return taken
 
@@ -703,9 +708,16 @@ class _Receiver(_Watched):
         self._delivered = target
         return self._decode(element)
 
-    def _decode(self, element: bytes) -> tuple[str, bytes]:
-        cut = element.index(b"\n")
-        return self._queue + element[:cut].decode(), element[cut + 1 :]
+    def _decode(self, element: bytes) -> tuple[str, bytes] | None:
+        cut = element.find(b"\n")
+        try:
+            suffix = element[:cut].decode() if cut >= 0 else None
+        except UnicodeDecodeError:
+            suffix = None
+        if suffix is None or (suffix and not self._queue.endswith("!")):
+            log_malformed(self._queue, len(element), "bad channel-name suffix")
+            return None
+        return self._queue + suffix, element[cut + 1 :]
 
     async def _put_back(self) -> None:
         """After a cancelled receive: return what this consumer holds to its queue.
