@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ..backend import Backend, Capabilities, Item, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
@@ -373,6 +373,9 @@ class _Hub:
         self.distrust_until = 0.0
         # Inbox messages handed to a receiver whose take record is not replayed yet.
         self.handed_out: set[tuple[int, str]] = set()
+        # Group sends of this process not replayed yet -> the backend that counts their
+        # refused copies.
+        self.group_senders: dict[str, Backend] = {}
         self.token_prefix = secrets.token_hex(6) + ":"
         self._tokens = itertools.count()
         self._busy_until = 0.0
@@ -660,9 +663,13 @@ class _Hub:
                 self.waker.wake(cid)
         for queue in outcome.appended:
             self.waker.wake(queue)
-        if outcome.full_members and str(token).startswith(self.token_prefix):
+        if record[0] == _GROUP_SEND:
+            sender = self.group_senders.pop(token, None)
             for member in outcome.full_members:
-                log_full_member(record[3], member)
+                if sender is not None:
+                    sender.skip_full_member(record[3], member)
+                elif str(token).startswith(self.token_prefix):
+                    log_full_member(record[3], member)
         if record[0] == _CANCEL:
             self.abandoned.discard(record[4])
         elif record[0] == _TAKE:
@@ -804,7 +811,12 @@ class KafkaBackend(Backend):
     """Channels as a replicated state machine over one Kafka topic per prefix."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        multiprocess=True, native_expiry=False, native_fanout=True, restartable=False
+        multiprocess=True,
+        native_expiry=False,
+        native_fanout=True,
+        restartable=False,
+        queue_depth=True,
+        group_sizes=True,
     )
     extra: ClassVar[str | None] = "kafka"
     options: ClassVar[Mapping[str, Option]] = {
@@ -1046,8 +1058,38 @@ class KafkaBackend(Backend):
             capacities = {member: capacity.for_channel(member) for member in known}
         # The record decides the fan-out for every process; waiting for its replay here
         # would only delay the warnings about full members, which the replay thread logs.
-        await hub.acked(
-            [_GROUP_SEND, hub.token(), now(), group, payload, capacity.default, capacities]
+        token = hub.token()
+        with hub.lock:
+            hub.group_senders[token] = self
+        try:
+            await hub.acked(
+                [_GROUP_SEND, token, now(), group, payload, capacity.default, capacities]
+            )
+        except BaseException:
+            with hub.lock:
+                hub.group_senders.pop(token, None)
+            raise
+
+    async def broker_stats(self) -> BrokerStats:
+        """The replayed state, once the replay has caught up with a no-op record written now
+        (discarding a membership of the group "", which no valid name reaches)."""
+        hub = self._hub
+        await hub.call([_GROUP_DISCARD, hub.token(), now(), "", ""])
+        instant = now()
+        with hub.lock:
+            machine = hub.machine
+            # Counted without touching the state, which only log records may change.
+            queues = {
+                name: sum(1 for message in state.pending if message.deadline > instant)
+                for name, state in machine.queues.items()
+            }
+            groups = {
+                name: sum(1 for until in members.values() if until > instant)
+                for name, members in machine.groups.items()
+            }
+        return BrokerStats(
+            queues={name: count for name, count in queues.items() if count},
+            groups={name: count for name, count in groups.items() if count},
         )
 
     async def flush(self) -> None:
