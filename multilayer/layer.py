@@ -110,7 +110,15 @@ class _LoopState:
             if self._opened is not None and self._opened.done():
                 self._opened = None
             raise
-        self.is_open = True
+        if not self.is_open:
+            self.is_open = True
+            backend = self.backend
+            logger.debug(
+                "backend open url=%s prefix=%s backend=%s",
+                backend.url.sanitized(),
+                backend.settings.prefix,
+                type(backend).__name__,
+            )
         return self.backend
 
     def queue(self, name: str) -> LocalQueue:
@@ -125,6 +133,7 @@ class _LoopState:
         if self.is_open:
             self.is_open = False
             await self.backend.close()
+            logger.debug("backend closed url=%s", self.backend.url.sanitized())
         elif self._opened is not None:
             self._opened.cancel()
         self._opened = None

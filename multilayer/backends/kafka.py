@@ -64,7 +64,7 @@ from ..url import LayerURL
 
 __all__ = ["KafkaBackend"]
 
-logger = logging.getLogger("multilayer.kafka")
+logger = logging.getLogger(__name__)
 
 
 #: Bytes a log record may add around a payload (operation, channel name, numbers).

@@ -91,7 +91,7 @@ from ..url import LayerURL
 
 __all__ = ["RabbitMQBackend"]
 
-logger = logging.getLogger("multilayer.rabbitmq")
+logger = logging.getLogger(__name__)
 
 
 #: How long a consumer with no receive waiting keeps its prefetched messages: enough for

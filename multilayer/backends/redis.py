@@ -78,7 +78,7 @@ from ..url import LayerURL
 
 __all__ = ["RedisBackend"]
 
-logger = logging.getLogger("multilayer.redis")
+logger = logging.getLogger(__name__)
 
 #: Errors after which a connection is dropped and made again; anything else is a bug or
 #: a misconfigured server and surfaces as BrokerError.

@@ -88,7 +88,7 @@ from .zmqhub import (
 
 __all__ = ["ZmqBackend"]
 
-logger = logging.getLogger("multilayer.zmq")
+logger = logging.getLogger(__name__)
 
 
 #: How long one pop request waits at the hub before it is renewed.

@@ -57,7 +57,7 @@ __all__ = [
     "split_batch",
 ]
 
-logger = logging.getLogger("multilayer.zmqhub")
+logger = logging.getLogger(__name__)
 
 #: Item statuses in replies: accepted, refused for capacity, no such inbox here.
 OK, FULL, UNKNOWN = 0, 1, 2
@@ -300,7 +300,7 @@ class Hub:
     def _start_curve(self, router: zmq.Socket[bytes]) -> None:
         assert self._secret is not None and self._public is not None
         self._auth = zmq.auth.thread.ThreadAuthenticator(
-            self._context, log=logging.getLogger("multilayer.zmqhub.auth")
+            self._context, log=logging.getLogger(f"{__name__}.auth")
         )
         self._auth.start()
         if self._allowed:
