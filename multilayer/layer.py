@@ -63,15 +63,14 @@ class LayerStats:
     ``"specific.3f2a9c!"``) and live members per group, each None when the backend's
     broker cannot tell (``unknown`` then says why). ``buffered`` counts, per channel, the
     messages this layer object has taken from the broker for receives in this process
-    and not handed out yet (a process inbox's pop takes what waits for all its
-    channels; some backends also take a small batch of a normal channel's queue). The
-    counters cover this layer object
-    in this process since it was made: ``sent`` messages accepted by ``send()``,
-    ``group_sent`` calls of ``group_send()``, ``received`` messages returned by
-    ``receive()``, ``expired`` messages that reached a receive here past their expiry and
-    were dropped, ``dropped_full`` sends refused with ChannelFull plus group copies the
-    broker refused because their member was full, and ``reconnects`` the times a broker
-    connection was lost and made again.
+    and not handed out yet (a process inbox's pop takes what waits for all its channels).
+
+    The counters cover this layer object in this process since it was made: ``sent``
+    messages accepted by ``send()``, ``group_sent`` calls of ``group_send()``,
+    ``received`` messages returned by ``receive()``, ``expired`` messages that reached a
+    receive here past their expiry and were dropped, ``dropped_full`` sends refused with
+    ChannelFull plus group copies the broker refused because their member was full, and
+    ``reconnects`` the times a broker connection was lost and made again.
     """
 
     url: str

@@ -45,6 +45,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -376,6 +377,10 @@ class _Hub:
         # Group sends of this process not replayed yet -> the backend that counts their
         # refused copies.
         self.group_senders: dict[str, Backend] = {}
+        # The backends reading through this hub, told of each reconnection; and whether
+        # the broker was found unreachable since records last arrived.
+        self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
+        self._lost = False
         self.token_prefix = secrets.token_hex(6) + ":"
         self._tokens = itertools.count()
         self._busy_until = 0.0
@@ -497,6 +502,7 @@ class _Hub:
                 batches = self.consumer.poll(timeout_ms=100)
             except Exception as error:
                 logger.warning("kafka log %s: fetch failed (%s); retrying", self.topic, error)
+                self._lost = True
                 self._stopping.wait(0.5)
                 continue
             records = [record for batch in batches.values() for record in batch]
@@ -506,6 +512,9 @@ class _Hub:
                 self.give_back(queue, items)
             if records:
                 self._progress = time.monotonic()
+                if self._lost:
+                    logger.info("kafka log %s: records arrive again", self.topic)
+                    self._reconnected()
                 with self.lock:
                     for record in records:
                         try:
@@ -514,6 +523,11 @@ class _Hub:
                             logger.exception("kafka log %s: record %d", self.topic, record.offset)
                 if self.next_offset >= self._start_end:
                     self._caught_up.set()
+
+    def _reconnected(self) -> None:
+        self._lost = False
+        for backend in list(self.backends):
+            backend.reconnects += 1
 
     def _stalled(self) -> bool:
         with self.lock:
@@ -533,6 +547,7 @@ class _Hub:
             end = self.consumer.end_offsets([self.partition])[self.partition]
         except Exception as error:
             logger.warning("kafka log %s: broker unreachable (%s)", self.topic, error)
+            self._lost = True
             return
         if end < self.next_offset:
             # A log shorter than what was read is a new log: read it from its start.
@@ -630,6 +645,9 @@ class _Hub:
             logger.warning(
                 "kafka log %s was reset; state restarts at offset %d", self.topic, offset
             )
+            # The broker went away and came back: kafka-python reconnects on its own, and
+            # this is the only sign of it an in-memory broker gives.
+            self._reconnected()
             self.machine = _Machine()
             self.handed_out.clear()
             # Sends written before the reset are in the new log or nowhere.
@@ -908,6 +926,7 @@ class KafkaBackend(Backend):
             if hub is None:
                 hub = _hubs[key] = _Hub(key, topic, self._client_config(), options)
             hub.users += 1
+            hub.backends.add(self)
         self._hub = hub
         self._lease = float(self.config["claim_lease"])
         self._prefetch = int(self.config["prefetch"])
@@ -923,6 +942,7 @@ class KafkaBackend(Backend):
         hub = self._hub
         with _hubs_lock:
             hub.users -= 1
+            hub.backends.discard(self)
             last = hub.users == 0
             if last and _hubs.get(hub.key) is hub:
                 del _hubs[hub.key]
