@@ -10,6 +10,10 @@ EXPOSE 5599
 CMD ["multilayer", "hub", "--bind", "tcp://0.0.0.0:5599"]
 
 FROM python:3.11-slim AS test
+# Debian's chromium for the browser test (Playwright drives it; it downloads no browser).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends chromium \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN pip install --no-cache-dir -e '.[all,test]'
