@@ -7,7 +7,7 @@ Pick the broker with a URL::
     }
 """
 
-from .backend import Backend, Capabilities, LayerSettings
+from .backend import Backend, BrokerStats, Capabilities, LayerSettings
 from .capacity import CapacityPolicy
 from .exceptions import (
     BackendNotFound,
@@ -19,7 +19,7 @@ from .exceptions import (
     MessageTooLarge,
     MultilayerError,
 )
-from .layer import ChannelLayer, from_url
+from .layer import ChannelLayer, LayerStats, from_url
 from .options import Option
 from .url import LayerURL
 
@@ -29,6 +29,7 @@ __all__ = [
     "Backend",
     "BackendNotFound",
     "BrokerError",
+    "BrokerStats",
     "Capabilities",
     "CapacityPolicy",
     "ChannelFull",
@@ -37,6 +38,7 @@ __all__ = [
     "ForeignChannel",
     "LayerClosed",
     "LayerSettings",
+    "LayerStats",
     "LayerURL",
     "MessageTooLarge",
     "MultilayerError",

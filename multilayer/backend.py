@@ -38,9 +38,9 @@ from .exceptions import ChannelFull
 from .options import Option
 from .url import LayerURL
 
-__all__ = ["Backend", "Capabilities", "Item", "LayerSettings"]
+__all__ = ["Backend", "BrokerStats", "Capabilities", "Item", "LayerSettings"]
 
-logger = logging.getLogger("multilayer")
+logger = logging.getLogger(__name__)
 
 #: One message taken from a queue: its full channel name and its payload.
 Item = tuple[str, bytes]
@@ -54,12 +54,18 @@ class Capabilities:
     ``native_expiry``: the broker discards expired messages itself.
     ``native_fanout``: ``group_send`` is one broker operation whatever the member count.
     ``restartable``: state outlives a broker restart (queues and groups are kept).
+    ``queue_depth``: :meth:`Backend.broker_stats` reports how many messages wait in each
+    queue under the prefix.
+    ``group_sizes``: :meth:`Backend.broker_stats` reports the live member count of each
+    group under the prefix.
     """
 
     multiprocess: bool = True
     native_expiry: bool = True
     native_fanout: bool = True
     restartable: bool = False
+    queue_depth: bool = False
+    group_sizes: bool = False
 
     def as_dict(self) -> dict[str, bool]:
         """The capabilities as plain data (for records and reports)."""
@@ -68,6 +74,8 @@ class Capabilities:
             "native_expiry": self.native_expiry,
             "native_fanout": self.native_fanout,
             "restartable": self.restartable,
+            "queue_depth": self.queue_depth,
+            "group_sizes": self.group_sizes,
         }
 
 
@@ -80,6 +88,20 @@ class LayerSettings:
     group_expiry: float
     capacity: CapacityPolicy
     max_message_size: int
+
+
+@dataclass(frozen=True)
+class BrokerStats:
+    """What only the broker knows about a prefix, for :meth:`ChannelLayer.stats`.
+
+    ``queues`` maps each queue name (a normal channel, or a process inbox such as
+    ``"specific.3f2a9c!"``) to the messages waiting in it; ``groups`` maps each group to
+    its live member count. Either is None when the broker cannot tell (see
+    :attr:`Capabilities.queue_depth` and :attr:`Capabilities.group_sizes`).
+    """
+
+    queues: Mapping[str, int] | None = None
+    groups: Mapping[str, int] | None = None
 
 
 class Backend(abc.ABC):
@@ -103,6 +125,10 @@ class Backend(abc.ABC):
         self.url = url
         self.settings = settings
         self.config = dict(options)
+        #: Times this instance got its broker connection back after losing it.
+        self.reconnects = 0
+        #: Group copies this instance's broker refused because a member was full.
+        self.skipped_full = 0
 
     @classmethod
     def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
@@ -116,6 +142,19 @@ class Backend(abc.ABC):
     async def broker_version(self) -> str | None:
         """The broker's version, if it tells (called after :meth:`open`)."""
         return None
+
+    async def broker_stats(self) -> BrokerStats:
+        """Queue depths and group sizes under this layer's prefix, as far as the broker tells.
+
+        The default tells nothing; a backend overriding this sets the matching
+        :class:`Capabilities` flags.
+        """
+        return BrokerStats()
+
+    def skip_full_member(self, group: str, channel: str | None) -> None:
+        """Count and log one group copy refused because its member was full."""
+        self.skipped_full += 1
+        log_full_member(group, channel)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -195,7 +234,7 @@ class Backend(abc.ABC):
         )
         for member, result in zip(members, results, strict=True):
             if isinstance(result, ChannelFull):
-                log_full_member(group, member)
+                self.skip_full_member(group, member)
             elif isinstance(result, BaseException):
                 raise result
 

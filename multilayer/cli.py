@@ -1,23 +1,29 @@
-"""The ``multilayer`` command: backends, check, bench and hub."""
+"""The ``multilayer`` command: backends, check, stats, ping, bench and hub."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Awaitable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .exceptions import MultilayerError
-from .layer import DEFAULT_URL, ENV_URL, ChannelLayer
+from .exceptions import ConfigurationError, MultilayerError
+from .layer import DEFAULT_URL, ENV_URL, ChannelLayer, LayerStats
 from .url import LayerURL
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 
 def _cmd_backends(_args: argparse.Namespace) -> int:
@@ -153,6 +159,135 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if code == 0 and not summary["failed"] else 1
 
 
+class _Unreachable(Exception):
+    """The broker did not answer, or refused us: one line for the operator."""
+
+
+async def _bounded(what: str, url: LayerURL, call: Awaitable[T], timeout: float) -> T:
+    """Await ``call`` within ``timeout`` seconds; any failure becomes :class:`_Unreachable`.
+
+    The message names the sanitized URL and never holds the password, even where a
+    client library's own error repeats it.
+    """
+    try:
+        return await asyncio.wait_for(call, timeout)
+    except asyncio.TimeoutError:
+        reason = f"no answer within {timeout:g}s"
+    except ConfigurationError:
+        raise
+    except Exception as error:  # client libraries raise anything; the operator gets one line
+        reason = str(error) or type(error).__name__
+        cause = error.__cause__
+        if cause is not None and str(cause) not in reason:
+            reason += f" ({str(cause) or type(cause).__name__})"
+    if url.password:
+        reason = reason.replace(url.password, "***")
+    raise _Unreachable(f"{what} {url.sanitized()}: {reason}")
+
+
+def _format_stats(stats: LayerStats) -> str:
+    lines = [f"multilayer stats {stats.url}  prefix={stats.prefix}  {time.strftime('%H:%M:%S')}"]
+    if stats.unknown:
+        lines.append(f"  ({stats.unknown})")
+    if stats.queues is not None:
+        names = sorted(stats.queues)
+        width = max([len(name) for name in names] + [len("queue")])
+        lines.append(f"  {'queue'.ljust(width)}  {'waiting':>8}")
+        lines += [f"  {name.ljust(width)}  {stats.queues[name]:>8}" for name in names]
+        if not names:
+            lines.append("  (no message waiting)")
+    if stats.groups is not None:
+        names = sorted(stats.groups)
+        width = max([len(name) for name in names] + [len("group")])
+        lines.append(f"  {'group'.ljust(width)}  {'members':>8}")
+        lines += [f"  {name.ljust(width)}  {stats.groups[name]:>8}" for name in names]
+        if not names:
+            lines.append("  (no group)")
+    # The traffic counters are this command's own (all zero): only reconnects say anything.
+    lines.append(f"  broker connections lost and made again by this command: {stats.reconnects}")
+    return "\n".join(lines)
+
+
+def _layer_for(args: argparse.Namespace) -> ChannelLayer:
+    url = args.url or os.environ.get(ENV_URL) or DEFAULT_URL
+    return ChannelLayer(url) if args.prefix is None else ChannelLayer(url, prefix=args.prefix)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    layer = _layer_for(args)
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+
+    async def run() -> int:
+        try:
+            while True:
+                try:
+                    stats = await _bounded(
+                        "cannot read stats of", layer.url, layer.stats(), args.timeout
+                    )
+                except _Unreachable as error:
+                    if args.watch is None:
+                        raise
+                    print(f"{clear}multilayer: {error}", flush=True)
+                else:
+                    print(clear + _format_stats(stats), flush=True)
+                if args.watch is None:
+                    return 0
+                await asyncio.sleep(args.watch)
+                if not clear:
+                    print(flush=True)
+        finally:
+            # A close failing after the broker went away has nothing to add.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(layer.close(), args.timeout)
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_ping(args: argparse.Namespace) -> int:
+    layer = _layer_for(args)
+    url = layer.url
+
+    async def run() -> int:
+        try:
+            started = time.perf_counter()
+            backend = await _bounded("cannot connect to", url, layer._backend(), args.timeout)
+            channel = await _bounded(
+                "cannot connect to", url, layer.new_channel("ping"), args.timeout
+            )
+            connected = time.perf_counter() - started
+            broker = await _bounded("cannot ask", url, backend.broker_version(), args.timeout)
+            print(
+                f"multilayer ping {url.sanitized()}: connected in {connected * 1000:.1f} ms"
+                + (f" ({broker})" if broker else "")
+            )
+            times = []
+            for number in range(args.count):
+                started = time.perf_counter()
+                await _bounded(
+                    "cannot send to", url, layer.send(channel, {"ping": number}), args.timeout
+                )
+                reply = await _bounded("no reply from", url, layer.receive(channel), args.timeout)
+                times.append(time.perf_counter() - started)
+                if reply != {"ping": number}:
+                    raise _Unreachable(f"{url.sanitized()} returned {reply!r} for ping {number}")
+            millis = [value * 1000 for value in times]
+            print(
+                f"{args.count} round trips (send + receive on {channel}): "
+                f"min {min(millis):.2f} ms, median {statistics.median(millis):.2f} ms, "
+                f"max {max(millis):.2f} ms"
+            )
+            return 0
+        finally:
+            # A close failing after the broker went away has nothing to add.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(layer.close(), args.timeout)
+
+    return asyncio.run(run())
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import LayerContender, NotApplicable, format_report, load_contender, run_bench
 
@@ -183,6 +318,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multilayer", description="Channel layers for Django Channels on any broker."
@@ -200,6 +351,30 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-k", dest="keyword", help="only tests matching this pytest expression")
     check.add_argument("-v", "--verbose", action="store_true")
     check.set_defaults(run=_cmd_check)
+    url_help = f"layer URL (default ${ENV_URL} or {DEFAULT_URL})"
+    stats = commands.add_parser("stats", help="queue depths and group sizes under a prefix")
+    stats.add_argument("url", nargs="?", help=url_help)
+    stats.add_argument("--prefix", help="layer prefix (default: the URL's, else asgi)")
+    stats.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    stats.add_argument(
+        "--timeout", type=_positive_float, default=10.0, help="seconds to wait for the broker"
+    )
+    stats.set_defaults(run=_cmd_stats)
+    ping = commands.add_parser("ping", help="connect and time send + receive round trips")
+    ping.add_argument("url", nargs="?", help=url_help)
+    ping.add_argument("--prefix", help="layer prefix (default: the URL's, else asgi)")
+    ping.add_argument("-n", "--count", type=_positive_int, default=10, help="round trips")
+    ping.add_argument(
+        "--timeout", type=_positive_float, default=10.0, help="seconds to wait for the broker"
+    )
+    ping.set_defaults(run=_cmd_ping)
     bench = commands.add_parser("bench", help="benchmark against peers on the same broker")
     bench.add_argument("url")
     bench.add_argument("--vs", action="append", default=[], metavar="PEER", help="peer to compare")
@@ -223,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code = args.run(args)
+    except _Unreachable as error:
+        print(f"multilayer: {error}", file=sys.stderr)
+        return 1
     except MultilayerError as error:
         print(f"multilayer: {error}", file=sys.stderr)
         return 2

@@ -9,11 +9,12 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .backend import Backend, LayerSettings
 from .capacity import CapacityPolicy
-from .exceptions import ForeignChannel, LayerClosed
+from .exceptions import ChannelFull, ForeignChannel, LayerClosed
 from .local import LocalQueue
 from .names import check_channel_name, check_group_name, check_message, non_local_name
 from .options import Option, resolve_options
@@ -21,9 +22,9 @@ from .plugins import load_backend
 from .serialization import Codec, check_encryption_keys, deadline_of
 from .url import LayerURL
 
-__all__ = ["ENV_URL", "LAYER_OPTIONS", "ChannelLayer", "from_url"]
+__all__ = ["ENV_URL", "LAYER_OPTIONS", "ChannelLayer", "LayerStats", "from_url"]
 
-logger = logging.getLogger("multilayer")
+logger = logging.getLogger(__name__)
 
 #: The environment variable read when no URL is given.
 ENV_URL = "MULTILAYER_URL"
@@ -58,6 +59,39 @@ LAYER_OPTIONS: Mapping[str, Option] = {
 }
 
 
+@dataclass(frozen=True)
+class LayerStats:
+    """A snapshot of one layer, from :meth:`ChannelLayer.stats`.
+
+    ``queues`` and ``groups`` come from the broker and cover every process using the
+    prefix: messages waiting per queue (a normal channel, or a process inbox named like
+    ``"specific.3f2a9c!"``) and live members per group, each None when the backend's
+    broker cannot tell (``unknown`` then says why). ``buffered`` counts, per channel, the
+    messages this layer object has taken from the broker for receives in this process
+    and not handed out yet (a process inbox's pop takes what waits for all its channels).
+
+    The counters cover this layer object in this process since it was made: ``sent``
+    messages accepted by ``send()``, ``group_sent`` calls of ``group_send()``,
+    ``received`` messages returned by ``receive()``, ``expired`` messages that reached a
+    receive here past their expiry and were dropped, ``dropped_full`` sends refused with
+    ChannelFull plus group copies the broker refused because their member was full, and
+    ``reconnects`` the times a broker connection was lost and made again.
+    """
+
+    url: str
+    prefix: str
+    queues: Mapping[str, int] | None
+    groups: Mapping[str, int] | None
+    unknown: str | None
+    buffered: Mapping[str, int]
+    sent: int
+    group_sent: int
+    received: int
+    expired: int
+    dropped_full: int
+    reconnects: int
+
+
 class _LoopState:
     """What the layer holds for one event loop: a backend and its local queues."""
 
@@ -80,7 +114,15 @@ class _LoopState:
             if self._opened is not None and self._opened.done():
                 self._opened = None
             raise
-        self.is_open = True
+        if not self.is_open:
+            self.is_open = True
+            backend = self.backend
+            logger.debug(
+                "backend open url=%s prefix=%s backend=%s",
+                backend.url.sanitized(),
+                backend.settings.prefix,
+                type(backend).__name__,
+            )
         return self.backend
 
     def queue(self, name: str) -> LocalQueue:
@@ -95,6 +137,7 @@ class _LoopState:
         if self.is_open:
             self.is_open = False
             await self.backend.close()
+            logger.debug("backend closed url=%s", self.backend.url.sanitized())
         elif self._opened is not None:
             self._opened.cancel()
         self._opened = None
@@ -173,6 +216,9 @@ class ChannelLayer:
         )
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._states_lock = threading.Lock()
+        # Counters for stats(); what backends count is added when their loop state goes.
+        self._sent = self._group_sent = self._received = self._expired = 0
+        self._full = self._gone_skipped = self._gone_reconnects = 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.sanitized()} prefix={self.prefix!r}>"
@@ -194,9 +240,9 @@ class ChannelLayer:
                     self._adopt(state, self._states.pop(dead_loop))
         return state
 
-    @staticmethod
-    def _adopt(state: _LoopState, dead: _LoopState) -> None:
+    def _adopt(self, state: _LoopState, dead: _LoopState) -> None:
         """Keep what a finished event loop had fetched but not handed out."""
+        self._retire(dead)
         for name, queue in dead.queues.items():
             state.queue(name).adopt(queue)
 
@@ -213,9 +259,14 @@ class ChannelLayer:
         payload = self._codec.encode(message, deadline)
         state = self._state()
         backend = state.backend if state.is_open else await state.ready()
-        await backend.push(
-            channel, payload, deadline=deadline, capacity=self._capacity_for(channel)
-        )
+        try:
+            await backend.push(
+                channel, payload, deadline=deadline, capacity=self._capacity_for(channel)
+            )
+        except ChannelFull:
+            self._full += 1
+            raise
+        self._sent += 1
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``, waiting as long as it takes.
@@ -245,7 +296,10 @@ class ChannelLayer:
                 # Broker content is untrusted: what does not decode is logged and dropped.
                 message = self._codec.decode(payload, channel)
                 if message is not None:
+                    self._received += 1
                     return message
+            else:
+                self._expired += 1
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, receivable only through this layer.
@@ -286,6 +340,54 @@ class ChannelLayer:
         payload = self._codec.encode(message, deadline)
         backend = await self._backend()
         await backend.group_send(group, payload, deadline=deadline, capacity=self.settings.capacity)
+        self._group_sent += 1
+
+    async def stats(self) -> LayerStats:
+        """Queue depths and group sizes under this layer's prefix, and this layer's counters.
+
+        Asks the broker (connecting in this event loop if needed); see
+        :class:`LayerStats` for what each figure covers.
+        """
+        backend = await self._backend()
+        broker = await backend.broker_stats()
+        missing = [
+            what
+            for what, known in (("queue depths", broker.queues), ("group sizes", broker.groups))
+            if known is None
+        ]
+        unknown = f"{self.url.scheme}:// cannot report {' or '.join(missing)}" if missing else None
+        with self._states_lock:
+            states = list(self._states.values())
+        backends = [state.backend for state in states]
+        buffered = {
+            channel: len(payloads)
+            for state in states
+            # Copies: other event loops, in other threads, may change theirs meanwhile.
+            for queue in list(state.queues.values())
+            for channel, payloads in list(queue.buffers.items())
+            if payloads
+        }
+        return LayerStats(
+            url=self.url.sanitized(),
+            prefix=self.prefix,
+            queues=dict(sorted(broker.queues.items())) if broker.queues is not None else None,
+            groups=dict(sorted(broker.groups.items())) if broker.groups is not None else None,
+            unknown=unknown,
+            buffered=dict(sorted(buffered.items())),
+            sent=self._sent,
+            group_sent=self._group_sent,
+            received=self._received,
+            expired=self._expired,
+            dropped_full=self._full
+            + self._gone_skipped
+            + sum(other.skipped_full for other in backends),
+            reconnects=self._gone_reconnects + sum(other.reconnects for other in backends),
+        )
+
+    def _retire(self, state: _LoopState) -> None:
+        """Keep the counts of a loop state that is going away."""
+        self._gone_skipped += state.backend.skipped_full
+        self._gone_reconnects += state.backend.reconnects
 
     async def flush(self) -> None:
         """Delete every message, channel and group under this layer's prefix."""
@@ -308,6 +410,9 @@ class ChannelLayer:
             state = self._states.pop(loop, None) if loop is not None else None
             others = list(self._states.items())
             self._states.clear()
+        for gone in [state, *(other for _loop, other in others)]:
+            if gone is not None:
+                self._retire(gone)
         for other_loop, other in others:
             if not other_loop.is_closed() and other_loop.is_running() and other_loop is not loop:
                 asyncio.run_coroutine_threadsafe(other.close(), other_loop)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from multilayer import ChannelLayer
 from multilayer.cli import main
 from multilayer.conformance import suite_test_names
 
@@ -106,3 +113,174 @@ def test_hub_subcommand_runs_the_zeromq_hub() -> None:
         output, _ = hub.communicate(timeout=20)
     assert hub.returncode == 0, output
     assert f"hub listening on tcp://127.0.0.1:{port}" in output
+
+
+# -- stats and ping ------------------------------------------------------------------
+
+SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "multilayer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[int]:
+    """A password-protected Redis of this test, on a free port."""
+    from brokers import broker, free_port, require_binary
+
+    port = free_port()
+    argv = [
+        require_binary("redis-server"),
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--requirepass", "s3cret-pw",
+    ]  # fmt: skip
+    with broker(argv, port, tmp_path):
+        yield port
+
+
+def test_ping_prints_connect_and_round_trip_times(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ping", "memory://cli-ping", "-n", "5"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("multilayer ping memory://cli-ping: connected in ")
+    assert second.startswith("5 round trips (send + receive on ping.")
+    low, median, high = (
+        float(second.split(f"{name} ")[1].split(" ms")[0]) for name in ("min", "median", "max")
+    )
+    assert 0 < low <= median <= high
+
+
+def test_stats_prints_depths_and_groups(own_redis: int, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"redis://:s3cret-pw@127.0.0.1:{own_redis}/0"
+
+    async def fill() -> str:
+        layer = ChannelLayer(url, prefix="clistats")
+        for number in range(3):
+            await layer.send("chat.worker", {"n": number})
+        inbox = await layer.new_channel()
+        await layer.group_add("room-1", inbox)
+        await layer.group_add("room-1", "chat.worker")
+        await layer.close()
+        return inbox.partition("!")[0] + "!"
+
+    inbox = asyncio.run(asyncio.wait_for(fill(), 30))
+    assert main(["stats", url, "--prefix", "clistats"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-pw" not in out
+    assert f"multilayer stats redis://:***@127.0.0.1:{own_redis}/0  prefix=clistats" in out
+    rows = {tuple(line.split()) for line in out.splitlines()}
+    assert {("chat.worker", "3"), ("room-1", "2")} <= rows
+    assert (inbox, "1") not in rows  # nothing was sent to the inbox
+
+
+def test_stats_says_what_a_broker_cannot_tell(capsys: pytest.CaptureFixture[str]) -> None:
+    from brokers import require
+
+    require(_listening(5672), "RabbitMQ is not running on 127.0.0.1:5672")
+    assert main(["stats", SHARED_AMQP, "--prefix", "clistats"]) == 0
+    out = capsys.readouterr().out
+    assert "amqp:// cannot report queue depths or group sizes" in out
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp", "kafka", "zmq"])
+def test_ping_and_stats_on_every_networked_broker(
+    scheme: str, own_redis: int, tmp_path: Path
+) -> None:
+    from brokers import broker, free_port, hub_argv, require
+
+    with contextlib.ExitStack() as stack:
+        if scheme == "redis":
+            url = f"redis://:s3cret-pw@127.0.0.1:{own_redis}/0"
+        elif scheme == "amqp":
+            require(_listening(5672), "RabbitMQ is not running on 127.0.0.1:5672")
+            url = SHARED_AMQP
+        elif scheme == "kafka":
+            from kafka_broker import tansu
+
+            url = f"kafka://127.0.0.1:{stack.enter_context(tansu(tmp_path)).port}"
+        else:
+            port = free_port()
+            stack.enter_context(broker(hub_argv(port), port, tmp_path))
+            url = f"zmq://127.0.0.1:{port}"
+        ping = _cli("ping", url, "-n", "3", "--prefix", "cliping")
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert "3 round trips" in ping.stdout and "median" in ping.stdout
+        stats = _cli("stats", url, "--prefix", "cliping")
+        assert stats.returncode == 0, stats.stdout + stats.stderr
+        assert "prefix=cliping" in stats.stdout
+        assert "password" not in stats.stdout + ping.stdout and "s3cret" not in ping.stdout
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], *, secret: str = "") -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("multilayer: "), result.stderr
+    if secret:
+        assert secret not in result.stdout + result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["ping", "stats"])
+@pytest.mark.parametrize("scheme", ["redis", "amqp", "kafka", "zmq"])
+def test_an_unreachable_broker_is_one_line_and_exit_1(command: str, scheme: str) -> None:
+    from brokers import free_port
+
+    url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
+    line = _assert_one_line_error(_cli(command, url, "--timeout", "3"))
+    assert url in line
+
+
+@pytest.mark.parametrize("command", ["ping", "stats"])
+def test_bad_rabbitmq_credentials_are_one_line_and_exit_1(command: str) -> None:
+    from brokers import require
+
+    require(_listening(5672), "RabbitMQ is not running on 127.0.0.1:5672")
+    url = "amqp://guest:wrong-pw-123@127.0.0.1:5672/%2F"
+    line = _assert_one_line_error(_cli(command, url, "--timeout", "10"), secret="wrong-pw-123")
+    assert "ACCESS_REFUSED" in line and "guest:***@" in line
+
+
+@pytest.mark.parametrize("command", ["ping", "stats"])
+def test_bad_redis_password_is_one_line_and_exit_1(command: str, own_redis: int) -> None:
+    url = f"redis://:wrong-pw-456@127.0.0.1:{own_redis}/0"
+    line = _assert_one_line_error(_cli(command, url, "--timeout", "5"), secret="wrong-pw-456")
+    assert "invalid" in line.lower() or "WRONGPASS" in line
+
+
+def test_stats_watch_refreshes_until_ctrl_c() -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "multilayer", "stats", "memory://", "--watch", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell may start background jobs with SIGINT ignored; Ctrl-C must reach this one.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert watch.stdout is not None
+        headers = 0
+        deadline = time.monotonic() + 30
+        while headers < 3 and time.monotonic() < deadline:
+            headers += watch.stdout.readline().startswith("multilayer stats memory://")
+        assert headers == 3
+        watch.send_signal(signal.SIGINT)
+        _, errors = watch.communicate(timeout=20)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert watch.returncode == 0 and "Traceback" not in errors, errors

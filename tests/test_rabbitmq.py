@@ -521,7 +521,7 @@ def test_receive_resumes_after_the_connection_is_closed(shared: str) -> None:
         await sender.close()
         await receiver.close()
 
-    with_logs = logging.getLogger("multilayer.rabbitmq")
+    with_logs = logging.getLogger("multilayer.backends.rabbitmq")
     with_logs.disabled = True
     try:
         run(body, timeout=120)
@@ -562,11 +562,11 @@ def test_broker_restart_mid_traffic(node: Node) -> None:
         await sender.close()
         await receiver.close()
 
-    logging.getLogger("multilayer.rabbitmq").disabled = True
+    logging.getLogger("multilayer.backends.rabbitmq").disabled = True
     try:
         run(body, timeout=150)
     finally:
-        logging.getLogger("multilayer.rabbitmq").disabled = False
+        logging.getLogger("multilayer.backends.rabbitmq").disabled = False
 
 
 def test_heartbeats_detect_a_frozen_broker(node: Node) -> None:
@@ -596,11 +596,11 @@ def test_heartbeats_detect_a_frozen_broker(node: Node) -> None:
         await sender.close()
         await receiver.close()
 
-    logging.getLogger("multilayer.rabbitmq").disabled = True
+    logging.getLogger("multilayer.backends.rabbitmq").disabled = True
     try:
         run(body, timeout=90)
     finally:
-        logging.getLogger("multilayer.rabbitmq").disabled = False
+        logging.getLogger("multilayer.backends.rabbitmq").disabled = False
 
 
 def test_tls_listener(node: Node) -> None:

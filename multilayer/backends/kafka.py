@@ -45,6 +45,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ..backend import Backend, Capabilities, Item, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_member, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
@@ -64,7 +65,7 @@ from ..url import LayerURL
 
 __all__ = ["KafkaBackend"]
 
-logger = logging.getLogger("multilayer.kafka")
+logger = logging.getLogger(__name__)
 
 
 #: Bytes a log record may add around a payload (operation, channel name, numbers).
@@ -450,6 +451,13 @@ class _Hub:
         self.distrust_until = 0.0
         # Inbox messages handed to a receiver whose take record is not replayed yet.
         self.handed_out: set[tuple[int, str]] = set()
+        # Group sends of this process not replayed yet -> the backend that counts their
+        # refused copies.
+        self.group_senders: dict[str, Backend] = {}
+        # The backends reading through this hub, told of each reconnection; and whether
+        # the broker was found unreachable since records last arrived.
+        self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
+        self._lost = False
         self.token_prefix = secrets.token_hex(6) + ":"
         self._tokens = itertools.count()
         self._busy_until = 0.0
@@ -571,6 +579,7 @@ class _Hub:
                 batches = self.consumer.poll(timeout_ms=100)
             except Exception as error:
                 logger.warning("kafka log %s: fetch failed (%s); retrying", self.topic, error)
+                self._lost = True
                 self._stopping.wait(0.5)
                 continue
             records = [record for batch in batches.values() for record in batch]
@@ -580,6 +589,9 @@ class _Hub:
                 self.give_back(queue, items)
             if records:
                 self._progress = time.monotonic()
+                if self._lost:
+                    logger.info("kafka log %s: records arrive again", self.topic)
+                    self._reconnected()
                 with self.lock:
                     for record in records:
                         try:
@@ -588,6 +600,11 @@ class _Hub:
                             logger.exception("kafka log %s: record %d", self.topic, record.offset)
                 if self.next_offset >= self._start_end:
                     self._caught_up.set()
+
+    def _reconnected(self) -> None:
+        self._lost = False
+        for backend in list(self.backends):
+            backend.reconnects += 1
 
     def _stalled(self) -> bool:
         with self.lock:
@@ -607,6 +624,7 @@ class _Hub:
             end = self.consumer.end_offsets([self.partition])[self.partition]
         except Exception as error:
             logger.warning("kafka log %s: broker unreachable (%s)", self.topic, error)
+            self._lost = True
             return
         if end < self.next_offset:
             # A log shorter than what was read is a new log: read it from its start.
@@ -704,6 +722,9 @@ class _Hub:
             logger.warning(
                 "kafka log %s was reset; state restarts at offset %d", self.topic, offset
             )
+            # The broker went away and came back: kafka-python reconnects on its own, and
+            # this is the only sign of it an in-memory broker gives.
+            self._reconnected()
             self.machine = _Machine()
             self.handed_out.clear()
             # Sends written before the reset are in the new log or nowhere.
@@ -740,9 +761,13 @@ class _Hub:
                 self.waker.wake(cid)
         for queue in outcome.appended:
             self.waker.wake(queue)
-        if outcome.full_members and str(token).startswith(self.token_prefix):
+        if record[0] == _GROUP_SEND:
+            sender = self.group_senders.pop(token, None)
             for member in outcome.full_members:
-                log_full_member(record[3], member)
+                if sender is not None:
+                    sender.skip_full_member(record[3], member)
+                elif str(token).startswith(self.token_prefix):
+                    log_full_member(record[3], member)
         if record[0] == _CANCEL:
             self.abandoned.discard(record[4])
         elif record[0] == _TAKE:
@@ -884,7 +909,12 @@ class KafkaBackend(Backend):
     """Channels as a replicated state machine over one Kafka topic per prefix."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        multiprocess=True, native_expiry=False, native_fanout=True, restartable=False
+        multiprocess=True,
+        native_expiry=False,
+        native_fanout=True,
+        restartable=False,
+        queue_depth=True,
+        group_sizes=True,
     )
     extra: ClassVar[str | None] = "kafka"
     options: ClassVar[Mapping[str, Option]] = {
@@ -978,6 +1008,7 @@ class KafkaBackend(Backend):
             if hub is None:
                 hub = _hubs[key] = _Hub(key, topic, self._client_config(), options)
             hub.users += 1
+            hub.backends.add(self)
         self._hub = hub
         self._lease = float(self.config["claim_lease"])
         self._prefetch = int(self.config["prefetch"])
@@ -993,6 +1024,7 @@ class KafkaBackend(Backend):
         hub = self._hub
         with _hubs_lock:
             hub.users -= 1
+            hub.backends.discard(self)
             last = hub.users == 0
             if last and _hubs.get(hub.key) is hub:
                 del _hubs[hub.key]
@@ -1128,8 +1160,38 @@ class KafkaBackend(Backend):
             capacities = {member: capacity.for_channel(member) for member in known}
         # The record decides the fan-out for every process; waiting for its replay here
         # would only delay the warnings about full members, which the replay thread logs.
-        await hub.acked(
-            [_GROUP_SEND, hub.token(), now(), group, payload, capacity.default, capacities]
+        token = hub.token()
+        with hub.lock:
+            hub.group_senders[token] = self
+        try:
+            await hub.acked(
+                [_GROUP_SEND, token, now(), group, payload, capacity.default, capacities]
+            )
+        except BaseException:
+            with hub.lock:
+                hub.group_senders.pop(token, None)
+            raise
+
+    async def broker_stats(self) -> BrokerStats:
+        """The replayed state, once the replay has caught up with a no-op record written now
+        (discarding a membership of the group "", which no valid name reaches)."""
+        hub = self._hub
+        await hub.call([_GROUP_DISCARD, hub.token(), now(), "", ""])
+        instant = now()
+        with hub.lock:
+            machine = hub.machine
+            # Counted without touching the state, which only log records may change.
+            queues = {
+                name: sum(1 for message in state.pending if message.deadline > instant)
+                for name, state in machine.queues.items()
+            }
+            groups = {
+                name: sum(1 for until in members.values() if until > instant)
+                for name, members in machine.groups.items()
+            }
+        return BrokerStats(
+            queues={name: count for name, count in queues.items() if count},
+            groups={name: count for name, count in groups.items() if count},
         )
 
     async def flush(self) -> None:

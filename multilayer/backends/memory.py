@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import ClassVar
 
-from ..backend import Backend, Capabilities, Item, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, Item, now
 from ..capacity import CapacityPolicy
 from ..exceptions import ChannelFull
 from ..names import non_local_name
@@ -96,7 +96,12 @@ class MemoryBackend(Backend):
     """Queues in this process's memory, shared by every layer with the same URL path."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        multiprocess=False, native_expiry=True, native_fanout=True, restartable=False
+        multiprocess=False,
+        native_expiry=True,
+        native_fanout=True,
+        restartable=False,
+        queue_depth=True,
+        group_sizes=True,
     )
 
     async def open(self) -> None:
@@ -179,7 +184,23 @@ class MemoryBackend(Backend):
                 if not store.push_locked(key, (channel, payload), capacity.for_channel(channel)):
                     full.append(channel)
         for channel in full:
-            log_full_member(group, channel)
+            self.skip_full_member(group, channel)
+
+    async def broker_stats(self) -> BrokerStats:
+        store, prefix, current = self._store, self._prefix, now()
+        start = len(prefix)
+        with store.lock:
+            queues = {
+                key[start:]: sum(1 for _channel, payload in queue if deadline_of(payload) > current)
+                for key, queue in store.queues.items()
+                if key.startswith(prefix)
+            }
+            groups = {
+                key[start:]: sum(1 for until in members.values() if until > current)
+                for key, members in store.groups.items()
+                if key.startswith(prefix)
+            }
+        return BrokerStats(queues=queues, groups=groups)
 
     async def flush(self) -> None:
         store = self._store

@@ -81,7 +81,7 @@ import pika.frame
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from ..backend import Backend, Capabilities, Item, LayerSettings, log_full_member, now
+from ..backend import Backend, Capabilities, Item, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..names import non_local_name
@@ -91,7 +91,7 @@ from ..url import LayerURL
 
 __all__ = ["RabbitMQBackend"]
 
-logger = logging.getLogger("multilayer.rabbitmq")
+logger = logging.getLogger(__name__)
 
 
 #: How long a consumer with no receive waiting keeps its prefetched messages: enough for
@@ -730,6 +730,7 @@ class RabbitMQBackend(Backend):
                 continue
             try:
                 await self._connect()
+                self.reconnects += 1
                 logger.info("reconnected to RabbitMQ at %s", self.url.sanitized())
             except BrokerError as error:
                 logger.debug("%s", error)
@@ -991,7 +992,7 @@ class RabbitMQBackend(Backend):
         elif confirm.result() == "nack":
             # RabbitMQ confirms negatively when any bound queue refused its copy, and does
             # not say which; the other members have theirs.
-            log_full_member(group, "(a member whose queue is full)")
+            self.skip_full_member(group, "(a member whose queue is full)")
 
     # -- flush ----------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..backend import Backend, Capabilities, LayerSettings, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..names import non_local_name
@@ -79,7 +79,7 @@ from ..url import LayerURL
 
 __all__ = ["RedisBackend"]
 
-logger = logging.getLogger("multilayer.redis")
+logger = logging.getLogger(__name__)
 
 #: Errors after which a connection is dropped and made again; anything else is a bug or
 #: a misconfigured server and surfaces as BrokerError.
@@ -588,6 +588,7 @@ class _Receiver(_Watched):
 
     def __init__(self, backend: RedisBackend, shard: _Shard, queue: str) -> None:
         super().__init__(shard)
+        self._backend = backend
         prefix = backend.settings.prefix
         self._queue = queue
         self._keys = (
@@ -653,6 +654,8 @@ class _Receiver(_Watched):
                 await self.drop()
                 self._holding = True
                 # One warning per outage; the retries that follow are debug noise.
+                if delay == 0.05:
+                    self._backend.reconnects += 1
                 logger.log(
                     logging.WARNING if delay == 0.05 else logging.DEBUG,
                     "Redis %s: receiving from %r: %s; reconnecting in %.2fs",
@@ -768,7 +771,12 @@ class RedisBackend(Backend):
     """Channels as Redis lists, groups as sorted sets, sharded over one or more servers."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        multiprocess=True, native_expiry=True, native_fanout=True, restartable=False
+        multiprocess=True,
+        native_expiry=True,
+        native_fanout=True,
+        restartable=False,
+        queue_depth=True,
+        group_sizes=True,
     )
     extra: ClassVar[str | None] = "redis"
     options: ClassVar[Mapping[str, Option]] = {
@@ -1031,7 +1039,41 @@ class RedisBackend(Backend):
             results = await asyncio.gather(*(fan_out(shard) for shard in self._shards))
         for full in results:
             for member in full:
-                log_full_member(group, member.decode())
+                self.skip_full_member(group, member.decode())
+
+    async def broker_stats(self) -> BrokerStats:
+        """LLEN of every queue and ZCOUNT of live members of every group, on every shard.
+
+        A queue's length may include expired messages its next receive will drop.
+        """
+        queues: dict[str, int] = {}
+        groups: dict[str, int] = {}
+        current = now()
+        for shard in self._shards:
+            for prefix, table in ((self._queue_prefix, queues), (self._group_prefix, groups)):
+                cursor = b"0"
+                while True:
+                    cursor, keys = await shard.link.call(
+                        "SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000
+                    )
+                    if keys:
+                        counts = await asyncio.gather(
+                            *(
+                                shard.link.call("LLEN", key)
+                                if table is queues
+                                else shard.link.call("ZCOUNT", key, f"({current!r}", "+inf")
+                                for key in keys
+                            )
+                        )
+                        for key, count in zip(keys, counts, strict=True):
+                            name = key.decode()[len(prefix) :]
+                            table[name] = table.get(name, 0) + int(count)
+                    if cursor == b"0":
+                        break
+        return BrokerStats(
+            queues={name: count for name, count in queues.items() if count},
+            groups={name: count for name, count in groups.items() if count},
+        )
 
     async def flush(self) -> None:
         """Delete every key under this prefix on every shard (SCAN, then UNLINK a page)."""

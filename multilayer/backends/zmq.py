@@ -66,7 +66,7 @@ from typing import Any, ClassVar
 import zmq
 import zmq.asyncio
 
-from ..backend import Backend, Capabilities, Item, LayerSettings, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, Item, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
@@ -88,7 +88,7 @@ from .zmqhub import (
 
 __all__ = ["ZmqBackend"]
 
-logger = logging.getLogger("multilayer.zmq")
+logger = logging.getLogger(__name__)
 
 
 #: How long one pop request waits at the hub before it is renewed.
@@ -648,7 +648,12 @@ class ZmqBackend(Backend):
     """Channel layer backend on ZeroMQ: see the module documentation."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        multiprocess=True, native_expiry=True, native_fanout=True, restartable=False
+        multiprocess=True,
+        native_expiry=True,
+        native_fanout=True,
+        restartable=False,
+        queue_depth=True,
+        group_sizes=True,
     )
     extra: ClassVar[str | None] = "zmq"
     options: ClassVar[Mapping[str, Option]] = {
@@ -762,15 +767,21 @@ class ZmqBackend(Backend):
     async def _watch(self, link: _Link) -> None:
         """Ping the hub; when it comes back as a new process, re-issue parked pops."""
         epoch = None
+        lost = False
         while True:
             try:
                 reply = await link.call("ping", (), (), self._heartbeat * 3)
             except BrokerError:
+                lost = True
                 await asyncio.sleep(self._heartbeat)
                 continue
-            if epoch is not None and reply[0] != epoch:
+            restarted = epoch is not None and reply[0] != epoch
+            if restarted:
                 logger.warning("hub %s restarted; its queues and groups are gone", link.endpoint)
                 link.fail_pops()
+            if lost or restarted:
+                self.reconnects += 1
+                lost = False
             epoch = reply[0]
             await asyncio.sleep(self._heartbeat)
 
@@ -1046,9 +1057,39 @@ class ZmqBackend(Backend):
                 logger.warning("group_send to %r may not have reached everyone: %s", group, error)
                 return
             for member in future.result()[0][0]:
-                log_full_member(group, member)
+                self.skip_full_member(group, member)
 
         future.add_done_callback(answered)
+
+    async def broker_stats(self) -> BrokerStats:
+        """Each hub's queues and groups, plus this process's own inboxes; the inboxes of
+        other processes live in those processes and are not counted."""
+        await self._settle()
+        replies = await asyncio.gather(
+            *(
+                link.call("stats", (self.settings.prefix,), (), self._timeout)
+                for link in self._links
+            )
+        )
+        queues: dict[str, int] = {}
+        groups: dict[str, int] = {}
+        for hub_queues, hub_groups in replies:
+            for name, count in hub_queues.items():
+                queues[name] = queues.get(name, 0) + count
+            for name, count in hub_groups.items():
+                groups[name] = groups.get(name, 0) + count
+        if self._node is not None:
+            current = now()
+            start = len(self._prefix)
+            with self._node.lock:
+                for key, inbox in self._node.inboxes.items():
+                    if key.startswith(self._prefix):
+                        live = sum(1 for _channel, p in inbox.items if deadline_of(p) > current)
+                        queues[key[start:]] = queues.get(key[start:], 0) + live
+        return BrokerStats(
+            queues={name: count for name, count in queues.items() if count},
+            groups={name: count for name, count in groups.items() if count},
+        )
 
     async def flush(self) -> None:
         assert self._node is not None

@@ -57,7 +57,7 @@ __all__ = [
     "split_batch",
 ]
 
-logger = logging.getLogger("multilayer.zmqhub")
+logger = logging.getLogger(__name__)
 
 #: Item statuses in replies: accepted, refused for capacity, no such inbox here.
 OK, FULL, UNKNOWN = 0, 1, 2
@@ -300,7 +300,7 @@ class Hub:
     def _start_curve(self, router: zmq.Socket[bytes]) -> None:
         assert self._secret is not None and self._public is not None
         self._auth = zmq.auth.thread.ThreadAuthenticator(
-            self._context, log=logging.getLogger("multilayer.zmqhub.auth")
+            self._context, log=logging.getLogger(f"{__name__}.auth")
         )
         self._auth.start()
         if self._allowed:
@@ -562,6 +562,25 @@ class Hub:
                 payloads.append(payload)
         self._reply(client, encode("ok", rid, handed), *payloads)
 
+    def _stats(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        # Live messages per queue and members per group under a prefix; process inboxes
+        # appear only while the hub parks messages for them (their owners hold the rest).
+        start = _text(args[0]) + ":"
+        current = time.time()
+        queues = {
+            key[len(start) :]: sum(
+                1 for _channel, payload in queue if deadline_of(payload) > current
+            )
+            for key, queue in self.queues.items()
+            if key.startswith(start)
+        }
+        groups = {
+            key[len(start) :]: len(self._members(key, current))
+            for key in self.groups
+            if key.startswith(start)
+        }
+        self._reply(client, encode("ok", rid, queues, groups))
+
     _handlers = {
         "ping": _ping,
         "push": _push,
@@ -576,6 +595,7 @@ class Hub:
         "gsend": _group_send,
         "flush": _flush,
         "register": _register,
+        "stats": _stats,
     }
 
     # -- queues ------------------------------------------------------------------------
