@@ -138,6 +138,53 @@ def _exercise(url: str) -> None:
     run(body())
 
 
+def _node_for(url: str) -> _Node:
+    hub = url.removeprefix("zmq://")
+    return next(n for n in _Node.nodes.values() if n.config.names == (hub,) and n.thread.is_alive())
+
+
+async def _lent_to_this_loop(node: _Node) -> None:
+    deadline = time.monotonic() + 5
+    while node._owner is not asyncio.get_running_loop():
+        assert time.monotonic() < deadline, "a loop waiting on an inbox never got the node socket"
+        await asyncio.sleep(0.01)
+
+
+def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
+    # One layer used from successive event loops, as async_to_sync does.
+    receiver, sender = ChannelLayer(hub.url, prefix="own"), ChannelLayer(hub.url, prefix="own")
+
+    async def waiting_loop() -> str:
+        channel = await receiver.new_channel()
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _lent_to_this_loop(_node_for(hub.url))
+        await sender.send(channel, {"n": 1})
+        assert await asyncio.wait_for(waiting, 5) == {"n": 1}
+        return channel
+
+    channel = run(waiting_loop())  # ends without closing either layer
+    node = _node_for(hub.url)
+    deadline = time.monotonic() + 5
+    while node._owner is not None:  # the thread takes the socket back from the dead loop
+        assert time.monotonic() < deadline, "the node thread did not take its socket back"
+        time.sleep(0.01)
+
+    async def later_loop() -> None:
+        await sender.send(channel, {"n": 2})  # the thread serves it: nobody waits yet
+        assert await recv(receiver, channel) == {"n": 2}
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _lent_to_this_loop(node)
+        await sender.send(channel, {"n": 3})
+        assert await asyncio.wait_for(waiting, 5) == {"n": 3}
+        await receiver.close()
+        assert node._owner is None  # closing the backend gives the socket back
+        await sender.send(channel, {"n": 4})
+        await sender.flush()
+        await sender.close()
+
+    run(later_loop())
+
+
 def test_ipc_hub(tmp_path: Path) -> None:
     path = tmp_path / "hub.sock"
     with open(tmp_path / "hub.log", "wb") as log:

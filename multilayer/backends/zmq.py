@@ -107,6 +107,8 @@ _GIVE_BACK_LINGER_MS = 2000
 _SPARSE = 0.001
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
 _GROUP_SENDS_IN_FLIGHT = 256
+#: How often the node thread checks that the event loop it lent its socket still runs (s).
+_OWNER_CHECK = 0.05
 
 
 def _check_key(value: str) -> str | None:
@@ -157,7 +159,13 @@ class _Inbox:
         self.waiters: list[asyncio.Future[None]] = []
         self.leases = Leases()
 
-    def put(self, item: Item, capacity: int | None, sender: bytes = b"") -> bool:
+    def put(
+        self,
+        item: Item,
+        capacity: int | None,
+        sender: bytes = b"",
+        here: asyncio.AbstractEventLoop | None = None,
+    ) -> bool:
         if capacity is not None and len(self.items) + self.leases.reserved(sender) >= capacity:
             current = now()
             kept = [entry for entry in self.items if deadline_of(entry[1]) > current]
@@ -167,7 +175,7 @@ class _Inbox:
         self.items.append(item)
         waiters, self.waiters = self.waiters, []
         for future in waiters:
-            _wake(future)
+            _wake(future, here)
         return True
 
     def take(self, limit: int) -> list[Item]:
@@ -180,10 +188,15 @@ class _Inbox:
         return taken
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def _wake(future: asyncio.Future[None], here: asyncio.AbstractEventLoop | None) -> None:
+    """Wake a receive; ``here`` is the event loop running in this thread, if any."""
+    loop = future.get_loop()
+    if loop is here:
+        _set_if_pending(future)  # no self-pipe write and no second wake-up of the loop
+        return
     # A loop that has ended raises RuntimeError; the message stays for the next receive.
     with contextlib.suppress(RuntimeError):
-        future.get_loop().call_soon_threadsafe(_set_if_pending, future)
+        loop.call_soon_threadsafe(_set_if_pending, future)
 
 
 def _set_if_pending(future: asyncio.Future[None]) -> None:
@@ -205,6 +218,11 @@ class _Node:
 
     A thread serves the socket so that inboxes outlive any one event loop (``async_to_sync``
     runs each call in a fresh loop) and the hub hears from the process between calls.
+    While an event loop waits on an inbox, the thread lends it the ROUTER socket: the loop
+    reads it like any asyncio socket and a message for a receive in that loop wakes it
+    directly, without a hop through this thread. The thread takes the socket back when
+    the loop's backend closes or the loop stops running. ZeroMQ sockets may move between
+    threads behind a lock; only the current owner touches it.
     """
 
     #: The running nodes, by configuration without the bound address.
@@ -249,6 +267,14 @@ class _Node:
         self._requests: dict[int, list[str]] = {}
         self._ids = itertools.count(1)
         self._stopping = False
+        #: The event loop serving the ROUTER socket (None: this thread), guarded by
+        #: _owner_lock; only the thread hands it to a loop, between two of its polls.
+        self._owner: asyncio.AbstractEventLoop | None = None
+        #: A loop that asked to serve the socket.
+        self._adopter: asyncio.AbstractEventLoop | None = None
+        self._owner_lock = threading.Lock()
+        self._router_fd = int(self._router.get(zmq.FD))
+        self._router_polled = False
         self.thread = threading.Thread(target=self._run, name="multilayer zmq node", daemon=True)
         self.thread.start()
         atexit.register(self.stop)
@@ -271,6 +297,64 @@ class _Node:
                     inbox.items.clear()
         self.held.discard(keep=lambda key: not key.startswith(start))
 
+    def serve_in(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ask for the ROUTER socket to be served by ``loop`` (running in this thread)."""
+        if self._owner is not None or self._adopter is loop:
+            return
+        self._adopter = loop
+        with contextlib.suppress(OSError):
+            self._wake_send.send(b"\0")
+
+    def release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give the ROUTER socket back to the thread if ``loop`` (this thread's) serves it."""
+        with self._owner_lock:
+            if self._adopter is loop:
+                self._adopter = None
+            if self._owner is not loop:
+                return
+            self._owner = None
+            loop.remove_reader(self._router_fd)
+        with contextlib.suppress(OSError):
+            self._wake_send.send(b"\0")
+
+    def _start_serving(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._owner_lock:
+            if self._owner is not loop:
+                return
+            loop.add_reader(self._router_fd, self._on_readable, loop)
+        self._on_readable(loop)
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._owner_lock:
+            if self._owner is not loop:
+                loop.remove_reader(self._router_fd)  # the thread took the socket back
+                return
+            self._serve(loop)
+            # The descriptor signals changes only: look again while messages are left.
+            if int(self._router.get(zmq.EVENTS)) & zmq.POLLIN:
+                loop.call_soon(self._on_readable, loop)
+
+    def _hand_over(self, poller: zmq.Poller) -> None:
+        """Between polls: lend the ROUTER socket to a loop, or take it back."""
+        with self._owner_lock:
+            owner = self._owner
+            if owner is not None and (owner.is_closed() or not owner.is_running()):
+                # Its loop ended without closing the backend (async_to_sync does that).
+                self._owner = owner = None
+            adopter, self._adopter = self._adopter, None
+            if owner is None and adopter is not None and adopter.is_running():
+                try:
+                    adopter.call_soon_threadsafe(self._start_serving, adopter)
+                except RuntimeError:
+                    pass  # closed in the meantime
+                else:
+                    self._owner = owner = adopter
+        if owner is None and not self._router_polled:
+            poller.register(self._router, zmq.POLLIN)
+        elif owner is not None and self._router_polled:
+            poller.unregister(self._router)
+        self._router_polled = owner is None
+
     def stop(self) -> None:
         """End the thread and close the sockets (at interpreter exit)."""
         self._stopping = True
@@ -284,16 +368,18 @@ class _Node:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
         for dealer in self._hubs:
             poller.register(dealer, zmq.POLLIN)
         next_refresh = time.monotonic() + self.config.heartbeat
         try:
             while not self._stopping:
+                self._hand_over(poller)
                 wait = max(0.0, next_refresh - time.monotonic())
                 if self.held:
                     wait = min(wait, _PREFETCH_HOLD / 4)
+                if not self._router_polled:
+                    wait = min(wait, _OWNER_CHECK)  # notice soon a loop that stopped
                 for sock, _ in poller.poll(int(wait * 1000) + 1):
                     if sock is self._router:
                         self._serve()
@@ -309,6 +395,8 @@ class _Node:
         except Exception:
             logger.exception("the zmq node thread failed; process inboxes are unreachable")
         finally:
+            with self._owner_lock:
+                self._owner = None  # a loop still lending the socket leaves it alone now
             with contextlib.suppress(Exception):
                 self._give_back(0)
             for dealer in self._hubs:
@@ -383,7 +471,8 @@ class _Node:
                     if not future.done():
                         future.set_result(None)
 
-    def _serve(self) -> None:
+    def _serve(self, here: asyncio.AbstractEventLoop | None = None) -> None:
+        """Answer up to 256 requests; ``here``: the event loop serving, None: the thread."""
         for _ in range(256):
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
@@ -392,9 +481,9 @@ class _Node:
             try:
                 command, request_id, args = decode(frames[1])
                 if command == "deliver":
-                    reply = self._deliver(frames[0], args, frames[2])
+                    reply = self._deliver(frames[0], args, frames[2], here)
                 elif command == "send":
-                    self._leased(frames[0], args[0], frames[2])
+                    self._leased(frames[0], args[0], frames[2], here)
                     continue  # sent on a lease: the sender waits for no answer
                 elif command == "flush":
                     self.flush(args[0])
@@ -411,7 +500,13 @@ class _Node:
                         [frames[0], encode("ok", request_id, *reply)], zmq.NOBLOCK
                     )
 
-    def _deliver(self, sender: bytes, args: list[Any], payload: bytes) -> list[Any] | None:
+    def _deliver(
+        self,
+        sender: bytes,
+        args: list[Any],
+        payload: bytes,
+        here: asyncio.AbstractEventLoop | None,
+    ) -> list[Any] | None:
         items, reply_by, want = args[0], args[1], args[2]
         if items and len(payload) < HEADER_SIZE:
             raise ValueError("short payload")
@@ -426,7 +521,7 @@ class _Node:
                 inbox = self.inboxes.get(key)
                 if inbox is None:
                     statuses.append(UNKNOWN)
-                elif inbox.put((channel, payload), capacity, sender):
+                elif inbox.put((channel, payload), capacity, sender, here):
                     statuses.append(OK)
                     if want and len(items) == 1:
                         granted = inbox.leases.grant(sender, capacity - len(inbox.items), want)
@@ -434,7 +529,13 @@ class _Node:
                     statuses.append(FULL)
         return [statuses, granted]
 
-    def _leased(self, sender: bytes, items: list[Any], payloads: bytes) -> None:
+    def _leased(
+        self,
+        sender: bytes,
+        items: list[Any],
+        payloads: bytes,
+        here: asyncio.AbstractEventLoop | None,
+    ) -> None:
         # Messages sent on leases arrive batched: one frame holds the payloads back to
         # back, ``items`` their inbox keys, channels and sizes.
         messages = split_batch(items, payloads)
@@ -448,7 +549,7 @@ class _Node:
                     # A lease that ran out in transit: the sender counted the message as
                     # accepted, so it is kept even if that overfills the inbox a little.
                     logger.debug("inbox %s: message past its sender's lease", key)
-                inbox.put((channel, payload), None)
+                inbox.put((channel, payload), None, here=here)
 
 
 # -- event-loop side: request/reply links ------------------------------------------------
@@ -744,6 +845,8 @@ class ZmqBackend(Backend):
     async def close(self) -> None:
         if self._group_sends:
             await asyncio.wait(set(self._group_sends), timeout=self._timeout)
+        if self._node is not None:
+            self._node.release(asyncio.get_running_loop())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -931,8 +1034,10 @@ class ZmqBackend(Backend):
                 taken = inbox.take(limit)
                 if taken:
                     return taken
-                future = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                future = loop.create_future()
                 inbox.waiters.append(future)
+            node.serve_in(loop)
             try:
                 await future
             finally:
