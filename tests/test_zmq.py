@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
-from multilayer.backends.zmq import _Node, _shard
+from multilayer.backends.zmq import ZmqBackend, _Node, _shard
 from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
 
@@ -183,6 +183,110 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
         await sender.close()
 
     run(later_loop())
+
+
+# -- small groups fanned out by the sender ------------------------------------------------
+
+
+def _copy(layer: ChannelLayer, group: str) -> list[str] | None:
+    """The members of ``group`` that ``layer`` fans out to itself, if it holds a copy."""
+    backend = layer._state().backend
+    assert isinstance(backend, ZmqBackend)
+    copy = backend._group_copies.get(group)
+    if copy is None or copy[0] is None or copy[1] - time.monotonic() < 0.1:
+        return None  # none, a large group, or one about to lapse
+    return sorted(member for member, _ in copy[0])
+
+
+async def _copied(
+    sender: ChannelLayer, group: str, members: list[str], receiver: ChannelLayer, most: int = 1000
+) -> None:
+    """group_send warm-ups until ``sender`` holds a fresh copy of ``group``, then receive
+    the (at most ``most``) warm-ups each member got, quickly, while the copy holds."""
+    deadline = time.monotonic() + 10
+    sent = 0
+    while _copy(sender, group) != sorted(members):
+        assert time.monotonic() < deadline, "the sender never got a copy of the group"
+        await sender.group_send(group, {"warm": sent})
+        sent += 1
+        await asyncio.sleep(0.02)
+    for member in members:
+        for n in range(min(sent, most)):
+            assert await recv(receiver, member) == {"warm": n}
+
+
+def test_a_group_copy_never_outlives_a_membership_change(hub: Hub) -> None:
+    async def body() -> None:
+        sender, other = ChannelLayer(hub.url, prefix="cp"), ChannelLayer(hub.url, prefix="cp")
+        try:
+            a, b = await sender.new_channel(), await sender.new_channel()
+            await other.group_add("g", a)
+            await _copied(sender, "g", [a], sender)
+            await sender.group_send("g", {"n": 1})  # from the copy, straight to the node
+            assert await recv(sender, a) == {"n": 1}
+            await other.group_discard("g", a)  # answered once the sender dropped its copy
+            assert _copy(sender, "g") is None
+            await sender.group_send("g", {"n": 2})
+            await nothing(sender, a)
+            await other.group_add("g", b)
+            await _copied(sender, "g", [b], sender)
+            await other.group_add("g", a)
+            assert _copy(sender, "g") is None
+            await sender.group_send("g", {"n": 3})
+            assert await recv(sender, a) == {"n": 3}
+            assert await recv(sender, b) == {"n": 3}
+        finally:
+            await sender.flush()
+            await sender.close()
+            await other.close()
+
+    run(body())
+
+
+def test_a_group_copy_keeps_capacity_exact(hub: Hub, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        sender = ChannelLayer(hub.url, prefix="cpfull", capacity=3)
+        try:
+            channel = await sender.new_channel()
+            await sender.group_add("g", channel)
+            await _copied(sender, "g", [channel], sender, most=3)
+            for n in range(10):
+                await sender.group_send("g", {"n": n})
+            assert _copy(sender, "g") == [channel]  # all ten went out from the copy
+            assert [(await recv(sender, channel))["n"] for _ in range(3)] == [0, 1, 2]
+            await nothing(sender, channel)
+        finally:
+            await sender.flush()
+            await sender.close()
+
+    run(body())
+    assert "skipped member" in caplog.text
+
+
+def test_a_change_waits_at_most_a_lease_for_a_silent_copy_holder(hub: Hub) -> None:
+    sender, other = ChannelLayer(hub.url, prefix="cpgone"), ChannelLayer(hub.url, prefix="cpgone")
+
+    async def holder() -> str:
+        channel = await other.new_channel()
+        await other.group_add("g", channel)
+        await _copied(sender, "g", [channel], other)
+        return channel
+
+    first = run(holder())  # its loop ends: nobody reads the sender's hub link any more
+
+    async def change() -> None:
+        second = await other.new_channel()
+        started = time.monotonic()
+        await other.group_add("g", second)
+        assert time.monotonic() - started < 2  # the hub stops waiting when the lease ends
+        await sender.group_send("g", {"n": 1})
+        assert await recv(other, first) == {"n": 1}
+        assert await recv(other, second) == {"n": 1}
+        await other.flush()
+        await other.close()
+        await sender.close()
+
+    run(change())
 
 
 def test_ipc_hub(tmp_path: Path) -> None:

@@ -109,6 +109,14 @@ _SPARSE = 0.001
 _GROUP_SENDS_IN_FLIGHT = 256
 #: How often the node thread checks that the event loop it lent its socket still runs (s).
 _OWNER_CHECK = 0.05
+#: Groups of at most this many members are fanned out by the sender itself, straight to
+#: the members' nodes and queues, from a copy of the members the hub leases it and keeps
+#: valid (one send per member costs more than one request to the hub beyond a few).
+_DIRECT_FANOUT = 2
+#: Group sends in flight through the hub before group_send looks for the copy it asked for.
+_COPY_PATIENCE = 8
+#: How long a group found too large to fan out here is not asked about again (s).
+_LARGE_GROUP_HINT = 5.0
 
 
 def _check_key(value: str) -> str | None:
@@ -565,8 +573,10 @@ class _Link:
         curve: _Curve | None,
         server_key: bytes | None,
         orphan: Any,
+        invalidate: Callable[[str], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._invalidate = invalidate
         raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         # The backend owns the raw socket and closes it even if its event loop just ends
         # (async_to_sync); the asyncio view is a shadow that never warns on collection.
@@ -703,24 +713,44 @@ class _Link:
 
     async def _read(self) -> None:
         while True:
-            frames = await self.sock.recv_multipart()
+            self._handle(await self.sock.recv_multipart())
+
+    def take_answers(self) -> None:
+        """Handle the messages already arrived now, without waiting for the reader's turn."""
+        while True:
             try:
-                command, request_id, args = decode(frames[0])
-            except ValueError:
-                logger.warning("ignored a malformed answer from %s", self.endpoint)
-                continue
-            future = self.pending.pop(request_id, None)
-            key = self.pops.pop(request_id, None)
-            if command == "error":
-                error = BrokerError(f"{self.endpoint} refused the request: {args[0]}")
-                if future is not None and not future.done():
-                    future.set_exception(error)
-                continue
+                # Non-blocking, as pyzmq's asyncio socket itself reads when it can.
+                frames = self.raw.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            command, request_id, args = decode(frames[0])
+        except ValueError:
+            logger.warning("ignored a malformed answer from %s", self.endpoint)
+            return
+        if command == "ginval":
+            # The hub is changing a group we hold the members of: drop them, then say so
+            # (the change is answered once we have).
+            if self._invalidate is not None and args and isinstance(args[0], str):
+                self._invalidate(args[0])
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart([encode("gack", request_id)], zmq.NOBLOCK)
+            return
+        future = self.pending.pop(request_id, None)
+        key = self.pops.pop(request_id, None)
+        if command == "error":
+            error = BrokerError(f"{self.endpoint} refused the request: {args[0]}")
             if future is not None and not future.done():
-                future.set_result((args, frames[1:]))
-            elif key is not None and args and args[0]:
-                # A pop answered after its caller gave up: put the messages back.
-                self._orphan(self, key, args[0], frames[1:])
+                future.set_exception(error)
+            return
+        if future is not None and not future.done():
+            future.set_result((args, frames[1:]))
+        elif key is not None and args and args[0]:
+            # A pop answered after its caller gave up: put the messages back.
+            self._orphan(self, key, args[0], frames[1:])
 
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing can be written
@@ -809,6 +839,15 @@ class ZmqBackend(Backend):
         self._tasks: list[asyncio.Task[None]] = []
         #: Group sends the hub has not answered yet (it answers once members have them).
         self._group_sends: set[asyncio.Future[Any]] = set()
+        #: Group -> (its members and their expiry times, None if too many to fan out here;
+        #: monotonic end of use), kept valid by the hub: it answers no change to the group
+        #: before we drop the copy.
+        self._group_copies: dict[str, tuple[list[tuple[str, float]] | None, float]] = {}
+        #: Copies asked for and not answered yet, by group: (answer, monotonic time asked,
+        #: invalidations received when asked).
+        self._asking: dict[str, tuple[asyncio.Future[Any], float, int]] = {}
+        #: Invalidations received, so that a copy fetched meanwhile is not kept.
+        self._invalidations = 0
         self._node: _Node | None = None
         self._owned: list[zmq.Socket[bytes]] = []
         weakref.finalize(self, _close_all, self._owned)
@@ -837,7 +876,7 @@ class ZmqBackend(Backend):
         )
         server = self._curve.server_key if self._curve else None
         self._links = [
-            _Link(self._owned, endpoint, self._curve, server, self._orphan)
+            _Link(self._owned, endpoint, self._curve, server, self._orphan, self._invalidate)
             for endpoint in self._hubs
         ]
         self._tasks = [asyncio.ensure_future(self._watch(link)) for link in self._links]
@@ -874,6 +913,7 @@ class ZmqBackend(Backend):
             if epoch is not None and reply[0] != epoch:
                 logger.warning("hub %s restarted; its queues and groups are gone", link.endpoint)
                 link.fail_pops()
+                self._group_copies.clear()
             epoch = reply[0]
             await asyncio.sleep(self._heartbeat)
 
@@ -1114,12 +1154,68 @@ class ZmqBackend(Backend):
         members: list[str] = reply[0]
         return members
 
+    def _invalidate(self, group: str) -> None:
+        self._invalidations += 1
+        self._group_copies.pop(group.removeprefix(self._prefix), None)
+
+    def _ask_copy(self, group: str) -> None:
+        """Ask the hub, now, for the members of ``group`` if it is small (see group_send)."""
+        link = self._links[0]
+        asked, invalidations = time.monotonic(), self._invalidations
+        _, future = link.start("gwatch", (self._prefix + group, _DIRECT_FANOUT))
+        self._asking[group] = (future, asked, invalidations)
+        future.add_done_callback(lambda _: self._copy_answered(group))
+
+    def _copy_answered(self, group: str) -> None:
+        """Keep the copy the hub answered for ``group``, if it has answered."""
+        asking = self._asking.get(group)
+        if asking is None or not asking[0].done():
+            return
+        del self._asking[group]
+        future, asked, invalidations = asking
+        if future.cancelled() or future.exception() is not None:
+            return
+        members, lease = future.result()[0]
+        if invalidations != self._invalidations:
+            return  # the group may have changed since the hub answered
+        if len(self._group_copies) >= 1000:
+            current = time.monotonic()
+            for name in [n for n, (_, end) in self._group_copies.items() if end <= current]:
+                del self._group_copies[name]
+        if members is None:  # too large: the hub fans out; ask again after a while
+            self._group_copies[group] = (None, asked + _LARGE_GROUP_HINT)
+        else:  # used for half the lease, counted from before asking: never beyond it
+            copy = [(channel, until) for channel, until in members]
+            self._group_copies[group] = (copy, asked + lease / 2)
+
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
         if len(self._links) > 1:
             # Members' queues live on other hubs: fetch the members, push to each hub.
             await super().group_send(group, payload, deadline=deadline, capacity=capacity)
+            return
+        copy = self._group_copies.get(group)
+        if copy is None or time.monotonic() >= copy[1]:
+            asking = self._asking.get(group)
+            if asking is None or time.monotonic() - asking[1] > self._timeout:
+                self._ask_copy(group)  # answered while this and the next sends go to the hub
+            elif len(self._group_sends) >= _COPY_PATIENCE:
+                # A stream of group sends: pick the answer up now if it has come, rather than
+                # when this task next yields (and queue fewer sends at the hub).
+                self._links[0].take_answers()
+                self._copy_answered(group)
+            copy = self._group_copies.get(group)
+        if copy is not None and copy[0] is not None and time.monotonic() < copy[1]:
+            # Straight to each member's node or queue, on leases when held (no round trip).
+            current = time.time()
+            for member, until in copy[0]:
+                if until > current:
+                    limit = capacity.for_channel(member)
+                    try:
+                        await self.push(member, payload, deadline=deadline, capacity=limit)
+                    except ChannelFull:
+                        log_full_member(group, member)
             return
         await self._settle()
         overrides: dict[str, int] = {}
