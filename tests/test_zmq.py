@@ -185,6 +185,31 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
     run(later_loop())
 
 
+def _block_until_taken_back(node: _Node) -> None:
+    deadline = time.monotonic() + 5
+    while node._owner is not None:
+        assert time.monotonic() < deadline, "the node left its socket to a blocked loop"
+        time.sleep(0.05)
+
+
+def test_the_node_takes_its_socket_back_from_a_blocked_loop(hub: Hub) -> None:
+    async def body() -> None:
+        layer = ChannelLayer(hub.url, prefix="blocked")
+        try:
+            channel = await layer.new_channel()
+            waiting = asyncio.ensure_future(layer.receive(channel))
+            node = _node_for(hub.url)
+            await _lent_to_this_loop(node)
+            _block_until_taken_back(node)  # blocks this loop, as sync code in a coroutine does
+            await layer.send(channel, {"n": 1})
+            assert await asyncio.wait_for(waiting, 5) == {"n": 1}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body())
+
+
 # -- small groups fanned out by the sender ------------------------------------------------
 
 

@@ -110,8 +110,11 @@ _GIVE_BACK_LINGER_MS = 2000
 _SPARSE = 0.001
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
 _GROUP_SENDS_IN_FLIGHT = 256
-#: How often the node thread checks that the event loop it lent its socket still runs (s).
+#: How often the node thread checks that the event loop it lent its socket still runs (s),
+#: and how long that loop may go without running a callback before the thread takes the
+#: socket back (the loop is blocked).
 _OWNER_CHECK = 0.05
+_OWNER_STALL = 0.5
 #: Groups of at most this many members are fanned out by the sender itself, straight to
 #: the members' nodes and queues, from a copy of the members the hub leases it and keeps
 #: valid (one send per member costs more than one request to the hub beyond a few).
@@ -286,6 +289,8 @@ class _Node:
         self._owner_lock = threading.Lock()
         self._router_fd = int(self._router.get(zmq.FD))
         self._router_polled = False
+        #: When the lending loop last ran a callback the thread sent it, and when it sent one.
+        self._owner_seen = self._owner_asked = 0.0
         self.thread = threading.Thread(target=self._run, name="multilayer zmq node", daemon=True)
         self.thread.start()
         atexit.register(self.stop)
@@ -328,6 +333,9 @@ class _Node:
         with contextlib.suppress(OSError):
             self._wake_send.send(b"\0")
 
+    def _owner_ran(self) -> None:
+        self._owner_seen = time.monotonic()
+
     def _start_serving(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._owner_lock:
             if self._owner is not loop:
@@ -347,10 +355,16 @@ class _Node:
 
     def _hand_over(self, poller: zmq.Poller) -> None:
         """Between polls: lend the ROUTER socket to a loop, or take it back."""
+        current = time.monotonic()
         with self._owner_lock:
             owner = self._owner
-            if owner is not None and (owner.is_closed() or not owner.is_running()):
-                # Its loop ended without closing the backend (async_to_sync does that).
+            if owner is not None and (
+                owner.is_closed()
+                or not owner.is_running()
+                or current - self._owner_seen > _OWNER_STALL
+            ):
+                # Its loop ended without closing the backend (async_to_sync does that), or
+                # is blocked: the other loops of the process must not wait for it.
                 self._owner = owner = None
             adopter, self._adopter = self._adopter, None
             if owner is None and adopter is not None and adopter.is_running():
@@ -360,6 +374,11 @@ class _Node:
                     pass  # closed in the meantime
                 else:
                     self._owner = owner = adopter
+                    self._owner_seen = self._owner_asked = current
+        if owner is not None and current - self._owner_asked >= _OWNER_CHECK:
+            self._owner_asked = current
+            with contextlib.suppress(RuntimeError):
+                owner.call_soon_threadsafe(self._owner_ran)
         if owner is None and not self._router_polled:
             poller.register(self._router, zmq.POLLIN)
         elif owner is not None and self._router_polled:
