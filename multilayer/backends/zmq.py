@@ -1,23 +1,23 @@
 """ZeroMQ backend: ``zmq://`` and ``zmq+ipc://`` on pyzmq, with a hub and direct paths.
 
 Features: every contract point, across processes and hosts. A hub process
-(:mod:`multilayer.backends.zmqhub`, ``multilayer hub --bind tcp://127.0.0.1:5599``) holds
-normal-channel queues with capacity and expiry, group memberships with expiry, and the
-directory of live process inboxes. Each process runs one *node*: a ROUTER socket on an
-ephemeral port, served by a background thread (or, while an event loop waits on an inbox,
-by that loop, so a message wakes its receive with no thread hop), holding the inboxes of
-that process's layers. Process-specific messages go straight from sender to node once the sender has
-learnt the node's endpoint (the first message travels through the hub, which answers with
-the endpoint); the node checks capacity and answers ok/full, and with an ok leases the
-sender a few places (at most half the free room, for 0.2 s) that it fills without waiting
-for answers. Normal-channel sends get the same leases from the hub, and a pop takes up
-to 100 waiting messages, the ones no receive wanted going back to the hub after 1 s.
-``group_send`` is one request to the hub, which queues normal members and
-forwards specific members to their nodes, one forward per node; to a group of at most two
-members the sender sends itself, as to any channel, from a copy of the members the hub
-leases it for 0.5 s and invalidates before it answers any change to the group. Several hubs shard
-queues, groups and inboxes by rendezvous hashing of the name. Optional CURVE encryption
-and authentication.
+(:mod:`multilayer.backends.zmqhub`, ``multilayer hub --bind tcp://127.0.0.1:5599``)
+holds normal-channel queues with capacity and expiry, group memberships with expiry, and
+the directory of live process inboxes. Each process runs one *node*: a ROUTER socket on
+an ephemeral port, served by a background thread (or, while an event loop waits on an
+inbox, by that loop, so a message wakes its receive with no thread hop), holding the
+inboxes of that process's layers. Process-specific messages go straight from sender to
+node once the sender has learnt the node's endpoint (the first message travels through
+the hub, which answers with the endpoint); the node checks capacity and answers ok/full,
+and with an ok leases the sender a few places (at most half the free room, for 0.2 s)
+that it fills without waiting for answers. Normal-channel sends get the same leases from
+the hub, and a pop takes up to 100 waiting messages, the ones no receive wanted going
+back to the hub after 1 s. ``group_send`` is one request to the hub, which queues normal
+members and forwards specific members to their nodes, one forward per node; to a group
+of at most two members the sender sends itself, as to any channel, from a copy of the
+members the hub leases it for 0.5 s and invalidates before it answers any change to the
+group. Several hubs shard queues, groups and inboxes by rendezvous hashing of the name.
+Optional CURVE encryption and authentication.
 
 Faults. The hub keeps everything in memory: a hub restart loses the queued normal-channel
 messages, group memberships and parked messages; nodes re-register their inboxes within
@@ -235,8 +235,8 @@ class _Node:
     While an event loop waits on an inbox, the thread lends it the ROUTER socket: the loop
     reads it like any asyncio socket and a message for a receive in that loop wakes it
     directly, without a hop through this thread. The thread takes the socket back when
-    the loop's backend closes or the loop stops running. ZeroMQ sockets may move between
-    threads behind a lock; only the current owner touches it.
+    the loop's backend closes, or the loop stops running or is blocked. ZeroMQ sockets
+    may move between threads behind a lock; only the current owner touches it.
     """
 
     #: The running nodes, by configuration without the bound address.
