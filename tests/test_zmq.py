@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
-from multilayer.backends.zmq import ZmqBackend, _Node, _shard
+from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
 from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
 
@@ -226,15 +226,16 @@ def _copy(layer: ChannelLayer, group: str) -> list[str] | None:
 async def _copied(
     sender: ChannelLayer, group: str, members: list[str], receiver: ChannelLayer, most: int = 1000
 ) -> None:
-    """group_send warm-ups until ``sender`` holds a fresh copy of ``group``, then receive
-    the (at most ``most``) warm-ups each member got, quickly, while the copy holds."""
+    """Streams of group_send warm-ups until ``sender`` holds a fresh copy of ``group``, then
+    receive the (at most ``most``) warm-ups each member got, quickly, while the copy holds."""
     deadline = time.monotonic() + 10
     sent = 0
     while _copy(sender, group) != sorted(members):
         assert time.monotonic() < deadline, "the sender never got a copy of the group"
-        await sender.group_send(group, {"warm": sent})
-        sent += 1
-        await asyncio.sleep(0.02)
+        for _ in range(_STREAMING + 8):  # a stream: the sender asks the hub for a copy
+            await sender.group_send(group, {"warm": sent})
+            sent += 1
+        await asyncio.sleep(0.05)
     for member in members:
         for n in range(min(sent, most)):
             assert await recv(receiver, member) == {"warm": n}
@@ -275,6 +276,7 @@ def test_a_group_copy_keeps_capacity_exact(hub: Hub, caplog: pytest.LogCaptureFi
             channel = await sender.new_channel()
             await sender.group_add("g", channel)
             await _copied(sender, "g", [channel], sender, most=3)
+            caplog.clear()  # the warm-ups beyond the capacity were skipped too
             for n in range(10):
                 await sender.group_send("g", {"n": n})
             assert _copy(sender, "g") == [channel]  # all ten went out from the copy

@@ -119,8 +119,9 @@ _OWNER_STALL = 0.5
 #: the members' nodes and queues, from a copy of the members the hub leases it and keeps
 #: valid (one send per member costs more than one request to the hub beyond a few).
 _DIRECT_FANOUT = 2
-#: Group sends in flight through the hub before group_send looks for the copy it asked for.
-_COPY_PATIENCE = 8
+#: Group sends in flight through the hub from which on group_send asks for a copy of the
+#: members (a stream of group sends: sparse ones cost the hub no extra request).
+_STREAMING = 16
 #: How long a group found too large to fan out here is not asked about again (s).
 _LARGE_GROUP_HINT = 5.0
 
@@ -742,6 +743,8 @@ class _Link:
         while True:
             try:
                 # Non-blocking, as pyzmq's asyncio socket itself reads when it can.
+                if not int(self.raw.get(zmq.EVENTS)) & zmq.POLLIN:
+                    return
                 frames = self.raw.recv_multipart(zmq.NOBLOCK)
             except zmq.ZMQError:
                 return
@@ -1218,13 +1221,13 @@ class ZmqBackend(Backend):
             await super().group_send(group, payload, deadline=deadline, capacity=capacity)
             return
         copy = self._group_copies.get(group)
-        if copy is None or time.monotonic() >= copy[1]:
+        if (copy is None or time.monotonic() >= copy[1]) and len(self._group_sends) >= _STREAMING:
             asking = self._asking.get(group)
             if asking is None or time.monotonic() - asking[1] > self._timeout:
                 self._ask_copy(group)  # answered while this and the next sends go to the hub
-            elif len(self._group_sends) >= _COPY_PATIENCE:
-                # A stream of group sends: pick the answer up now if it has come, rather than
-                # when this task next yields (and queue fewer sends at the hub).
+            else:
+                # Pick the answer up now if it has come, not when this task next yields:
+                # fewer sends queue at the hub meanwhile.
                 self._links[0].take_answers()
                 self._copy_answered(group)
             copy = self._group_copies.get(group)
