@@ -121,7 +121,7 @@ _OWNER_STALL = 0.5
 _DIRECT_FANOUT = 2
 #: Group sends in flight through the hub from which on group_send asks for a copy of the
 #: members (a stream of group sends: sparse ones cost the hub no extra request).
-_STREAMING = 16
+_STREAMING = 32
 #: How long a group found too large to fan out here is not asked about again (s).
 _LARGE_GROUP_HINT = 5.0
 
@@ -627,11 +627,20 @@ class _Link:
         self._reader = asyncio.ensure_future(self._read())
 
     def start(
-        self, command: str, args: Sequence[Any], payloads: Sequence[bytes] = ()
+        self,
+        command: str,
+        args: Sequence[Any],
+        payloads: Sequence[bytes] = (),
+        *,
+        ahead: bool = False,
     ) -> tuple[int, asyncio.Future[tuple[list[Any], list[bytes]]]]:
-        """Send a request now; its id and the future of its reply."""
-        self.write_leased()
-        self.write_requests()
+        """Send a request now; its id and the future of its reply. ``ahead``: before the
+        messages and requests batched in this loop step (for a request whose order does
+        not matter), which then still go out together at the end of the step.
+        """
+        if not ahead:
+            self.write_leased()
+            self.write_requests()
         request_id = next(self._ids)
         future: asyncio.Future[tuple[list[Any], list[bytes]]] = (
             asyncio.get_running_loop().create_future()
@@ -1187,7 +1196,7 @@ class ZmqBackend(Backend):
         """Ask the hub, now, for the members of ``group`` if it is small (see group_send)."""
         link = self._links[0]
         asked, invalidations = time.monotonic(), self._invalidations
-        _, future = link.start("gwatch", (self._prefix + group, _DIRECT_FANOUT))
+        _, future = link.start("gwatch", (self._prefix + group, _DIRECT_FANOUT), ahead=True)
         self._asking[group] = (future, asked, invalidations)
         future.add_done_callback(lambda _: self._copy_answered(group))
 
