@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
-from multilayer.backends.zmq import _Node, _shard
+from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
 from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
 
@@ -136,6 +136,184 @@ def _exercise(url: str) -> None:
             await receiver.close()
 
     run(body())
+
+
+def _node_for(url: str) -> _Node:
+    hub = url.removeprefix("zmq://")
+    return next(n for n in _Node.nodes.values() if n.config.names == (hub,) and n.thread.is_alive())
+
+
+async def _lent_to_this_loop(node: _Node) -> None:
+    deadline = time.monotonic() + 5
+    while node._owner is not asyncio.get_running_loop():
+        assert time.monotonic() < deadline, "a loop waiting on an inbox never got the node socket"
+        await asyncio.sleep(0.01)
+
+
+def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
+    # One layer used from successive event loops, as async_to_sync does.
+    receiver, sender = ChannelLayer(hub.url, prefix="own"), ChannelLayer(hub.url, prefix="own")
+
+    async def waiting_loop() -> str:
+        channel = await receiver.new_channel()
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _lent_to_this_loop(_node_for(hub.url))
+        await sender.send(channel, {"n": 1})
+        assert await asyncio.wait_for(waiting, 5) == {"n": 1}
+        return channel
+
+    channel = run(waiting_loop())  # ends without closing either layer
+    node = _node_for(hub.url)
+    deadline = time.monotonic() + 5
+    while node._owner is not None:  # the thread takes the socket back from the dead loop
+        assert time.monotonic() < deadline, "the node thread did not take its socket back"
+        time.sleep(0.01)
+
+    async def later_loop() -> None:
+        await sender.send(channel, {"n": 2})  # the thread serves it: nobody waits yet
+        assert await recv(receiver, channel) == {"n": 2}
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _lent_to_this_loop(node)
+        await sender.send(channel, {"n": 3})
+        assert await asyncio.wait_for(waiting, 5) == {"n": 3}
+        await receiver.close()
+        assert node._owner is None  # closing the backend gives the socket back
+        await sender.send(channel, {"n": 4})
+        await sender.flush()
+        await sender.close()
+
+    run(later_loop())
+
+
+def _block_until_taken_back(node: _Node) -> None:
+    deadline = time.monotonic() + 5
+    while node._owner is not None:
+        assert time.monotonic() < deadline, "the node left its socket to a blocked loop"
+        time.sleep(0.05)
+
+
+def test_the_node_takes_its_socket_back_from_a_blocked_loop(hub: Hub) -> None:
+    async def body() -> None:
+        layer = ChannelLayer(hub.url, prefix="blocked")
+        try:
+            channel = await layer.new_channel()
+            waiting = asyncio.ensure_future(layer.receive(channel))
+            node = _node_for(hub.url)
+            await _lent_to_this_loop(node)
+            _block_until_taken_back(node)  # blocks this loop, as sync code in a coroutine does
+            await layer.send(channel, {"n": 1})
+            assert await asyncio.wait_for(waiting, 5) == {"n": 1}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body())
+
+
+# -- small groups fanned out by the sender ------------------------------------------------
+
+
+def _copy(layer: ChannelLayer, group: str) -> list[str] | None:
+    """The members of ``group`` that ``layer`` fans out to itself, if it holds a copy."""
+    backend = layer._state().backend
+    assert isinstance(backend, ZmqBackend)
+    copy = backend._group_copies.get(group)
+    if copy is None or copy[0] is None or copy[1] - time.monotonic() < 0.1:
+        return None  # none, a large group, or one about to lapse
+    return sorted(member for member, _ in copy[0])
+
+
+async def _copied(
+    sender: ChannelLayer, group: str, members: list[str], receiver: ChannelLayer, most: int = 1000
+) -> None:
+    """Streams of group_send warm-ups until ``sender`` holds a fresh copy of ``group``, then
+    receive the (at most ``most``) warm-ups each member got, quickly, while the copy holds."""
+    deadline = time.monotonic() + 10
+    sent = 0
+    while _copy(sender, group) != sorted(members):
+        assert time.monotonic() < deadline, "the sender never got a copy of the group"
+        for _ in range(_STREAMING + 8):  # a stream: the sender asks the hub for a copy
+            await sender.group_send(group, {"warm": sent})
+            sent += 1
+        await asyncio.sleep(0.05)
+    for member in members:
+        for n in range(min(sent, most)):
+            assert await recv(receiver, member) == {"warm": n}
+
+
+def test_a_group_copy_never_outlives_a_membership_change(hub: Hub) -> None:
+    async def body() -> None:
+        sender, other = ChannelLayer(hub.url, prefix="cp"), ChannelLayer(hub.url, prefix="cp")
+        try:
+            a, b = await sender.new_channel(), await sender.new_channel()
+            await other.group_add("g", a)
+            await _copied(sender, "g", [a], sender)
+            await sender.group_send("g", {"n": 1})  # from the copy, straight to the node
+            assert await recv(sender, a) == {"n": 1}
+            await other.group_discard("g", a)  # answered once the sender dropped its copy
+            assert _copy(sender, "g") is None
+            await sender.group_send("g", {"n": 2})
+            await nothing(sender, a)
+            await other.group_add("g", b)
+            await _copied(sender, "g", [b], sender)
+            await other.group_add("g", a)
+            assert _copy(sender, "g") is None
+            await sender.group_send("g", {"n": 3})
+            assert await recv(sender, a) == {"n": 3}
+            assert await recv(sender, b) == {"n": 3}
+        finally:
+            await sender.flush()
+            await sender.close()
+            await other.close()
+
+    run(body())
+
+
+def test_a_group_copy_keeps_capacity_exact(hub: Hub, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        sender = ChannelLayer(hub.url, prefix="cpfull", capacity=3)
+        try:
+            channel = await sender.new_channel()
+            await sender.group_add("g", channel)
+            await _copied(sender, "g", [channel], sender, most=3)
+            caplog.clear()  # the warm-ups beyond the capacity were skipped too
+            for n in range(10):
+                await sender.group_send("g", {"n": n})
+            assert _copy(sender, "g") == [channel]  # all ten went out from the copy
+            assert [(await recv(sender, channel))["n"] for _ in range(3)] == [0, 1, 2]
+            await nothing(sender, channel)
+        finally:
+            await sender.flush()
+            await sender.close()
+
+    run(body())
+    assert "skipped member" in caplog.text
+
+
+def test_a_change_waits_at_most_a_lease_for_a_silent_copy_holder(hub: Hub) -> None:
+    sender, other = ChannelLayer(hub.url, prefix="cpgone"), ChannelLayer(hub.url, prefix="cpgone")
+
+    async def holder() -> str:
+        channel = await other.new_channel()
+        await other.group_add("g", channel)
+        await _copied(sender, "g", [channel], other)
+        return channel
+
+    first = run(holder())  # its loop ends: nobody reads the sender's hub link any more
+
+    async def change() -> None:
+        second = await other.new_channel()
+        started = time.monotonic()
+        await other.group_add("g", second)
+        assert time.monotonic() - started < 2  # the hub stops waiting when the lease ends
+        await sender.group_send("g", {"n": 1})
+        assert await recv(other, first) == {"n": 1}
+        assert await recv(other, second) == {"n": 1}
+        await other.flush()
+        await other.close()
+        await sender.close()
+
+    run(change())
 
 
 def test_ipc_hub(tmp_path: Path) -> None:

@@ -1,20 +1,23 @@
 """ZeroMQ backend: ``zmq://`` and ``zmq+ipc://`` on pyzmq, with a hub and direct paths.
 
 Features: every contract point, across processes and hosts. A hub process
-(:mod:`multilayer.backends.zmqhub`, ``multilayer hub --bind tcp://127.0.0.1:5599``) holds
-normal-channel queues with capacity and expiry, group memberships with expiry, and the
-directory of live process inboxes. Each process runs one *node*: a ROUTER socket on an
-ephemeral port, served by a background thread, holding the inboxes of that process's
-layers. Process-specific messages go straight from sender to node once the sender has
-learnt the node's endpoint (the first message travels through the hub, which answers with
-the endpoint); the node checks capacity and answers ok/full, and with an ok leases the
-sender a few places (at most half the free room, for 0.2 s) that it fills without waiting
-for answers. Normal-channel sends get the same leases from the hub, and a pop takes up
-to 100 waiting messages, the ones no receive wanted going back to the hub after 1 s.
-``group_send`` is one request to the hub, which queues normal members and
-forwards specific members to their nodes, one forward per node. Several hubs shard
-queues, groups and inboxes by rendezvous hashing of the name. Optional CURVE encryption
-and authentication.
+(:mod:`multilayer.backends.zmqhub`, ``multilayer hub --bind tcp://127.0.0.1:5599``)
+holds normal-channel queues with capacity and expiry, group memberships with expiry, and
+the directory of live process inboxes. Each process runs one *node*: a ROUTER socket on
+an ephemeral port, served by a background thread (or, while an event loop waits on an
+inbox, by that loop, so a message wakes its receive with no thread hop), holding the
+inboxes of that process's layers. Process-specific messages go straight from sender to
+node once the sender has learnt the node's endpoint (the first message travels through
+the hub, which answers with the endpoint); the node checks capacity and answers ok/full,
+and with an ok leases the sender a few places (at most half the free room, for 0.2 s)
+that it fills without waiting for answers. Normal-channel sends get the same leases from
+the hub, and a pop takes up to 100 waiting messages, the ones no receive wanted going
+back to the hub after 1 s. ``group_send`` is one request to the hub, which queues normal
+members and forwards specific members to their nodes, one forward per node; to a group
+of at most two members the sender sends itself, as to any channel, from a copy of the
+members the hub leases it for 0.5 s and invalidates before it answers any change to the
+group. Several hubs shard queues, groups and inboxes by rendezvous hashing of the name.
+Optional CURVE encryption and authentication.
 
 Faults. The hub keeps everything in memory: a hub restart loses the queued normal-channel
 messages, group memberships and parked messages; nodes re-register their inboxes within
@@ -107,6 +110,20 @@ _GIVE_BACK_LINGER_MS = 2000
 _SPARSE = 0.001
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
 _GROUP_SENDS_IN_FLIGHT = 256
+#: How often the node thread checks that the event loop it lent its socket still runs (s),
+#: and how long that loop may go without running a callback before the thread takes the
+#: socket back (the loop is blocked).
+_OWNER_CHECK = 0.05
+_OWNER_STALL = 0.5
+#: Groups of at most this many members are fanned out by the sender itself, straight to
+#: the members' nodes and queues, from a copy of the members the hub leases it and keeps
+#: valid (one send per member costs more than one request to the hub beyond a few).
+_DIRECT_FANOUT = 2
+#: Group sends in flight through the hub from which on group_send asks for a copy of the
+#: members (a stream of group sends: sparse ones cost the hub no extra request).
+_STREAMING = 32
+#: How long a group found too large to fan out here is not asked about again (s).
+_LARGE_GROUP_HINT = 5.0
 
 
 def _check_key(value: str) -> str | None:
@@ -157,7 +174,13 @@ class _Inbox:
         self.waiters: list[asyncio.Future[None]] = []
         self.leases = Leases()
 
-    def put(self, item: Item, capacity: int | None, sender: bytes = b"") -> bool:
+    def put(
+        self,
+        item: Item,
+        capacity: int | None,
+        sender: bytes = b"",
+        here: asyncio.AbstractEventLoop | None = None,
+    ) -> bool:
         if capacity is not None and len(self.items) + self.leases.reserved(sender) >= capacity:
             current = now()
             kept = [entry for entry in self.items if deadline_of(entry[1]) > current]
@@ -167,7 +190,7 @@ class _Inbox:
         self.items.append(item)
         waiters, self.waiters = self.waiters, []
         for future in waiters:
-            _wake(future)
+            _wake(future, here)
         return True
 
     def take(self, limit: int) -> list[Item]:
@@ -180,10 +203,15 @@ class _Inbox:
         return taken
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def _wake(future: asyncio.Future[None], here: asyncio.AbstractEventLoop | None) -> None:
+    """Wake a receive; ``here`` is the event loop running in this thread, if any."""
+    loop = future.get_loop()
+    if loop is here:
+        _set_if_pending(future)  # no self-pipe write and no second wake-up of the loop
+        return
     # A loop that has ended raises RuntimeError; the message stays for the next receive.
     with contextlib.suppress(RuntimeError):
-        future.get_loop().call_soon_threadsafe(_set_if_pending, future)
+        loop.call_soon_threadsafe(_set_if_pending, future)
 
 
 def _set_if_pending(future: asyncio.Future[None]) -> None:
@@ -205,6 +233,11 @@ class _Node:
 
     A thread serves the socket so that inboxes outlive any one event loop (``async_to_sync``
     runs each call in a fresh loop) and the hub hears from the process between calls.
+    While an event loop waits on an inbox, the thread lends it the ROUTER socket: the loop
+    reads it like any asyncio socket and a message for a receive in that loop wakes it
+    directly, without a hop through this thread. The thread takes the socket back when
+    the loop's backend closes, or the loop stops running or is blocked. ZeroMQ sockets
+    may move between threads behind a lock; only the current owner touches it.
     """
 
     #: The running nodes, by configuration without the bound address.
@@ -249,6 +282,16 @@ class _Node:
         self._requests: dict[int, list[str]] = {}
         self._ids = itertools.count(1)
         self._stopping = False
+        #: The event loop serving the ROUTER socket (None: this thread), guarded by
+        #: _owner_lock; only the thread hands it to a loop, between two of its polls.
+        self._owner: asyncio.AbstractEventLoop | None = None
+        #: A loop that asked to serve the socket.
+        self._adopter: asyncio.AbstractEventLoop | None = None
+        self._owner_lock = threading.Lock()
+        self._router_fd = int(self._router.get(zmq.FD))
+        self._router_polled = False
+        #: When the lending loop last ran a callback the thread sent it, and when it sent one.
+        self._owner_seen = self._owner_asked = 0.0
         self.thread = threading.Thread(target=self._run, name="multilayer zmq node", daemon=True)
         self.thread.start()
         atexit.register(self.stop)
@@ -271,6 +314,78 @@ class _Node:
                     inbox.items.clear()
         self.held.discard(keep=lambda key: not key.startswith(start))
 
+    def serve_in(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ask for the ROUTER socket to be served by ``loop`` (running in this thread)."""
+        if self._owner is not None or self._adopter is loop:
+            return
+        self._adopter = loop
+        with contextlib.suppress(OSError):
+            self._wake_send.send(b"\0")
+
+    def release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give the ROUTER socket back to the thread if ``loop`` (this thread's) serves it."""
+        with self._owner_lock:
+            if self._adopter is loop:
+                self._adopter = None
+            if self._owner is not loop:
+                return
+            self._owner = None
+            loop.remove_reader(self._router_fd)
+        with contextlib.suppress(OSError):
+            self._wake_send.send(b"\0")
+
+    def _owner_ran(self) -> None:
+        self._owner_seen = time.monotonic()
+
+    def _start_serving(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._owner_lock:
+            if self._owner is not loop:
+                return
+            loop.add_reader(self._router_fd, self._on_readable, loop)
+        self._on_readable(loop)
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._owner_lock:
+            if self._owner is not loop:
+                loop.remove_reader(self._router_fd)  # the thread took the socket back
+                return
+            self._serve(loop)
+            # The descriptor signals changes only: look again while messages are left.
+            if int(self._router.get(zmq.EVENTS)) & zmq.POLLIN:
+                loop.call_soon(self._on_readable, loop)
+
+    def _hand_over(self, poller: zmq.Poller) -> None:
+        """Between polls: lend the ROUTER socket to a loop, or take it back."""
+        current = time.monotonic()
+        with self._owner_lock:
+            owner = self._owner
+            if owner is not None and (
+                owner.is_closed()
+                or not owner.is_running()
+                or current - self._owner_seen > _OWNER_STALL
+            ):
+                # Its loop ended without closing the backend (async_to_sync does that), or
+                # is blocked: the other loops of the process must not wait for it.
+                self._owner = owner = None
+            adopter, self._adopter = self._adopter, None
+            if owner is None and adopter is not None and adopter.is_running():
+                try:
+                    adopter.call_soon_threadsafe(self._start_serving, adopter)
+                except RuntimeError:
+                    pass  # closed in the meantime
+                else:
+                    self._owner = owner = adopter
+                    self._owner_seen = self._owner_asked = current
+        if owner is not None and current - self._owner_asked >= _OWNER_CHECK:
+            self._owner_asked = current
+            with contextlib.suppress(RuntimeError):
+                owner.call_soon_threadsafe(self._owner_ran)
+        if owner is None and not self._router_polled:
+            poller.register(self._router, zmq.POLLIN)
+        elif owner is not None and self._router_polled:
+            poller.unregister(self._router)
+        self._router_polled = owner is None
+
     def stop(self) -> None:
         """End the thread and close the sockets (at interpreter exit)."""
         self._stopping = True
@@ -284,16 +399,18 @@ class _Node:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
         for dealer in self._hubs:
             poller.register(dealer, zmq.POLLIN)
         next_refresh = time.monotonic() + self.config.heartbeat
         try:
             while not self._stopping:
+                self._hand_over(poller)
                 wait = max(0.0, next_refresh - time.monotonic())
                 if self.held:
                     wait = min(wait, _PREFETCH_HOLD / 4)
+                if not self._router_polled:
+                    wait = min(wait, _OWNER_CHECK)  # notice soon a loop that stopped
                 for sock, _ in poller.poll(int(wait * 1000) + 1):
                     if sock is self._router:
                         self._serve()
@@ -309,6 +426,8 @@ class _Node:
         except Exception:
             logger.exception("the zmq node thread failed; process inboxes are unreachable")
         finally:
+            with self._owner_lock:
+                self._owner = None  # a loop still lending the socket leaves it alone now
             with contextlib.suppress(Exception):
                 self._give_back(0)
             for dealer in self._hubs:
@@ -383,7 +502,8 @@ class _Node:
                     if not future.done():
                         future.set_result(None)
 
-    def _serve(self) -> None:
+    def _serve(self, here: asyncio.AbstractEventLoop | None = None) -> None:
+        """Answer up to 256 requests; ``here``: the event loop serving, None: the thread."""
         for _ in range(256):
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
@@ -392,9 +512,9 @@ class _Node:
             try:
                 command, request_id, args = decode(frames[1])
                 if command == "deliver":
-                    reply = self._deliver(frames[0], args, frames[2])
+                    reply = self._deliver(frames[0], args, frames[2], here)
                 elif command == "send":
-                    self._leased(frames[0], args[0], frames[2])
+                    self._leased(frames[0], args[0], frames[2], here)
                     continue  # sent on a lease: the sender waits for no answer
                 elif command == "flush":
                     self.flush(args[0])
@@ -411,7 +531,13 @@ class _Node:
                         [frames[0], encode("ok", request_id, *reply)], zmq.NOBLOCK
                     )
 
-    def _deliver(self, sender: bytes, args: list[Any], payload: bytes) -> list[Any] | None:
+    def _deliver(
+        self,
+        sender: bytes,
+        args: list[Any],
+        payload: bytes,
+        here: asyncio.AbstractEventLoop | None,
+    ) -> list[Any] | None:
         items, reply_by, want = args[0], args[1], args[2]
         if items and len(payload) < HEADER_SIZE:
             raise ValueError("short payload")
@@ -426,7 +552,7 @@ class _Node:
                 inbox = self.inboxes.get(key)
                 if inbox is None:
                     statuses.append(UNKNOWN)
-                elif inbox.put((channel, payload), capacity, sender):
+                elif inbox.put((channel, payload), capacity, sender, here):
                     statuses.append(OK)
                     if want and len(items) == 1:
                         granted = inbox.leases.grant(sender, capacity - len(inbox.items), want)
@@ -434,7 +560,13 @@ class _Node:
                     statuses.append(FULL)
         return [statuses, granted]
 
-    def _leased(self, sender: bytes, items: list[Any], payloads: bytes) -> None:
+    def _leased(
+        self,
+        sender: bytes,
+        items: list[Any],
+        payloads: bytes,
+        here: asyncio.AbstractEventLoop | None,
+    ) -> None:
         # Messages sent on leases arrive batched: one frame holds the payloads back to
         # back, ``items`` their inbox keys, channels and sizes.
         messages = split_batch(items, payloads)
@@ -448,7 +580,7 @@ class _Node:
                     # A lease that ran out in transit: the sender counted the message as
                     # accepted, so it is kept even if that overfills the inbox a little.
                     logger.debug("inbox %s: message past its sender's lease", key)
-                inbox.put((channel, payload), None)
+                inbox.put((channel, payload), None, here=here)
 
 
 # -- event-loop side: request/reply links ------------------------------------------------
@@ -464,8 +596,10 @@ class _Link:
         curve: _Curve | None,
         server_key: bytes | None,
         orphan: Any,
+        invalidate: Callable[[str], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._invalidate = invalidate
         raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         # The backend owns the raw socket and closes it even if its event loop just ends
         # (async_to_sync); the asyncio view is a shadow that never warns on collection.
@@ -493,11 +627,20 @@ class _Link:
         self._reader = asyncio.ensure_future(self._read())
 
     def start(
-        self, command: str, args: Sequence[Any], payloads: Sequence[bytes] = ()
+        self,
+        command: str,
+        args: Sequence[Any],
+        payloads: Sequence[bytes] = (),
+        *,
+        ahead: bool = False,
     ) -> tuple[int, asyncio.Future[tuple[list[Any], list[bytes]]]]:
-        """Send a request now; its id and the future of its reply."""
-        self.write_leased()
-        self.write_requests()
+        """Send a request now; its id and the future of its reply. ``ahead``: before the
+        messages and requests batched in this loop step (for a request whose order does
+        not matter), which then still go out together at the end of the step.
+        """
+        if not ahead:
+            self.write_leased()
+            self.write_requests()
         request_id = next(self._ids)
         future: asyncio.Future[tuple[list[Any], list[bytes]]] = (
             asyncio.get_running_loop().create_future()
@@ -602,24 +745,46 @@ class _Link:
 
     async def _read(self) -> None:
         while True:
-            frames = await self.sock.recv_multipart()
+            self._handle(await self.sock.recv_multipart())
+
+    def take_answers(self) -> None:
+        """Handle the messages already arrived now, without waiting for the reader's turn."""
+        while True:
             try:
-                command, request_id, args = decode(frames[0])
-            except ValueError:
-                logger.warning("ignored a malformed answer from %s", self.endpoint)
-                continue
-            future = self.pending.pop(request_id, None)
-            key = self.pops.pop(request_id, None)
-            if command == "error":
-                error = BrokerError(f"{self.endpoint} refused the request: {args[0]}")
-                if future is not None and not future.done():
-                    future.set_exception(error)
-                continue
+                # Non-blocking, as pyzmq's asyncio socket itself reads when it can.
+                if not int(self.raw.get(zmq.EVENTS)) & zmq.POLLIN:
+                    return
+                frames = self.raw.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            command, request_id, args = decode(frames[0])
+        except ValueError:
+            logger.warning("ignored a malformed answer from %s", self.endpoint)
+            return
+        if command == "ginval":
+            # The hub is changing a group we hold the members of: drop them, then say so
+            # (the change is answered once we have).
+            if self._invalidate is not None and args and isinstance(args[0], str):
+                self._invalidate(args[0])
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart([encode("gack", request_id)], zmq.NOBLOCK)
+            return
+        future = self.pending.pop(request_id, None)
+        key = self.pops.pop(request_id, None)
+        if command == "error":
+            error = BrokerError(f"{self.endpoint} refused the request: {args[0]}")
             if future is not None and not future.done():
-                future.set_result((args, frames[1:]))
-            elif key is not None and args and args[0]:
-                # A pop answered after its caller gave up: put the messages back.
-                self._orphan(self, key, args[0], frames[1:])
+                future.set_exception(error)
+            return
+        if future is not None and not future.done():
+            future.set_result((args, frames[1:]))
+        elif key is not None and args and args[0]:
+            # A pop answered after its caller gave up: put the messages back.
+            self._orphan(self, key, args[0], frames[1:])
 
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing can be written
@@ -713,6 +878,15 @@ class ZmqBackend(Backend):
         self._tasks: list[asyncio.Task[None]] = []
         #: Group sends the hub has not answered yet (it answers once members have them).
         self._group_sends: set[asyncio.Future[Any]] = set()
+        #: Group -> (its members and their expiry times, None if too many to fan out here;
+        #: monotonic end of use), kept valid by the hub: it answers no change to the group
+        #: before we drop the copy.
+        self._group_copies: dict[str, tuple[list[tuple[str, float]] | None, float]] = {}
+        #: Copies asked for and not answered yet, by group: (answer, monotonic time asked,
+        #: invalidations received when asked).
+        self._asking: dict[str, tuple[asyncio.Future[Any], float, int]] = {}
+        #: Invalidations received, so that a copy fetched meanwhile is not kept.
+        self._invalidations = 0
         self._node: _Node | None = None
         self._owned: list[zmq.Socket[bytes]] = []
         weakref.finalize(self, _close_all, self._owned)
@@ -741,7 +915,7 @@ class ZmqBackend(Backend):
         )
         server = self._curve.server_key if self._curve else None
         self._links = [
-            _Link(self._owned, endpoint, self._curve, server, self._orphan)
+            _Link(self._owned, endpoint, self._curve, server, self._orphan, self._invalidate)
             for endpoint in self._hubs
         ]
         self._tasks = [asyncio.ensure_future(self._watch(link)) for link in self._links]
@@ -749,6 +923,8 @@ class ZmqBackend(Backend):
     async def close(self) -> None:
         if self._group_sends:
             await asyncio.wait(set(self._group_sends), timeout=self._timeout)
+        if self._node is not None:
+            self._node.release(asyncio.get_running_loop())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -779,6 +955,7 @@ class ZmqBackend(Backend):
             if restarted:
                 logger.warning("hub %s restarted; its queues and groups are gone", link.endpoint)
                 link.fail_pops()
+                self._group_copies.clear()
             if lost or restarted:
                 self.reconnects += 1
                 lost = False
@@ -942,8 +1119,10 @@ class ZmqBackend(Backend):
                 taken = inbox.take(limit)
                 if taken:
                     return taken
-                future = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                future = loop.create_future()
                 inbox.waiters.append(future)
+            node.serve_in(loop)
             try:
                 await future
             finally:
@@ -1020,12 +1199,68 @@ class ZmqBackend(Backend):
         members: list[str] = reply[0]
         return members
 
+    def _invalidate(self, group: str) -> None:
+        self._invalidations += 1
+        self._group_copies.pop(group.removeprefix(self._prefix), None)
+
+    def _ask_copy(self, group: str) -> None:
+        """Ask the hub, now, for the members of ``group`` if it is small (see group_send)."""
+        link = self._links[0]
+        asked, invalidations = time.monotonic(), self._invalidations
+        _, future = link.start("gwatch", (self._prefix + group, _DIRECT_FANOUT), ahead=True)
+        self._asking[group] = (future, asked, invalidations)
+        future.add_done_callback(lambda _: self._copy_answered(group))
+
+    def _copy_answered(self, group: str) -> None:
+        """Keep the copy the hub answered for ``group``, if it has answered."""
+        asking = self._asking.get(group)
+        if asking is None or not asking[0].done():
+            return
+        del self._asking[group]
+        future, asked, invalidations = asking
+        if future.cancelled() or future.exception() is not None:
+            return
+        members, lease = future.result()[0]
+        if invalidations != self._invalidations:
+            return  # the group may have changed since the hub answered
+        if len(self._group_copies) >= 1000:
+            current = time.monotonic()
+            for name in [n for n, (_, end) in self._group_copies.items() if end <= current]:
+                del self._group_copies[name]
+        if members is None:  # too large: the hub fans out; ask again after a while
+            self._group_copies[group] = (None, asked + _LARGE_GROUP_HINT)
+        else:  # used for half the lease, counted from before asking: never beyond it
+            copy = [(channel, until) for channel, until in members]
+            self._group_copies[group] = (copy, asked + lease / 2)
+
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
         if len(self._links) > 1:
             # Members' queues live on other hubs: fetch the members, push to each hub.
             await super().group_send(group, payload, deadline=deadline, capacity=capacity)
+            return
+        copy = self._group_copies.get(group)
+        if (copy is None or time.monotonic() >= copy[1]) and len(self._group_sends) >= _STREAMING:
+            asking = self._asking.get(group)
+            if asking is None or time.monotonic() - asking[1] > self._timeout:
+                self._ask_copy(group)  # answered while this and the next sends go to the hub
+            else:
+                # Pick the answer up now if it has come, not when this task next yields:
+                # fewer sends queue at the hub meanwhile.
+                self._links[0].take_answers()
+                self._copy_answered(group)
+            copy = self._group_copies.get(group)
+        if copy is not None and copy[0] is not None and time.monotonic() < copy[1]:
+            # Straight to each member's node or queue, on leases when held (no round trip).
+            current = time.time()
+            for member, until in copy[0]:
+                if until > current:
+                    limit = capacity.for_channel(member)
+                    try:
+                        await self.push(member, payload, deadline=deadline, capacity=limit)
+                    except ChannelFull:
+                        self.skip_full_member(group, member)
             return
         await self._settle()
         overrides: dict[str, int] = {}

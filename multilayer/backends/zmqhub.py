@@ -19,6 +19,10 @@ a client wrote in one event-loop step (each answered on its own). A ``push`` may
 a lease of places in the queue; messages sent on it arrive batched as one ``send``
 request (no reply) whose second frame holds the payloads back to back
 (:func:`split_batch`), the same format nodes take from senders holding an inbox lease.
+A ``gwatch`` hands a client the members of a small group with a lease (``GROUP_LEASE``);
+until it ends, a ``gadd``, ``gdiscard`` or ``flush`` touching the group first sends that
+client a ``ginval`` and is answered only once the client's ``gack`` (or the lease's end)
+says it no longer fans out from its copy.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ MAX_REGISTRATION_TTL = 120.0
 _SWEEP_EVERY = 0.5
 #: How long places leased to a sender stay reserved for it (hub queues and node inboxes).
 LEASE = 0.2
+#: How long a client may fan out on its own to the members of a small group it asked for
+#: (``gwatch``), unless the hub invalidates that copy first (``ginval``).
+GROUP_LEASE = 0.5
 
 
 def encode(command: str, request_id: int, *args: Any) -> bytes:
@@ -255,6 +262,12 @@ class Hub:
         self.leases: dict[str, Leases] = {}
         self.directory: dict[str, _Owner] = {}
         self._forwards: dict[int, _Forward] = {}
+        #: Clients holding a copy of a group's members, by group: client -> monotonic end of
+        #: their lease. A membership change waits for each to drop its copy (see _changed).
+        self.watchers: dict[str, dict[bytes, float]] = {}
+        #: Invalidations sent and not yet acknowledged: id -> (client, the change's job,
+        #: monotonic end of that client's lease, after which no answer is needed).
+        self._acks: dict[int, tuple[bytes, _Job, float]] = {}
         self._links: dict[str, zmq.Socket[bytes]] = {}
         self._next_id = 0
         self._stopping = False
@@ -325,6 +338,9 @@ class Hub:
         next_sweep = time.monotonic() + _SWEEP_EVERY
         while not self._stopping:
             wait = max(0.0, min(next_sweep - time.monotonic(), 0.25))
+            if self._acks:
+                self._lapse_acks(time.monotonic())
+                wait = min(wait, 0.01)  # a change waits for leases that end any time now
             events = dict(self._poller.poll(int(wait * 1000)))
             for sock in events:
                 self._drain(sock)
@@ -491,7 +507,7 @@ class Hub:
     def _group_add(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         group, channel, until = _text(args[0]), _text(args[1]), _number(args[2])
         self.groups.setdefault(group, {})[channel] = until
-        self._reply(client, encode("ok", rid))
+        self._changed([group], _Job(client, rid, "ok"))
 
     def _group_discard(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         group, channel = _text(args[0]), _text(args[1])
@@ -500,7 +516,53 @@ class Hub:
             members.pop(channel, None)
             if not members:
                 del self.groups[group]
-        self._reply(client, encode("ok", rid))
+        self._changed([group], _Job(client, rid, "ok"))
+
+    def _group_watch(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        # The members of a group of at most ``most`` members, with their expiry times, and
+        # a lease: until it ends, or the client acknowledges an invalidation, no change to
+        # the group is answered (see _changed), so the client may fan out on its own.
+        group, most = _text(args[0]), _count(args[1])
+        members = self.groups.get(group, {})
+        current = time.time()
+        live = [[channel, until] for channel, until in members.items() if until > current]
+        if len(live) > most:
+            self._reply(client, encode("ok", rid, None, 0))
+            return
+        self.watchers.setdefault(group, {})[client] = time.monotonic() + GROUP_LEASE
+        self._reply(client, encode("ok", rid, live, GROUP_LEASE))
+
+    def _group_ack(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        # A client dropped its copy of a group (``rid`` is the invalidation's id); no reply.
+        entry = self._acks.get(rid)
+        if entry is not None and entry[0] == client:
+            del self._acks[rid]
+            self._release(entry[1])
+
+    def _changed(self, groups: Iterable[str], job: _Job) -> None:
+        """Answer ``job`` once every client holding a copy of ``groups`` has dropped it."""
+        current = time.monotonic()
+        for group in groups:
+            for client, until in self.watchers.pop(group, {}).items():
+                if until <= current:
+                    continue
+                invalidation = self._new_id()
+                # Unreachable (gone) client: it cannot fan out any more either.
+                if self._reply(client, encode("ginval", invalidation, group)):
+                    job.waiting += 1
+                    self._acks[invalidation] = (client, job, until)
+        if not job.waiting:
+            self._finish(job)
+
+    def _release(self, job: _Job) -> None:
+        job.waiting -= 1
+        if not job.waiting:
+            self._finish(job)
+
+    def _lapse_acks(self, current: float) -> None:
+        """Stop waiting for clients whose lease has ended: they no longer use their copy."""
+        for invalidation in [i for i, (_, _, until) in self._acks.items() if until <= current]:
+            self._release(self._acks.pop(invalidation)[1])
 
     def _group_members(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         self._reply(client, encode("ok", rid, self._members(_text(args[0]), time.time())))
@@ -540,8 +602,7 @@ class Hub:
         for owner in owners.values():
             forward_id = self._new_id()
             self._send_owner(job, owner, forward_id, [encode("flush", forward_id, start)], [], b"")
-        if not job.waiting:
-            self._finish(job)
+        self._changed([g for g in self.watchers if g.startswith(start)], job)
 
     def _register(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         keys, endpoint, public_key = args[0], _text(args[1]), _text(args[2])
@@ -593,6 +654,8 @@ class Hub:
         "gdiscard": _group_discard,
         "gmembers": _group_members,
         "gsend": _group_send,
+        "gwatch": _group_watch,
+        "gack": _group_ack,
         "flush": _flush,
         "register": _register,
         "stats": _stats,
@@ -790,6 +853,13 @@ class Hub:
                 del members[channel]
             if not members:
                 del self.groups[group]
+        watch_now = time.monotonic()
+        for group in list(self.watchers):
+            watching = self.watchers[group]
+            for client in [c for c, until in watching.items() if until <= watch_now]:
+                del watching[client]
+            if not watching:
+                del self.watchers[group]
         for key in [k for k, owner in self.directory.items() if owner.until <= current]:
             logger.info("inbox %s expired: its process stopped refreshing it", key)
             del self.directory[key]
