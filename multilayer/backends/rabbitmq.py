@@ -551,11 +551,13 @@ class _Consumer:
         self.popping = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._pause: asyncio.TimerHandle | None = None
+        #: loop time since which no pop has been running, None while one is.
+        self._idle_since: float | None = None
         self._cancel_ok: asyncio.Future[Any] | None = None
 
     async def pop(self, limit: int) -> list[Item]:
         self.popping += 1
-        self.cancel_pause()
+        self._idle_since = None
         try:
             while True:
                 taken = self._take(limit)
@@ -572,11 +574,25 @@ class _Consumer:
         finally:
             self.popping -= 1
             if not self.popping and self.tag is not None:
-                self._pause = asyncio.get_running_loop().call_later(_PAUSE_AFTER, self.stop)
+                loop = asyncio.get_running_loop()
+                self._idle_since = loop.time()
+                # One timer for a run of pops, not one armed and cancelled per pop.
+                if self._pause is None:
+                    self._pause = loop.call_later(_PAUSE_AFTER, self._pause_if_idle)
+
+    def _pause_if_idle(self) -> None:
+        self._pause = None
+        if self._idle_since is None:
+            return  # a pop is running; it re-arms the timer when it ends
+        left = self._idle_since + _PAUSE_AFTER - asyncio.get_running_loop().time()
+        if left > 0:
+            self._pause = asyncio.get_running_loop().call_later(left, self._pause_if_idle)
+        else:
+            self.stop()
 
     def stop(self) -> None:
         """Cancel the consumer and hand its unread messages back to RabbitMQ."""
-        self._pause = None
+        self._idle_since = None
         if self.tag is None or self.channel is None or self.channel.closed is not None:
             return
         cancel_ok = self._cancel_ok = self.channel.future()
@@ -588,6 +604,7 @@ class _Consumer:
             self.buffer.clear()
 
     def cancel_pause(self) -> None:
+        self._idle_since = None
         if self._pause is not None:
             self._pause.cancel()
             self._pause = None
@@ -688,8 +705,8 @@ class _Consumer:
     def _open(self, routing_key: str, kind: str | None, body: bytes) -> list[Item]:
         if not self.inbox:
             return [(self.name, body)] if deadline_of(body) > now() else []
-        memberships = self.backend.memberships(self.queue)
         if kind in (_JOIN, _LEAVE):
+            memberships = self.backend.memberships(self.queue)
             group, channel, deadline = msgpack.unpackb(body)
             if kind == _JOIN:
                 memberships.join(group, channel, deadline)
@@ -701,7 +718,7 @@ class _Consumer:
         if kind:
             return [(kind, body)]
         group = routing_key
-        members = memberships.live(group)
+        members = self.backend.memberships(self.queue).live(group)
         if not members:
             self.backend.unbind_later(self.queue, group)
         return [(member, body) for member in members]
