@@ -67,6 +67,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import ssl
 import struct
 import threading
@@ -155,8 +156,37 @@ class _Memberships:
             self._groups.clear()
 
 
+class _Handed:
+    """Ids of the messages recently handed out from one process inbox in this OS process.
+
+    An inbox consumer acknowledges in batches, so after a dropped connection RabbitMQ
+    delivers again (flagged redelivered) messages this process already handed out; their
+    ids here are how it recognises and drops them, so that none arrives twice.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, ids: list[str]) -> None:
+        with self._lock:
+            for message_id in ids:
+                if message_id not in self._ids:
+                    self._ids.add(message_id)
+                    self._order.append(message_id)
+            while len(self._order) > self._size:
+                self._ids.discard(self._order.popleft())
+
+    def __contains__(self, message_id: str) -> bool:
+        with self._lock:
+            return message_id in self._ids
+
+
 #: Inboxes owned by this OS process, keyed by broker, vhost and queue name.
 _owned: dict[tuple[Any, ...], _Memberships] = {}
+_handed: dict[tuple[Any, ...], _Handed] = {}
 _owned_lock = threading.Lock()
 
 
@@ -192,13 +222,15 @@ _DELIVER, _ACK, _NACK = (60, 60), (60, 80), (60, 120)
 _TAG = struct.Struct(">QB")
 #: content header: class, weight, body size, property flags.
 _CONTENT = struct.Struct(">HHQH")
-#: the property flag of ``type``, the one property this backend sets.
-_TYPE_FLAG = 0x0020
+#: the property flags of ``message_id`` and ``type``, the properties this backend sets.
+_ID_FLAG, _TYPE_FLAG = 0x0080, 0x0020
 #: a whole basic.ack frame.
 _ACK_FRAME = struct.Struct(">BHIHHQBB")
 
-#: consumer tag, delivery tag, routing key, ``type`` property, body.
-_OnDelivery = Callable[[str, int, str, "str | None", bytes], None]
+#: delivery tag, redelivered, routing key, ``type`` and ``message_id`` properties, body.
+_Delivery = tuple[int, bool, str, "str | None", "str | None", bytes]
+#: consumer tag, delivery.
+_OnDelivery = Callable[[str, _Delivery], None]
 #: positive, delivery tag, multiple.
 _OnConfirm = Callable[[bool, int, bool], None]
 
@@ -226,8 +258,8 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.deliveries: dict[int, _OnDelivery] = {}
         self.confirms: dict[int, _OnConfirm] = {}
-        #: channel -> the delivery being assembled: [consumer tag, delivery tag, routing
-        #: key, type, body size, body chunks].
+        #: channel -> the delivery being assembled: [consumer tag, delivery tag,
+        #: redelivered, routing key, type, message id, body size left, body chunks].
         self._incoming: dict[int, list[Any]] = {}
         self._publish_methods: dict[tuple[int, str, str, bool], bytes] = {}
         super().__init__(*args, **kwargs)
@@ -267,6 +299,7 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
         routing_key: str,
         body: bytes,
         kind: str | None,
+        message_id: str,
         *,
         mandatory: bool,
     ) -> None:
@@ -290,9 +323,15 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
                 self._publish_methods.clear()
             self._publish_methods[key] = method
         if kind is None:
-            header = _CONTENT.pack(60, 0, len(body), 0)
+            header = _CONTENT.pack(60, 0, len(body), _ID_FLAG) + _short_string(message_id)
         else:
-            header = _CONTENT.pack(60, 0, len(body), _TYPE_FLAG) + _short_string(kind)
+            header = b"".join(
+                (
+                    _CONTENT.pack(60, 0, len(body), _ID_FLAG | _TYPE_FLAG),
+                    _short_string(message_id),
+                    _short_string(kind),
+                )
+            )
         frames = [method, _FRAME.pack(_HEADER_FRAME, number, len(header)), header, b"\xce"]
         limit = self._body_max_length
         for start in range(0, len(body), limit):
@@ -345,11 +384,20 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
                 at = start + 4
                 consumer_tag = data[at + 1 : at + 1 + data[at]].decode()
                 at += 1 + data[at]
-                delivery_tag, _redelivered = _TAG.unpack_from(data, at)
+                delivery_tag, redelivered = _TAG.unpack_from(data, at)
                 at += 9
                 at += 1 + data[at]  # the exchange
                 routing_key = data[at + 1 : at + 1 + data[at]].decode()
-                self._incoming[number] = [consumer_tag, delivery_tag, routing_key, None, 0, []]
+                self._incoming[number] = [
+                    consumer_tag,
+                    delivery_tag,
+                    bool(redelivered & 1),
+                    routing_key,
+                    None,
+                    None,
+                    0,
+                    [],
+                ]
                 return True
             if method in (_ACK, _NACK) and number in self.confirms:
                 delivery_tag, bits = _TAG.unpack_from(data, start + 4)
@@ -361,32 +409,38 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
             return False
         if kind == _HEADER_FRAME:
             _class, _weight, body_size, flags = _CONTENT.unpack_from(data, start)
-            if flags == _TYPE_FLAG:
-                at = start + 14
-                incoming[3] = data[at + 1 : at + 1 + data[at]].decode()
-            elif flags:
+            if flags & ~(_ID_FLAG | _TYPE_FLAG):
                 properties = pika.spec.BasicProperties()
                 properties.decode(data[start + 12 : end])
-                incoming[3] = properties.type
-            incoming[4] = body_size
+                incoming[4], incoming[5] = properties.type, properties.message_id
+            else:
+                at = start + 14
+                if flags & _ID_FLAG:
+                    incoming[5] = data[at + 1 : at + 1 + data[at]].decode()
+                    at += 1 + data[at]
+                if flags & _TYPE_FLAG:
+                    incoming[4] = data[at + 1 : at + 1 + data[at]].decode()
+            incoming[6] = body_size
             if not body_size:
                 self._deliver(number, incoming)
             return True
         if kind == _BODY_FRAME:
-            incoming[5].append(data[start:end])
-            incoming[4] -= end - start
-            if incoming[4] <= 0:
+            incoming[7].append(data[start:end])
+            incoming[6] -= end - start
+            if incoming[6] <= 0:
                 self._deliver(number, incoming)
             return True
         return False
 
     def _deliver(self, number: int, incoming: list[Any]) -> None:
         del self._incoming[number]
-        consumer_tag, delivery_tag, routing_key, kind, _size, chunks = incoming
+        consumer_tag, delivery_tag, redelivered, routing_key, kind, message_id, _, chunks = incoming
         on_delivery = self.deliveries.get(number)
         if on_delivery is not None:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            on_delivery(consumer_tag, delivery_tag, routing_key, kind, body)
+            on_delivery(
+                consumer_tag, (delivery_tag, redelivered, routing_key, kind, message_id, body)
+            )
 
 
 class _Channel:
@@ -464,6 +518,8 @@ class _Publisher:
         self.channel = channel
         self._sent = 0
         self._waiting: dict[int, _Confirm] = {}
+        #: with the publish count, the message_id of each publish (see _Handed).
+        self._id_prefix = secrets.token_hex(8) + "."
         channel.on_close(self._closed)
 
     @classmethod
@@ -493,11 +549,18 @@ class _Publisher:
         if not channel.channel.is_open:
             raise pika.exceptions.ChannelWrongStateError("the publishing channel is closing")
         future = channel.future() if wait else None
+        sequence = self._sent + 1
         channel.connection.publish(
-            channel.number, exchange, routing_key, body, kind, mandatory=mandatory
+            channel.number,
+            exchange,
+            routing_key,
+            body,
+            kind,
+            self._id_prefix + str(sequence),
+            mandatory=mandatory,
         )
-        self._sent += 1
-        self._waiting[self._sent] = _Confirm(future, exchange, routing_key)
+        self._sent = sequence
+        self._waiting[sequence] = _Confirm(future, exchange, routing_key)
         return future
 
     def _returned(
@@ -546,8 +609,15 @@ class _Consumer:
         self.inbox = name.endswith("!")
         self.channel: _Channel | None = None
         self.tag: str | None = None
-        #: delivery tag, routing key, ``type`` property, body.
-        self.buffer: deque[tuple[int, str, str | None, bytes]] = deque()
+        self.buffer: deque[_Delivery] = deque()
+        # An inbox has no other consumer than this process, which recognises what RabbitMQ
+        # delivers again (see _Handed): it acknowledges every ack_every messages, saving
+        # a write per message. A normal channel acknowledges each pop at once.
+        self.handed = backend.handed(queue) if self.inbox else None
+        self.ack_every = max(1, backend.prefetch // 2) if self.inbox else 1
+        #: delivery tag of the last message handed out and not acknowledged, and how many.
+        self.unacked_tag: int | None = None
+        self.unacked = 0
         self.popping = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._pause: asyncio.TimerHandle | None = None
@@ -599,6 +669,7 @@ class _Consumer:
         channel = self.channel.channel
         channel.basic_cancel(self.tag, callback=lambda frame: _settle(cancel_ok, frame))
         self.tag = None
+        self._acknowledge()
         if self.buffer:
             channel.basic_nack(self.buffer[-1][0], multiple=True, requeue=True)
             self.buffer.clear()
@@ -614,6 +685,7 @@ class _Consumer:
         self.channel = None
         self.tag = None
         self._cancel_ok = None
+        self.unacked_tag, self.unacked = None, 0
         self.buffer.clear()
         self._wake()
 
@@ -662,18 +734,24 @@ class _Consumer:
         body: bytes,
     ) -> None:
         self._delivered(
-            method.consumer_tag, method.delivery_tag, method.routing_key, properties.type, body
+            method.consumer_tag,
+            (
+                method.delivery_tag,
+                method.redelivered,
+                method.routing_key,
+                properties.type,
+                properties.message_id,
+                body,
+            ),
         )
 
-    def _delivered(
-        self, consumer_tag: str, delivery_tag: int, routing_key: str, kind: str | None, body: bytes
-    ) -> None:
+    def _delivered(self, consumer_tag: str, delivery: _Delivery) -> None:
         if consumer_tag != self.tag:
             # Sent before RabbitMQ processed our cancel: back to the queue, unread.
             if self.channel is not None and self.channel.channel.is_open:
-                self.channel.channel.basic_nack(delivery_tag, requeue=True)
+                self.channel.channel.basic_nack(delivery[0], requeue=True)
             return
-        self.buffer.append((delivery_tag, routing_key, kind, body))
+        self.buffer.append(delivery)
         self._wake()
 
     def _cancelled_by_broker(self, _frame: pika.frame.Method) -> None:
@@ -689,18 +767,33 @@ class _Consumer:
 
     def _take(self, limit: int) -> list[Item]:
         taken: list[Item] = []
-        last = None
-        while self.buffer and len(taken) < limit:
-            last, routing_key, kind, body = self.buffer.popleft()
+        handed, ids = self.handed, []
+        buffer = self.buffer
+        while buffer and len(taken) < limit:
+            tag, redelivered, routing_key, kind, message_id, body = buffer.popleft()
+            self.unacked_tag = tag
+            self.unacked += 1
+            if handed is not None and message_id is not None:
+                if redelivered and message_id in handed:
+                    continue  # handed out before the connection dropped
+                ids.append(message_id)
+            # One group message's copies are returned together, even beyond ``limit``.
             taken.extend(self._open(routing_key, kind, body))
-        # One group message's copies are returned together, even beyond ``limit``.
-        channel = self.channel
-        if last is not None and channel is not None and channel.channel.is_open:
-            # Acknowledged in the same step as the return: the caller has these messages
-            # before anything else can run, and a cancelled pop loses nothing (an
-            # unacknowledged message goes back to the queue with its channel).
-            channel.connection.ack(channel.number, last, multiple=True)
+        if handed is not None and ids:
+            handed.add(ids)
+        # Acknowledged no earlier than the return: the caller has these messages before
+        # anything else can run, and a cancelled pop loses nothing (an unacknowledged
+        # message goes back to the queue with its channel).
+        if self.unacked >= self.ack_every:
+            self._acknowledge()
         return taken
+
+    def _acknowledge(self) -> None:
+        """Acknowledge every message handed out so far."""
+        channel, tag = self.channel, self.unacked_tag
+        self.unacked_tag, self.unacked = None, 0
+        if tag is not None and channel is not None and channel.channel.is_open:
+            channel.connection.ack(channel.number, tag, multiple=True)
 
     def _open(self, routing_key: str, kind: str | None, body: bytes) -> list[Item]:
         if not self.inbox:
@@ -1041,6 +1134,11 @@ class RabbitMQBackend(Backend):
             _owned.setdefault((*self._key, queue), _Memberships())
         self._inboxes.add(inbox)
         await self.declare(queue, inbox)
+
+    def handed(self, queue: str) -> _Handed:
+        """The ids of the messages recently handed out from inbox ``queue`` here."""
+        with _owned_lock:
+            return _handed.setdefault((*self._key, queue), _Handed(max(256, 4 * self.prefetch)))
 
     def memberships(self, queue: str) -> _Memberships:
         with _owned_lock:
