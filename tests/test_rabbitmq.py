@@ -492,6 +492,19 @@ def _connection_pids(name: str) -> list[str]:
     return [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
 
 
+async def _close_connections(rabbitmqctl: str, name: str) -> None:
+    """Close, on the broker, every connection named ``name``."""
+    pids = await asyncio.to_thread(_connection_pids, name)
+    assert pids, "the layer's connection is not listed"
+    for pid in pids:
+        await asyncio.to_thread(
+            subprocess.run,
+            [rabbitmqctl, "-q", "close_connection", pid, "test"],
+            check=True,
+            timeout=60,
+        )
+
+
 def test_receive_resumes_after_the_connection_is_closed(shared: str) -> None:
     """`rabbitmqctl close_connection` on this test's own connection, mid-receive."""
     rabbitmqctl = require_binary("rabbitmqctl")
@@ -504,19 +517,44 @@ def test_receive_resumes_after_the_connection_is_closed(shared: str) -> None:
         await receiver.group_add("rmq-drop", channel)
         waiting = asyncio.ensure_future(receiver.receive(channel))
         await asyncio.sleep(0.2)
-        pids = await asyncio.to_thread(_connection_pids, name)
-        assert pids, "the layer's connection is not listed"
-        for pid in pids:
-            await asyncio.to_thread(
-                subprocess.run,
-                [rabbitmqctl, "-q", "close_connection", pid, "test"],
-                check=True,
-                timeout=60,
-            )
+        await _close_connections(rabbitmqctl, name)
         await sender.send(channel, {"n": 1})
         assert await asyncio.wait_for(waiting, 20) == {"n": 1}
         await sender.group_send("rmq-drop", {"n": 2})
         assert await recv(receiver, channel) == {"n": 2}
+        await sender.flush()
+        await sender.close()
+        await receiver.close()
+
+    with_logs = logging.getLogger("multilayer.rabbitmq")
+    with_logs.disabled = True
+    try:
+        run(body, timeout=120)
+    finally:
+        with_logs.disabled = False
+
+
+def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) -> None:
+    """An inbox acknowledges in batches, so RabbitMQ delivers again what this process
+    received before its connection dropped; those redeliveries must not reach a receive."""
+    rabbitmqctl = require_binary("rabbitmqctl")
+    name = "mltest-" + secrets.token_hex(4)
+    receiver = _layer(f"{shared}?connection_name={name}")
+    sender = _layer(shared, prefix=receiver.prefix)
+
+    async def body() -> None:
+        channel = await receiver.new_channel()
+        await receiver.group_add("rmq-twice", channel)
+        for n in range(3):
+            await sender.send(channel, {"n": n})
+        await sender.group_send("rmq-twice", {"n": 3})
+        assert [await recv(receiver, channel) for _ in range(4)] == [{"n": n} for n in range(4)]
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _close_connections(rabbitmqctl, name)
+        await asyncio.sleep(0.5)
+        await sender.send(channel, {"n": 4})
+        assert await asyncio.wait_for(waiting, 20) == {"n": 4}
+        await nothing(receiver, channel)
         await sender.flush()
         await sender.close()
         await receiver.close()
