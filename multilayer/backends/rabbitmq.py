@@ -242,6 +242,29 @@ def _short_string(value: str) -> bytes:
     return bytes((len(encoded),)) + encoded
 
 
+#: Most bytes one recv() asks for, and one readiness event reads.
+_RECV_BYTES, _READ_AT_ONCE = 65536, 1 << 20
+
+
+def _read_available(transport: _AsyncPlaintextTransport) -> None:
+    """What pika's transport does when its socket is readable, minus a system call.
+
+    pika reads until the socket raises EAGAIN, which costs a second recv() per message;
+    a short read already says the socket is drained, and the event loop calls again when
+    more arrives. EAGAIN and errors propagate to pika's handler as before.
+    """
+    sock, protocol = transport._sock, transport._protocol
+    read = 0
+    while read < _READ_AT_ONCE:
+        data = sock.recv(_RECV_BYTES)
+        if not data:
+            raise transport.RxEndOfFile()
+        read += len(data)
+        protocol.data_received(data)
+        if len(data) < _RECV_BYTES or transport._state != transport._STATE_ACTIVE:
+            return
+
+
 class _Connection(AsyncioConnection):  # type: ignore[misc]
     """pika's asyncio connection with a short path for the frames of every message.
 
@@ -269,6 +292,11 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
         self.deliveries.pop(number, None)
         self.confirms.pop(number, None)
         self._incoming.pop(number, None)
+
+    def _proto_connection_made(self, transport: Any) -> None:
+        super()._proto_connection_made(transport)
+        if isinstance(transport, _AsyncPlaintextTransport):
+            transport._consume = lambda: _read_available(transport)
 
     # -- out ------------------------------------------------------------------------
 
@@ -548,7 +576,8 @@ class _Publisher:
             raise channel.closed
         if not channel.channel.is_open:
             raise pika.exceptions.ChannelWrongStateError("the publishing channel is closing")
-        future = channel.future() if wait else None
+        # Failed by _closed() if the channel closes first.
+        future = asyncio.get_running_loop().create_future() if wait else None
         sequence = self._sent + 1
         channel.connection.publish(
             channel.number,
@@ -596,6 +625,9 @@ class _Publisher:
                 _settle(confirm.future, outcome)
 
     def _closed(self, reason: BaseException) -> None:
+        for confirm in self._waiting.values():
+            if confirm.future is not None:
+                _fail(confirm.future, reason)
         self._waiting.clear()
 
 
