@@ -8,7 +8,10 @@ Features
       ``<prefix>:<name>!``; every message carries its full channel name in the AMQP ``type``
       property. The inbox is an ordinary auto-expiring queue rather than an exclusive one,
       so it survives the reconnects of the several connections (one per event loop) that a
-      process may hold.
+      process may hold. Only its process consumes it, so it acknowledges every
+      ``prefetch / 2`` messages rather than each one; every message carries a
+      ``message_id``, and a redelivered message (after a dropped connection) that this
+      process already handed out is dropped, so none is received twice.
     * Expiry is the queue's ``x-message-ttl``; capacity is ``x-max-length`` with
       ``x-overflow=reject-publish`` and publisher confirms, so a send RabbitMQ refuses raises
       ChannelFull; idle queues are removed by ``x-expires``. Everything is a queue argument
@@ -39,6 +42,10 @@ Features
       the memberships it made and resumes waiting receives. Prefetch is bounded, and a
       consumer is paused (its unread messages returned to the queue) a few milliseconds
       after no receive wants messages, so capacity and expiry keep applying on the broker.
+    * Speed: pika's generic frame handling cost about 0.5 ms of CPU per message, so the
+      frames of publishes, acknowledgements, confirms and deliveries are encoded and decoded
+      by this module (every other frame still goes through pika) and written to the socket
+      at once; see ``_Connection``.
 
 URL format
     ``amqp://[user[:password]@]host[:port][,host[:port]...][/vhost][?option=value...]``;
@@ -701,7 +708,7 @@ class _Consumer:
         channel = self.channel.channel
         channel.basic_cancel(self.tag, callback=lambda frame: _settle(cancel_ok, frame))
         self.tag = None
-        self._acknowledge()
+        self.acknowledge()
         if self.buffer:
             channel.basic_nack(self.buffer[-1][0], multiple=True, requeue=True)
             self.buffer.clear()
@@ -817,10 +824,10 @@ class _Consumer:
         # anything else can run, and a cancelled pop loses nothing (an unacknowledged
         # message goes back to the queue with its channel).
         if self.unacked >= self.ack_every:
-            self._acknowledge()
+            self.acknowledge()
         return taken
 
-    def _acknowledge(self) -> None:
+    def acknowledge(self) -> None:
         """Acknowledge every message handed out so far."""
         channel, tag = self.channel, self.unacked_tag
         self.unacked_tag, self.unacked = None, 0
@@ -972,6 +979,7 @@ class RabbitMQBackend(Backend):
         self._closing = True
         for consumer in self._consumers.values():
             consumer.cancel_pause()
+            consumer.acknowledge()  # spares RabbitMQ re-delivering what was handed out
         connection, self._connection = self._connection, None
         self._ready.clear()
         if connection is not None and not (connection.is_closed or connection.is_closing):
