@@ -650,10 +650,15 @@ class _Consumer:
         self.tag: str | None = None
         self.buffer: deque[_Delivery] = deque()
         # An inbox has no other consumer than this process, which recognises what RabbitMQ
-        # delivers again (see _Handed): it acknowledges every ack_every messages, saving
-        # a write per message. A normal channel acknowledges each pop at once.
+        # delivers again (see _Handed): it prefetches, and acknowledges every ack_every
+        # messages, saving a write per message.
+        # A normal channel's consumer must never hand a message back while it may have
+        # overtaken it elsewhere, or another process would receive it after a later one:
+        # it prefetches one message and acknowledges it when the next pop starts (or on
+        # pause), so RabbitMQ has sent nothing it has not handed out when it pauses.
         self.handed = backend.handed(queue) if self.inbox else None
-        self.ack_every = max(1, backend.prefetch // 2) if self.inbox else 1
+        self.prefetch = backend.prefetch if self.inbox else 1
+        self.ack_every = max(1, backend.prefetch // 2)
         #: delivery tag of the last message handed out and not acknowledged, and how many.
         self.unacked_tag: int | None = None
         self.unacked = 0
@@ -667,6 +672,8 @@ class _Consumer:
     async def pop(self, limit: int) -> list[Item]:
         self.popping += 1
         self._idle_since = None
+        if not self.inbox:
+            self.acknowledge()  # RabbitMQ sends the next message once this is in
         try:
             while True:
                 taken = self._take(limit)
@@ -699,15 +706,19 @@ class _Consumer:
         else:
             self.stop()
 
-    def stop(self) -> None:
+    def stop(self, *, closing: bool = False) -> None:
         """Cancel the consumer and hand its unread messages back to RabbitMQ."""
         self._idle_since = None
         if self.tag is None or self.channel is None or self.channel.closed is not None:
             return
-        cancel_ok = self._cancel_ok = self.channel.future()
         channel = self.channel.channel
-        channel.basic_cancel(self.tag, callback=lambda frame: _settle(cancel_ok, frame))
+        if closing:
+            channel.basic_cancel(self.tag)
+        else:
+            cancel_ok = self._cancel_ok = self.channel.future()
+            channel.basic_cancel(self.tag, callback=lambda frame: _settle(cancel_ok, frame))
         self.tag = None
+        # After the cancel: acknowledging first could let RabbitMQ send one more message.
         self.acknowledge()
         if self.buffer:
             channel.basic_nack(self.buffer[-1][0], multiple=True, requeue=True)
@@ -736,7 +747,7 @@ class _Consumer:
                 channel = await _Channel.open(connection)
                 channel.on_close(lambda reason: self._closed(channel, reason))
                 channel.channel.add_on_cancel_callback(self._cancelled_by_broker)
-                await channel.call(channel.channel.basic_qos, prefetch_count=backend.prefetch)
+                await channel.call(channel.channel.basic_qos, prefetch_count=self.prefetch)
                 self.channel = channel
             if backend.stale(self.queue):
                 await backend.declare(self.queue, self.name, channel=self.channel)
@@ -823,7 +834,7 @@ class _Consumer:
         # Acknowledged no earlier than the return: the caller has these messages before
         # anything else can run, and a cancelled pop loses nothing (an unacknowledged
         # message goes back to the queue with its channel).
-        if self.unacked >= self.ack_every:
+        if self.inbox and self.unacked >= self.ack_every:
             self.acknowledge()
         return taken
 
@@ -979,7 +990,8 @@ class RabbitMQBackend(Backend):
         self._closing = True
         for consumer in self._consumers.values():
             consumer.cancel_pause()
-            consumer.acknowledge()  # spares RabbitMQ re-delivering what was handed out
+            # Acknowledges what was handed out, which RabbitMQ would otherwise deliver again.
+            consumer.stop(closing=True)
         connection, self._connection = self._connection, None
         self._ready.clear()
         if connection is not None and not (connection.is_closed or connection.is_closing):
