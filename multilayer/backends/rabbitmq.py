@@ -3,7 +3,9 @@
 Features
     * Normal channels are queues named ``<prefix>:<channel>``. Any number of processes may
       consume one; each message reaches exactly one of them, because it is acknowledged to
-      RabbitMQ only when ``pop()`` hands it to the layer.
+      RabbitMQ only after ``pop()`` hands it to the layer. Their consumers prefetch one
+      message, acknowledged when the next pop starts, so that one never gives back a
+      message another process may have overtaken (which would then see it out of order).
     * All process-specific channels of one process share its inbox queue
       ``<prefix>:<name>!``; every message carries its full channel name in the AMQP ``type``
       property. The inbox is an ordinary auto-expiring queue rather than an exclusive one,
@@ -58,7 +60,8 @@ Options (URL query or keyword arguments, besides the core ones)
     ``connection_name`` (str, "multilayer"): shown by ``rabbitmqctl list_connections``.
     ``connect_timeout`` (float, 10): seconds to open a connection; also how long a send
     waits for a lost connection to come back before raising BrokerError.
-    ``prefetch`` (int, 64): most messages one consumer holds unacknowledged.
+    ``prefetch`` (int, 64): most messages an inbox consumer holds unacknowledged (a normal
+    channel's holds one).
     ``queue_expiry`` (float, 300): seconds an unused queue lives (at least twice ``expiry``).
     ``ca_file``, ``cert_file``, ``key_file`` (str): TLS trust store and client certificate.
     ``verify`` (bool, true): check the server certificate and host name (``amqps`` only).
@@ -164,11 +167,11 @@ class _Memberships:
 
 
 class _Handed:
-    """Ids of the messages recently handed out from one process inbox in this OS process.
+    """Ids of the messages recently handed out from one queue in this OS process.
 
-    An inbox consumer acknowledges in batches, so after a dropped connection RabbitMQ
-    delivers again (flagged redelivered) messages this process already handed out; their
-    ids here are how it recognises and drops them, so that none arrives twice.
+    Consumers acknowledge after handing out (an inbox's in batches), so after a dropped
+    connection RabbitMQ delivers again (flagged redelivered) messages this process already
+    handed out; their ids here are how it recognises and drops them.
     """
 
     def __init__(self, size: int) -> None:
@@ -656,7 +659,7 @@ class _Consumer:
         # overtaken it elsewhere, or another process would receive it after a later one:
         # it prefetches one message and acknowledges it when the next pop starts (or on
         # pause), so RabbitMQ has sent nothing it has not handed out when it pauses.
-        self.handed = backend.handed(queue) if self.inbox else None
+        self.handed = backend.handed(queue)
         self.prefetch = backend.prefetch if self.inbox else 1
         self.ack_every = max(1, backend.prefetch // 2)
         #: delivery tag of the last message handed out and not acknowledged, and how many.
@@ -823,13 +826,13 @@ class _Consumer:
             tag, redelivered, routing_key, kind, message_id, body = buffer.popleft()
             self.unacked_tag = tag
             self.unacked += 1
-            if handed is not None and message_id is not None:
+            if message_id is not None:
                 if redelivered and message_id in handed:
-                    continue  # handed out before the connection dropped
+                    continue  # handed out here before the connection dropped
                 ids.append(message_id)
             # One group message's copies are returned together, even beyond ``limit``.
             taken.extend(self._open(routing_key, kind, body))
-        if handed is not None and ids:
+        if ids:
             handed.add(ids)
         # Acknowledged no earlier than the return: the caller has these messages before
         # anything else can run, and a cancelled pop loses nothing (an unacknowledged
@@ -880,7 +883,7 @@ class RabbitMQBackend(Backend):
         "connect_timeout": Option(
             float, 10.0, "seconds to (re)connect before an operation fails", minimum=0.1
         ),
-        "prefetch": Option(int, 64, "unacknowledged messages per consumer", minimum=1),
+        "prefetch": Option(int, 64, "unacknowledged messages per inbox consumer", minimum=1),
         "queue_expiry": Option(
             float, 300.0, "seconds an unused queue lives (at least 2 x expiry)", minimum=1.0
         ),
@@ -1188,7 +1191,7 @@ class RabbitMQBackend(Backend):
         await self.declare(queue, inbox)
 
     def handed(self, queue: str) -> _Handed:
-        """The ids of the messages recently handed out from inbox ``queue`` here."""
+        """The ids of the messages recently handed out from ``queue`` in this process."""
         with _owned_lock:
             return _handed.setdefault((*self._key, queue), _Handed(max(256, 4 * self.prefetch)))
 
