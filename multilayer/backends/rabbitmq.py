@@ -1176,7 +1176,9 @@ class RabbitMQBackend(Backend):
         self, exchange: str, routing_key: str, payload: bytes, kind: str | None, *, mandatory: bool
     ) -> str:
         try:
-            publisher = await self._publisher_channel()
+            publisher = self._publisher  # None from the moment the connection is lost
+            if publisher is None or publisher.channel.closed is not None:
+                publisher = await self._publisher_channel()
             future = publisher.publish(exchange, routing_key, payload, kind, mandatory=mandatory)
             assert future is not None
             return await future
