@@ -712,12 +712,14 @@ class _Consumer:
     def stop(self, *, closing: bool = False) -> None:
         """Cancel the consumer and hand its unread messages back to RabbitMQ."""
         self._idle_since = None
-        if self.tag is None or self.channel is None or self.channel.closed is not None:
+        if self.channel is None or not self.channel.channel.is_open:
             return
         channel = self.channel.channel
-        if closing:
+        # (Without a consumer tag, the consumer is cancelled already; an acknowledgement
+        # may still be due.)
+        if self.tag is not None and closing:
             channel.basic_cancel(self.tag)
-        else:
+        elif self.tag is not None:
             cancel_ok = self._cancel_ok = self.channel.future()
             channel.basic_cancel(self.tag, callback=lambda frame: _settle(cancel_ok, frame))
         self.tag = None
