@@ -261,6 +261,107 @@ def _await_startup(name: str, env: dict[str, str], timeout: float = 90.0) -> Non
         time.sleep(0.5)
 
 
+# -- the frame short path -----------------------------------------------------------------
+
+
+def _bare_connection() -> Any:
+    """A _Connection with the state its frame short path uses, and no socket."""
+    from multilayer.backends.rabbitmq import _Connection
+
+    connection: Any = object.__new__(_Connection)
+    connection.deliveries, connection.confirms, connection._incoming = {}, {}, {}
+    connection._publish_methods = {}
+    connection._frame_buffer = b""
+    connection.bytes_received = connection.frames_received = 0
+    connection.bytes_sent = connection.frames_sent = 0
+    connection._body_max_length = 1000
+    connection._transport = None
+    return connection
+
+
+def test_published_frames_are_valid_amqp() -> None:
+    """What the short path writes decodes, with pika's own decoder, to the publish meant."""
+    connection = _bare_connection()
+    written: list[bytes] = []
+    connection._adapter_emit_data = written.append
+    connection.connection_state = connection.CONNECTION_OPEN
+    body = bytes(range(256)) * 10  # three body frames of at most 1000 bytes
+    connection.publish(3, "ex", "rk", body, "specific.a!b", "id-1", mandatory=True)
+    connection.publish(3, "", "q", b"", None, "id-2", mandatory=False)
+    data = b"".join(written)
+    frames = []
+    while data:
+        consumed, frame = pika.frame.decode_frame(data)
+        assert frame is not None
+        frames.append(frame)
+        data = data[consumed:]
+    method, header, *bodies, method2, header2 = frames
+    assert isinstance(method.method, pika.spec.Basic.Publish)
+    assert (method.channel_number, method.method.exchange, method.method.routing_key) == (
+        3,
+        "ex",
+        "rk",
+    )
+    assert method.method.mandatory is True
+    assert (header.body_size, header.properties.type, header.properties.message_id) == (
+        len(body),
+        "specific.a!b",
+        "id-1",
+    )
+    assert b"".join(frame.fragment for frame in bodies) == body
+    assert [len(frame.fragment) for frame in bodies] == [1000, 1000, 560]
+    assert (method2.method.routing_key, method2.method.mandatory) == ("q", False)
+    assert (header2.body_size, header2.properties.type, header2.properties.message_id) == (
+        0,
+        None,
+        "id-2",
+    )
+    assert connection.frames_sent == len(frames)
+    with pytest.raises(BrokerError, match="255 bytes"):
+        connection.publish(3, "", "q" * 256, b"x", None, "id-3", mandatory=True)
+
+
+def test_delivery_frames_are_decoded_whatever_the_read_boundaries() -> None:
+    """Deliveries and confirms split anywhere across reads, with the properties this
+    backend sets or others (dead-lettered copies carry headers), reach their callbacks."""
+    connection = _bare_connection()
+    got: list[tuple[Any, ...]] = []
+    confirmed: list[tuple[bool, int, bool]] = []
+    connection.deliveries[1] = lambda tag, delivery: got.append((tag, *delivery))
+    connection.confirms[2] = lambda *confirm: confirmed.append(confirm)
+
+    def delivery(tag: int, properties: Any, body: bytes, redelivered: bool) -> bytes:
+        deliver = pika.spec.Basic.Deliver("ctag", tag, redelivered, "ex", f"rk{tag}")
+        frames = [pika.frame.Method(1, deliver), pika.frame.Header(1, len(body), properties)]
+        frames += [pika.frame.Body(1, body[i : i + 700]) for i in range(0, len(body), 700)]
+        return b"".join(frame.marshal() for frame in frames)
+
+    big = bytes(range(256)) * 8
+    stream = b"".join(
+        (
+            delivery(1, pika.BasicProperties(type="chan", message_id="m1"), b"one", False),
+            pika.frame.Method(2, pika.spec.Basic.Ack(5, multiple=True)).marshal(),
+            delivery(2, pika.BasicProperties(message_id="m2"), big, True),
+            pika.frame.Method(2, pika.spec.Basic.Nack(6, multiple=False)).marshal(),
+            delivery(3, pika.BasicProperties(headers={"x-death": [{"count": 1}]}), b"3", False),
+            delivery(4, pika.BasicProperties(), b"", False),
+        )
+    )
+    for cut in (1, 7, 64, 1000, len(stream)):
+        got.clear()
+        confirmed.clear()
+        for start in range(0, len(stream), cut):
+            connection._on_data_available(stream[start : start + cut])
+        assert connection._frame_buffer == b""
+        assert got == [
+            ("ctag", 1, False, "rk1", "chan", "m1", b"one"),
+            ("ctag", 2, True, "rk2", None, "m2", big),
+            ("ctag", 3, False, "rk3", None, None, b"3"),
+            ("ctag", 4, False, "rk4", None, None, b""),
+        ]
+        assert confirmed == [(True, 5, True), (False, 6, False)]
+
+
 # -- options and URL --------------------------------------------------------------------
 
 

@@ -311,9 +311,12 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
     # -- out ------------------------------------------------------------------------
 
     def _output_marshaled_frames(self, marshaled_frames: list[bytes]) -> None:
-        data = b"".join(marshaled_frames)
+        self._write(b"".join(marshaled_frames), len(marshaled_frames))
+
+    def _write(self, data: bytes, frames: int) -> None:
+        """Send ``data`` (``frames`` whole frames) after whatever pika has buffered."""
         self.bytes_sent += len(data)
-        self.frames_sent += len(marshaled_frames)
+        self.frames_sent += frames
         transport = self._transport
         if isinstance(transport, _AsyncPlaintextTransport) and not (
             transport.get_write_buffer_size()
@@ -370,17 +373,18 @@ class _Connection(AsyncioConnection):  # type: ignore[misc]
                     _short_string(kind),
                 )
             )
-        frames = [method, _FRAME.pack(_HEADER_FRAME, number, len(header)), header, b"\xce"]
+        pieces = [method, _FRAME.pack(_HEADER_FRAME, number, len(header)), header, b"\xce"]
         limit = self._body_max_length
         for start in range(0, len(body), limit):
             chunk = body[start : start + limit]
-            frames += (_FRAME.pack(_BODY_FRAME, number, len(chunk)), chunk, b"\xce")
-        self._output_marshaled_frames(frames)
+            pieces += (_FRAME.pack(_BODY_FRAME, number, len(chunk)), chunk, b"\xce")
+        self._write(b"".join(pieces), 2 + -(-len(body) // limit))
 
     def ack(self, number: int, delivery_tag: int, *, multiple: bool) -> None:
         """basic.ack on channel ``number``."""
-        self._output_marshaled_frames(
-            [_ACK_FRAME.pack(_METHOD_FRAME, number, 13, 60, 80, delivery_tag, multiple, _FRAME_END)]
+        self._write(
+            _ACK_FRAME.pack(_METHOD_FRAME, number, 13, 60, 80, delivery_tag, multiple, _FRAME_END),
+            1,
         )
 
     # -- in -------------------------------------------------------------------------
