@@ -261,6 +261,107 @@ def _await_startup(name: str, env: dict[str, str], timeout: float = 90.0) -> Non
         time.sleep(0.5)
 
 
+# -- the frame short path -----------------------------------------------------------------
+
+
+def _bare_connection() -> Any:
+    """A _Connection with the state its frame short path uses, and no socket."""
+    from multilayer.backends.rabbitmq import _Connection
+
+    connection: Any = object.__new__(_Connection)
+    connection.deliveries, connection.confirms, connection._incoming = {}, {}, {}
+    connection._publish_methods = {}
+    connection._frame_buffer = b""
+    connection.bytes_received = connection.frames_received = 0
+    connection.bytes_sent = connection.frames_sent = 0
+    connection._body_max_length = 1000
+    connection._transport = None
+    return connection
+
+
+def test_published_frames_are_valid_amqp() -> None:
+    """What the short path writes decodes, with pika's own decoder, to the publish meant."""
+    connection = _bare_connection()
+    written: list[bytes] = []
+    connection._adapter_emit_data = written.append
+    connection.connection_state = connection.CONNECTION_OPEN
+    body = bytes(range(256)) * 10  # three body frames of at most 1000 bytes
+    connection.publish(3, "ex", "rk", body, "specific.a!b", "id-1", mandatory=True)
+    connection.publish(3, "", "q", b"", None, "id-2", mandatory=False)
+    data = b"".join(written)
+    frames = []
+    while data:
+        consumed, frame = pika.frame.decode_frame(data)
+        assert frame is not None
+        frames.append(frame)
+        data = data[consumed:]
+    method, header, *bodies, method2, header2 = frames
+    assert isinstance(method.method, pika.spec.Basic.Publish)
+    assert (method.channel_number, method.method.exchange, method.method.routing_key) == (
+        3,
+        "ex",
+        "rk",
+    )
+    assert method.method.mandatory is True
+    assert (header.body_size, header.properties.type, header.properties.message_id) == (
+        len(body),
+        "specific.a!b",
+        "id-1",
+    )
+    assert b"".join(frame.fragment for frame in bodies) == body
+    assert [len(frame.fragment) for frame in bodies] == [1000, 1000, 560]
+    assert (method2.method.routing_key, method2.method.mandatory) == ("q", False)
+    assert (header2.body_size, header2.properties.type, header2.properties.message_id) == (
+        0,
+        None,
+        "id-2",
+    )
+    assert connection.frames_sent == len(frames)
+    with pytest.raises(BrokerError, match="255 bytes"):
+        connection.publish(3, "", "q" * 256, b"x", None, "id-3", mandatory=True)
+
+
+def test_delivery_frames_are_decoded_whatever_the_read_boundaries() -> None:
+    """Deliveries and confirms split anywhere across reads, with the properties this
+    backend sets or others (dead-lettered copies carry headers), reach their callbacks."""
+    connection = _bare_connection()
+    got: list[tuple[Any, ...]] = []
+    confirmed: list[tuple[bool, int, bool]] = []
+    connection.deliveries[1] = lambda tag, delivery: got.append((tag, *delivery))
+    connection.confirms[2] = lambda *confirm: confirmed.append(confirm)
+
+    def delivery(tag: int, properties: Any, body: bytes, redelivered: bool) -> bytes:
+        deliver = pika.spec.Basic.Deliver("ctag", tag, redelivered, "ex", f"rk{tag}")
+        frames = [pika.frame.Method(1, deliver), pika.frame.Header(1, len(body), properties)]
+        frames += [pika.frame.Body(1, body[i : i + 700]) for i in range(0, len(body), 700)]
+        return b"".join(frame.marshal() for frame in frames)
+
+    big = bytes(range(256)) * 8
+    stream = b"".join(
+        (
+            delivery(1, pika.BasicProperties(type="chan", message_id="m1"), b"one", False),
+            pika.frame.Method(2, pika.spec.Basic.Ack(5, multiple=True)).marshal(),
+            delivery(2, pika.BasicProperties(message_id="m2"), big, True),
+            pika.frame.Method(2, pika.spec.Basic.Nack(6, multiple=False)).marshal(),
+            delivery(3, pika.BasicProperties(headers={"x-death": [{"count": 1}]}), b"3", False),
+            delivery(4, pika.BasicProperties(), b"", False),
+        )
+    )
+    for cut in (1, 7, 64, 1000, len(stream)):
+        got.clear()
+        confirmed.clear()
+        for start in range(0, len(stream), cut):
+            connection._on_data_available(stream[start : start + cut])
+        assert connection._frame_buffer == b""
+        assert got == [
+            ("ctag", 1, False, "rk1", "chan", "m1", b"one"),
+            ("ctag", 2, True, "rk2", None, "m2", big),
+            ("ctag", 3, False, "rk3", None, None, b"3"),
+            ("ctag", 4, False, "rk4", None, None, b""),
+        ]
+        assert confirmed == [(True, 5, True), (False, 6, False)]
+
+
 # -- options and URL --------------------------------------------------------------------
 
 
@@ -492,6 +593,19 @@ def _connection_pids(name: str) -> list[str]:
     return [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
 
 
+async def _close_connections(rabbitmqctl: str, name: str) -> None:
+    """Close, on the broker, every connection named ``name``."""
+    pids = await asyncio.to_thread(_connection_pids, name)
+    assert pids, "the layer's connection is not listed"
+    for pid in pids:
+        await asyncio.to_thread(
+            subprocess.run,
+            [rabbitmqctl, "-q", "close_connection", pid, "test"],
+            check=True,
+            timeout=60,
+        )
+
+
 def test_receive_resumes_after_the_connection_is_closed(shared: str) -> None:
     """`rabbitmqctl close_connection` on this test's own connection, mid-receive."""
     rabbitmqctl = require_binary("rabbitmqctl")
@@ -504,15 +618,7 @@ def test_receive_resumes_after_the_connection_is_closed(shared: str) -> None:
         await receiver.group_add("rmq-drop", channel)
         waiting = asyncio.ensure_future(receiver.receive(channel))
         await asyncio.sleep(0.2)
-        pids = await asyncio.to_thread(_connection_pids, name)
-        assert pids, "the layer's connection is not listed"
-        for pid in pids:
-            await asyncio.to_thread(
-                subprocess.run,
-                [rabbitmqctl, "-q", "close_connection", pid, "test"],
-                check=True,
-                timeout=60,
-            )
+        await _close_connections(rabbitmqctl, name)
         await sender.send(channel, {"n": 1})
         assert await asyncio.wait_for(waiting, 20) == {"n": 1}
         await sender.group_send("rmq-drop", {"n": 2})
@@ -522,6 +628,39 @@ def test_receive_resumes_after_the_connection_is_closed(shared: str) -> None:
         await receiver.close()
 
     with_logs = logging.getLogger("multilayer.backends.rabbitmq")
+    with_logs.disabled = True
+    try:
+        run(body, timeout=120)
+    finally:
+        with_logs.disabled = False
+
+
+def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) -> None:
+    """An inbox acknowledges in batches, so RabbitMQ delivers again what this process
+    received before its connection dropped; those redeliveries must not reach a receive."""
+    rabbitmqctl = require_binary("rabbitmqctl")
+    name = "mltest-" + secrets.token_hex(4)
+    receiver = _layer(f"{shared}?connection_name={name}")
+    sender = _layer(shared, prefix=receiver.prefix)
+
+    async def body() -> None:
+        channel = await receiver.new_channel()
+        await receiver.group_add("rmq-twice", channel)
+        for n in range(3):
+            await sender.send(channel, {"n": n})
+        await sender.group_send("rmq-twice", {"n": 3})
+        assert [await recv(receiver, channel) for _ in range(4)] == [{"n": n} for n in range(4)]
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _close_connections(rabbitmqctl, name)
+        await asyncio.sleep(0.5)
+        await sender.send(channel, {"n": 4})
+        assert await asyncio.wait_for(waiting, 20) == {"n": 4}
+        await nothing(receiver, channel)
+        await sender.flush()
+        await sender.close()
+        await receiver.close()
+
+    with_logs = logging.getLogger("multilayer.rabbitmq")
     with_logs.disabled = True
     try:
         run(body, timeout=120)
