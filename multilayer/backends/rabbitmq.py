@@ -686,6 +686,10 @@ class _Consumer:
                 taken = self._take(limit)
                 if taken:
                     return taken
+                if not self.inbox:
+                    # What _take dropped (expired or malformed) was the one message
+                    # RabbitMQ lets this consumer hold: acknowledge it or none follows.
+                    self.acknowledge()
                 if self.tag is None:
                     await self._start()
                     continue
