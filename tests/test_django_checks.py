@@ -65,7 +65,7 @@ def test_the_app_registers_the_check() -> None:
         ({"url": "memory://", "capcity": 10}, "'capcity'"),
         ({"url": "memory://?capacity=0"}, "capacity"),
         ({"url": "redis://127.0.0.1:6379/0?expiry=soon"}, "expiry"),
-        ({"url": "redis://127.0.0.1:port/0"}, "'port'"),
+        ({"url": "redis://127.0.0.1:port/0"}, "bad port"),
         ({"url": 6379}, "must be a string"),
     ],
     ids=[
