@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import secrets
@@ -76,6 +77,8 @@ _REPLAY_TIMEOUT = 60.0
 _OPERATIONS_PER_RECORD = 1024
 #: Seconds of waiting writes without any record arriving before the topic is checked.
 _STALL = 2.0
+#: records whose digests are kept to skip re-reading them after a log reset (~1 MiB)
+_REMEMBERED = 16_384
 #: Sends in flight without waiting for their replay, per process, and their bytes; beyond
 #: either, a send waits for its record's replay, which paces a sender to the broker.
 _MAX_UNREPLAYED = 10_000
@@ -376,7 +379,13 @@ class _Hub:
         self.token_prefix = secrets.token_hex(6) + ":"
         self._tokens = itertools.count()
         self._busy_until = 0.0
-        self._progress = 0.0
+        self._checked = 0.0
+        # The first record read (offset, value): a different one there means a new log.
+        self._first: tuple[int, bytes] | None = None
+        # Digests of the records applied last: after a reset is noticed, records of the
+        # new log already applied before that are not applied (delivered) again.
+        self._applied: deque[bytes] = deque(maxlen=_REMEMBERED)
+        self._applied_set: set[bytes] = set()
         self._stopping = threading.Event()
         self._start_lock = threading.Lock()
         self._started = False
@@ -497,12 +506,13 @@ class _Hub:
                 self._stopping.wait(0.5)
                 continue
             records = [record for batch in batches.values() for record in batch]
-            if not records and self._stalled():
+            if self._stalled():
                 self._recover()
+                continue  # _recover moved the consumer: these records come again, or not
+
             for queue, items in self.held.release(self.options["prefetch_hold"]):
                 self.give_back(queue, items)
             if records:
-                self._progress = time.monotonic()
                 with self.lock:
                     for record in records:
                         try:
@@ -513,27 +523,50 @@ class _Hub:
                     self._caught_up.set()
 
     def _stalled(self) -> bool:
+        # A write of ours not replayed for a while, whether or not newer records arrive:
+        # after an in-memory broker restarts, records written before this process reads
+        # the new log can land below the offset it reads from, and are never seen.
+        if time.monotonic() - self._checked < _STALL:
+            return False
         with self.lock:
             oldest = min(self.calls.values(), default=None)
             if self.unreplayed:
                 # Admitted sends are written in order: the first one is the oldest.
                 since = next(iter(self.unreplayed.values()))[2]
                 oldest = since if oldest is None else min(oldest, since)
-        return oldest is not None and time.monotonic() - max(oldest, self._progress) > _STALL
+        return oldest is not None and time.monotonic() - oldest > _STALL
 
     def _recover(self) -> None:
-        # Writes wait and nothing arrives: an in-memory broker may have restarted without
-        # the topic, which producers wait for but nobody recreates.
-        self._progress = time.monotonic()
+        """Check the log after writes stopped showing up in it; always leaves the consumer
+        at the next record to apply (of this log, or of a new one)."""
+        # An in-memory broker may have restarted without the topic, which producers wait
+        # for but nobody recreates, or with a new log already longer than the old one,
+        # which only the records in it tell apart.
+        self._checked = time.monotonic()
+        start = self.next_offset
         try:
             self.create_topic()
             end = self.consumer.end_offsets([self.partition])[self.partition]
+            if end < self.next_offset or not self._same_log():
+                start = 0  # a new log: read it from its start (_apply then starts over)
         except Exception as error:
             logger.warning("kafka log %s: broker unreachable (%s)", self.topic, error)
-            return
-        if end < self.next_offset:
-            # A log shorter than what was read is a new log: read it from its start.
-            self.consumer.seek(self.partition, 0)
+        finally:
+            self.consumer.seek(self.partition, start)
+
+    def _same_log(self) -> bool:
+        """Whether the log still holds, at its offset, the first record this process read
+        (a restarted in-memory broker holds another one there; a broker that deleted it
+        for retention holds none, and the log is taken to be the same)."""
+        if self._first is None:
+            return True
+        offset, value = self._first
+        self.consumer.seek(self.partition, offset)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for batch in self.consumer.poll(timeout_ms=200, max_records=1).values():
+                return bool(batch[0].offset != offset or batch[0].value == value)
+        return True  # no answer: keep reading where we were
 
     def give_back(self, queue: str, items: list[Item]) -> None:
         """Return held ``items`` of ``queue`` to the head of the queue, for every process."""
@@ -636,7 +669,16 @@ class _Hub:
             for claim in self.open_claims.values():
                 claim[2] = now()
                 self.write(claim)
+        if self._first is None or offset < self.next_offset:
+            self._first = (offset, value)
         self.next_offset = offset + 1
+        digest = hashlib.blake2b(value, digest_size=16).digest()
+        if digest in self._applied_set:
+            return
+        if len(self._applied) == _REMEMBERED:
+            self._applied_set.discard(self._applied[0])
+        self._applied.append(digest)
+        self._applied_set.add(digest)
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(value))
         unpacker.feed(value)
         try:
