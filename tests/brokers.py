@@ -175,8 +175,11 @@ def redis_argv(port: int, directory: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def redis_tls_argv(port: int, directory: Path, certs: Path, *extra: str) -> list[str]:
-    """A redis-server speaking only TLS on ``port`` with ``certificates(certs)``."""
+def redis_tls_argv(
+    port: int, directory: Path, certs: Path, *extra: str, client_certs: str = "yes"
+) -> list[str]:
+    """A redis-server speaking only TLS on ``port`` with ``certificates(certs)``;
+    ``client_certs`` is ``yes`` (mutual TLS), ``optional`` or ``no``."""
     argv = redis_argv(port, directory, *extra)
     argv[argv.index("--port") : argv.index("--port") + 2] = ["--port", "0"]
     return [
@@ -185,7 +188,7 @@ def redis_tls_argv(port: int, directory: Path, certs: Path, *extra: str) -> list
         "--tls-cert-file", str(certs / "server.pem"),
         "--tls-key-file", str(certs / "server.key"),
         "--tls-ca-cert-file", str(certs / "ca.pem"),
-        "--tls-auth-clients", "optional",
+        "--tls-auth-clients", client_certs,
     ]  # fmt: skip
 
 
@@ -228,10 +231,10 @@ class RabbitNode(BrokerProcess):
     directory, and loopback ports for AMQP, AMQPS and distribution. Killing or restarting
     it never touches the machine's shared node on 5672."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, certs: Path | None = None) -> None:
         server = RABBITMQ_BIN / "rabbitmq-server"
         require(server.exists(), f"{server} is not installed")
-        certs = certificates(root)
+        certs = certs or certificates(root)
         port, self.tls_port, dist_port = free_port(), free_port(), free_port()
         self.ca_file = certs / "ca.pem"
         (root / "home").mkdir(exist_ok=True)

@@ -34,6 +34,8 @@ Options (URL query or keyword arguments), besides the core ones:
 * ``sasl_mechanism`` (str, ``PLAIN``): ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
 * ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile`` (str): PEM files for ``kafka+ssl://``.
 * ``ssl_check_hostname`` (bool, true): verify the broker's certificate host name.
+* ``ssl_verify`` (bool, true): verify the broker's certificate (against ``ssl_cafile``, else
+  the system's CAs); ``false`` turns certificate and host name checks off, for tests only.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ import hashlib
 import itertools
 import logging
 import secrets
+import socket
+import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -869,6 +873,7 @@ class KafkaBackend(Backend):
         "ssl_certfile": Option(str, None, "client certificate (PEM) for kafka+ssl"),
         "ssl_keyfile": Option(str, None, "client key (PEM) for kafka+ssl"),
         "ssl_check_hostname": Option(bool, True, "verify the broker certificate's host name"),
+        "ssl_verify": Option(bool, True, "verify the broker certificate (false: tests only)"),
     }
 
     @classmethod
@@ -878,8 +883,9 @@ class KafkaBackend(Backend):
         if url.path:
             raise ConfigurationError(f"{url.sanitized()}: Kafka URLs take no path")
         if url.scheme == "kafka":
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                if options.get(name):
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_verify"):
+                # ssl_verify is true by default: only turning it off is out of place.
+                if options.get(name) if name != "ssl_verify" else options[name] is False:
                     raise ConfigurationError(
                         f"{url.sanitized()}: option {name!r} needs the kafka+ssl:// scheme"
                     )
@@ -914,7 +920,40 @@ class KafkaBackend(Backend):
             for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
                 if self.config[name]:
                     config[name] = self.config[name]
+            if not self.config["ssl_verify"]:
+                # kafka-python verifies whenever it builds the context itself.
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                if self.config["ssl_certfile"]:
+                    context.load_cert_chain(self.config["ssl_certfile"], self.config["ssl_keyfile"])
+                config["ssl_context"] = context
+                config["ssl_check_hostname"] = False
         return config
+
+    def _tls_problem(self) -> str | None:
+        """Why a TLS handshake with the first broker fails, if it does: kafka-python only
+        logs it and then reports the broker as unreachable."""
+        if self.url.scheme != "kafka+ssl":
+            return None
+        config = self._client_config()
+        context = config.get("ssl_context")
+        if context is None:
+            context = ssl.create_default_context(cafile=config.get("ssl_cafile"))
+            context.check_hostname = config["ssl_check_hostname"]
+            if config.get("ssl_certfile"):
+                context.load_cert_chain(config["ssl_certfile"], config.get("ssl_keyfile"))
+        host, port = self.url.hosts[0]
+        try:
+            with (
+                socket.create_connection((host, port or 9092), timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname=host),
+            ):
+                return None
+        except ssl.SSLError as error:
+            return f"TLS handshake with {host}:{port or 9092} failed: {error}"
+        except OSError:
+            return None
 
     async def open(self) -> None:
         topic = f"multilayer.{self.settings.prefix}"
@@ -946,7 +985,8 @@ class KafkaBackend(Backend):
         except BaseException as error:
             await self.close()
             if isinstance(error, Exception):
-                raise BrokerError(f"cannot open {self.url.sanitized()}: {error}") from error
+                reason = await asyncio.to_thread(self._tls_problem) or error
+                raise BrokerError(f"cannot open {self.url.sanitized()}: {reason}") from error
             raise
 
     async def close(self) -> None:
