@@ -11,6 +11,8 @@ import asyncio
 import secrets
 import time
 import tracemalloc
+from collections.abc import Awaitable
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,14 @@ def test_short_soak_loses_and_doubles_nothing(layer_url: str) -> None:
 
 
 SCALE = 10_000
+
+
+async def in_batches(calls: list[Awaitable[Any]], size: int = 200) -> list[Any]:
+    """Await ``calls`` at most ``size`` at a time, as a busy server's consumers would."""
+    results: list[Any] = []
+    for start in range(0, len(calls), size):
+        results.extend(await asyncio.gather(*calls[start : start + size]))
+    return results
 
 
 @pytest.mark.timeout(300)
@@ -52,13 +62,8 @@ def test_ten_thousand_channels_and_groups_in_one_process(layer_url: str) -> None
             # an earlier test freed; the broker clients' C buffers are not in them.
             tracemalloc.start()
             started = time.monotonic()
-            channels = []
-            for start in range(0, SCALE, 500):
-                batch = [layer.new_channel() for _ in range(start, min(start + 500, SCALE))]
-                channels.extend(await asyncio.gather(*batch))
-            await asyncio.gather(
-                *(layer.group_add(f"scale-{n}", name) for n, name in enumerate(channels))
-            )
+            channels = await in_batches([layer.new_channel() for _ in range(SCALE)])
+            await in_batches([layer.group_add(f"scale-{n}", c) for n, c in enumerate(channels)])
             made = time.monotonic() - started
             for name in channels:
                 received[name] = []
@@ -73,7 +78,7 @@ def test_ten_thousand_channels_and_groups_in_one_process(layer_url: str) -> None
                     sends = [layer.group_send(f"scale-{n}", {"round": 1}) for n in range(SCALE)]
                 else:
                     sends = [layer.send(name, {"round": round_}) for name in channels]
-                await asyncio.gather(*sends)
+                await in_batches(sends)
                 deadline = started + 60
                 while any(len(got) <= round_ for got in received.values()):
                     starved = sum(len(got) <= round_ for got in received.values())
