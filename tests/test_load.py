@@ -85,7 +85,8 @@ def test_ten_thousand_channels_and_groups_in_one_process(layer_url: str) -> None
                     assert time.monotonic() < deadline, f"round {round_}: {starved} starved"
                     await asyncio.sleep(0.05)
                 rounds.append(time.monotonic() - started)
-            assert all(got == [0, 1, 2] for got in received.values())
+            wrong = {name: got for name, got in received.items() if got != [0, 1, 2]}
+            assert not wrong, f"{len(wrong)} channels got other rounds: {list(wrong.items())[:5]}"
             print(
                 f"{layer.url.scheme}: {SCALE} channels in {SCALE} groups made in {made:.1f}s; "
                 f"{per_channel:.0f} bytes of Python heap per channel (with its waiting receive "
