@@ -1,4 +1,4 @@
-"""The ``multilayer`` command: backends, check, stats, ping, bench and hub."""
+"""The ``multilayer`` command: backends, check, stats, ping, bench, soak and hub."""
 
 from __future__ import annotations
 
@@ -334,6 +334,45 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from .bench.soak import format_soak, soak
+
+    def progress(row: Any) -> None:
+        print(
+            f"  {row.end:>6}s  ops {row.operations}  delivered {row.delivered}  "
+            f"p99 {row.p99_ms} ms  RSS {row.rss_kib / 1024:.1f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    report = asyncio.run(
+        soak(
+            args.url,
+            args.duration,
+            channels=args.channels,
+            rate=args.rate,
+            churn=args.churn,
+            interval=args.interval,
+            progress=progress,
+        )
+    )
+    print(format_soak(report))
+    return 0 if report.ok else 1
+
+
+def _add_soak(commands: Any) -> None:
+    soak = commands.add_parser(
+        "soak", help="sustained traffic with channel churn: losses, duplicates, p99, memory"
+    )
+    soak.add_argument("url")
+    soak.add_argument("--duration", type=float, default=300.0, help="seconds (default 300)")
+    soak.add_argument("--channels", type=int, default=1000, help="process-specific channels")
+    soak.add_argument("--rate", type=float, default=200.0, help="sends + group_sends per second")
+    soak.add_argument("--churn", type=float, default=20.0, help="channels replaced per second")
+    soak.add_argument("--interval", type=float, default=10.0, help="seconds per report row")
+    soak.set_defaults(run=_cmd_soak)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multilayer", description="Channel layers for Django Channels on any broker."
@@ -382,6 +421,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="repetitions (medians reported)")
     bench.add_argument("--scenarios", default="abcd", help="subset of a, b, c, d")
     bench.set_defaults(run=_cmd_bench)
+    _add_soak(commands)
     # Listed for --help only: main() hands "hub ..." to the hub's own parser untouched.
     commands.add_parser("hub", help="run a ZeroMQ hub (multilayer hub --help)", add_help=False)
     return parser

@@ -42,19 +42,25 @@ class LocalQueue:
 
     def take(self, channel: str) -> bytes | None:
         """A buffered payload for ``channel``, fetching without I/O if the backend can."""
-        buffer = self.buffers.get(channel)
-        if buffer:
-            return buffer.popleft()
+        if channel in self.buffers:
+            return self._unbuffer(channel)
         if self._fetcher is None:
             # No more than a pop would take: what a shared normal channel's pop leaves
             # behind stays where other processes' receives (or a give-back) can reach it.
             items = self.backend.pop_nowait(self.queue, self._batch)
             if items:
                 self._buffer(items)
-                buffer = self.buffers.get(channel)
-                if buffer:
-                    return buffer.popleft()
+                if channel in self.buffers:
+                    return self._unbuffer(channel)
         return None
+
+    def _unbuffer(self, channel: str) -> bytes:
+        buffer = self.buffers[channel]
+        payload = buffer.popleft()
+        if not buffer:
+            # Process-specific channels come and go: an empty entry would stay forever.
+            del self.buffers[channel]
+        return payload
 
     def _buffer(self, items: list[tuple[str, bytes]]) -> None:
         buffers = self.buffers
@@ -92,6 +98,8 @@ class LocalQueue:
             if future in waiters:
                 waiters.remove(future)
                 self._hungry -= 1
+            if not waiters and self._waiters.get(channel) is waiters:
+                del self._waiters[channel]
 
     def _wake(self, channel: str) -> None:
         waiters = self._waiters.get(channel)
@@ -126,6 +134,7 @@ class LocalQueue:
                 self._hungry -= 1
                 if not future.done():
                     future.set_exception(error)
+        self._waiters.clear()
 
     async def stop(self, error: BaseException) -> None:
         """Cancel the fetch task and end waiters with ``error``."""

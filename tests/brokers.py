@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -56,6 +59,13 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` right now."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
 
 
 def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
@@ -150,3 +160,176 @@ def tansu_argv(binary: str, port: int) -> list[str]:
 def hub_argv(port: int) -> list[str]:
     """Arguments that start a multilayer ZeroMQ hub on ``127.0.0.1:port``."""
     return [sys.executable, "-m", "multilayer.backends.zmqhub", "--bind", f"tcp://127.0.0.1:{port}"]
+
+
+def redis_argv(port: int, directory: Path, *extra: str) -> list[str]:
+    """A throwaway redis-server on ``127.0.0.1:port``: no persistence, files in ``directory``."""
+    return [
+        require_binary("redis-server"),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(directory),
+        *extra,
+    ]  # fmt: skip
+
+
+def redis_tls_argv(
+    port: int, directory: Path, certs: Path, *extra: str, client_certs: str = "yes"
+) -> list[str]:
+    """A redis-server speaking only TLS on ``port`` with ``certificates(certs)``;
+    ``client_certs`` is ``yes`` (mutual TLS), ``optional`` or ``no``."""
+    argv = redis_argv(port, directory, *extra)
+    argv[argv.index("--port") : argv.index("--port") + 2] = ["--port", "0"]
+    return [
+        *argv,
+        "--tls-port", str(port),
+        "--tls-cert-file", str(certs / "server.pem"),
+        "--tls-key-file", str(certs / "server.key"),
+        "--tls-ca-cert-file", str(certs / "ca.pem"),
+        "--tls-auth-clients", client_certs,
+    ]  # fmt: skip
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    subprocess.run(
+        [require_binary("openssl"), *args],
+        cwd=directory,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def certificates(directory: Path) -> Path:
+    """Throwaway TLS files in ``directory``: a CA (``ca.pem``), a server certificate for
+    127.0.0.1 and localhost (``server.pem``/``server.key``) and a client certificate
+    (``client.pem``/``client.key``), both signed by the CA. Returns ``directory``."""
+    if (directory / "client.key").exists():
+        return directory
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(directory, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=multilayer test CA", "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    for name in ("server", "client"):
+        _openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
+        _openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem",
+                 "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.cnf",
+                 "-out", f"{name}.pem")  # fmt: skip
+    for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"):
+        # The RabbitMQ node reads them as its own user; nothing here is a real secret.
+        (directory / name).chmod(0o644)
+    return directory
+
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+class RabbitNode(BrokerProcess):
+    """A private RabbitMQ node: its own name, Erlang cookie (a private HOME), data
+    directory, and loopback ports for AMQP, AMQPS and distribution. Killing or restarting
+    it never touches the machine's shared node on 5672."""
+
+    def __init__(self, root: Path, certs: Path | None = None) -> None:
+        server = RABBITMQ_BIN / "rabbitmq-server"
+        require(server.exists(), f"{server} is not installed")
+        certs = certs or certificates(root)
+        port, self.tls_port, dist_port = free_port(), free_port(), free_port()
+        self.ca_file = certs / "ca.pem"
+        (root / "home").mkdir(exist_ok=True)
+        (root / "env.conf").write_text("")
+        (root / "plugins").write_text("[].\n")
+        (root / "rabbitmq.conf").write_text(
+            textwrap.dedent(
+                f"""\
+                listeners.tcp.default = 127.0.0.1:{port}
+                listeners.ssl.default = 127.0.0.1:{self.tls_port}
+                ssl_options.cacertfile = {certs / "ca.pem"}
+                ssl_options.certfile = {certs / "server.pem"}
+                ssl_options.keyfile = {certs / "server.key"}
+                ssl_options.verify = verify_none
+                ssl_options.fail_if_no_peer_cert = false
+                """
+            )
+        )
+        self.name = f"mltest{secrets.token_hex(3)}@localhost"
+        self.env = {
+            **os.environ,
+            # A home of its own gives the node (and our rabbitmqctl) a private Erlang cookie.
+            "HOME": str(root / "home"),
+            "RABBITMQ_CONF_ENV_FILE": str(root / "env.conf"),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(root / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "plugins"),
+            "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+        super().__init__([str(server)], port, log=root / "node.log", ready_timeout=90)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_port(self.port, self.ready_timeout)
+            self._await_startup()
+        except (OSError, subprocess.SubprocessError) as error:
+            self.stop(kill=True)
+            detail = getattr(error, "stderr", None) or self.log.read_text()[-2000:]
+            raise RuntimeError(f"RabbitMQ did not start ({error!r}):\n{detail}") from None
+
+    def _await_startup(self, timeout: float = 90.0) -> None:
+        """Wait until the node has booted (its AMQP port opens a bit earlier than that)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            # await_startup gives up at once while the node is not yet known to epmd.
+            result = subprocess.run(
+                [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", self.name, "await_startup"],
+                env=self.env,
+                capture_output=True,
+                timeout=timeout,
+            )
+            if result.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise subprocess.CalledProcessError(
+                    result.returncode, result.args, stderr=result.stderr
+                )
+            time.sleep(0.5)
+
+    def ctl(self, *args: str) -> str:
+        """Run ``rabbitmqctl`` against this node; its standard output."""
+        return subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", self.name, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+
+    def stop(self, *, kill: bool = False) -> None:
+        process = self.process
+        if process is not None:
+            # rabbitmq-server runs the Erlang VM as a child: end the whole session.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        super().stop(kill=kill)
+        deadline = time.monotonic() + 20
+        while listening(self.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def signal(self, number: int) -> None:
+        """Send signal ``number`` to the node's whole process group (SIGSTOP freezes it)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, number)

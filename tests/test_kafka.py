@@ -1,7 +1,7 @@
 """Kafka backend tests beyond the conformance suite: URLs and client settings, the replayed
-state machine's rules, the topic layout, broker restarts, a joining receiver, latency and
-idle CPU. Every broker here is a Tansu started by the test on a free loopback port
-(tests/kafka_broker.py); the conformance suite runs against one with
+state machine's rules, the topic layout, a joining receiver, latency and idle CPU (broker
+restarts are in tests/test_faults.py). Every broker here is a Tansu started by the test on
+a free loopback port (tests/kafka_broker.py); the conformance suite runs against one with
 ``--multilayer-url kafka://127.0.0.1:PORT``.
 """
 
@@ -11,7 +11,6 @@ import asyncio
 import resource
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -347,30 +346,3 @@ def test_an_idle_layer_does_not_spin(broker_url: str) -> None:
     idle_share = run(body)
     # Busy polling would take most of a core; the design takes about 2.5 %.
     assert idle_share < 0.2, f"an idle layer used {100 * idle_share:.1f}% of a core"
-
-
-def test_waiting_receives_resume_after_a_broker_restart(tmp_path: Path) -> None:
-    with tansu(tmp_path) as process:
-        url = f"kafka://127.0.0.1:{process.port}"
-
-        async def body() -> None:
-            sender, receiver = ChannelLayer(url), ChannelLayer(url)
-            try:
-                inbox = await receiver.new_channel()
-                await sender.send("restart.q", {"n": 0})
-                assert await asyncio.wait_for(receiver.receive("restart.q"), 10) == {"n": 0}
-                normal = asyncio.ensure_future(receiver.receive("restart.q"))
-                specific = asyncio.ensure_future(receiver.receive(inbox))
-                await asyncio.sleep(0.3)
-                await asyncio.to_thread(process.restart, down_for=0.5)
-                # The in-memory broker came back empty: the backend recreates its topic
-                # and re-files the claims of the receives still waiting.
-                await asyncio.wait_for(sender.send("restart.q", {"n": 1}), 30)
-                await asyncio.wait_for(sender.send(inbox, {"n": 2}), 30)
-                assert await asyncio.wait_for(normal, 30) == {"n": 1}
-                assert await asyncio.wait_for(specific, 30) == {"n": 2}
-            finally:
-                await sender.close()
-                await receiver.close()
-
-        run(body, timeout=120)

@@ -1,30 +1,34 @@
 """RabbitMQ backend behaviour the shared conformance suite cannot see.
 
-Reconnection and TLS run against a RabbitMQ node this module starts itself, on free
-loopback ports with its own data directory and Erlang cookie; the machine's shared node
-(127.0.0.1:5672) is only used for ordinary traffic and for closing connections this
-module opened.
+Heartbeats, TLS and flush run against a RabbitMQ node this module starts itself
+(tests/brokers.py RabbitNode), on free loopback ports with its own data directory and
+Erlang cookie; the machine's shared node (127.0.0.1:5672) only carries ordinary traffic.
+Broker restarts and dropped connections are in tests/test_faults.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from brokers import BrokerProcess, free_port, require, require_binary, require_module, wait_port
+from brokers import (
+    RabbitNode,
+    certificates,
+    free_port,
+    listening,
+    require,
+    require_binary,
+    require_module,
+)
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backend import LayerSettings
@@ -36,7 +40,6 @@ from multilayer.backends.rabbitmq import RabbitMQBackend  # noqa: E402
 
 T = TypeVar("T")
 SHARED = "amqp://127.0.0.1:5672/"
-RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
 def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
@@ -53,15 +56,9 @@ async def nothing(layer: ChannelLayer, channel: str, wait: float = 0.5) -> None:
         await asyncio.wait_for(layer.receive(channel), wait)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture
 def shared() -> str:
-    require(_listening(5672), "no RabbitMQ on 127.0.0.1:5672")
+    require(listening(5672), "no RabbitMQ on 127.0.0.1:5672")
     return SHARED
 
 
@@ -73,192 +70,14 @@ def _layer(url: str, **options: Any) -> ChannelLayer:
 # -- a RabbitMQ node of our own ---------------------------------------------------------
 
 
-@dataclass
-class Node:
-    """A RabbitMQ node owned by this module: plain and TLS listeners, restartable."""
-
-    process: BrokerProcess
-    name: str
-    env: dict[str, str]
-    port: int
-    tls_port: int
-    ca_file: Path
-
-    @property
-    def url(self) -> str:
-        return f"amqp://127.0.0.1:{self.port}/"
-
-    def ctl(self, *args: str) -> str:
-        result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", self.name, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        return result.stdout
-
-    def kill(self) -> None:
-        process = self.process.process
-        if process is not None:
-            # rabbitmq-server runs the Erlang VM as a child: end the whole session.
-            os.killpg(process.pid, signal.SIGKILL)
-        self.process.stop(kill=True)
-        deadline = time.monotonic() + 20
-        while _listening(self.port) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-    def restart(self) -> None:
-        self.kill()
-        self.process.start()
-
-    def signal(self, number: int) -> None:
-        process = self.process.process
-        assert process is not None
-        os.killpg(process.pid, number)
-
-
-def _certificates(directory: Path) -> tuple[Path, Path, Path]:
-    openssl = require_binary("openssl")
-    ca_key, ca, key, request, cert = (
-        directory / name for name in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
-    )
-    extensions = directory / "san.cnf"
-    extensions.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
-    for argv in (
-        [
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test CA",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca),
-        ],
-        [
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(request),
-        ],
-        [
-            "x509",
-            "-req",
-            "-in",
-            str(request),
-            "-CA",
-            str(ca),
-            "-CAkey",
-            str(ca_key),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            str(extensions),
-            "-out",
-            str(cert),
-        ],
-    ):
-        subprocess.run([openssl, *argv], check=True, capture_output=True, timeout=60)
-    for path in (ca, cert, key):
-        path.chmod(0o644)
-    return ca, cert, key
-
-
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    server = RABBITMQ_BIN / "rabbitmq-server"
-    require(server.exists(), f"{server} is not installed")
-    root = tmp_path_factory.mktemp("rabbitmq")
-    ca, cert, key = _certificates(root)
-    port, tls_port, dist_port = free_port(), free_port(), free_port()
-    (root / "home").mkdir()
-    (root / "env.conf").write_text("")
-    (root / "plugins").write_text("[].\n")
-    (root / "rabbitmq.conf").write_text(
-        textwrap.dedent(
-            f"""\
-            listeners.tcp.default = 127.0.0.1:{port}
-            listeners.ssl.default = 127.0.0.1:{tls_port}
-            ssl_options.cacertfile = {ca}
-            ssl_options.certfile = {cert}
-            ssl_options.keyfile = {key}
-            ssl_options.verify = verify_none
-            ssl_options.fail_if_no_peer_cert = false
-            """
-        )
-    )
-    name = f"mltest{secrets.token_hex(3)}@localhost"
-    env = {
-        **os.environ,
-        # A home of its own gives the node (and our rabbitmqctl) a private Erlang cookie.
-        "HOME": str(root / "home"),
-        "RABBITMQ_CONF_ENV_FILE": str(root / "env.conf"),
-        "RABBITMQ_NODENAME": name,
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(dist_port),
-        "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(root / "log"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "plugins"),
-        "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-    }
-
-    class NodeProcess(BrokerProcess):
-        def start(self) -> None:
-            with open(self.log, "ab") as log:
-                self.process = subprocess.Popen(
-                    self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
-            try:
-                wait_port(self.port, self.ready_timeout)
-                _await_startup(name, env)
-            except (OSError, subprocess.SubprocessError) as error:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.stop(kill=True)
-                detail = getattr(error, "stderr", None) or self.log.read_text()[-2000:]
-                raise RuntimeError(f"RabbitMQ did not start ({error!r}):\n{detail}") from None
-
-    process = NodeProcess([str(server)], port, log=root / "node.log", ready_timeout=90)
-    process.start()
-    owned = Node(process, name, env, port, tls_port, ca)
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    owned = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+    owned.start()
     try:
         yield owned
     finally:
-        owned.kill()
-
-
-def _await_startup(name: str, env: dict[str, str], timeout: float = 90.0) -> None:
-    """Wait until the node has booted (its AMQP port opens a bit earlier than that)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        # await_startup gives up at once while the node is not yet known to epmd.
-        result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", name, "await_startup"],
-            env=env,
-            capture_output=True,
-            timeout=timeout,
-        )
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise subprocess.CalledProcessError(
-                result.returncode, result.args, stderr=result.stderr
-            )
-        time.sleep(0.5)
+        owned.stop(kill=True)
 
 
 # -- the frame short path -----------------------------------------------------------------
@@ -400,7 +219,8 @@ def test_url_and_options_reach_pika() -> None:
 
 
 def test_tls_options(tmp_path: Path) -> None:
-    ca, cert, key = _certificates(tmp_path)
+    certs = certificates(tmp_path)
+    ca, cert, key = certs / "ca.pem", certs / "client.pem", certs / "client.key"
     backend = _backend(f"amqps://h?ca_file={ca}&cert_file={cert}&key_file={key}")
     parameters = backend._parameters("h", None)
     assert parameters.port == 5671
@@ -606,35 +426,6 @@ async def _close_connections(rabbitmqctl: str, name: str) -> None:
         )
 
 
-def test_receive_resumes_after_the_connection_is_closed(shared: str) -> None:
-    """`rabbitmqctl close_connection` on this test's own connection, mid-receive."""
-    rabbitmqctl = require_binary("rabbitmqctl")
-    name = "mltest-" + secrets.token_hex(4)
-    receiver = _layer(f"{shared}?connection_name={name}")
-    sender = _layer(shared, prefix=receiver.prefix)
-
-    async def body() -> None:
-        channel = await receiver.new_channel()
-        await receiver.group_add("rmq-drop", channel)
-        waiting = asyncio.ensure_future(receiver.receive(channel))
-        await asyncio.sleep(0.2)
-        await _close_connections(rabbitmqctl, name)
-        await sender.send(channel, {"n": 1})
-        assert await asyncio.wait_for(waiting, 20) == {"n": 1}
-        await sender.group_send("rmq-drop", {"n": 2})
-        assert await recv(receiver, channel) == {"n": 2}
-        await sender.flush()
-        await sender.close()
-        await receiver.close()
-
-    with_logs = logging.getLogger("multilayer.backends.rabbitmq")
-    with_logs.disabled = True
-    try:
-        run(body, timeout=120)
-    finally:
-        with_logs.disabled = False
-
-
 def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) -> None:
     """An inbox acknowledges in batches, so RabbitMQ delivers again what this process
     received before its connection dropped; those redeliveries must not reach a receive."""
@@ -660,7 +451,7 @@ def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) ->
         await sender.close()
         await receiver.close()
 
-    with_logs = logging.getLogger("multilayer.rabbitmq")
+    with_logs = logging.getLogger("multilayer.backends.rabbitmq")
     with_logs.disabled = True
     try:
         run(body, timeout=120)
@@ -671,44 +462,7 @@ def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) ->
 # -- behaviour on our own node ----------------------------------------------------------
 
 
-def test_broker_restart_mid_traffic(node: Node) -> None:
-    """Kill -9 and restart the node: the layer reconnects, re-declares its inbox, re-binds
-    its groups and the waiting receive gets messages sent afterwards."""
-    receiver = _layer(node.url, heartbeat=2)
-    sender = _layer(node.url, prefix=receiver.prefix, heartbeat=2)
-
-    async def body() -> None:
-        channel = await receiver.new_channel()
-        await receiver.group_add("rmq-restart", channel)
-        await receiver.group_add("rmq-restart", "rmq.restart-worker")
-        await sender.send(channel, {"n": 0})
-        assert await recv(receiver, channel) == {"n": 0}
-        waiting = asyncio.ensure_future(receiver.receive(channel))
-        await asyncio.to_thread(node.restart)
-        for _attempt in range(100):
-            try:
-                await sender.send(channel, {"n": 1})
-                break
-            except BrokerError:
-                await asyncio.sleep(0.2)
-        else:
-            raise AssertionError("the sender never reconnected")
-        assert await asyncio.wait_for(waiting, 30) == {"n": 1}
-        await asyncio.sleep(0.5)  # the receiver restores its bindings after reconnecting
-        await sender.group_send("rmq-restart", {"n": 2})
-        assert await recv(receiver, channel) == {"n": 2}
-        assert await recv(receiver, "rmq.restart-worker") == {"n": 2}
-        await sender.close()
-        await receiver.close()
-
-    logging.getLogger("multilayer.backends.rabbitmq").disabled = True
-    try:
-        run(body, timeout=150)
-    finally:
-        logging.getLogger("multilayer.backends.rabbitmq").disabled = False
-
-
-def test_heartbeats_detect_a_frozen_broker(node: Node) -> None:
+def test_heartbeats_detect_a_frozen_broker(node: RabbitNode) -> None:
     """SIGSTOP the node past two heartbeats: the layer gives the silent connection up,
     reconnects once the node runs again, and the waiting receive gets a later message."""
     receiver = _layer(node.url, heartbeat=1)
@@ -742,7 +496,7 @@ def test_heartbeats_detect_a_frozen_broker(node: Node) -> None:
         logging.getLogger("multilayer.backends.rabbitmq").disabled = False
 
 
-def test_tls_listener(node: Node) -> None:
+def test_tls_listener(node: RabbitNode) -> None:
     verified = _layer(f"amqps://localhost:{node.tls_port}/?ca_file={node.ca_file}")
     untrusted = _layer(f"amqps://localhost:{node.tls_port}/?connect_timeout=3")
 
@@ -759,7 +513,7 @@ def test_tls_listener(node: Node) -> None:
     run(body)
 
 
-def test_flush_removes_only_its_prefix_on_a_shared_vhost(node: Node) -> None:
+def test_flush_removes_only_its_prefix_on_a_shared_vhost(node: RabbitNode) -> None:
     ours = _layer(node.url)
     theirs = _layer(node.url)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,15 @@ from typing import Any, TypeVar
 import pytest
 import redis
 import redis.asyncio
-from brokers import BrokerProcess, broker, free_port, require_binary
+from brokers import (
+    BrokerProcess,
+    broker,
+    certificates,
+    free_port,
+    redis_argv,
+    redis_tls_argv,
+    require_binary,
+)
 
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
 from multilayer.backends.redis import RedisBackend, _Ring
@@ -34,19 +41,6 @@ def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
         return await asyncio.wait_for(body(), timeout)
 
     return asyncio.run(bounded())
-
-
-def redis_argv(port: int, tmp: Path, *extra: str) -> list[str]:
-    """A throwaway redis-server: loopback only, no persistence."""
-    return [
-        require_binary("redis-server"),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", str(tmp),
-        *extra,
-    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -326,45 +320,6 @@ def test_concurrent_sends_share_one_connection_and_keep_order(redis_port: int) -
 # -- restarts, leaks, idle receives -----------------------------------------------------------
 
 
-def test_receivers_resume_after_a_redis_restart(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    with broker(redis_argv(port, tmp_path), port, tmp_path) as server:
-
-        async def body() -> None:
-            before = asyncio.all_tasks()
-            layer, sender = ChannelLayer(url, prefix="rs"), ChannelLayer(url, prefix="rs")
-            inbox = await layer.new_channel()
-            waiting = [
-                asyncio.ensure_future(layer.receive(inbox)),
-                asyncio.ensure_future(layer.receive("rs.normal")),
-            ]
-            await asyncio.sleep(0.3)
-            await asyncio.to_thread(server.restart, kill=True, down_for=0.5)
-            # Sends right after the restart may meet a stale connection: they fail
-            # loudly (BrokerError), never hang, and a later send goes through.
-            for channel, message in ((inbox, {"after": 1}), ("rs.normal", {"after": 2})):
-                for _ in range(50):
-                    try:
-                        await sender.send(channel, message)
-                        break
-                    except BrokerError:
-                        await asyncio.sleep(0.1)
-            got = await asyncio.wait_for(asyncio.gather(*waiting), 15)
-            assert got == [{"after": 1}, {"after": 2}]
-            await sender.close()
-            await layer.close()
-            assert asyncio.all_tasks() == before, "a task outlived close()"
-
-        run(body)
-        client = redis.Redis(host="127.0.0.1", port=port)
-        try:
-            clients = client.client_list()
-            assert len(clients) == 1, f"connections left open: {clients}"
-        finally:
-            client.close()
-
-
 def test_a_server_that_stops_answering_fails_sends_and_receives_resume(redis_port: int) -> None:
     url = f"redis://127.0.0.1:{redis_port}/0?socket_timeout=0.5"
 
@@ -510,44 +465,18 @@ def test_reply_lost_to_a_dropped_connection_is_delivered_on_reconnect(
 # -- TLS and Sentinel ------------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(
-        [require_binary("openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60
-    )
-
-
 @pytest.fixture
-def certificates(tmp_path: Path) -> Path:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    (tmp_path / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=multilayer test CA", "-keyout", "ca.key", "-out", "ca.pem",
-             cwd=tmp_path)  # fmt: skip
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=tmp_path)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "1", "-extfile", "san.cnf",
-                 "-out", f"{name}.pem", cwd=tmp_path)  # fmt: skip
-    return tmp_path
+def certs(tmp_path: Path) -> Path:
+    return certificates(tmp_path)
 
 
-def test_rediss_with_mutual_tls(certificates: Path) -> None:
+def test_rediss_with_mutual_tls(certs: Path) -> None:
     port = free_port()
-    tls = [
-        "--port", "0", "--tls-port", str(port),
-        "--tls-cert-file", str(certificates / "server.pem"),
-        "--tls-key-file", str(certificates / "server.key"),
-        "--tls-ca-cert-file", str(certificates / "ca.pem"),
-        "--tls-auth-clients", "yes",
-    ]  # fmt: skip
-    argv = redis_argv(port, certificates)
-    argv[argv.index("--port") : argv.index("--port") + 2] = []
     url = (
-        f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificates / 'ca.pem'}"
-        f"&ssl_certfile={certificates / 'client.pem'}&ssl_keyfile={certificates / 'client.key'}"
+        f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs / 'ca.pem'}"
+        f"&ssl_certfile={certs / 'client.pem'}&ssl_keyfile={certs / 'client.key'}"
     )
-    with broker([*argv, *tls], port, certificates):
+    with broker(redis_tls_argv(port, certs, certs), port, certs):
 
         async def body() -> None:
             layer, sender = ChannelLayer(url), ChannelLayer(url)

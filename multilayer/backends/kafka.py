@@ -34,15 +34,20 @@ Options (URL query or keyword arguments), besides the core ones:
 * ``sasl_mechanism`` (str, ``PLAIN``): ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
 * ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile`` (str): PEM files for ``kafka+ssl://``.
 * ``ssl_check_hostname`` (bool, true): verify the broker's certificate host name.
+* ``ssl_verify`` (bool, true): verify the broker's certificate (against ``ssl_cafile``, else
+  the system's CAs); ``false`` turns certificate and host name checks off, for tests only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import secrets
+import socket
+import ssl
 import threading
 import time
 import weakref
@@ -77,6 +82,8 @@ _REPLAY_TIMEOUT = 60.0
 _OPERATIONS_PER_RECORD = 1024
 #: Seconds of waiting writes without any record arriving before the topic is checked.
 _STALL = 2.0
+#: records whose digests are kept to skip re-reading them after a log reset (~1 MiB)
+_REMEMBERED = 16_384
 #: Sends in flight without waiting for their replay, per process, and their bytes; beyond
 #: either, a send waits for its record's replay, which paces a sender to the broker.
 _MAX_UNREPLAYED = 10_000
@@ -461,7 +468,13 @@ class _Hub:
         self.token_prefix = secrets.token_hex(6) + ":"
         self._tokens = itertools.count()
         self._busy_until = 0.0
-        self._progress = 0.0
+        self._checked = 0.0
+        # The first record read (offset, value): a different one there means a new log.
+        self._first: tuple[int, bytes] | None = None
+        # Digests of the records applied last: after a reset is noticed, records of the
+        # new log already applied before that are not applied (delivered) again.
+        self._applied: deque[bytes] = deque(maxlen=_REMEMBERED)
+        self._applied_set: set[bytes] = set()
         self._stopping = threading.Event()
         self._start_lock = threading.Lock()
         self._started = False
@@ -583,12 +596,13 @@ class _Hub:
                 self._stopping.wait(0.5)
                 continue
             records = [record for batch in batches.values() for record in batch]
-            if not records and self._stalled():
+            if self._stalled():
                 self._recover()
+                continue  # _recover moved the consumer: these records come again, or not
+
             for queue, items in self.held.release(self.options["prefetch_hold"]):
                 self.give_back(queue, items)
             if records:
-                self._progress = time.monotonic()
                 if self._lost:
                     logger.info("kafka log %s: records arrive again", self.topic)
                     self._reconnected()
@@ -607,28 +621,51 @@ class _Hub:
             backend.reconnects += 1
 
     def _stalled(self) -> bool:
+        # A write of ours not replayed for a while, whether or not newer records arrive:
+        # after an in-memory broker restarts, records written before this process reads
+        # the new log can land below the offset it reads from, and are never seen.
+        if time.monotonic() - self._checked < _STALL:
+            return False
         with self.lock:
             oldest = min(self.calls.values(), default=None)
             if self.unreplayed:
                 # Admitted sends are written in order: the first one is the oldest.
                 since = next(iter(self.unreplayed.values()))[2]
                 oldest = since if oldest is None else min(oldest, since)
-        return oldest is not None and time.monotonic() - max(oldest, self._progress) > _STALL
+        return oldest is not None and time.monotonic() - oldest > _STALL
 
     def _recover(self) -> None:
-        # Writes wait and nothing arrives: an in-memory broker may have restarted without
-        # the topic, which producers wait for but nobody recreates.
-        self._progress = time.monotonic()
+        """Check the log after writes stopped showing up in it; always leaves the consumer
+        at the next record to apply (of this log, or of a new one)."""
+        # An in-memory broker may have restarted without the topic, which producers wait
+        # for but nobody recreates, or with a new log already longer than the old one,
+        # which only the records in it tell apart.
+        self._checked = time.monotonic()
+        start = self.next_offset
         try:
             self.create_topic()
             end = self.consumer.end_offsets([self.partition])[self.partition]
+            if end < self.next_offset or not self._same_log():
+                start = 0  # a new log: read it from its start (_apply then starts over)
         except Exception as error:
             logger.warning("kafka log %s: broker unreachable (%s)", self.topic, error)
             self._lost = True
-            return
-        if end < self.next_offset:
-            # A log shorter than what was read is a new log: read it from its start.
-            self.consumer.seek(self.partition, 0)
+        finally:
+            self.consumer.seek(self.partition, start)
+
+    def _same_log(self) -> bool:
+        """Whether the log still holds, at its offset, the first record this process read
+        (a restarted in-memory broker holds another one there; a broker that deleted it
+        for retention holds none, and the log is taken to be the same)."""
+        if self._first is None:
+            return True
+        offset, value = self._first
+        self.consumer.seek(self.partition, offset)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for batch in self.consumer.poll(timeout_ms=200, max_records=1).values():
+                return bool(batch[0].offset != offset or batch[0].value == value)
+        return True  # no answer: keep reading where we were
 
     def give_back(self, queue: str, items: list[Item]) -> None:
         """Return held ``items`` of ``queue`` to the head of the queue, for every process."""
@@ -734,7 +771,16 @@ class _Hub:
             for claim in self.open_claims.values():
                 claim[2] = now()
                 self.write(claim)
+        if self._first is None or offset < self.next_offset:
+            self._first = (offset, value)
         self.next_offset = offset + 1
+        digest = hashlib.blake2b(value, digest_size=16).digest()
+        if digest in self._applied_set:
+            return
+        if len(self._applied) == _REMEMBERED:
+            self._applied_set.discard(self._applied[0])
+        self._applied.append(digest)
+        self._applied_set.add(digest)
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(value))
         unpacker.feed(value)
         try:
@@ -937,6 +983,7 @@ class KafkaBackend(Backend):
         "ssl_certfile": Option(str, None, "client certificate (PEM) for kafka+ssl"),
         "ssl_keyfile": Option(str, None, "client key (PEM) for kafka+ssl"),
         "ssl_check_hostname": Option(bool, True, "verify the broker certificate's host name"),
+        "ssl_verify": Option(bool, True, "verify the broker certificate (false: tests only)"),
     }
 
     @classmethod
@@ -946,8 +993,9 @@ class KafkaBackend(Backend):
         if url.path:
             raise ConfigurationError(f"{url.sanitized()}: Kafka URLs take no path")
         if url.scheme == "kafka":
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                if options.get(name):
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_verify"):
+                # ssl_verify is true by default: only turning it off is out of place.
+                if options.get(name) if name != "ssl_verify" else options[name] is False:
                     raise ConfigurationError(
                         f"{url.sanitized()}: option {name!r} needs the kafka+ssl:// scheme"
                     )
@@ -984,7 +1032,40 @@ class KafkaBackend(Backend):
             for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
                 if self.config[name]:
                     config[name] = self.config[name]
+            if not self.config["ssl_verify"]:
+                # kafka-python verifies whenever it builds the context itself.
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                if self.config["ssl_certfile"]:
+                    context.load_cert_chain(self.config["ssl_certfile"], self.config["ssl_keyfile"])
+                config["ssl_context"] = context
+                config["ssl_check_hostname"] = False
         return config
+
+    def _tls_problem(self) -> str | None:
+        """Why a TLS handshake with the first broker fails, if it does: kafka-python only
+        logs it and then reports the broker as unreachable."""
+        if self.url.scheme != "kafka+ssl":
+            return None
+        config = self._client_config()
+        context = config.get("ssl_context")
+        if context is None:
+            context = ssl.create_default_context(cafile=config.get("ssl_cafile"))
+            context.check_hostname = config["ssl_check_hostname"]
+            if config.get("ssl_certfile"):
+                context.load_cert_chain(config["ssl_certfile"], config.get("ssl_keyfile"))
+        host, port = self.url.hosts[0]
+        try:
+            with (
+                socket.create_connection((host, port or 9092), timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname=host),
+            ):
+                return None
+        except ssl.SSLError as error:
+            return f"TLS handshake with {host}:{port or 9092} failed: {error}"
+        except OSError:
+            return None
 
     async def open(self) -> None:
         topic = f"multilayer.{self.settings.prefix}"
@@ -1017,7 +1098,8 @@ class KafkaBackend(Backend):
         except BaseException as error:
             await self.close()
             if isinstance(error, Exception):
-                raise BrokerError(f"cannot open {self.url.sanitized()}: {error}") from error
+                reason = await asyncio.to_thread(self._tls_problem) or error
+                raise BrokerError(f"cannot open {self.url.sanitized()}: {reason}") from error
             raise
 
     async def close(self) -> None:

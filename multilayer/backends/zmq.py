@@ -928,8 +928,11 @@ class ZmqBackend(Backend):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for link in (*self._links, *self._peers.values()):
+        links = (*self._links, *self._peers.values())
+        for link in links:
             link.close()
+        # Their readers were cancelled: let them end inside close(), not after it.
+        await asyncio.gather(*(link._reader for link in links), return_exceptions=True)
         self._links, self._peers, self._tasks = [], {}, []
         _close_all(self._owned)
 

