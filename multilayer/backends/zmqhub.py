@@ -601,7 +601,8 @@ class Hub:
         owners = {o.endpoint: o for k, o in self.directory.items() if k.startswith(start)}
         for owner in owners.values():
             forward_id = self._new_id()
-            self._send_owner(job, owner, forward_id, [encode("flush", forward_id, start)], [], b"")
+            frames = [encode("flush", forward_id, start)]
+            self._send_owner(job, owner, forward_id, frames, [], b"", time.time())
         self._changed([g for g in self.watchers if g.startswith(start)], job)
 
     def _register(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
@@ -758,7 +759,7 @@ class Hub:
         forward_id = self._new_id()
         reply_by = time.time() + self.peer_timeout
         header = encode("deliver", forward_id, [list(item) for item in items], reply_by, 0)
-        self._send_owner(job, owner, forward_id, [header, payload], items, payload)
+        self._send_owner(job, owner, forward_id, [header, payload], items, payload, reply_by)
 
     def _send_owner(
         self,
@@ -768,6 +769,7 @@ class Hub:
         frames: list[bytes],
         items: list[tuple[str, str, int]],
         payload: bytes,
+        reply_by: float,
     ) -> None:
         try:
             self._link(owner).send_multipart(frames, zmq.NOBLOCK)
@@ -776,7 +778,10 @@ class Hub:
             self._owner_lost(owner.endpoint, items, payload, job)
             return
         job.waiting += 1
-        until = time.time() + self.peer_timeout
+        # The owner refuses the delivery after reply_by; the hub gives up only a whole
+        # peer_timeout later, so an answer sent in time is not mistaken for silence (and
+        # the messages parked again, to be delivered twice) because either side was slow.
+        until = reply_by + self.peer_timeout
         self._forwards[forward_id] = _Forward(job, owner.endpoint, items, payload, until)
 
     def _on_owner_reply(self, frames: list[bytes]) -> None:
@@ -863,6 +868,15 @@ class Hub:
         for key in [k for k, owner in self.directory.items() if owner.until <= current]:
             logger.info("inbox %s expired: its process stopped refreshing it", key)
             del self.directory[key]
+        if any(forward.until <= current for forward in self._forwards.values()):
+            # Answers already waiting in the links settle their forwards first.
+            for link in list(self._links.values()):
+                while True:
+                    try:
+                        frames = link.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_owner_reply(frames)
         for forward_id in [f for f, fw in self._forwards.items() if fw.until <= current]:
             forward = self._forwards.pop(forward_id)
             logger.warning("owner %s did not answer in %gs", forward.endpoint, self.peer_timeout)
