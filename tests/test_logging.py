@@ -19,8 +19,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from brokers import BrokerProcess, broker, free_port, hub_argv, require_binary
-from test_rabbitmq import Node, node  # noqa: F401 (the fixture is used by name)
+from brokers import BrokerProcess, RabbitNode, broker, free_port, hub_argv, require_binary
+from test_rabbitmq import node  # noqa: F401 (the fixture is used by name)
 
 from multilayer import BrokerError, ChannelLayer
 
@@ -53,7 +53,7 @@ def _redis(stack: contextlib.ExitStack, tmp: Path) -> Target:
     )
 
 
-def _amqp(rabbit: Node) -> Target:
+def _amqp(rabbit: RabbitNode) -> Target:
     rabbit.ctl("add_user", "logtest", SECRET)
     rabbit.ctl("set_permissions", "-p", "/", "logtest", ".*", ".*", ".*")
     return Target(
