@@ -878,6 +878,9 @@ class ZmqBackend(Backend):
         self._tasks: list[asyncio.Task[None]] = []
         #: Group sends the hub has not answered yet (it answers once members have them).
         self._group_sends: set[asyncio.Future[Any]] = set()
+        #: group sends waiting for fewer than _GROUP_SENDS_IN_FLIGHT to be in flight, in
+        #: order: each answer wakes one (waiting on the whole in-flight set woke them all).
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
         #: Group -> (its members and their expiry times, None if too many to fan out here;
         #: monotonic end of use), kept valid by the hub: it answers no change to the group
         #: before we drop the copy.
@@ -1270,7 +1273,14 @@ class ZmqBackend(Backend):
         if not capacity.uniform:
             overrides = {m: capacity.for_channel(m) for m in await self.group_members(group)}
         while len(self._group_sends) >= _GROUP_SENDS_IN_FLIGHT:
-            await asyncio.wait(set(self._group_sends), return_when=asyncio.FIRST_COMPLETED)
+            room = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(room)
+            try:
+                await room
+            except asyncio.CancelledError:
+                if room.done() and not room.cancelled():
+                    self._make_room()  # the room this task was given goes to the next
+                raise
         # The hub fans out on its own; waiting for its answer (which comes once the members'
         # nodes have the message) would only delay the log lines about full members.
         link = self._links[0]
@@ -1286,6 +1296,7 @@ class ZmqBackend(Backend):
 
         def answered(future: asyncio.Future[Any]) -> None:
             self._group_sends.discard(future)
+            self._make_room()
             link.pending.pop(request_id, None)
             timer.cancel()
             if future.cancelled():
@@ -1298,6 +1309,13 @@ class ZmqBackend(Backend):
                 self.skip_full_member(group, member)
 
         future.add_done_callback(answered)
+
+    def _make_room(self) -> None:
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def broker_stats(self) -> BrokerStats:
         """Each hub's queues and groups, plus this process's own inboxes; the inboxes of
