@@ -226,8 +226,19 @@ def test_messages_cross_processes_both_ways(chat: Chat) -> None:
     chat.check_alive()
 
 
+async def group_members(url: str, group: str) -> int | None:
+    """How many live members the broker counts in ``group``; None where it cannot tell."""
+    layer = ChannelLayer(url)
+    try:
+        stats = await layer.stats()
+    finally:
+        await layer.close()
+    return None if stats.groups is None else stats.groups.get(group, 0)
+
+
 def test_disconnect_leaves_the_group(chat: Chat) -> None:
     here = room()
+    group = f"chat-{here}"
 
     async def body() -> None:
         async with chat.ws("a", here, "alice") as alice, chat.ws("b", here, "carol") as carol:
@@ -235,10 +246,16 @@ def test_disconnect_leaves_the_group(chat: Chat) -> None:
                 await bob.send(json.dumps({"text": "bye"}))
                 await next_event(alice, text="bye")
                 await next_event(carol, text="bye")
+                before = await group_members(chat.url, group)
+                assert before in (None, 3), f"{group} has {before} members, not 3"
             # The server sends "left" only after its group_discard returned.
             left = await next_event(alice, kind="left")
             assert (left["user"], left["process"]) == ("bob", chat.pid("b"))
             await next_event(carol, kind="left", user="bob")
+            # Where the broker counts members, bob's channel is gone from the group (a
+            # consumer that never discarded would still be counted until group_expiry).
+            after = await group_members(chat.url, group)
+            assert after in (None, 2), f"{group} has {after} members after bob left, not 2"
 
             await alice.send(json.dumps({"text": "still here?"}))
             await next_event(carol, text="still here?", process=chat.pid("a"))
