@@ -774,6 +774,20 @@ class _Hub:
         if self._first is None or offset < self.next_offset:
             self._first = (offset, value)
         self.next_offset = offset + 1
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(value))
+        unpacker.feed(value)
+        try:
+            operations = list(unpacker)
+        except (ValueError, msgpack.UnpackException):
+            log_malformed(self.topic, len(value), f"undecodable record at offset {offset}")
+            return
+        for operation in operations:
+            if not _well_formed(operation):
+                log_malformed(self.topic, len(value), f"bad operation at offset {offset}")
+        # Only records with a layer's operations are remembered (they carry unique
+        # tokens): junk that comes twice with the same bytes is logged twice.
+        if not any(_well_formed(operation) for operation in operations):
+            return
         digest = hashlib.blake2b(value, digest_size=16).digest()
         if digest in self._applied_set:
             return
@@ -781,16 +795,9 @@ class _Hub:
             self._applied_set.discard(self._applied[0])
         self._applied.append(digest)
         self._applied_set.add(digest)
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(value))
-        unpacker.feed(value)
-        try:
-            for index, operation in enumerate(unpacker):
-                if _well_formed(operation):
-                    self._apply_operation(offset * _OPERATIONS_PER_RECORD + index, operation)
-                else:
-                    log_malformed(self.topic, len(value), f"bad operation at offset {offset}")
-        except (ValueError, msgpack.UnpackException):
-            log_malformed(self.topic, len(value), f"undecodable record at offset {offset}")
+        for index, operation in enumerate(operations):
+            if _well_formed(operation):
+                self._apply_operation(offset * _OPERATIONS_PER_RECORD + index, operation)
 
     def _apply_operation(self, position: int, record: list[Any]) -> None:
         outcome = self.machine.apply(position, record)
