@@ -646,7 +646,7 @@ class _Link:
             asyncio.get_running_loop().create_future()
         )
         try:
-            self.sock.send_multipart([encode(command, request_id, *args), *payloads], zmq.NOBLOCK)
+            self._write([encode(command, request_id, *args), *payloads])
         except zmq.ZMQError as error:
             raise BrokerError(f"cannot send to {self.endpoint}: {error}") from error
         self.pending[request_id] = future
@@ -688,6 +688,21 @@ class _Link:
             asyncio.get_running_loop().call_soon(self.write_requests)
         return request_id, future
 
+    def _write(self, frames: list[bytes]) -> None:
+        """Write ``frames`` now or raise zmq.ZMQError, as a plain socket would.
+
+        The asyncio socket reports a send that would block (no hub connected, or its
+        queue full) through the future it returns, not by raising: that future is
+        settled here, so no failure goes unseen.
+        """
+        sent: Any = self.sock.send_multipart(frames, zmq.NOBLOCK)
+        if sent.done():
+            error = sent.exception()
+            if error is not None:
+                raise error
+        else:  # not expected with NOBLOCK; still, never leave an error unretrieved
+            sent.add_done_callback(_log_send_failure)
+
     def write_requests(self) -> None:
         """Write the batched requests now."""
         if not self._requests:
@@ -695,9 +710,7 @@ class _Link:
         batch, self._requests = self._requests, []
         header = encode("batch", 0, [[c, rid, args, len(p)] for c, rid, args, p in batch])
         try:
-            self.sock.send_multipart(
-                [header, *(frame for *_, payloads in batch for frame in payloads)], zmq.NOBLOCK
-            )
+            self._write([header, *(frame for *_, payloads in batch for frame in payloads)])
         except zmq.ZMQError as error:
             failed = BrokerError(f"cannot send to {self.endpoint}: {error}")
             for _command, request_id, _args, _payloads in batch:
@@ -730,9 +743,7 @@ class _Link:
         self._last_write = time.monotonic()
         header = encode("send", 0, [item for item, _ in batch])
         try:
-            self.sock.send_multipart(
-                [header, b"".join(payload for _, payload in batch)], zmq.NOBLOCK
-            )
+            self._write([header, b"".join(payload for _, payload in batch)])
         except zmq.ZMQError as error:
             # The senders were told "sent"; like a node that dies after taking them.
             logger.error("lost %d message(s) sent to %s: %s", len(batch), self.endpoint, error)
@@ -771,7 +782,7 @@ class _Link:
             if self._invalidate is not None and args and isinstance(args[0], str):
                 self._invalidate(args[0])
             with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart([encode("gack", request_id)], zmq.NOBLOCK)
+                self._write([encode("gack", request_id)])
             return
         future = self.pending.pop(request_id, None)
         key = self.pops.pop(request_id, None)
@@ -1406,3 +1417,8 @@ def _route_to(host: str, port: int | None) -> str:
             return address
     except OSError:
         return "127.0.0.1"
+
+
+def _log_send_failure(sent: asyncio.Future[Any]) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        logger.error("a write to the hub or a node failed: %s", sent.exception())
