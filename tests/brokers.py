@@ -175,6 +175,15 @@ def redis_argv(port: int, directory: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def private_redis(directory: Path) -> Iterator[str]:
+    """A throwaway redis-server of this test alone; yields its URL (database 0)."""
+    require_module("redis")
+    port = free_port()
+    with broker(redis_argv(port, directory), port, directory):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
 def redis_tls_argv(
     port: int, directory: Path, certs: Path, *extra: str, client_certs: str = "yes"
 ) -> list[str]:

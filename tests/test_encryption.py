@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import broker, free_port, require_binary, require_module
+from brokers import private_redis, require_module
 
 from multilayer import ChannelLayer, ConfigurationError
 from multilayer.conformance._util import assert_nothing, recv
@@ -186,12 +186,8 @@ def test_unknown_key_and_plaintext_are_dropped_and_logged_on_every_backend(
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    require_module("redis")
-    port = free_port()
-    argv = [require_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    with broker(argv, port, tmp_path):
-        yield f"redis://127.0.0.1:{port}/0"
+    with private_redis(tmp_path) as url:
+        yield url
 
 
 def test_the_broker_never_sees_plaintext_and_tampering_is_rejected(

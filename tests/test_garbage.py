@@ -24,11 +24,10 @@ import msgpack
 import pytest
 from brokers import (
     BrokerProcess,
-    broker,
     free_port,
     hub_argv,
+    private_redis,
     require,
-    require_binary,
     require_module,
 )
 from hypothesis import given
@@ -148,12 +147,8 @@ def _exercise(
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    require_module("redis")
-    port = free_port()
-    argv = [require_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    with broker(argv, port, tmp_path):
-        yield f"redis://127.0.0.1:{port}/0"
+    with private_redis(tmp_path) as url:
+        yield url
 
 
 def test_redis_junk_elements(
