@@ -12,7 +12,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,24 +185,22 @@ async def _bounded(what: str, url: LayerURL, call: Awaitable[T], timeout: float)
     raise _Unreachable(f"{what} {url.sanitized()}: {reason}")
 
 
+def _count_table(name: str, count: str, counts: Mapping[str, int], empty: str) -> list[str]:
+    names = sorted(counts)
+    width = max([len(each) for each in names] + [len(name)])
+    lines = [f"  {name.ljust(width)}  {count:>8}"]
+    lines += [f"  {each.ljust(width)}  {counts[each]:>8}" for each in names]
+    return lines if names else [*lines, f"  {empty}"]
+
+
 def _format_stats(stats: LayerStats) -> str:
     lines = [f"multilayer stats {stats.url}  prefix={stats.prefix}  {time.strftime('%H:%M:%S')}"]
     if stats.unknown:
         lines.append(f"  ({stats.unknown})")
     if stats.queues is not None:
-        names = sorted(stats.queues)
-        width = max([len(name) for name in names] + [len("queue")])
-        lines.append(f"  {'queue'.ljust(width)}  {'waiting':>8}")
-        lines += [f"  {name.ljust(width)}  {stats.queues[name]:>8}" for name in names]
-        if not names:
-            lines.append("  (no message waiting)")
+        lines += _count_table("queue", "waiting", stats.queues, "(no message waiting)")
     if stats.groups is not None:
-        names = sorted(stats.groups)
-        width = max([len(name) for name in names] + [len("group")])
-        lines.append(f"  {'group'.ljust(width)}  {'members':>8}")
-        lines += [f"  {name.ljust(width)}  {stats.groups[name]:>8}" for name in names]
-        if not names:
-            lines.append("  (no group)")
+        lines += _count_table("group", "members", stats.groups, "(no group)")
     # The traffic counters are this command's own (all zero): only reconnects say anything.
     lines.append(f"  broker connections lost and made again by this command: {stats.reconnects}")
     return "\n".join(lines)
