@@ -121,7 +121,7 @@ _OWNER_STALL = 0.5
 _DIRECT_FANOUT = 2
 #: Group sends in flight through the hub from which on group_send asks for a copy of the
 #: members (a stream of group sends: sparse ones cost the hub no extra request).
-_STREAMING = 32
+_STREAMING = 8
 #: How long a group found too large to fan out here is not asked about again (s).
 _LARGE_GROUP_HINT = 5.0
 
