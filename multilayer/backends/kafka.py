@@ -781,12 +781,15 @@ class _Hub:
         except (ValueError, msgpack.UnpackException):
             log_malformed(self.topic, len(value), f"undecodable record at offset {offset}")
             return
-        for operation in operations:
-            if not _well_formed(operation):
+        applicable = []
+        for index, operation in enumerate(operations):
+            if _well_formed(operation):
+                applicable.append((offset * _OPERATIONS_PER_RECORD + index, operation))
+            else:
                 log_malformed(self.topic, len(value), f"bad operation at offset {offset}")
         # Only records with a layer's operations are remembered (they carry unique
         # tokens): junk that comes twice with the same bytes is logged twice.
-        if not any(_well_formed(operation) for operation in operations):
+        if not applicable:
             return
         digest = hashlib.blake2b(value, digest_size=16).digest()
         if digest in self._applied_set:
@@ -795,9 +798,8 @@ class _Hub:
             self._applied_set.discard(self._applied[0])
         self._applied.append(digest)
         self._applied_set.add(digest)
-        for index, operation in enumerate(operations):
-            if _well_formed(operation):
-                self._apply_operation(offset * _OPERATIONS_PER_RECORD + index, operation)
+        for position, operation in applicable:
+            self._apply_operation(position, operation)
 
     def _apply_operation(self, position: int, record: list[Any]) -> None:
         outcome = self.machine.apply(position, record)
