@@ -340,6 +340,48 @@ def test_an_idle_consumer_hands_back_its_prefetch(shared: str) -> None:
     run(body)
 
 
+def test_process_wide_queue_state_is_dropped_with_the_last_layer_using_it(shared: str) -> None:
+    """What this process remembers per consumed queue (handed-out ids, inbox memberships)
+    lives while a layer using it is open: a process that consumes many channels over its
+    life, or opens and closes layers, does not keep an entry for each one for good."""
+    from multilayer.backends import rabbitmq
+
+    baseline = (len(rabbitmq._handed), len(rabbitmq._owned))
+
+    async def body() -> None:
+        first = _layer(shared)
+        second = _layer(shared, prefix=first.prefix)
+        try:
+            inbox = await first.new_channel()
+            await first.group_add("rmq.state", inbox)
+            for n in range(20):
+                await second.send(f"rmq.state{n}", {"n": n})
+                assert await recv(first, f"rmq.state{n}") == {"n": n}
+                assert await recv_or_none(second, f"rmq.state{n}") is None
+            await second.group_send("rmq.state", {"to": "group"})
+            assert await recv(first, inbox) == {"to": "group"}
+            assert len(rabbitmq._handed) >= baseline[0] + 21
+            assert len(rabbitmq._owned) == baseline[1] + 1
+            await second.close()  # it consumed the same channels: the first still uses them
+            assert len(rabbitmq._handed) >= baseline[0] + 21
+            assert len(rabbitmq._owned) == baseline[1] + 1
+        finally:
+            await first.flush()
+            await first.close()
+            await second.close()
+        assert (len(rabbitmq._handed), len(rabbitmq._owned)) == baseline
+
+    run(body)
+
+
+async def recv_or_none(layer: ChannelLayer, channel: str) -> dict[str, Any] | None:
+    """A message if one arrives within 0.05 s (here: to make ``layer`` consume ``channel``)."""
+    try:
+        return await asyncio.wait_for(layer.receive(channel), 0.05)
+    except asyncio.TimeoutError:
+        return None
+
+
 def test_receive_after_another_layer_flushed_the_queue(shared: str) -> None:
     """A paused consumer resumes without re-declaring a queue it declared recently; when
     flush() deleted it meanwhile, RabbitMQ refuses the consume and the queue is re-made."""

@@ -83,7 +83,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import msgpack
 import pika
@@ -194,10 +194,60 @@ class _Handed:
             return message_id in self._ids
 
 
-#: Inboxes owned by this OS process, keyed by broker, vhost and queue name.
-_owned: dict[tuple[Any, ...], _Memberships] = {}
-_handed: dict[tuple[Any, ...], _Handed] = {}
-_owned_lock = threading.Lock()
+_Key = tuple[Any, ...]
+_Shared = TypeVar("_Shared")
+
+
+class _ProcessWide(Generic[_Shared]):
+    """Per-queue state shared by every backend of this OS process on one broker and vhost.
+
+    Layer instances of one process may share an inbox (and consume the same normal
+    channels), so what they know about it lives here, keyed by broker, vhost and queue.
+    An entry lives while a backend that used it is open, so a long-running process does
+    not keep one for every queue it ever touched.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[_Key, tuple[_Shared, set[int]]] = {}
+        self._lock = threading.Lock()
+
+    def use(self, key: _Key, user: object, make: Callable[[], _Shared]) -> _Shared:
+        """The state under ``key`` (``make()`` if none), kept until ``user`` releases it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = (make(), set())
+            entry[1].add(id(user))
+            return entry[0]
+
+    def get(self, key: _Key) -> _Shared | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
+
+    def under(self, prefix: _Key) -> list[tuple[_Key, _Shared]]:
+        """Every entry whose key starts with ``prefix``."""
+        with self._lock:
+            n = len(prefix)
+            return [(key, entry[0]) for key, entry in self._entries.items() if key[:n] == prefix]
+
+    def release(self, user: object) -> None:
+        """``user`` is done: drop what no other open backend uses."""
+        with self._lock:
+            for key, (_state, users) in list(self._entries.items()):
+                users.discard(id(user))
+                if not users:
+                    del self._entries[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+#: Memberships of the inboxes owned by this OS process.
+_owned: _ProcessWide[_Memberships] = _ProcessWide()
+#: Ids recently handed out, per queue consumed in this OS process.
+_handed: _ProcessWide[_Handed] = _ProcessWide()
 
 
 class _Disconnected(BrokerError):
@@ -1009,6 +1059,8 @@ class RabbitMQBackend(Backend):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._disconnect()
+        _owned.release(self)
+        _handed.release(self)
 
     async def _disconnect(self) -> None:
         self._closing = True
@@ -1209,27 +1261,23 @@ class RabbitMQBackend(Backend):
 
     async def declare_inbox(self, inbox: str) -> None:
         queue = self._prefix + inbox
-        with _owned_lock:
-            _owned.setdefault((*self._key, queue), _Memberships())
+        _owned.use((*self._key, queue), self, _Memberships)
         self._inboxes.add(inbox)
         await self.declare(queue, inbox)
 
     def handed(self, queue: str) -> _Handed:
         """The ids of the messages recently handed out from ``queue`` in this process."""
-        with _owned_lock:
-            return _handed.setdefault((*self._key, queue), _Handed(max(256, 4 * self.prefetch)))
+        size = max(256, 4 * self.prefetch)
+        return _handed.use((*self._key, queue), self, lambda: _Handed(size))
 
     def memberships(self, queue: str) -> _Memberships:
-        with _owned_lock:
-            return _owned.setdefault((*self._key, queue), _Memberships())
+        return _owned.use((*self._key, queue), self, _Memberships)
 
-    def _owned_inboxes(self) -> list[tuple[str, _Memberships]]:
-        with _owned_lock:
-            return [(key[-1], m) for key, m in _owned.items() if key[:-1] == self._key]
+    def _owned_inboxes(self) -> list[_Memberships]:
+        return [memberships for _key, memberships in _owned.under(self._key)]
 
     def _owner_here(self, queue: str) -> _Memberships | None:
-        with _owned_lock:
-            return _owned.get((*self._key, queue))
+        return _owned.get((*self._key, queue))
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
         name = non_local_name(channel)
@@ -1408,7 +1456,7 @@ class RabbitMQBackend(Backend):
         self._declared.clear()
         self._cataloged.clear()
         self._memberships.clear()
-        for _queue, memberships in self._owned_inboxes():
+        for memberships in self._owned_inboxes():
             memberships.clear()
         for consumer in self._consumers.values():
             consumer.buffer.clear()
