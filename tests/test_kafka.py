@@ -226,6 +226,35 @@ def test_operations_written_together_share_a_kafka_record(broker_url: str) -> No
     assert records < 250, f"{records} Kafka records for 500 sends"
 
 
+def test_inbox_takes_ride_along_with_the_next_record(broker_url: str) -> None:
+    """Taking a message from an inbox is recorded for the other processes, but not as a
+    Kafka record of its own each time: one-at-a-time traffic costs about a record per
+    message, not two."""
+
+    async def body() -> None:
+        layer = ChannelLayer(broker_url, prefix="takes")
+        try:
+            inbox = await layer.new_channel()
+            for i in range(100):
+                await layer.send(inbox, {"i": i})
+                assert await asyncio.wait_for(layer.receive(inbox), 10) == {"i": i}
+                await asyncio.sleep(0.005)  # a paced sender: the take goes out before it
+            await asyncio.sleep(0.5)  # the last take goes out on its own, within 20 ms
+            stats = await layer.stats()
+            assert stats.queues == {}, "every take reached the log"
+        finally:
+            await layer.close()
+
+    run(body)
+    consumer = kafka.KafkaConsumer(bootstrap_servers=broker_url.removeprefix("kafka://"))
+    try:
+        partition = kafka.TopicPartition("multilayer.takes", 0)
+        records = consumer.end_offsets([partition])[partition]
+    finally:
+        consumer.close()
+    assert records < 130, f"{records} Kafka records for 100 sends and their takes"
+
+
 def test_a_new_process_sees_the_present_before_it_sends(broker_url: str) -> None:
     # A send returns without a round trip only when the sender's replayed view has room;
     # a layer that had not caught up with the log would see an empty channel instead.

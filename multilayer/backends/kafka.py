@@ -88,6 +88,11 @@ _REMEMBERED = 16_384
 #: either, a send waits for its record's replay, which paces a sender to the broker.
 _MAX_UNREPLAYED = 10_000
 _MAX_UNREPLAYED_BYTES = 32 * 1024 * 1024
+#: Longest a take record waits to ride along with the next record this process writes.
+#: Takes only free capacity in the other processes' view of an inbox (this process never
+#: hands a message out twice), so they need not cost a Kafka record of their own each:
+#: brokers pay per record batch (Tansu's in-memory storage, per batch in the topic).
+_TAKE_DELAY = 0.02
 #: Seconds after a failed write during which every send waits for its replay, so that a
 #: broker outage surfaces as BrokerError instead of sends lost after returning.
 _DISTRUST = 5.0
@@ -483,6 +488,10 @@ class _Hub:
         self._threads: list[threading.Thread] = []
         self._outbox: SimpleQueue[tuple[bytes, _Done | None] | None]
         self._outbox = SimpleQueue()
+        # Inbox keys taken here and not written yet, per queue, and the instant of the first.
+        self._takes: dict[str, list[tuple[int, str]]] = {}
+        self._takes_at = 0.0
+        self._takes_lock = threading.Lock()
         self.producer: Any = None
         self.consumer: Any = None
         self.partition: Any = None
@@ -844,6 +853,22 @@ class _Hub:
     def token(self) -> str:
         return f"{self.token_prefix}{next(self._tokens)}"
 
+    def take_later(self, queue: str, keys: list[tuple[int, str]], instant: float) -> None:
+        """Record that this process took inbox messages, with the next write (or within
+        ``_TAKE_DELAY`` seconds), merged with the other takes waiting by then."""
+        with self._takes_lock:
+            if not self._takes:
+                self._takes_at = instant
+            self._takes.setdefault(queue, []).extend(keys)
+
+    def _pending_takes(self) -> list[tuple[bytes, _Done | None]]:
+        with self._takes_lock:
+            takes, since, self._takes = self._takes, self._takes_at, {}
+        return [
+            (msgpack.packb([_TAKE, None, since, queue, keys], use_bin_type=True), None)
+            for queue, keys in takes.items()
+        ]
+
     def write(self, record: list[Any], *, done: _Done | None = None) -> None:
         """Append ``record`` to the log; ``done(error or None)`` runs once the broker answered.
 
@@ -861,24 +886,41 @@ class _Hub:
         # back): kafka-python's cost is per record, so this is what makes sends cheap.
         limit = self.options["max_record"] - _RECORD_OVERHEAD
         while True:
-            entry = self._outbox.get()
+            try:
+                # Waking every _TAKE_DELAY even when idle keeps a take from waiting for a
+                # write that never comes, at a cost too small to measure.
+                entry = self._outbox.get(timeout=_TAKE_DELAY)
+            except Empty:
+                if self._takes:
+                    self._produce_all(self._pending_takes(), limit)
+                continue
             if entry is None:
+                self._produce_all(self._pending_takes(), limit)
                 return
             batch = [entry]
-            size = len(entry[0])
             while len(batch) < _OPERATIONS_PER_RECORD:
                 try:
                     entry = self._outbox.get_nowait()
                 except Empty:
                     break
                 if entry is None:
-                    self._produce(batch)
+                    self._produce_all(batch + self._pending_takes(), limit)
                     return
-                if size + len(entry[0]) > limit:
-                    self._produce(batch)
-                    batch, size = [], 0
                 batch.append(entry)
-                size += len(entry[0])
+            self._produce_all(batch + self._pending_takes(), limit)
+
+    def _produce_all(self, entries: list[tuple[bytes, _Done | None]], limit: int) -> None:
+        """Write ``entries`` in order, as few records of at most ``limit`` bytes (and
+        ``_OPERATIONS_PER_RECORD`` operations) as fit."""
+        batch: list[tuple[bytes, _Done | None]] = []
+        size = 0
+        for entry in entries:
+            if batch and (size + len(entry[0]) > limit or len(batch) == _OPERATIONS_PER_RECORD):
+                self._produce(batch)
+                batch, size = [], 0
+            batch.append(entry)
+            size += len(entry[0])
+        if batch:
             self._produce(batch)
 
     def _produce(self, batch: list[tuple[bytes, _Done | None]]) -> None:
@@ -1164,7 +1206,7 @@ class KafkaBackend(Backend):
         with hub.lock:
             taken, keys = hub.take_inbox(queue, limit)
         if keys:
-            hub.write([_TAKE, None, instant, queue, keys])
+            hub.take_later(queue, keys, instant)
         return taken
 
     async def pop(self, queue: str, limit: int) -> list[Item]:
@@ -1183,7 +1225,7 @@ class KafkaBackend(Backend):
                 if not keys:
                     signal = hub.waker.add(queue)
             if keys:
-                hub.write([_TAKE, None, instant, queue, keys])
+                hub.take_later(queue, keys, instant)
                 if taken:
                     return taken
                 continue
