@@ -904,10 +904,12 @@ class _Hub:
                 except Empty:
                     break
                 if entry is None:
-                    self._produce_all(batch + self._pending_takes(), limit)
+                    self._produce_all(self._pending_takes() + batch, limit)
                     return
                 batch.append(entry)
-            self._produce_all(batch + self._pending_takes(), limit)
+            # Takes first: they name messages replayed before anything in this batch, and
+            # whoever waits for a record of the batch (stats, a flush) then sees them applied.
+            self._produce_all(self._pending_takes() + batch, limit)
 
     def _produce_all(self, entries: list[tuple[bytes, _Done | None]], limit: int) -> None:
         """Write ``entries`` in order, as few records of at most ``limit`` bytes (and
