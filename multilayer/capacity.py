@@ -49,12 +49,14 @@ class CapacityPolicy:
 
     def for_channel(self, channel: str) -> int:
         """The capacity of ``channel`` (of its process queue, for a process-specific one)."""
+        # Cached per queue, not per channel: process-specific channels come and go by the
+        # thousand, their process queue stays.
+        name = non_local_name(channel)
         try:
-            return self._cache[channel]
+            return self._cache[name]
         except KeyError:
             pass
-        name = non_local_name(channel)
         capacity = next((value for rule, value in self._rules if rule.match(name)), self.default)
         if len(self._cache) < 10_000:
-            self._cache[channel] = capacity
+            self._cache[name] = capacity
         return capacity

@@ -97,3 +97,14 @@ def test_unknown_schemes_and_options_name_themselves() -> None:
         ChannelLayer("memory://?heartbeat=5")
     with pytest.raises(ConfigurationError, match="unknown option 'Prefix'"):
         ChannelLayer("memory://", Prefix="x")
+
+
+def test_capacity_rules_apply_to_the_process_queue_and_remember_queues_not_channels() -> None:
+    from multilayer.capacity import CapacityPolicy
+
+    policy = CapacityPolicy(100, {"specific.*": 7, "http.*": 3})
+    assert policy.for_channel("http.request") == 3
+    assert policy.for_channel("other") == 100
+    for n in range(1000):  # a server's channels coming and going
+        assert policy.for_channel(f"specific.abc!client{n}") == 7
+    assert len(policy._cache) == 3
