@@ -49,6 +49,16 @@ def topics_on(url: str) -> set[str]:
         consumer.close()
 
 
+def records_in(url: str, topic: str) -> int:
+    """How many Kafka records ``topic``'s one partition holds."""
+    consumer = kafka.KafkaConsumer(bootstrap_servers=url.removeprefix("kafka://"))
+    try:
+        partition = kafka.TopicPartition(topic, 0)
+        return int(consumer.end_offsets([partition])[partition])
+    finally:
+        consumer.close()
+
+
 # -- URLs and client settings (no broker) --------------------------------------------------
 
 
@@ -216,12 +226,7 @@ def test_operations_written_together_share_a_kafka_record(broker_url: str) -> No
             await layer.close()
 
     run(body)
-    consumer = kafka.KafkaConsumer(bootstrap_servers=broker_url.removeprefix("kafka://"))
-    try:
-        partition = kafka.TopicPartition("multilayer.packed", 0)
-        records = consumer.end_offsets([partition])[partition]
-    finally:
-        consumer.close()
+    records = records_in(broker_url, "multilayer.packed")
     # 500 sends and the claims and takes around them: far fewer records than operations.
     assert records < 250, f"{records} Kafka records for 500 sends"
 
@@ -246,12 +251,7 @@ def test_inbox_takes_ride_along_with_the_next_record(broker_url: str) -> None:
             await layer.close()
 
     run(body)
-    consumer = kafka.KafkaConsumer(bootstrap_servers=broker_url.removeprefix("kafka://"))
-    try:
-        partition = kafka.TopicPartition("multilayer.takes", 0)
-        records = consumer.end_offsets([partition])[partition]
-    finally:
-        consumer.close()
+    records = records_in(broker_url, "multilayer.takes")
     assert records < 130, f"{records} Kafka records for 100 sends and their takes"
 
 

@@ -150,30 +150,33 @@ OPTIONS = {
 }
 
 
+async def exchange(layer: ChannelLayer) -> None:
+    """A channel, a group and bytes round trip through ``layer``, which is then closed."""
+    try:
+        inbox = await layer.new_channel()
+        await layer.group_add("tls-room", inbox)
+        await layer.send(inbox, {"tls": b"\x00bytes"})
+        await layer.group_send("tls-room", {"group": 1})
+        assert await asyncio.wait_for(layer.receive(inbox), 20) == {"tls": b"\x00bytes"}
+        assert await asyncio.wait_for(layer.receive(inbox), 20) == {"group": 1}
+        await layer.flush()
+    finally:
+        await layer.close()
+
+
+async def refused(layer: ChannelLayer) -> str:
+    """The BrokerError of ``layer``'s first operation, as text; ``layer`` is then closed."""
+    try:
+        with pytest.raises(BrokerError) as caught:
+            await asyncio.wait_for(layer.send("tls.refused", {"n": 1}), 30)
+        return str(caught.value)
+    finally:
+        await layer.close()
+
+
 @pytest.mark.parametrize("scheme", sorted(OPTIONS))
 def test_tls_verifies_by_default(scheme: str, certs: Path, tmp_path: Path) -> None:
     ca_option, unverified = OPTIONS[scheme]
-
-    async def exchange(layer: ChannelLayer) -> None:
-        try:
-            inbox = await layer.new_channel()
-            await layer.group_add("tls-room", inbox)
-            await layer.send(inbox, {"tls": b"\x00bytes"})
-            await layer.group_send("tls-room", {"group": 1})
-            assert await asyncio.wait_for(layer.receive(inbox), 20) == {"tls": b"\x00bytes"}
-            assert await asyncio.wait_for(layer.receive(inbox), 20) == {"group": 1}
-            await layer.flush()
-        finally:
-            await layer.close()
-
-    async def refused(layer: ChannelLayer) -> str:
-        try:
-            with pytest.raises(BrokerError) as caught:
-                await asyncio.wait_for(layer.send("tls.refused", {"n": 1}), 30)
-            return str(caught.value)
-        finally:
-            await layer.close()
-
     with tls_server(scheme, certs, tmp_path) as url:
         asyncio.run(exchange(ChannelLayer(url, **{ca_option: str(certs / "ca.pem")})))
         error = asyncio.run(refused(ChannelLayer(url)))
@@ -185,24 +188,6 @@ def test_kafka_mutual_tls(certs: Path, tmp_path: Path) -> None:
     """``ssl_certfile``/``ssl_keyfile`` reach kafka-python; a broker that requires a client
     certificate refuses a layer without one, and the error says why."""
     ca = str(certs / "ca.pem")
-
-    async def exchange(layer: ChannelLayer) -> None:
-        try:
-            inbox = await layer.new_channel()
-            await layer.send(inbox, {"mutual": True})
-            assert await asyncio.wait_for(layer.receive(inbox), 20) == {"mutual": True}
-            await layer.flush()
-        finally:
-            await layer.close()
-
-    async def refused(layer: ChannelLayer) -> str:
-        try:
-            with pytest.raises(BrokerError) as caught:
-                await asyncio.wait_for(layer.send("tls.refused", {"n": 1}), 30)
-            return str(caught.value)
-        finally:
-            await layer.close()
-
     with tls_server("kafka+ssl", certs, tmp_path, client_certs=True) as url:
         client = {
             "ssl_certfile": str(certs / "client.pem"),
