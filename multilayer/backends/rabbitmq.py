@@ -225,11 +225,11 @@ class _ProcessWide(Generic[_Shared]):
             entry = self._entries.get(key)
             return None if entry is None else entry[0]
 
-    def under(self, prefix: _Key) -> list[tuple[_Key, _Shared]]:
-        """Every entry whose key starts with ``prefix``."""
+    def under(self, prefix: _Key) -> list[_Shared]:
+        """The state of every key that starts with ``prefix``."""
         with self._lock:
             n = len(prefix)
-            return [(key, entry[0]) for key, entry in self._entries.items() if key[:n] == prefix]
+            return [state for key, (state, _users) in self._entries.items() if key[:n] == prefix]
 
     def release(self, user: object) -> None:
         """``user`` is done: drop what no other open backend uses."""
@@ -1274,7 +1274,7 @@ class RabbitMQBackend(Backend):
         return _owned.use((*self._key, queue), self, _Memberships)
 
     def _owned_inboxes(self) -> list[_Memberships]:
-        return [memberships for _key, memberships in _owned.under(self._key)]
+        return _owned.under(self._key)
 
     def _owner_here(self, queue: str) -> _Memberships | None:
         return _owned.get((*self._key, queue))
