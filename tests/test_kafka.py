@@ -98,6 +98,7 @@ def test_ssl_url_passes_tls_files_and_sasl_credentials_through() -> None:
         ("kafka://broker/topic", "no path"),
         ("kafka://u:hunter2@broker?ssl_cafile=/ca.pem", r"needs the kafka\+ssl:// scheme"),
         ("kafka://broker?acks=0", "acks"),
+        ("kafka://broker?linger_ms=-1", "linger_ms"),
     ],
 )
 def test_bad_urls_are_refused_without_showing_the_password(url: str, problem: str) -> None:
@@ -253,6 +254,28 @@ def test_inbox_takes_ride_along_with_the_next_record(broker_url: str) -> None:
     run(body)
     records = records_in(broker_url, "multilayer.takes")
     assert records < 130, f"{records} Kafka records for 100 sends and their takes"
+
+
+def test_linger_reaches_the_producer_and_paced_traffic_flows(broker_url: str) -> None:
+    async def body() -> None:
+        backend = backend_for(broker_url, prefix="linger", linger_ms=50)
+        await backend.open()
+        try:
+            assert backend._hub.producer.config["linger_ms"] == 50
+        finally:
+            await backend.close()
+        layer = ChannelLayer(broker_url, prefix="linger", linger_ms=50)
+        try:
+            for i in range(20):
+                await layer.send("linger.q", {"i": i})
+                await asyncio.sleep(0.005)
+            got = [(await asyncio.wait_for(layer.receive("linger.q"), 10))["i"] for _ in range(20)]
+            assert got == list(range(20))
+        finally:
+            await layer.close()
+
+    run(body)
+    assert backend_for(broker_url).config["linger_ms"] == 0
 
 
 def test_a_new_process_sees_the_present_before_it_sends(broker_url: str) -> None:

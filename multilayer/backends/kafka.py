@@ -31,6 +31,9 @@ Options (URL query or keyword arguments), besides the core ones:
 * ``retention_hours`` (float, ``group_expiry`` + 1 h): ``retention.ms`` of the operation log
   topic when this layer creates it; at least ``group_expiry``.
 * ``acks`` (str, ``all``): producer acknowledgements (``all`` or ``1``).
+* ``linger_ms`` (int, 0): how long kafka-python may hold a write so that later ones share
+  its record batch; adds up to that much latency and caps the batches a process writes
+  at 1000/``linger_ms`` a second, for brokers that pay per stored batch (Tansu).
 * ``sasl_mechanism`` (str, ``PLAIN``): ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
 * ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile`` (str): PEM files for ``kafka+ssl://``.
 * ``ssl_check_hostname`` (bool, true): verify the broker's certificate host name.
@@ -549,7 +552,7 @@ class _Hub:
             # One request in flight keeps this process's records in the order it wrote them.
             max_in_flight_requests_per_connection=1,
             max_request_size=self.options["max_record"],
-            linger_ms=0,
+            linger_ms=self.options["linger_ms"],
         )
         self.consumer = KafkaConsumer(
             **self.client_config,
@@ -1029,6 +1032,9 @@ class KafkaBackend(Backend):
             float, None, "retention of the log topic (default: group_expiry + 1 h)", check=_positive
         ),
         "acks": Option(str, "all", "producer acknowledgements", choices=("all", "1")),
+        "linger_ms": Option(
+            int, 0, "how long a write may wait to share a record batch (ms)", minimum=0
+        ),
         "sasl_mechanism": Option(
             str, "PLAIN", "SASL mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
         ),
