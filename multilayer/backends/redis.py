@@ -62,12 +62,12 @@ from typing import Any, ClassVar
 
 import redis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ..backend import Backend, BrokerStats, Capabilities, LayerSettings, now
 from ..capacity import CapacityPolicy
