@@ -68,7 +68,8 @@ class MsgpackSerializer:
             data: bytes = packer.pack(message)
         except (TypeError, ValueError, OverflowError) as error:
             packer.reset()
-            raise TypeError(f"message is not msgpack-serializable: {error}") from None
+            where = _unpackable(message, "message")
+            raise TypeError(f"message is not msgpack-serializable: {where or error}") from None
         return data
 
     def loads(self, data: bytes) -> dict[str, Any]:
@@ -77,6 +78,35 @@ class MsgpackSerializer:
 
 
 DEFAULT_SERIALIZER = MsgpackSerializer()
+
+_SCALARS = (type(None), bool, float, str, bytes, bytearray)
+
+
+def _unpackable(value: Any, path: str) -> str | None:
+    """Where in ``value`` msgpack fails, such as "message['a'][1] is of type set", or None.
+
+    Only called after a failure: msgpack's own messages differ between releases and do
+    not always name the type.
+    """
+    if isinstance(value, _SCALARS):
+        return None
+    if isinstance(value, int):
+        return None if -(2**63) <= value < 2**64 else f"{path} is an int outside 64 bits"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (*_SCALARS, int)):
+                return f"{path} has a key of type {type(key).__name__}"
+            found = _unpackable(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _unpackable(item, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return f"{path} is of type {type(value).__name__}"
 
 
 def check_encryption_keys(keys: Any) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 from pathlib import Path
 
 import channels.exceptions
@@ -74,3 +75,21 @@ def test_buffered_messages_survive_a_finished_event_loop() -> None:
 
     asyncio.run(fill())
     assert asyncio.run(asyncio.wait_for(drain(), 5)) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("message", "named"),
+    [
+        ({"set": {1, 2}}, "message['set'] is of type set"),
+        ({"huge": 2**64}, "message['huge'] is an int outside 64 bits"),
+        ({"deep": {"list": [1, object()]}}, "message['deep']['list'][1] is of type object"),
+        ({"map": {1j: 1}}, "message['map'] has a key of type complex"),
+    ],
+)
+def test_an_unserializable_value_is_named_by_its_place(
+    message: dict[str, object], named: str
+) -> None:
+    # msgpack's own wording differs between the releases pyproject.toml admits.
+    layer = ChannelLayer("memory://")
+    with pytest.raises(TypeError, match=re.escape(named)):
+        asyncio.run(layer.send("api.check", message))
