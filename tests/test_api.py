@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import channels.exceptions
@@ -93,3 +95,26 @@ def test_an_unserializable_value_is_named_by_its_place(
     layer = ChannelLayer("memory://")
     with pytest.raises(TypeError, match=re.escape(named)):
         asyncio.run(layer.send("api.check", message))
+
+
+def test_using_the_layer_never_imports_pytest() -> None:
+    # pytest is a dependency for `multilayer check` alone; an application that sends and
+    # receives, Django app and system check included, must not load it.
+    code = (
+        "import asyncio, sys\n"
+        "import multilayer, multilayer.django, multilayer.cli\n"
+        "layer = multilayer.ChannelLayer('memory://')\n"
+        "async def main():\n"
+        "    inbox = await layer.new_channel()\n"
+        "    await layer.group_add('g', inbox)\n"
+        "    await layer.group_send('g', {'type': 'x'})\n"
+        "    assert await layer.receive(inbox) == {'type': 'x'}\n"
+        "    await layer.close()\n"
+        "asyncio.run(main())\n"
+        "loaded = {name.split('.')[0] for name in sys.modules}\n"
+        "print(sorted(loaded & {'pytest', '_pytest', 'pluggy'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
