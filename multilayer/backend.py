@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 
 from .capacity import CapacityPolicy
 from .exceptions import ChannelFull
+from .fanout import seal, split
 from .options import Option
 from .url import LayerURL
 
@@ -221,20 +223,28 @@ class Backend(abc.ABC):
     ) -> None:
         """Deliver ``payload`` to each live member of ``group``, skipping full ones (logged).
 
-        Never raises ChannelFull. The default pushes to each member concurrently;
-        a broker that fans out natively overrides this.
+        Never raises ChannelFull. The process-specific members of one inbox share one
+        envelope (:mod:`multilayer.fanout`), counted once against the inbox's capacity.
+        The default pushes to each normal member and each inbox concurrently; a broker
+        that fans out natively overrides this.
         """
-        members = list(await self.group_members(group))
+        inboxes, normal = split((member, math.inf) for member in await self.group_members(group))
+        sent_at = now()
+        targets = [(channel, payload, [channel]) for channel, _until in normal] + [
+            (inbox, seal(payload, group, sent_at, inbox, local), [name for name, _ in local])
+            for inbox, local in inboxes.items()
+        ]
         results = await asyncio.gather(
             *(
-                self.push(member, payload, deadline=deadline, capacity=capacity.for_channel(member))
-                for member in members
+                self.push(target, data, deadline=deadline, capacity=capacity.for_channel(target))
+                for target, data, _members in targets
             ),
             return_exceptions=True,
         )
-        for member, result in zip(members, results, strict=True):
+        for (_target, _data, members), result in zip(targets, results, strict=True):
             if isinstance(result, ChannelFull):
-                self.skip_full_member(group, member)
+                for member in members:
+                    self.skip_full_member(group, member)
             elif isinstance(result, BaseException):
                 raise result
 

@@ -15,6 +15,7 @@ from typing import Any
 from .backend import Backend, LayerSettings
 from .capacity import CapacityPolicy
 from .exceptions import ChannelFull, ForeignChannel, LayerClosed
+from .fanout import Departures
 from .local import LocalQueue
 from .names import check_channel_name, check_group_name, check_message, non_local_name
 from .options import Option, resolve_options
@@ -95,8 +96,9 @@ class LayerStats:
 class _LoopState:
     """What the layer holds for one event loop: a backend and its local queues."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, departures: Departures) -> None:
         self.backend = backend
+        self.departures = departures
         self.queues: dict[str, LocalQueue] = {}
         self.inboxes: set[str] = set()
         self._opened: asyncio.Future[None] | None = None
@@ -128,7 +130,7 @@ class _LoopState:
     def queue(self, name: str) -> LocalQueue:
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = LocalQueue(self.backend, name)
+            queue = self.queues[name] = LocalQueue(self.backend, name, self.departures)
         return queue
 
     async def close(self) -> None:
@@ -215,6 +217,8 @@ class ChannelLayer:
             keys=values["symmetric_encryption_keys"] or (),
         )
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        # Group copies in flight when this layer discarded a membership are not delivered.
+        self._departures = Departures(keep_for=self.expiry)
         self._states_lock = threading.Lock()
         # Counters for stats(); what backends count is added when their loop state goes.
         self._sent = self._group_sent = self._received = self._expired = 0
@@ -235,7 +239,7 @@ class ChannelLayer:
             state = self._states.get(loop)
             if state is None:
                 backend = self.backend_class(self.url, self.settings, self.backend_options)
-                state = self._states[loop] = _LoopState(backend)
+                state = self._states[loop] = _LoopState(backend, self._departures)
                 for dead_loop in [old for old in self._states if old.is_closed()]:
                     self._adopt(state, self._states.pop(dead_loop))
         return state
@@ -321,18 +325,28 @@ class ChannelLayer:
         check_channel_name(channel)
         backend = await self._backend()
         await backend.group_add(group, channel, deadline=time.time() + self.group_expiry)
+        self._departures.join(group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
-        """Remove ``channel`` from ``group``; nothing happens if it was not a member."""
+        """Remove ``channel`` from ``group``; nothing happens if it was not a member.
+
+        Group messages sent before the discard and not yet received are not delivered to
+        ``channel`` either when this layer receives it (the usual case: a consumer leaving
+        its own groups). A discard made through another layer object applies to messages
+        sent after it.
+        """
         check_group_name(group)
         check_channel_name(channel)
         backend = await self._backend()
+        self._departures.leave(group, channel)
         await backend.group_discard(group, channel)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send one copy of ``message`` to every member of ``group``.
 
-        A member at capacity is skipped and logged; this never raises ChannelFull.
+        A member at capacity is skipped and logged; this never raises ChannelFull. The
+        process-specific members of one process get one copy between them, counted once
+        against that process's capacity; the process hands it to each member.
         """
         check_group_name(group)
         check_message(message)
@@ -396,6 +410,7 @@ class ChannelLayer:
         await backend.flush()
         for queue in state.queues.values():
             queue.buffers.clear()
+        self._departures.clear()
 
     async def close(self) -> None:
         """Close the connections of the current event loop; safe to call again, or never used.

@@ -21,6 +21,7 @@ from typing import ClassVar
 from ..backend import Backend, BrokerStats, Capabilities, Item, now
 from ..capacity import CapacityPolicy
 from ..exceptions import ChannelFull
+from ..fanout import seal, split
 from ..names import non_local_name
 from ..serialization import deadline_of
 
@@ -179,10 +180,18 @@ class MemoryBackend(Backend):
             for channel, until in list(members.items()):
                 if until <= current:
                     del members[channel]
-                    continue
-                key = self._prefix + non_local_name(channel)
-                if not store.push_locked(key, (channel, payload), capacity.for_channel(channel)):
+            inboxes, normal = split(members.items())
+            for channel, _until in normal:
+                if not store.push_locked(
+                    self._prefix + channel, (channel, payload), capacity.for_channel(channel)
+                ):
                     full.append(channel)
+            for inbox, local in inboxes.items():
+                envelope = seal(payload, group, current, inbox, local)
+                if not store.push_locked(
+                    self._prefix + inbox, (inbox, envelope), capacity.for_channel(inbox)
+                ):
+                    full.extend(channel for channel, _until in local)
         for channel in full:
             self.skip_full_member(group, channel)
 
