@@ -72,6 +72,7 @@ import zmq.asyncio
 from ..backend import Backend, BrokerStats, Capabilities, Item, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..fanout import seal, split
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
@@ -997,7 +998,9 @@ class ZmqBackend(Backend):
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
         name = non_local_name(channel)
         key = self._prefix + name
-        if name == channel:
+        # A name ending in "!" is a process inbox itself (a group envelope is pushed to
+        # it): like its channels, it lives on the owner's node, not in a hub queue.
+        if "!" not in channel:
             status = await self._push_normal(key, name, channel, payload, capacity)
         else:
             status = await self._push_specific(key, name, channel, payload, capacity)
@@ -1269,20 +1272,29 @@ class ZmqBackend(Backend):
                 self._copy_answered(group)
             copy = self._group_copies.get(group)
         if copy is not None and copy[0] is not None and time.monotonic() < copy[1]:
-            # Straight to each member's node or queue, on leases when held (no round trip).
+            # Straight to each member's node or queue, on leases when held (no round trip):
+            # a normal member gets its own copy, a process inbox one envelope for all of
+            # its members there.
             current = time.time()
-            for member, until in copy[0]:
-                if until > current:
-                    limit = capacity.for_channel(member)
-                    try:
-                        await self.push(member, payload, deadline=deadline, capacity=limit)
-                    except ChannelFull:
+            inboxes, normal = split(member for member in copy[0] if member[1] > current)
+            targets = [(channel, payload, [channel]) for channel, _until in normal] + [
+                (inbox, seal(payload, group, current, inbox, local), [m for m, _ in local])
+                for inbox, local in inboxes.items()
+            ]
+            for target, data, members in targets:
+                limit = capacity.for_channel(target)
+                try:
+                    await self.push(target, data, deadline=deadline, capacity=limit)
+                except ChannelFull:
+                    for member in members:
                         self.skip_full_member(group, member)
             return
         await self._settle()
         overrides: dict[str, int] = {}
         if not capacity.uniform:
-            overrides = {m: capacity.for_channel(m) for m in await self.group_members(group)}
+            # By queue, as the hub counts capacity: a normal member, or a process inbox.
+            queues = {non_local_name(m) for m in await self.group_members(group)}
+            overrides = {queue: capacity.for_channel(queue) for queue in queues}
         while len(self._group_sends) >= _GROUP_SENDS_IN_FLIGHT:
             room = asyncio.get_running_loop().create_future()
             self._room_waiters.append(room)

@@ -44,7 +44,7 @@ import msgpack
 import zmq
 import zmq.auth.thread
 
-from .. import __version__
+from .. import __version__, fanout
 from ..serialization import HEADER_SIZE, deadline_of
 
 __all__ = [
@@ -235,6 +235,8 @@ class _Job:
     waiting: int = 0
     full: list[str] = field(default_factory=list)
     key: str = ""
+    #: The members a group envelope names, by its process inbox: reported full together.
+    named: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Hub:
@@ -568,26 +570,35 @@ class Hub:
         self._reply(client, encode("ok", rid, self._members(_text(args[0]), time.time())))
 
     def _group_send(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        # Capacity overrides are keyed by queue: a normal member, or a process inbox.
         group, prefix, default = _text(args[0]), _text(args[1]), _count(args[2])
         overrides = args[3] or {}
         if not isinstance(overrides, dict):
             raise _BadRequest("capacity overrides must be a map")
         payload = _payload(frames, 1)
         job = _Job(client, rid, "gsend")
-        by_owner: dict[str, list[tuple[str, str, int]]] = {}
-        owners: dict[str, _Owner] = {}
-        for member in self._members(group, time.time()):
+        current = time.time()
+        members = self.groups.get(group, {})
+        inboxes, normal = fanout.split(
+            (channel, until) for channel, until in members.items() if until > current
+        )
+        for member, _until in normal:
             capacity = overrides.get(member, default)
-            bang = member.find("!")
-            key = f"{prefix}:{member if bang < 0 else member[: bang + 1]}"
-            owner = self.directory.get(key) if bang >= 0 else None
-            if owner is not None:
-                by_owner.setdefault(owner.endpoint, []).append((key, member, capacity))
-                owners[owner.endpoint] = owner
-            elif not self._enqueue(key, member, payload, capacity):
+            if not self._enqueue(f"{prefix}:{member}", member, payload, capacity):
                 job.full.append(member)
-        for endpoint, items in by_owner.items():
-            self._forward(job, owners[endpoint], items, payload)
+        # One envelope per process inbox, whatever its number of members: the inbox's
+        # capacity counts it once, and the owner's layer hands it to each member.
+        name = group[len(prefix) + 1 :]
+        for inbox, local in inboxes.items():
+            key = f"{prefix}:{inbox}"
+            envelope = fanout.seal(payload, name, current, inbox, local)
+            capacity = overrides.get(inbox, default)
+            job.named[inbox] = [member for member, _until in local]
+            owner = self.directory.get(key)
+            if owner is not None:
+                self._forward(job, owner, [(key, inbox, capacity)], envelope)
+            elif not self._enqueue(key, inbox, envelope, capacity):
+                job.full.append(inbox)
         if not job.waiting:
             self._finish(job)
 
@@ -829,7 +840,8 @@ class Hub:
             endpoint, public_key = (owner.endpoint, owner.public_key) if owner else (None, None)
             self._reply(job.client, encode("ok", job.request_id, status, endpoint, public_key))
         elif job.reply == "gsend":
-            self._reply(job.client, encode("ok", job.request_id, job.full))
+            full = [member for name in job.full for member in job.named.get(name, (name,))]
+            self._reply(job.client, encode("ok", job.request_id, full))
         else:
             self._reply(job.client, encode("ok", job.request_id))
 
