@@ -116,10 +116,14 @@ _GROUP_SENDS_IN_FLIGHT = 256
 #: socket back (the loop is blocked).
 _OWNER_CHECK = 0.05
 _OWNER_STALL = 0.5
-#: Groups of at most this many members are fanned out by the sender itself, straight to
-#: the members' nodes and queues, from a copy of the members the hub leases it and keeps
-#: valid (one send per member costs more than one request to the hub beyond a few).
+#: Groups whose members live in at most this many queues (a normal channel or a process
+#: inbox: one send each) are fanned out by the sender itself, straight to the members'
+#: nodes and queues, from a copy of the members the hub leases it and keeps valid (one
+#: send per queue costs more than one request to the hub beyond a few).
 _DIRECT_FANOUT = 2
+#: ... if they are at most this many: the copy travels again with every lease, and the
+#: envelope's header names each member.
+_DIRECT_MEMBERS = 1000
 #: Group sends in flight through the hub from which on group_send asks for a copy of the
 #: members (a stream of group sends: sparse ones cost the hub no extra request).
 _STREAMING = 8
@@ -1227,7 +1231,8 @@ class ZmqBackend(Backend):
         """Ask the hub, now, for the members of ``group`` if it is small (see group_send)."""
         link = self._links[0]
         asked, invalidations = time.monotonic(), self._invalidations
-        _, future = link.start("gwatch", (self._prefix + group, _DIRECT_FANOUT), ahead=True)
+        args = (self._prefix + group, _DIRECT_FANOUT, _DIRECT_MEMBERS)
+        _, future = link.start("gwatch", args, ahead=True)
         self._asking[group] = (future, asked, invalidations)
         future.add_done_callback(lambda _: self._copy_answered(group))
 

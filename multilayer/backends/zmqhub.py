@@ -45,6 +45,7 @@ import zmq
 import zmq.auth.thread
 
 from .. import __version__, fanout
+from ..names import non_local_name
 from ..serialization import HEADER_SIZE, deadline_of
 
 __all__ = [
@@ -521,14 +522,17 @@ class Hub:
         self._changed([group], _Job(client, rid, "ok"))
 
     def _group_watch(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
-        # The members of a group of at most ``most`` members, with their expiry times, and
-        # a lease: until it ends, or the client acknowledges an invalidation, no change to
-        # the group is answered (see _changed), so the client may fan out on its own.
-        group, most = _text(args[0]), _count(args[1])
+        # The members of a group living in at most ``most`` queues (normal channels and
+        # process inboxes: one send each) and numbering at most ``most_members``, with
+        # their expiry times, and a lease: until it ends, or the client acknowledges an
+        # invalidation, no change to the group is answered (see _changed), so the client
+        # may fan out on its own.
+        group, most, most_members = _text(args[0]), _count(args[1]), _count(args[2])
         members = self.groups.get(group, {})
         current = time.time()
         live = [[channel, until] for channel, until in members.items() if until > current]
-        if len(live) > most:
+        queues = {non_local_name(channel) for channel, until in members.items() if until > current}
+        if len(live) > most_members or len(queues) > most:
             self._reply(client, encode("ok", rid, None, 0))
             return
         self.watchers.setdefault(group, {})[client] = time.monotonic() + GROUP_LEASE
