@@ -12,11 +12,14 @@ the hub, which answers with the endpoint); the node checks capacity and answers 
 and with an ok leases the sender a few places (at most half the free room, for 0.2 s)
 that it fills without waiting for answers. Normal-channel sends get the same leases from
 the hub, and a pop takes up to 100 waiting messages, the ones no receive wanted going
-back to the hub after 1 s. ``group_send`` is one request to the hub, which queues normal
-members and forwards specific members to their nodes, one forward per node; to a group
-of at most two members the sender sends itself, as to any channel, from a copy of the
-members the hub leases it for 0.5 s and invalidates before it answers any change to the
-group. Several hubs shard queues, groups and inboxes by rendezvous hashing of the name.
+back to the hub after 1 s. ``group_send`` is one request to the hub, which queues a copy
+for each normal member and forwards to each process inbox with members one envelope
+(:mod:`multilayer.fanout`) naming them, counted once against the inbox's capacity; the
+receiving layer hands it to each member. To a group whose members live in at most two
+queues (normal channels or inboxes) the sender sends itself, the same copies and
+envelopes, from a copy of the members the hub leases it for 0.5 s and invalidates before
+it answers any change to the group. Several hubs shard queues, groups and inboxes by
+rendezvous hashing of the name.
 Optional CURVE encryption and authentication.
 
 Faults. The hub keeps everything in memory: a hub restart loses the queued normal-channel

@@ -19,7 +19,11 @@ a client wrote in one event-loop step (each answered on its own). A ``push`` may
 a lease of places in the queue; messages sent on it arrive batched as one ``send``
 request (no reply) whose second frame holds the payloads back to back
 (:func:`split_batch`), the same format nodes take from senders holding an inbox lease.
-A ``gwatch`` hands a client the members of a small group with a lease (``GROUP_LEASE``);
+A ``gsend`` queues the message for each normal member and puts one envelope
+(:mod:`multilayer.fanout`) into each process inbox with members, forwarded to its node or
+parked here, capacity checked once per inbox; it answers with the members left out.
+A ``gwatch`` hands a client the members of a small group (few queues, see
+``_group_watch``) with a lease (``GROUP_LEASE``);
 until it ends, a ``gadd``, ``gdiscard`` or ``flush`` touching the group first sends that
 client a ``ginval`` and is answered only once the client's ``gack`` (or the lease's end)
 says it no longer fans out from its copy.
