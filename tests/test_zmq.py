@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
+from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError, fanout
 from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
 from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
@@ -577,6 +578,41 @@ def test_hub_answers_each_request_of_a_batch(hub: Hub) -> None:
             dealer.send_multipart([msgpack.packb(["batch", 0, bad])])
         dealer.send_multipart([msgpack.packb(["ping", 7])])
         assert msgpack.unpackb(dealer.recv_multipart()[0])[:2] == ["ok", 7]
+    finally:
+        dealer.close(0)
+
+
+def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub) -> None:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+
+    def call(*request: Any, payload: bytes | None = None) -> tuple[list[Any], list[bytes]]:
+        frames = [msgpack.packb(list(request))] + ([payload] if payload is not None else [])
+        dealer.send_multipart(frames)
+        answer, *payloads = dealer.recv_multipart()
+        return msgpack.unpackb(answer)[2:], payloads
+
+    try:
+        until = time.time() + 60
+        members = ["specific.nobody!a", "specific.nobody!b", "park.worker"]
+        for rid, member in enumerate(members, 1):
+            call("gadd", rid, "park:g", member, until)
+        payload = struct.pack("!d", until) + b"body"
+        # Nobody owns the inbox: the hub parks its envelope, one place of capacity 2.
+        for rid in (4, 5):
+            assert call("gsend", rid, "park:g", "park", 2, {}, payload=payload)[0] == [[]]
+        full = call("gsend", 6, "park:g", "park", 2, {}, payload=payload)[0]
+        assert sorted(full[0]) == sorted(members)
+        assert call("stats", 7, "park")[0][0] == {"specific.nobody!": 2, "park.worker": 2}
+        # The owner registering gets the envelopes, each naming both members.
+        (handed,), envelopes = call("register", 8, ["park:specific.nobody!"], "tcp://x:1", "", 5)
+        assert handed == [["park:specific.nobody!", "specific.nobody!"]] * 2
+        for envelope in envelopes:
+            opened = fanout.open_envelope("specific.nobody!", envelope)
+            assert (opened.group, opened.payload) == ("g", payload)
+            assert opened.members == [(member, until) for member in members[:2]]
     finally:
         dealer.close(0)
 
