@@ -1429,6 +1429,11 @@ class RabbitMQBackend(Backend):
             if memberships is not None:
                 memberships.join(group, channel, deadline)
             else:
+                # Its process may not have received yet, nor made its inbox: declared
+                # here, the inbox holds the join and the group's messages for it, as it
+                # holds a send's.
+                if self.stale(queue):
+                    await self.declare(queue, name)
                 await self._tell_owner(queue, channel, _JOIN, [group, channel, deadline])
             await self._bind(queue, group)
         except pika.exceptions.AMQPError as error:
@@ -1457,7 +1462,13 @@ class RabbitMQBackend(Backend):
 
     async def _tell_owner(self, queue: str, channel: str, kind: str, body: list[Any]) -> None:
         """Queue a membership change for the process that owns inbox ``queue``."""
-        outcome = await self._publish("", queue, msgpack.packb(body), kind, mandatory=True)
+        body_bytes = msgpack.packb(body)
+        outcome = await self._publish("", queue, body_bytes, kind, mandatory=True)
+        if outcome == "returned" and kind == _JOIN:
+            # The inbox went away since this backend declared it (flush, idle expiry).
+            self.forget(queue)
+            await self.declare(queue, non_local_name(channel))
+            outcome = await self._publish("", queue, body_bytes, kind, mandatory=True)
         if outcome == "nack":
             raise ChannelFull(f"cannot change the groups of {channel!r}: its process inbox is full")
 

@@ -39,6 +39,24 @@ def test_membership_visible_to_other_instances_at_once(harness: Harness) -> None
     harness.run(body)
 
 
+def test_group_reaches_a_specific_channel_before_its_owner_receives(harness: Harness) -> None:
+    # The member's process has not received yet, nor made its inbox through new_channel():
+    # the group message waits for it, as a send() to the same name does.
+    async def body() -> None:
+        owner, other = harness.layer(), harness.layer()
+        channel = f"conf-late.{owner.process_name}!client"
+        await other.group_add("conf-late", channel)
+        await other.group_send("conf-late", {"n": 1})
+        await other.send(channel, {"n": 2})
+        assert await recv(owner, channel) == {"n": 1}
+        assert await recv(owner, channel) == {"n": 2}
+        await other.group_discard("conf-late", channel)
+        await other.group_send("conf-late", {"n": 3})
+        await assert_nothing(owner, channel, 0.3)
+
+    harness.run(body)
+
+
 def test_group_discard_readd_and_unknown_groups(harness: Harness) -> None:
     async def body() -> None:
         layer, other = harness.layer(), harness.layer()
