@@ -1504,8 +1504,8 @@ class RabbitMQBackend(Backend):
             logger.warning("group_send to %r may be lost: %r", group, error)
         elif confirm.result() == "nack":
             # RabbitMQ confirms negatively when any bound queue refused its copy, and does
-            # not say which; the other members have theirs.
-            self.skip_full_member(group, "(a member whose queue is full)")
+            # not say which nor how many; the other members have theirs.
+            self.skip_full_members(group, 1, exact=False)
 
     # -- flush ----------------------------------------------------------------------
 
