@@ -286,7 +286,7 @@ def test_a_group_copy_keeps_capacity_exact(hub: Hub, caplog: pytest.LogCaptureFi
             await sender.close()
 
     run(body())
-    assert "skipped member" in caplog.text
+    assert "group_send to 'g' skipped 1 of 1 members: channel full" in caplog.text
 
 
 def test_a_change_waits_at_most_a_lease_for_a_silent_copy_holder(hub: Hub) -> None:

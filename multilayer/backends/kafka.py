@@ -62,7 +62,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_members, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
@@ -249,6 +249,7 @@ class _Outcome:
 
     accepted: bool = True
     full_members: list[str] = field(default_factory=list)
+    live_members: int = 0
     delivered: list[tuple[str, list[_Message]]] = field(default_factory=list)
     appended: set[str] = field(default_factory=set)
     flushed: bool = False
@@ -277,7 +278,9 @@ class _Machine:
             for channel, until in list(members.items()):
                 if until <= sent_at:
                     del members[channel]
-                elif not self._append(
+                    continue
+                outcome.live_members += 1
+                if not self._append(
                     offset, channel, payload, capacities.get(channel, default), sent_at, outcome
                 ):
                     outcome.full_members.append(channel)
@@ -830,11 +833,11 @@ class _Hub:
             self.waker.wake(queue)
         if record[0] == _GROUP_SEND:
             sender = self.group_senders.pop(token, None)
-            for member in outcome.full_members:
-                if sender is not None:
-                    sender.skip_full_member(record[3], member)
-                elif str(token).startswith(self.token_prefix):
-                    log_full_member(record[3], member)
+            full, live = len(outcome.full_members), outcome.live_members
+            if sender is not None:
+                sender.skip_full_members(record[3], full, live)
+            elif full and str(token).startswith(self.token_prefix):
+                log_full_members(record[3], full, live)
         if record[0] == _CANCEL:
             self.abandoned.discard(record[4])
         elif record[0] == _TAKE:

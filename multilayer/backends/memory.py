@@ -171,7 +171,7 @@ class MemoryBackend(Backend):
     ) -> None:
         store = self._store
         current = now()
-        full = []
+        full = live = 0
         with store.lock:
             members = store.groups.get(self._prefix + group)
             if not members:
@@ -180,11 +180,11 @@ class MemoryBackend(Backend):
                 if until <= current:
                     del members[channel]
                     continue
+                live += 1
                 key = self._prefix + non_local_name(channel)
                 if not store.push_locked(key, (channel, payload), capacity.for_channel(channel)):
-                    full.append(channel)
-        for channel in full:
-            self.skip_full_member(group, channel)
+                    full += 1
+        self.skip_full_members(group, full, live)
 
     async def broker_stats(self) -> BrokerStats:
         store, prefix, current = self._store, self._prefix, now()

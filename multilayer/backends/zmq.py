@@ -1271,13 +1271,16 @@ class ZmqBackend(Backend):
         if copy is not None and copy[0] is not None and time.monotonic() < copy[1]:
             # Straight to each member's node or queue, on leases when held (no round trip).
             current = time.time()
+            full = live = 0
             for member, until in copy[0]:
                 if until > current:
+                    live += 1
                     limit = capacity.for_channel(member)
                     try:
                         await self.push(member, payload, deadline=deadline, capacity=limit)
                     except ChannelFull:
-                        self.skip_full_member(group, member)
+                        full += 1
+            self.skip_full_members(group, full, live)
             return
         await self._settle()
         overrides: dict[str, int] = {}
@@ -1316,8 +1319,8 @@ class ZmqBackend(Backend):
             if error is not None:
                 logger.warning("group_send to %r may not have reached everyone: %s", group, error)
                 return
-            for member in future.result()[0][0]:
-                self.skip_full_member(group, member)
+            # The hub answers with the full members only.
+            self.skip_full_members(group, len(future.result()[0][0]))
 
         future.add_done_callback(answered)
 
