@@ -102,11 +102,11 @@ def test_limit_is_exact_and_refusal_loses_nothing(
 def test_concurrent_large_messages_all_arrive(harness: Harness, encrypted: bool) -> None:
     async def body() -> None:
         # Backends that batch sends (into a Kafka record, a ZeroMQ frame) must split a
-        # batch whose total exceeds what the broker takes in one piece: 12 MB here.
+        # batch whose total exceeds what the broker takes in one piece: 14 MB here.
         keys = _keys(encrypted)
         sender, receiver = harness.layer(**keys), harness.layer(**keys)
         inbox = await receiver.new_channel()
-        burst = [{**SPEC_EXAMPLE, "n": n} for n in range(12)]
+        burst = [{**SPEC_EXAMPLE, "n": n} for n in range(16)]
         for channel in ("conf.burst", inbox):
             # Small sends first: they find the receiving process and earn a lease of places
             # (ZeroMQ), so the burst can be sent without waiting for answers, batched.
