@@ -21,7 +21,7 @@ from .local import LocalQueue
 from .names import check_channel_name, check_group_name, check_message, non_local_name
 from .options import Option, resolve_options
 from .plugins import load_backend
-from .serialization import Codec, check_encryption_keys, deadline_of
+from .serialization import DEFAULT_MAX_MESSAGE_SIZE, Codec, check_encryption_keys, deadline_of
 from .url import LayerURL
 
 __all__ = ["ENV_URL", "LAYER_OPTIONS", "ChannelLayer", "LayerStats", "from_url"]
@@ -50,7 +50,12 @@ LAYER_OPTIONS: Mapping[str, Option] = {
     "channel_capacity": Option(
         object, None, "{glob or regex: capacity} overriding capacity", in_url=False
     ),
-    "max_message_size": Option(int, 1024 * 1024, "largest serialized message in bytes", minimum=64),
+    "max_message_size": Option(
+        int,
+        DEFAULT_MAX_MESSAGE_SIZE,
+        "largest message in bytes of msgpack, before encryption",
+        minimum=64,
+    ),
     "symmetric_encryption_keys": Option(
         object,
         None,
@@ -160,9 +165,12 @@ class ChannelLayer:
     variable is read, else ``memory://``. Query parameters of the URL set options;
     keyword arguments override them. Core options and their defaults: ``prefix="asgi"``,
     ``expiry=60`` seconds, ``group_expiry=86400`` seconds, ``capacity=100``,
-    ``channel_capacity=None``, ``max_message_size=1 MiB``, ``symmetric_encryption_keys=None``
+    ``channel_capacity=None``, ``max_message_size=2.5 MiB``, ``symmetric_encryption_keys=None``
     (Fernet keys; message bodies are encrypted with the first, decrypted with any); each
-    backend documents its own.
+    backend documents its own. ``max_message_size`` counts the bytes of a message as msgpack,
+    what the application sent, before encryption and the layer's own framing; the default
+    admits every message of up to 1 MiB as JSON, as the Channels spec asks, and every
+    backend's broker limits are sized to carry it encrypted.
     An unknown option raises :class:`~multilayer.exceptions.ConfigurationError` listing
     the valid ones.
 
@@ -299,7 +307,11 @@ class ChannelLayer:
     # -- the Channels contract -------------------------------------------------------
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to ``channel``; ChannelFull if the channel is at capacity."""
+        """Send ``message`` to ``channel``; ChannelFull if the channel is at capacity.
+
+        MessageTooLarge, before anything is sent, when ``message`` as msgpack exceeds
+        ``max_message_size`` bytes.
+        """
         check_channel_name(channel)
         check_message(message)
         deadline = time.time() + self.expiry
@@ -381,7 +393,8 @@ class ChannelLayer:
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send one copy of ``message`` to every member of ``group``.
 
-        A member at capacity is skipped and logged; this never raises ChannelFull.
+        A member at capacity is skipped and logged; this never raises ChannelFull. A message
+        over ``max_message_size`` raises MessageTooLarge, as :meth:`send` does.
         """
         check_group_name(group)
         check_message(message)

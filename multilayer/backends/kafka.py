@@ -68,7 +68,7 @@ from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import deadline_of, log_malformed
+from ..serialization import deadline_of, largest_payload, log_malformed
 from ..url import LayerURL
 
 __all__ = ["KafkaBackend"]
@@ -1154,7 +1154,11 @@ class KafkaBackend(Backend):
         options = {
             **self.config,
             "retention_hours": retention,
-            "max_record": self.settings.max_message_size + _RECORD_OVERHEAD,
+            # The topic, the producer and the fetches all take the largest record this
+            # layer can write: an encrypted payload at max_message_size, whether or not this
+            # process encrypts, since the topic is shared and made by whoever comes first.
+            "max_record": largest_payload(self.settings.max_message_size, encrypted=True)
+            + _RECORD_OVERHEAD,
         }
         key = f"{self.url.without_query().render()}|{topic}|{sorted(options.items())}"
         with _hubs_lock:
