@@ -93,6 +93,15 @@ def test_bad_urls_are_refused_without_io(url: str, problem: str) -> None:
         ChannelLayer(url)
 
 
+def test_max_message_size_must_fit_a_frame_once_encrypted() -> None:
+    # Nodes and hubs refuse frames over DEFAULT_MAX_MESSAGE: about 6.3 MB of msgpack, encrypted.
+    fits = ChannelLayer("zmq://127.0.0.1:5599", max_message_size=6_000_000)
+    fits.backend_class(fits.url, fits.settings, fits.backend_options)
+    too_large = ChannelLayer("zmq://127.0.0.1:5599", max_message_size=6_400_000)
+    with pytest.raises(ConfigurationError, match="max_message_size=6400000 makes payloads"):
+        too_large.backend_class(too_large.url, too_large.settings, too_large.backend_options)
+
+
 def test_curve_secret_never_shows_in_errors() -> None:
     secret = "s" * 39
     with pytest.raises(ConfigurationError) as caught:
@@ -286,7 +295,7 @@ def test_a_group_copy_keeps_capacity_exact(hub: Hub, caplog: pytest.LogCaptureFi
             await sender.close()
 
     run(body())
-    assert "skipped member" in caplog.text
+    assert "group_send to 'g' skipped 1 of 1 members: channel full" in caplog.text
 
 
 def test_a_change_waits_at_most_a_lease_for_a_silent_copy_holder(hub: Hub) -> None:

@@ -75,7 +75,7 @@ from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import HEADER_SIZE, deadline_of
+from ..serialization import HEADER_SIZE, deadline_of, largest_payload
 from ..url import LayerURL
 from .zmqhub import (
     DEFAULT_MAX_MESSAGE,
@@ -106,6 +106,10 @@ _PREFETCH = 100
 _PREFETCH_HOLD = 1.0
 #: How long a stopping node waits for its last give-back to reach the hub (ms).
 _GIVE_BACK_LINGER_MS = 2000
+#: Bytes of payloads one batch of leased sends holds before it is written: a batch is one
+#: frame, and every frame must stay within the sockets' DEFAULT_MAX_MESSAGE (a frame of
+#: one payload alone may be larger, up to largest_payload(max_message_size)).
+_BATCH_BYTES = 1024 * 1024
 #: A leased send this long after the previous write goes out at once, unbatched.
 _SPARSE = 0.001
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
@@ -619,6 +623,7 @@ class _Link:
         self.unsettled = False
         #: Messages sent on leases, not yet written: ([key, channel, size], payload) pairs.
         self._leased: list[tuple[list[Any], bytes]] = []
+        self._leased_bytes = 0
         #: Requests batched by start_batched, not yet written.
         self._requests: list[tuple[str, int, list[Any], list[bytes]]] = []
         self._last_write = 0.0
@@ -725,7 +730,10 @@ class _Link:
         Any request on this link writes the batch first, so order is kept.
         """
         self.write_requests()
+        if self._leased and self._leased_bytes + len(payload) > _BATCH_BYTES:
+            self.write_leased()
         self._leased.append(([key, channel, len(payload)], payload))
+        self._leased_bytes += len(payload)
         self.unsettled = True
         if len(self._leased) >= _WANT or (
             len(self._leased) == 1 and time.monotonic() - self._last_write > _SPARSE
@@ -740,6 +748,7 @@ class _Link:
         if not self._leased:
             return
         batch, self._leased = self._leased, []
+        self._leased_bytes = 0
         self._last_write = time.monotonic()
         header = encode("send", 0, [item for item, _ in batch])
         try:
@@ -869,6 +878,15 @@ class ZmqBackend(Backend):
 
     def __init__(self, url: LayerURL, settings: LayerSettings, options: Mapping[str, Any]):
         super().__init__(url, settings, options)
+        largest = largest_payload(settings.max_message_size, encrypted=True)
+        if largest > DEFAULT_MAX_MESSAGE:
+            # Nodes and hubs refuse frames beyond this (a hub's --max-message-size may be
+            # larger, but nodes would still drop such messages from other processes).
+            raise ConfigurationError(
+                f"{url.sanitized()}: max_message_size={settings.max_message_size} makes "
+                f"payloads of up to {largest} bytes encrypted, more than the "
+                f"{DEFAULT_MAX_MESSAGE} bytes ZeroMQ nodes and hubs accept in one frame"
+            )
         if url.scheme == "zmq+ipc":
             self._hubs: tuple[str, ...] = (f"ipc:///{url.path.lstrip('/')}",)
             self._hub_names: tuple[str, ...] = self._hubs
@@ -1271,13 +1289,16 @@ class ZmqBackend(Backend):
         if copy is not None and copy[0] is not None and time.monotonic() < copy[1]:
             # Straight to each member's node or queue, on leases when held (no round trip).
             current = time.time()
+            full = live = 0
             for member, until in copy[0]:
                 if until > current:
+                    live += 1
                     limit = capacity.for_channel(member)
                     try:
                         await self.push(member, payload, deadline=deadline, capacity=limit)
                     except ChannelFull:
-                        self.skip_full_member(group, member)
+                        full += 1
+            self.skip_full_members(group, full, live)
             return
         await self._settle()
         overrides: dict[str, int] = {}
@@ -1316,8 +1337,8 @@ class ZmqBackend(Backend):
             if error is not None:
                 logger.warning("group_send to %r may not have reached everyone: %s", group, error)
                 return
-            for member in future.result()[0][0]:
-                self.skip_full_member(group, member)
+            # The hub answers with the full members only.
+            self.skip_full_members(group, len(future.result()[0][0]))
 
         future.add_done_callback(answered)
 

@@ -65,7 +65,10 @@ logger = logging.getLogger(__name__)
 
 #: Item statuses in replies: accepted, refused for capacity, no such inbox here.
 OK, FULL, UNKNOWN = 0, 1, 2
-#: Frames larger than this are refused by the sockets themselves (8 MiB messages + headers).
+#: Frames larger than this are refused by the sockets themselves. A frame holds one payload
+#: or a batch of at most 1 MiB of them, and a payload is at most
+#: ``largest_payload(max_message_size, encrypted=True)``: 3.5 MB at the default
+#: max_message_size, and the ZeroMQ backend refuses a max_message_size beyond ~6 MB.
 DEFAULT_MAX_MESSAGE = 8 * 1024 * 1024 + 64 * 1024
 #: Longest a pop waits at the hub before answering empty; clients then ask again.
 MAX_POP_WAIT = 30.0
