@@ -24,8 +24,10 @@ Features
       member count, confirmed in the background (up to 64 in flight) because a full member
       is logged, never reported to the caller.
 
-      - A process inbox is bound once per group, and the process copies each group message
-        to its own member channels. Memberships of the inbox live in the process: a
+      - A process inbox is bound once per group, and the process hands each group message
+        to the core as one envelope naming its live member channels here
+        (:mod:`multilayer.fanout`), which copies it to each; the inbox's capacity counts
+        it once. Memberships of the inbox live in the process: a
         ``group_add`` made in the same process records them directly, one made in another
         process reaches the owner as a control message in the inbox, ordered before any
         later group message. The owner skips members past their deadline and unbinds a
@@ -99,6 +101,7 @@ from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 from ..backend import Backend, Capabilities, Item, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..fanout import seal
 from ..names import non_local_name
 from ..options import Option
 from ..serialization import deadline_of, log_malformed
@@ -149,8 +152,8 @@ class _Memberships:
             del self._groups[group]
             return True
 
-    def live(self, group: str) -> list[str]:
-        """The unexpired members of ``group``, forgetting the expired ones."""
+    def live(self, group: str) -> list[tuple[str, float]]:
+        """The unexpired members of ``group`` with their deadlines, forgetting the expired."""
         current = now()
         with self._lock:
             members = self._groups.get(group)
@@ -160,7 +163,7 @@ class _Memberships:
                 del members[channel]
             if not members:
                 del self._groups[group]
-            return list(members)
+            return list(members.items())
 
     def groups(self) -> list[str]:
         with self._lock:
@@ -895,7 +898,7 @@ class _Consumer:
                 if redelivered and message_id in handed:
                     continue  # handed out here before the connection dropped
                 ids.append(message_id)
-            # One group message's copies are returned together, even beyond ``limit``.
+            # A group message comes back as one envelope for the core to hand to members.
             try:
                 taken.extend(self._open(routing_key, kind, body))
             except Exception as error:  # another client's garbage must not stop the queue
@@ -943,7 +946,11 @@ class _Consumer:
         members = self.backend.memberships(self.queue).live(group)
         if not members:
             self.backend.unbind_later(self.queue, group)
-        return [(member, body) for member in members]
+            return []
+        # The process's own membership state is already current (a discard here, or one
+        # made elsewhere and told here, arrived before this message), so the time it is
+        # opened stands for the send time: the core's departure check drops no one more.
+        return [(self.name, seal(body, group, now(), self.name, members))]
 
 
 class RabbitMQBackend(Backend):
