@@ -153,10 +153,15 @@ class Backend(abc.ABC):
         """
         return BrokerStats()
 
-    def skip_full_member(self, group: str, channel: str | None) -> None:
-        """Count and log one group copy refused because its member was full."""
-        self.skipped_full += 1
-        log_full_member(group, channel)
+    def skip_full_members(
+        self, group: str, skipped: int, members: int | None = None, *, exact: bool = True
+    ) -> None:
+        """Count the copies of one ``group_send`` refused because their member was full,
+        and log them in one line (see :func:`log_full_members`).
+        """
+        if skipped:
+            self.skipped_full += skipped
+            log_full_members(group, skipped, members, exact=exact)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -241,25 +246,37 @@ class Backend(abc.ABC):
             ),
             return_exceptions=True,
         )
+        skipped = 0
         for (_target, _data, members), result in zip(targets, results, strict=True):
             if isinstance(result, ChannelFull):
-                for member in members:
-                    self.skip_full_member(group, member)
+                skipped += len(members)
             elif isinstance(result, BaseException):
                 raise result
+        self.skip_full_members(group, skipped, sum(len(members) for *_, members in targets))
 
     @abc.abstractmethod
     async def flush(self) -> None:
         """Delete every queue, message and group under this layer's prefix, and only those."""
 
 
-def log_full_member(group: str, channel: str | None) -> None:
-    """Log that ``group_send`` skipped a full member (one place, one wording).
+def log_full_members(
+    group: str, skipped: int, members: int | None = None, *, exact: bool = True
+) -> None:
+    """Log that one ``group_send`` skipped ``skipped`` full members (one place, one wording).
 
-    ``channel`` is None when the broker refuses a copy without saying which member's.
+    One line per group_send rather than per member, which would flood the log for a big
+    group. ``members`` is the number of live members the group_send reached for, when the
+    backend knows it; ``exact`` is False when the broker only says that some copy was
+    refused (so ``skipped`` is a lower bound).
     """
-    member = "a member" if channel is None else f"member {channel!r}"
-    logger.warning("group_send to %r skipped %s: channel is full", group, member)
+    if members is not None:
+        logger.warning(
+            "group_send to %r skipped %d of %d members: channel full", group, skipped, members
+        )
+    else:
+        count = f"{skipped}" if exact else f"at least {skipped}"
+        noun = "member" if skipped == 1 else "members"
+        logger.warning("group_send to %r skipped %s %s: channel full", group, count, noun)
 
 
 def now() -> float:

@@ -215,11 +215,20 @@ class LocalQueue:
             await asyncio.gather(fetcher, return_exceptions=True)
         self.fail(error)
 
-    def adopt(self, other: LocalQueue) -> None:
-        """Take over the buffered payloads of a queue whose event loop has ended."""
-        for channel, payloads in other.buffers.items():
-            self.buffers.setdefault(channel, deque()).extendleft(reversed(payloads))
-        other.buffers.clear()
+    def restore(self, channel: str, payloads: Iterable[bytes]) -> None:
+        """Put ``payloads`` for ``channel``, fetched before anything buffered here, first
+        in line, and wake a receive waiting for them.
+        """
+        buffer = self.buffers.setdefault(channel, deque())
+        buffer.extendleft(reversed(list(payloads)))
+        if not buffer:
+            del self.buffers[channel]
+            return
+        self._wake(channel)
+
+    def wake(self, channel: str) -> None:
+        """Wake one receive waiting for ``channel``, if any, to look again."""
+        self._wake(channel)
 
 
 class HeldMessages:

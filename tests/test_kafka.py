@@ -19,7 +19,7 @@ from kafka_broker import tansu
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend, _Machine
-from multilayer.serialization import pack
+from multilayer.serialization import largest_payload, pack
 
 kafka = require_module("kafka")
 
@@ -213,6 +213,37 @@ def test_one_topic_per_prefix_whatever_the_traffic(broker_url: str) -> None:
 
     run(body)
     assert {topic for topic in topics_on(broker_url) if "layout" in topic} == {"multilayer.layout"}
+
+
+def test_size_limits_admit_the_largest_encrypted_message(broker_url: str) -> None:
+    # The topic, the producer and the fetches take an encrypted payload at
+    # max_message_size plus the operation around it, even for a layer that does not
+    # encrypt: the topic is shared, and made by whichever process comes first.
+    largest = largest_payload(300_000, encrypted=True)
+
+    async def body() -> None:
+        layer = ChannelLayer(broker_url, prefix="sized", max_message_size=300_000)
+        try:
+            await layer.send("sized.q", {"n": 1})
+            assert await asyncio.wait_for(layer.receive("sized.q"), 10) == {"n": 1}
+            backend = layer._state().backend
+            assert isinstance(backend, KafkaBackend) and backend._hub is not None
+            hub = backend._hub
+            assert hub.options["max_record"] == largest + 4096
+            assert hub.producer.config["max_request_size"] == largest + 4096
+            assert hub.consumer.config["max_partition_fetch_bytes"] == largest + 4096
+        finally:
+            await layer.close()
+
+    run(body)
+    admin = kafka.KafkaAdminClient(bootstrap_servers=broker_url.removeprefix("kafka://"))
+    try:
+        topic = kafka.admin.ConfigResource(kafka.admin.ConfigResourceType.TOPIC, "multilayer.sized")
+        [response] = admin.describe_configs([topic])
+    finally:
+        admin.close()
+    configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
+    assert configs["max.message.bytes"] == str(largest + 4096)
 
 
 def test_operations_written_together_share_a_kafka_record(broker_url: str) -> None:

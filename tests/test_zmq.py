@@ -94,6 +94,15 @@ def test_bad_urls_are_refused_without_io(url: str, problem: str) -> None:
         ChannelLayer(url)
 
 
+def test_max_message_size_must_fit_a_frame_once_encrypted() -> None:
+    # Nodes and hubs refuse frames over DEFAULT_MAX_MESSAGE: about 6.3 MB of msgpack, encrypted.
+    fits = ChannelLayer("zmq://127.0.0.1:5599", max_message_size=6_000_000)
+    fits.backend_class(fits.url, fits.settings, fits.backend_options)
+    too_large = ChannelLayer("zmq://127.0.0.1:5599", max_message_size=6_400_000)
+    with pytest.raises(ConfigurationError, match="max_message_size=6400000 makes payloads"):
+        too_large.backend_class(too_large.url, too_large.settings, too_large.backend_options)
+
+
 def test_curve_secret_never_shows_in_errors() -> None:
     secret = "s" * 39
     with pytest.raises(ConfigurationError) as caught:
@@ -287,7 +296,7 @@ def test_a_group_copy_keeps_capacity_exact(hub: Hub, caplog: pytest.LogCaptureFi
             await sender.close()
 
     run(body())
-    assert "skipped member" in caplog.text
+    assert "group_send to 'g' skipped 1 of 1 members: channel full" in caplog.text
 
 
 @pytest.mark.parametrize("size", [2, 30])
@@ -602,9 +611,9 @@ def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub)
         payload = struct.pack("!d", until) + b"body"
         # Nobody owns the inbox: the hub parks its envelope, one place of capacity 2.
         for rid in (4, 5):
-            assert call("gsend", rid, "park:g", "park", 2, {}, payload=payload)[0] == [[]]
-        full = call("gsend", 6, "park:g", "park", 2, {}, payload=payload)[0]
-        assert sorted(full[0]) == sorted(members)
+            assert call("gsend", rid, "park:g", "park", 2, {}, payload=payload)[0] == [[], 3]
+        full, live = call("gsend", 6, "park:g", "park", 2, {}, payload=payload)[0]
+        assert (sorted(full), live) == (sorted(members), 3)
         assert call("stats", 7, "park")[0][0] == {"specific.nobody!": 2, "park.worker": 2}
         # The owner registering gets the envelopes, each naming both members.
         (handed,), envelopes = call("register", 8, ["park:specific.nobody!"], "tcp://x:1", "", 5)

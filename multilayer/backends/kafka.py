@@ -62,13 +62,13 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_members, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import deadline_of, log_malformed
+from ..serialization import deadline_of, largest_payload, log_malformed
 from ..url import LayerURL
 
 __all__ = ["KafkaBackend"]
@@ -249,6 +249,7 @@ class _Outcome:
 
     accepted: bool = True
     full_members: list[str] = field(default_factory=list)
+    live_members: int = 0
     delivered: list[tuple[str, list[_Message]]] = field(default_factory=list)
     appended: set[str] = field(default_factory=set)
     flushed: bool = False
@@ -277,7 +278,9 @@ class _Machine:
             for channel, until in list(members.items()):
                 if until <= sent_at:
                     del members[channel]
-                elif not self._append(
+                    continue
+                outcome.live_members += 1
+                if not self._append(
                     offset, channel, payload, capacities.get(channel, default), sent_at, outcome
                 ):
                     outcome.full_members.append(channel)
@@ -830,11 +833,11 @@ class _Hub:
             self.waker.wake(queue)
         if record[0] == _GROUP_SEND:
             sender = self.group_senders.pop(token, None)
-            for member in outcome.full_members:
-                if sender is not None:
-                    sender.skip_full_member(record[3], member)
-                elif str(token).startswith(self.token_prefix):
-                    log_full_member(record[3], member)
+            full, live = len(outcome.full_members), outcome.live_members
+            if sender is not None:
+                sender.skip_full_members(record[3], full, live)
+            elif full and str(token).startswith(self.token_prefix):
+                log_full_members(record[3], full, live)
         if record[0] == _CANCEL:
             self.abandoned.discard(record[4])
         elif record[0] == _TAKE:
@@ -1151,7 +1154,11 @@ class KafkaBackend(Backend):
         options = {
             **self.config,
             "retention_hours": retention,
-            "max_record": self.settings.max_message_size + _RECORD_OVERHEAD,
+            # The topic, the producer and the fetches all take the largest record this
+            # layer can write: an encrypted payload at max_message_size, whether or not this
+            # process encrypts, since the topic is shared and made by whoever comes first.
+            "max_record": largest_payload(self.settings.max_message_size, encrypted=True)
+            + _RECORD_OVERHEAD,
         }
         key = f"{self.url.without_query().render()}|{topic}|{sorted(options.items())}"
         with _hubs_lock:

@@ -172,7 +172,7 @@ class MemoryBackend(Backend):
     ) -> None:
         store = self._store
         current = now()
-        full = []
+        full = live = 0
         with store.lock:
             members = store.groups.get(self._prefix + group)
             if not members:
@@ -181,19 +181,19 @@ class MemoryBackend(Backend):
                 if until <= current:
                     del members[channel]
             inboxes, normal = split(members.items())
+            live = len(members)
             for channel, _until in normal:
                 if not store.push_locked(
                     self._prefix + channel, (channel, payload), capacity.for_channel(channel)
                 ):
-                    full.append(channel)
+                    full += 1
             for inbox, local in inboxes.items():
                 envelope = seal(payload, group, current, inbox, local)
                 if not store.push_locked(
                     self._prefix + inbox, (inbox, envelope), capacity.for_channel(inbox)
                 ):
-                    full.extend(channel for channel, _until in local)
-        for channel in full:
-            self.skip_full_member(group, channel)
+                    full += len(local)
+        self.skip_full_members(group, full, live)
 
     async def broker_stats(self) -> BrokerStats:
         store, prefix, current = self._store, self._prefix, now()

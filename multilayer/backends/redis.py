@@ -1037,9 +1037,8 @@ class RedisBackend(Backend):
             results = [await fan_out(self._shards[0])]
         else:
             results = await asyncio.gather(*(fan_out(shard) for shard in self._shards))
-        for full in results:
-            for member in full:
-                self.skip_full_member(group, member.decode())
+        # The script returns the full members only: how many it reached stays on Redis.
+        self.skip_full_members(group, sum(len(full) for full in results))
 
     async def broker_stats(self) -> BrokerStats:
         """LLEN of every queue and ZCOUNT of live members of every group, on every shard.

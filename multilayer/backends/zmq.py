@@ -79,7 +79,7 @@ from ..fanout import seal, split
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import HEADER_SIZE, deadline_of
+from ..serialization import HEADER_SIZE, deadline_of, largest_payload
 from ..url import LayerURL
 from .zmqhub import (
     DEFAULT_MAX_MESSAGE,
@@ -110,6 +110,10 @@ _PREFETCH = 100
 _PREFETCH_HOLD = 1.0
 #: How long a stopping node waits for its last give-back to reach the hub (ms).
 _GIVE_BACK_LINGER_MS = 2000
+#: Bytes of payloads one batch of leased sends holds before it is written: a batch is one
+#: frame, and every frame must stay within the sockets' DEFAULT_MAX_MESSAGE (a frame of
+#: one payload alone may be larger, up to largest_payload(max_message_size)).
+_BATCH_BYTES = 1024 * 1024
 #: A leased send this long after the previous write goes out at once, unbatched.
 _SPARSE = 0.001
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
@@ -627,6 +631,7 @@ class _Link:
         self.unsettled = False
         #: Messages sent on leases, not yet written: ([key, channel, size], payload) pairs.
         self._leased: list[tuple[list[Any], bytes]] = []
+        self._leased_bytes = 0
         #: Requests batched by start_batched, not yet written.
         self._requests: list[tuple[str, int, list[Any], list[bytes]]] = []
         self._last_write = 0.0
@@ -733,7 +738,10 @@ class _Link:
         Any request on this link writes the batch first, so order is kept.
         """
         self.write_requests()
+        if self._leased and self._leased_bytes + len(payload) > _BATCH_BYTES:
+            self.write_leased()
         self._leased.append(([key, channel, len(payload)], payload))
+        self._leased_bytes += len(payload)
         self.unsettled = True
         if len(self._leased) >= _WANT or (
             len(self._leased) == 1 and time.monotonic() - self._last_write > _SPARSE
@@ -748,6 +756,7 @@ class _Link:
         if not self._leased:
             return
         batch, self._leased = self._leased, []
+        self._leased_bytes = 0
         self._last_write = time.monotonic()
         header = encode("send", 0, [item for item, _ in batch])
         try:
@@ -877,6 +886,15 @@ class ZmqBackend(Backend):
 
     def __init__(self, url: LayerURL, settings: LayerSettings, options: Mapping[str, Any]):
         super().__init__(url, settings, options)
+        largest = largest_payload(settings.max_message_size, encrypted=True)
+        if largest > DEFAULT_MAX_MESSAGE:
+            # Nodes and hubs refuse frames beyond this (a hub's --max-message-size may be
+            # larger, but nodes would still drop such messages from other processes).
+            raise ConfigurationError(
+                f"{url.sanitized()}: max_message_size={settings.max_message_size} makes "
+                f"payloads of up to {largest} bytes encrypted, more than the "
+                f"{DEFAULT_MAX_MESSAGE} bytes ZeroMQ nodes and hubs accept in one frame"
+            )
         if url.scheme == "zmq+ipc":
             self._hubs: tuple[str, ...] = (f"ipc:///{url.path.lstrip('/')}",)
             self._hub_names: tuple[str, ...] = self._hubs
@@ -1285,17 +1303,18 @@ class ZmqBackend(Backend):
             # its members there.
             current = time.time()
             inboxes, normal = split(member for member in copy[0] if member[1] > current)
-            targets = [(channel, payload, [channel]) for channel, _until in normal] + [
-                (inbox, seal(payload, group, current, inbox, local), [m for m, _ in local])
+            targets = [(channel, payload, 1) for channel, _until in normal] + [
+                (inbox, seal(payload, group, current, inbox, local), len(local))
                 for inbox, local in inboxes.items()
             ]
+            full = 0
             for target, data, members in targets:
                 limit = capacity.for_channel(target)
                 try:
                     await self.push(target, data, deadline=deadline, capacity=limit)
                 except ChannelFull:
-                    for member in members:
-                        self.skip_full_member(group, member)
+                    full += members
+            self.skip_full_members(group, full, sum(members for *_, members in targets))
             return
         await self._settle()
         overrides: dict[str, int] = {}
@@ -1336,8 +1355,10 @@ class ZmqBackend(Backend):
             if error is not None:
                 logger.warning("group_send to %r may not have reached everyone: %s", group, error)
                 return
-            for member in future.result()[0][0]:
-                self.skip_full_member(group, member)
+            # The hub answers with the full members and, since it sends envelopes, the
+            # number of live members it reached for (older hubs: the full ones only).
+            reply = future.result()[0]
+            self.skip_full_members(group, len(reply[0]), reply[1] if len(reply) > 1 else None)
 
         future.add_done_callback(answered)
 

@@ -21,7 +21,8 @@ request (no reply) whose second frame holds the payloads back to back
 (:func:`split_batch`), the same format nodes take from senders holding an inbox lease.
 A ``gsend`` queues the message for each normal member and puts one envelope
 (:mod:`multilayer.fanout`) into each process inbox with members, forwarded to its node or
-parked here, capacity checked once per inbox; it answers with the members left out.
+parked here, capacity checked once per inbox; it answers with the members left out and
+the number of live members.
 A ``gwatch`` hands a client the members of a small group (few queues, see
 ``_group_watch``) with a lease (``GROUP_LEASE``);
 until it ends, a ``gadd``, ``gdiscard`` or ``flush`` touching the group first sends that
@@ -70,7 +71,10 @@ logger = logging.getLogger(__name__)
 
 #: Item statuses in replies: accepted, refused for capacity, no such inbox here.
 OK, FULL, UNKNOWN = 0, 1, 2
-#: Frames larger than this are refused by the sockets themselves (8 MiB messages + headers).
+#: Frames larger than this are refused by the sockets themselves. A frame holds one payload
+#: or a batch of at most 1 MiB of them, and a payload is at most
+#: ``largest_payload(max_message_size, encrypted=True)``: 3.5 MB at the default
+#: max_message_size, and the ZeroMQ backend refuses a max_message_size beyond ~6 MB.
 DEFAULT_MAX_MESSAGE = 8 * 1024 * 1024 + 64 * 1024
 #: Longest a pop waits at the hub before answering empty; clients then ask again.
 MAX_POP_WAIT = 30.0
@@ -242,6 +246,8 @@ class _Job:
     key: str = ""
     #: The members a group envelope names, by its process inbox: reported full together.
     named: dict[str, list[str]] = field(default_factory=dict)
+    #: The live members a group send reached for, for the sender's log line.
+    live: int = 0
 
 
 class Hub:
@@ -590,6 +596,7 @@ class Hub:
         inboxes, normal = fanout.split(
             (channel, until) for channel, until in members.items() if until > current
         )
+        job.live = len(normal) + sum(len(local) for local in inboxes.values())
         for member, _until in normal:
             capacity = overrides.get(member, default)
             if not self._enqueue(f"{prefix}:{member}", member, payload, capacity):
@@ -849,7 +856,7 @@ class Hub:
             self._reply(job.client, encode("ok", job.request_id, status, endpoint, public_key))
         elif job.reply == "gsend":
             full = [member for name in job.full for member in job.named.get(name, (name,))]
-            self._reply(job.client, encode("ok", job.request_id, full))
+            self._reply(job.client, encode("ok", job.request_id, full, job.live))
         else:
             self._reply(job.client, encode("ok", job.request_id))
 
