@@ -7,6 +7,7 @@ loopback port or a socket in its temporary directory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import signal
 import struct
@@ -624,6 +625,33 @@ def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub)
             assert opened.members == [(member, until) for member in members[:2]]
     finally:
         dealer.close(0)
+
+
+def test_a_full_inbox_is_one_line_naming_its_members_count(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        owner = ChannelLayer(hub.url, prefix="fullbox", capacity=1)
+        sender = ChannelLayer(hub.url, prefix="fullbox", capacity=1)
+        try:
+            members = [await owner.new_channel() for _ in range(3)]
+            for member in members:
+                await owner.group_add("g", member)
+            await sender.group_add("g", "fullbox.worker")
+            for n in range(2):  # sparse: through the hub; the second finds both queues full
+                await sender.group_send("g", {"n": n})
+            await sender.close()  # waits for the hub's answers
+            for member in members:
+                assert await recv(owner, member) == {"n": 0}
+        finally:
+            await owner.flush()
+            await owner.close()
+            await sender.close()
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body())
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert lines == ["group_send to 'g' skipped 4 of 4 members: channel full"]
 
 
 def test_node_survives_malformed_leased_batches(hub: Hub) -> None:

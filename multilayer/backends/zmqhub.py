@@ -540,9 +540,8 @@ class Hub:
         group, most, most_members = _text(args[0]), _count(args[1]), _count(args[2])
         members = self.groups.get(group, {})
         current = time.time()
-        live = [[channel, until] for channel, until in members.items() if until > current]
-        queues = {non_local_name(channel) for channel, until in members.items() if until > current}
-        if len(live) > most_members or len(queues) > most:
+        live = [(channel, until) for channel, until in members.items() if until > current]
+        if len(live) > most_members or len({non_local_name(c) for c, _ in live}) > most:
             self._reply(client, encode("ok", rid, None, 0))
             return
         self.watchers.setdefault(group, {})[client] = time.monotonic() + GROUP_LEASE
