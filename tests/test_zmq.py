@@ -25,7 +25,9 @@ import zmq
 import zmq.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError, fanout
+from multilayer.backends import zmq as zmq_backend
 from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
+from multilayer.backends.zmqhub import DEFAULT_MAX_MESSAGE
 from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
 
@@ -316,6 +318,31 @@ def test_a_group_copy_sends_one_envelope_per_inbox(hub: Hub, size: int) -> None:
             for member in members:
                 assert [(await recv(sender, member))["n"] for _ in range(4)] == [0, 1, 2, 3]
             await nothing(sender, members[0], 0.1)
+        finally:
+            await sender.flush()
+            await sender.close()
+
+    run(body())
+
+
+def test_a_group_copy_leaves_an_envelope_too_large_for_a_frame_to_the_hub(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        sender = ChannelLayer(hub.url, prefix="cpbig")
+        try:
+            members = [await sender.new_channel() for _ in range(2)]
+            for member in members:
+                await sender.group_add("g", member)
+            await _copied(sender, "g", members, sender)
+            backend = sender._state().backend
+            assert isinstance(backend, ZmqBackend) and not backend._group_sends
+            # As if the message were near the largest a frame holds (sockets already made).
+            monkeypatch.setattr(zmq_backend, "DEFAULT_MAX_MESSAGE", 64)
+            await sender.group_send("g", {"n": 1})
+            assert backend._group_sends  # sent to the hub, not from the copy
+            for member in members:
+                assert await recv(sender, member) == {"n": 1}
         finally:
             await sender.flush()
             await sender.close()
@@ -623,6 +650,28 @@ def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub)
             opened = fanout.open_envelope("specific.nobody!", envelope)
             assert (opened.group, opened.payload) == ("g", payload)
             assert opened.members == [(member, until) for member in members[:2]]
+    finally:
+        dealer.close(0)
+
+
+def test_hub_sends_copies_where_an_envelope_would_not_fit_a_frame(hub: Hub) -> None:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+    try:
+        until = time.time() + 60
+        for rid, member in enumerate(["specific.big!a", "specific.big!b"], 1):
+            dealer.send_multipart([msgpack.packb(["gadd", rid, "big:g", member, until])])
+            assert msgpack.unpackb(dealer.recv_multipart()[0])[:2] == ["ok", rid]
+        deadline = struct.pack("!d", until)
+        for rid, size in ((3, 100), (4, DEFAULT_MAX_MESSAGE - 20)):
+            request = msgpack.packb(["gsend", rid, "big:g", "big", 10, {}])
+            dealer.send_multipart([request, deadline + b"x" * (size - len(deadline))])
+            assert msgpack.unpackb(dealer.recv_multipart()[0]) == ["ok", rid, [], 2]
+        dealer.send_multipart([msgpack.packb(["stats", 5, "big"])])
+        # The small message as one envelope, the large one as a copy per member.
+        assert msgpack.unpackb(dealer.recv_multipart()[0])[2] == {"specific.big!": 3}
     finally:
         dealer.close(0)
 

@@ -1307,15 +1307,18 @@ class ZmqBackend(Backend):
                 (inbox, seal(payload, group, current, inbox, local), len(local))
                 for inbox, local in inboxes.items()
             ]
-            full = 0
-            for target, data, members in targets:
-                limit = capacity.for_channel(target)
-                try:
-                    await self.push(target, data, deadline=deadline, capacity=limit)
-                except ChannelFull:
-                    full += members
-            self.skip_full_members(group, full, sum(members for *_, members in targets))
-            return
+            # An envelope larger than a node takes in one frame (a payload near the size
+            # limit, many members) goes through the hub, which copies it per member.
+            if all(len(data) <= DEFAULT_MAX_MESSAGE for _target, data, _members in targets):
+                full = 0
+                for target, data, members in targets:
+                    limit = capacity.for_channel(target)
+                    try:
+                        await self.push(target, data, deadline=deadline, capacity=limit)
+                    except ChannelFull:
+                        full += members
+                self.skip_full_members(group, full, sum(members for *_, members in targets))
+                return
         await self._settle()
         overrides: dict[str, int] = {}
         if not capacity.uniform:

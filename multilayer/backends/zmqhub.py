@@ -605,14 +605,23 @@ class Hub:
         name = group[len(prefix) + 1 :]
         for inbox, local in inboxes.items():
             key = f"{prefix}:{inbox}"
-            envelope = fanout.seal(payload, name, current, inbox, local)
             capacity = overrides.get(inbox, default)
-            job.named[inbox] = [member for member, _until in local]
+            data = fanout.seal(payload, name, current, inbox, local)
+            if len(data) <= DEFAULT_MAX_MESSAGE:
+                channels = [inbox]
+                job.named[inbox] = [member for member, _until in local]
+            else:
+                # Naming this many members beside a payload this large makes a frame no
+                # node takes: each member gets its own copy, counted each, as before.
+                channels = [member for member, _until in local]
+                data = payload
             owner = self.directory.get(key)
             if owner is not None:
-                self._forward(job, owner, [(key, inbox, capacity)], envelope)
-            elif not self._enqueue(key, inbox, envelope, capacity):
-                job.full.append(inbox)
+                self._forward(job, owner, [(key, channel, capacity) for channel in channels], data)
+                continue
+            for channel in channels:
+                if not self._enqueue(key, channel, data, capacity):
+                    job.full.append(channel)
         if not job.waiting:
             self._finish(job)
 
