@@ -187,6 +187,7 @@ def test_group_send_puts_one_envelope_per_inbox_counted_once() -> None:
     # The inbox is full: every member it carries is skipped, the worker still gets its copy.
     refused = machine.apply(9, ["G", None, 2.0, "g", payload(9), 9, {"specific.p!": 2}])
     assert refused.full_members == members
+    assert refused.live_members == len(members) + 1
     assert len(machine.queues["worker"].pending) == 3
     # A take record naming the envelope frees its one place.
     machine.apply(10, ["T", None, 2.0, "specific.p!", [[7, "specific.p!"]]])
