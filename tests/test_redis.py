@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from brokers import (
 
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
 from multilayer.backends.redis import RedisBackend, _Ring
+from multilayer.capacity import CapacityPolicy
+from multilayer.fanout import open_envelope, seal
 from multilayer.names import non_local_name
 from multilayer.serialization import pack
 
@@ -258,6 +261,14 @@ def evalsha_calls(port: int) -> int:
         client.close()
 
 
+def queue_length(port: int, key: str) -> int:
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        return int(client.llen(key))
+    finally:
+        client.close()
+
+
 def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None:
     url = "redis://" + ",".join(f"127.0.0.1:{port}" for port in three_redis) + "/0"
 
@@ -276,6 +287,10 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
             await sender.group_send("fan-100", {"hello": "all"})
             after = [evalsha_calls(port) for port in three_redis]
             assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+            # Each process's inbox, wherever it hashed, holds one envelope for its ten.
+            for layer in receivers:
+                key = f"fan:q:{non_local_name(next(c for o, c in members if o is layer))}"
+                assert sum(queue_length(port, key) for port in three_redis) == 1
             for layer, channel in members:
                 assert await asyncio.wait_for(layer.receive(channel), 5) == {"hello": "all"}
         finally:
@@ -284,6 +299,75 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
                 await layer.close()
 
     run(body)
+
+
+def test_the_group_script_seals_envelopes_byte_for_byte_as_fanout_does(redis_port: int) -> None:
+    """The Lua script packs the envelope header itself; fanout must read it, and it must be
+    the very bytes fanout.seal makes (cmsgpack would pack a whole-number deadline as an
+    integer, which decodes alike but is not the same envelope)."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    inbox = "specific.0123456789abcdef!"
+    group = "seal-" + "g" * 35  # a msgpack str8, as is the longest suffix below
+    soon = time.time() + 3600
+    # More members than a msgpack fixarray holds; suffixes of 1 to 40 characters; whole
+    # and fractional membership deadlines.
+    members = [(f"{inbox}{n:02d}" + "x" * (2 * n), soon + n * 0.25) for n in range(20)]
+    members.append((f"{inbox}w", float(int(soon) + 7)))
+    payload = struct.pack("!d", time.time() + 60) + b"\x81\xa1n\x01"
+    admin = redis.Redis(host="127.0.0.1", port=redis_port)
+
+    async def body() -> None:
+        backend = await open_backend(url, prefix="seal")
+        try:
+            for channel, until in members:
+                await backend.group_add(group, channel, deadline=until)
+            await backend.group_add(group, "seal.normal", deadline=soon)
+            before = time.time()
+            await backend.group_send(
+                group, payload, deadline=time.time() + 60, capacity=CapacityPolicy(1)
+            )
+            after = time.time()
+        finally:
+            await backend.close()
+        (element,) = admin.lrange(f"seal:q:{inbox}", 0, -1)
+        assert element[:1] == b"\n"
+        opened = open_envelope(inbox, element[1:])
+        assert (opened.group, opened.payload) == (group, payload)
+        assert before <= opened.sent_at <= after
+        # ZRANGE order: by deadline, then by name.
+        in_order = sorted(members, key=lambda member: (member[1], member[0]))
+        assert opened.members == in_order
+        assert element[1:] == seal(payload, group, opened.sent_at, inbox, in_order)
+        assert admin.lrange("seal:q:seal.normal", 0, -1) == [b"\n" + payload]
+
+    try:
+        run(body)
+    finally:
+        admin.close()
+
+
+def test_a_full_inbox_is_one_log_line_for_all_its_members(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        layer = ChannelLayer(url, prefix="fullbox", capacity=1)
+        try:
+            channels = [await layer.new_channel() for _ in range(5)]
+            for channel in channels:
+                await layer.group_add("fullbox", channel)
+            await layer.send(channels[0], {"n": 0})
+            await layer.group_send("fullbox", {"n": 1})
+            assert (await layer.stats()).dropped_full == 5
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body)
+    (line,) = [r.getMessage() for r in caplog.records if "fullbox" in r.getMessage()]
+    assert "skipped 5 member(s)" in line and "and 2 more" in line
 
 
 def test_concurrent_sends_share_one_connection_and_keep_order(redis_port: int) -> None:

@@ -14,6 +14,11 @@ part of a channel name up to ``!``, so a process-specific channel is always sent
 received from the same server. Receivers ride out a Redis restart or a Sentinel failover
 and resume. Needs Redis (or a compatible server) 6.2 or newer.
 
+A ``group_send`` puts one envelope (:mod:`multilayer.fanout`) into each process inbox with
+members, naming them, sealed by the group script on the inbox's shard and counted once
+against the inbox's capacity; the receiving process hands it to each member. A member
+that is a normal channel gets its own copy.
+
 URL format::
 
     redis://[[user]:password@]host[:port][,host[:port]...][/db][?option=value...]
@@ -43,8 +48,9 @@ Options (besides the core ones):
 
 Key layout (``P`` is the layer prefix; ``docs/backends/redis.md`` gives memory costs):
 ``P:q:QUEUE`` list of messages of a normal channel or process inbox, each stored as the
-channel-name suffix after ``!``, a newline and the payload; ``P:g:GROUP`` sorted set of
-member channels scored by membership deadline, kept on the shard of each member;
+channel-name suffix after ``!``, a newline and the payload (a group envelope, see
+:mod:`multilayer.fanout`, has an empty suffix); ``P:g:GROUP`` sorted set of member
+channels scored by membership deadline, kept on the shard of each member;
 ``P:f:CONSUMER:QUEUE`` and ``P:l1:``/``P:l2:CONSUMER:QUEUE`` the in-flight and landing
 lists of one receiving backend instance.
 """
@@ -228,59 +234,79 @@ return 1
 """,
 )
 
-# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, capacity, then optionally
-# (with capacity '') channel/capacity pairs for a non-uniform capacity policy.
-# Returns the members skipped because they were full.
+# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, capacity, then
+# (with capacity '') queue/capacity pairs for a non-uniform capacity policy; a member
+# whose queue is not among them joined after they were computed, and is left out as if
+# it had joined after this send. Returns the members skipped because they were full.
+#
+# The process-specific members of one inbox get one envelope between them (the format of
+# multilayer.fanout), counted once against the inbox's capacity; a normal member gets its
+# own copy. The header is packed here as msgpack-python packs it, so that an envelope is
+# byte for byte what fanout.seal makes: cmsgpack would pack a whole-number deadline as an
+# integer and a float that fits as float32, which decode alike but are not the same bytes.
 _GROUP_SEND = _Script(
     "group_send",
     _LUA_HELPERS
     + """
-local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[3])
+local function mp_array(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return string.char(0xdc) .. struct.pack('>I2', n) end
+  return string.char(0xdd) .. struct.pack('>I4', n)
+end
+local function mp_str(text)
+  local n = #text
+  if n < 32 then return string.char(0xa0 + n) .. text end
+  if n < 256 then return string.char(0xd9, n) .. text end
+  if n < 65536 then return string.char(0xda) .. struct.pack('>I2', n) .. text end
+  return string.char(0xdb) .. struct.pack('>I4', n) .. text
+end
+local function mp_double(x)
+  return string.char(0xcb) .. struct.pack('>d', x)
+end
+local function seal(payload, group, sent_at, inbox)
+  local parts = {mp_array(4), mp_str(group), mp_double(sent_at), mp_array(#inbox.suffixes)}
+  for _, suffix in ipairs(inbox.suffixes) do parts[#parts + 1] = mp_str(suffix) end
+  parts[#parts + 1] = mp_array(#inbox.deadlines)
+  for _, deadline in ipairs(inbox.deadlines) do parts[#parts + 1] = mp_double(deadline) end
+  local header = table.concat(parts)
+  return table.concat({string.sub(payload, 1, 8), string.char(0xc1),
+    struct.pack('>I4', #header), header, string.sub(payload, 9)})
+end
+
+local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local prefix, group, uniform = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local capacities = {}
+for i = 7, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local targets = {}
-if ARGV[5] ~= '' then
-  local capacity = tonumber(ARGV[5])
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    targets[#targets + 1] = {member, capacity}
-  end
-else
-  for i = 6, #ARGV, 2 do
-    if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-      targets[#targets + 1] = {ARGV[i], tonumber(ARGV[i + 1])}
-    end
-  end
-end
--- Members of one process share its inbox: group them by queue, so that each queue costs
--- one capacity check and one RPUSH whatever the number of its members.
-local queues, order = {}, {}
-for _, target in ipairs(targets) do
-  local member = target[1]
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local full, inboxes, order = {}, {}, {}
+for i = 1, #members, 2 do
+  local member = members[i]
   local bang = string.find(member, '!', 1, true)
-  local queue, suffix = member, ''
-  if bang then queue, suffix = string.sub(member, 1, bang), string.sub(member, bang + 1) end
-  local key = ARGV[4] .. queue
-  local entry = queues[key]
-  if not entry then
-    entry = {capacity = target[2], elements = {}, members = {}}
-    queues[key] = entry
-    order[#order + 1] = key
+  local queue = bang and string.sub(member, 1, bang) or member
+  local capacity = uniform or capacities[queue]
+  if capacity and not bang then
+    if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
+      full[#full + 1] = member
+    end
+  elseif capacity then
+    local inbox = inboxes[queue]
+    if not inbox then
+      inbox = {capacity = capacity, suffixes = {}, deadlines = {}, members = {}}
+      inboxes[queue] = inbox
+      order[#order + 1] = queue
+    end
+    inbox.suffixes[#inbox.suffixes + 1] = string.sub(member, bang + 1)
+    inbox.deadlines[#inbox.deadlines + 1] = tonumber(members[i + 1])
+    inbox.members[#inbox.members + 1] = member
   end
-  entry.elements[#entry.elements + 1] = suffix .. '\\n' .. ARGV[2]
-  entry.members[#entry.members + 1] = member
 end
-local full = {}
-for _, key in ipairs(order) do
-  local entry = queues[key]
-  local room = entry.capacity - redis.call('LLEN', key)
-  if room < #entry.elements then
-    room = entry.capacity - trim_expired(key, now)
+for _, queue in ipairs(order) do
+  local inbox = inboxes[queue]
+  local element = '\\n' .. seal(payload, group, now, inbox)
+  if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
+    for _, member in ipairs(inbox.members) do full[#full + 1] = member end
   end
-  local accepted = math.max(0, math.min(room, #entry.elements))
-  for first = 1, accepted, 1000 do
-    redis.call('RPUSH', key, unpack(entry.elements, first, math.min(first + 999, accepted)))
-  end
-  if accepted > 0 then keep_alive(key, ttl) end
-  for i = accepted + 1, #entry.members do full[#full + 1] = entry.members[i] end
 end
 return full
 """,
@@ -1012,7 +1038,11 @@ class RedisBackend(Backend):
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
-        """One script per shard, run concurrently: each delivers to the members it holds."""
+        """One script per shard, run concurrently: each delivers to the members it holds.
+
+        A membership lives on its member's shard, so each script finds there the inboxes
+        of its process-specific members and seals one envelope per inbox in place.
+        """
         key = self._group_prefix + group
         current = now()
         ttl = _ttl_ms(deadline, current)
@@ -1025,11 +1055,11 @@ class RedisBackend(Backend):
                 if not members:
                     return []
                 targets = [""]
-                for member in members:
-                    targets += [member, capacity.for_channel(member.decode())]
+                for queue in dict.fromkeys(non_local_name(member.decode()) for member in members):
+                    targets += [queue, capacity.for_channel(queue)]
             full: list[bytes] = await shard.link.call(
                 "EVALSHA", _GROUP_SEND.sha, 1, key, current, payload, ttl,
-                self._queue_prefix, *targets,
+                self._queue_prefix, group, *targets,
             )  # fmt: skip
             return full
 
@@ -1037,9 +1067,19 @@ class RedisBackend(Backend):
             results = [await fan_out(self._shards[0])]
         else:
             results = await asyncio.gather(*(fan_out(shard) for shard in self._shards))
-        for full in results:
-            for member in full:
-                self.skip_full_member(group, member.decode())
+        skipped = [member.decode() for full in results for member in full]
+        if skipped:
+            # One line per group_send: a full inbox skips every member it holds.
+            self.skipped_full += len(skipped)
+            named = ", ".join(repr(member) for member in skipped[:3])
+            more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+            logger.warning(
+                "group_send to %r skipped %d member(s) whose channel is full: %s%s",
+                group,
+                len(skipped),
+                named,
+                more,
+            )
 
     async def broker_stats(self) -> BrokerStats:
         """LLEN of every queue and ZCOUNT of live members of every group, on every shard.
