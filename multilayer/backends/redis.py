@@ -248,29 +248,19 @@ _GROUP_SEND = _Script(
     "group_send",
     _LUA_HELPERS
     + """
-local function mp_array(n)
+-- msgpack heads: the type byte (and length) in front of an array or a string.
+local function array_head(n)
   if n < 16 then return string.char(0x90 + n) end
-  if n < 65536 then return string.char(0xdc) .. struct.pack('>I2', n) end
-  return string.char(0xdd) .. struct.pack('>I4', n)
+  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
+  return struct.pack('>BI4', 0xdd, n)
 end
-local function mp_str(text)
-  local n = #text
-  if n < 32 then return string.char(0xa0 + n) .. text end
-  if n < 256 then return string.char(0xd9, n) .. text end
-  if n < 65536 then return string.char(0xda) .. struct.pack('>I2', n) .. text end
-  return string.char(0xdb) .. struct.pack('>I4', n) .. text
-end
-local function mp_double(x)
-  return string.char(0xcb) .. struct.pack('>d', x)
-end
-local function seal(payload, group, sent_at, inbox)
-  local parts = {mp_array(4), mp_str(group), mp_double(sent_at), mp_array(#inbox.suffixes)}
-  for _, suffix in ipairs(inbox.suffixes) do parts[#parts + 1] = mp_str(suffix) end
-  parts[#parts + 1] = mp_array(#inbox.deadlines)
-  for _, deadline in ipairs(inbox.deadlines) do parts[#parts + 1] = mp_double(deadline) end
-  local header = table.concat(parts)
-  return table.concat({string.sub(payload, 1, 8), string.char(0xc1),
-    struct.pack('>I4', #header), header, string.sub(payload, 9)})
+local FIXSTR = {}
+for n = 0, 31 do FIXSTR[n] = string.char(0xa0 + n) end
+local function str_head(n)
+  if n < 32 then return FIXSTR[n] end
+  if n < 256 then return string.char(0xd9, n) end
+  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
+  return struct.pack('>BI4', 0xdb, n)
 end
 
 local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
@@ -279,6 +269,8 @@ local capacities = {}
 for i = 7, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+-- Per inbox, its members' packed names and packed deadlines (struct.pack converts the
+-- score string itself): this loop is most of the script's time with a big group.
 local full, inboxes, order = {}, {}, {}
 for i = 1, #members, 2 do
   local member = members[i]
@@ -292,20 +284,27 @@ for i = 1, #members, 2 do
   elseif capacity then
     local inbox = inboxes[queue]
     if not inbox then
-      inbox = {capacity = capacity, suffixes = {}, deadlines = {}, members = {}}
+      inbox = {capacity = capacity, names = {}, deadlines = {}}
       inboxes[queue] = inbox
       order[#order + 1] = queue
     end
-    inbox.suffixes[#inbox.suffixes + 1] = string.sub(member, bang + 1)
-    inbox.deadlines[#inbox.deadlines + 1] = tonumber(members[i + 1])
-    inbox.members[#inbox.members + 1] = member
+    local suffix, names = string.sub(member, bang + 1), inbox.names
+    names[#names + 1] = str_head(#suffix)
+    names[#names + 1] = suffix
+    inbox.deadlines[#inbox.deadlines + 1] = struct.pack('>Bd', 0xcb, members[i + 1])
   end
 end
+local body = string.sub(payload, 9)
+local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
 for _, queue in ipairs(order) do
   local inbox = inboxes[queue]
-  local element = '\\n' .. seal(payload, group, now, inbox)
+  local count = #inbox.deadlines
+  local header = table.concat({head, array_head(count), table.concat(inbox.names),
+    array_head(count), table.concat(inbox.deadlines)})
+  local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
+    struct.pack('>I4', #header), header, body})
   if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
-    for _, member in ipairs(inbox.members) do full[#full + 1] = member end
+    for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
   end
 end
 return full
