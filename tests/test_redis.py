@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import struct
 import time
@@ -308,24 +309,24 @@ def test_the_group_script_seals_envelopes_byte_for_byte_as_fanout_does(redis_por
     url = f"redis://127.0.0.1:{redis_port}/0"
     inbox = "specific.0123456789abcdef!"
     group = "seal-" + "g" * 35  # a msgpack str8, as is the longest suffix below
-    soon = time.time() + 3600
+    expires = time.time() + 60
     # More members than a msgpack fixarray holds; suffixes of 1 to 40 characters; whole
-    # and fractional membership deadlines.
-    members = [(f"{inbox}{n:02d}" + "x" * (2 * n), soon + n * 0.25) for n in range(20)]
-    members.append((f"{inbox}w", float(int(soon) + 7)))
-    payload = struct.pack("!d", time.time() + 60) + b"\x81\xa1n\x01"
+    # and fractional membership deadlines, ending before the message expires or after.
+    ending = [(f"{inbox}{n:02d}" + "x" * (2 * n), expires - 30 + n * 0.25) for n in range(20)]
+    ending.append((f"{inbox}w", float(int(expires) - 7)))
+    lasting = [(f"{inbox}L{n}", expires + 3600 + n) for n in range(3)]
+    lasting.append((f"{inbox}at-expiry", expires))
+    payload = struct.pack("!d", expires) + b"\x81\xa1n\x01"
     admin = redis.Redis(host="127.0.0.1", port=redis_port)
 
     async def body() -> None:
         backend = await open_backend(url, prefix="seal")
         try:
-            for channel, until in members:
+            for channel, until in ending + lasting:
                 await backend.group_add(group, channel, deadline=until)
-            await backend.group_add(group, "seal.normal", deadline=soon)
+            await backend.group_add(group, "seal.normal", deadline=expires + 3600)
             before = time.time()
-            await backend.group_send(
-                group, payload, deadline=time.time() + 60, capacity=CapacityPolicy(1)
-            )
+            await backend.group_send(group, payload, deadline=expires, capacity=CapacityPolicy(1))
             after = time.time()
         finally:
             await backend.close()
@@ -334,10 +335,13 @@ def test_the_group_script_seals_envelopes_byte_for_byte_as_fanout_does(redis_por
         opened = open_envelope(inbox, element[1:])
         assert (opened.group, opened.payload) == (group, payload)
         assert before <= opened.sent_at <= after
-        # ZRANGE order: by deadline, then by name.
-        in_order = sorted(members, key=lambda member: (member[1], member[0]))
-        assert opened.members == in_order
-        assert element[1:] == seal(payload, group, opened.sent_at, inbox, in_order)
+        # Memberships ending before the message does keep their deadline; the others,
+        # which the copy cannot outlive, are sent as lasting forever. ZRANGE order: by
+        # deadline, then by name.
+        by_score = sorted(ending, key=lambda member: (member[1], member[0]))
+        by_score += [(name, math.inf) for name, _ in sorted(lasting, key=lambda m: (m[1], m[0]))]
+        assert opened.members == by_score
+        assert element[1:] == seal(payload, group, opened.sent_at, inbox, by_score)
         assert admin.lrange("seal:q:seal.normal", 0, -1) == [b"\n" + payload]
 
     try:

@@ -234,10 +234,11 @@ return 1
 """,
 )
 
-# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, capacity, then
-# (with capacity '') queue/capacity pairs for a non-uniform capacity policy; a member
-# whose queue is not among them joined after they were computed, and is left out as if
-# it had joined after this send. Returns the members skipped because they were full.
+# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, the payload's
+# deadline, capacity, then (with capacity '') queue/capacity pairs for a non-uniform
+# capacity policy; a member whose queue is not among them joined after they were
+# computed, and is left out as if it had joined after this send. Returns the members
+# skipped because they were full.
 #
 # The process-specific members of one inbox get one envelope between them (the format of
 # multilayer.fanout), counted once against the inbox's capacity; a normal member gets its
@@ -264,16 +265,12 @@ local function str_head(n)
 end
 
 local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local prefix, group, uniform = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local prefix, group, expires, uniform = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local capacities = {}
-for i = 7, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
--- Per inbox, its members' packed names and packed deadlines (struct.pack converts the
--- score string itself): this loop is most of the script's time with a big group.
+for i = 8, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local full, inboxes, order = {}, {}, {}
-for i = 1, #members, 2 do
-  local member = members[i]
+-- Files a member under its inbox, with its packed deadline; a normal member gets its copy.
+local function add(member, deadline)
   local bang = string.find(member, '!', 1, true)
   local queue = bang and string.sub(member, 1, bang) or member
   local capacity = uniform or capacities[queue]
@@ -291,8 +288,19 @@ for i = 1, #members, 2 do
     local suffix, names = string.sub(member, bang + 1), inbox.names
     names[#names + 1] = str_head(#suffix)
     names[#names + 1] = suffix
-    inbox.deadlines[#inbox.deadlines + 1] = struct.pack('>Bd', 0xcb, members[i + 1])
+    inbox.deadlines[#inbox.deadlines + 1] = deadline
   end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+-- A membership that outlives the message is sent as lasting forever (msgpack inf): the
+-- copy expires first, so the receiver's check cannot tell the difference, and reading,
+-- formatting and packing a score per member was most of this script's time. Only the
+-- memberships ending sooner carry their deadline (struct.pack converts the score).
+local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
+for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
+local forever = struct.pack('>Bd', 0xcb, math.huge)
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')) do
+  add(member, forever)
 end
 local body = string.sub(payload, 9)
 local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
@@ -1058,7 +1066,7 @@ class RedisBackend(Backend):
                     targets += [queue, capacity.for_channel(queue)]
             full: list[bytes] = await shard.link.call(
                 "EVALSHA", _GROUP_SEND.sha, 1, key, current, payload, ttl,
-                self._queue_prefix, group, *targets,
+                self._queue_prefix, group, deadline, *targets,
             )  # fmt: skip
             return full
 
