@@ -253,6 +253,37 @@ def test_group_send_with_per_channel_capacities_over_shards(three_redis: list[in
     run(body)
 
 
+def test_group_envelopes_count_against_an_inbox_capacity_pattern(redis_port: int) -> None:
+    """With channel_capacity patterns the inbox's own capacity bounds its envelopes."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        options = {"prefix": "boxcap", "channel_capacity": {"tight.*": 1}, "capacity": 50}
+        layer, sender = ChannelLayer(url, **options), ChannelLayer(url, **options)
+        try:
+            tight = [await layer.new_channel("tight") for _ in range(3)]
+            roomy = [await layer.new_channel("roomy") for _ in range(3)]
+            for channel in tight + roomy:
+                await layer.group_add("boxcap", channel)
+            for n in range(2):
+                await sender.group_send("boxcap", {"n": n})
+            # One envelope fills the tight inbox: its three members get the first only.
+            for channel in tight:
+                assert await asyncio.wait_for(layer.receive(channel), 5) == {"n": 0}
+            for channel in roomy:
+                got = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(2)]
+                assert got == [{"n": 0}, {"n": 1}]
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(layer.receive(tight[0]), 0.3)
+            assert (await sender.stats()).dropped_full == 3
+        finally:
+            await layer.flush()
+            await layer.close()
+            await sender.close()
+
+    run(body)
+
+
 def evalsha_calls(port: int) -> int:
     client = redis.Redis(host="127.0.0.1", port=port)
     try:
