@@ -19,7 +19,8 @@ from kafka_broker import tansu
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend, _Machine
-from multilayer.serialization import largest_payload, pack
+from multilayer.fanout import open_envelope
+from multilayer.serialization import deadline_of, largest_payload, pack
 
 kafka = require_module("kafka")
 
@@ -161,6 +162,49 @@ def test_group_send_is_one_record_with_per_member_capacity() -> None:
     assert outcome.full_members == ["b"]
     assert outcome.appended == {"a", "specific.p!"}
     assert "old" not in machine.groups["g"]
+
+
+def test_group_send_puts_one_envelope_per_inbox_counted_once() -> None:
+    machine = _Machine()
+    members = [f"specific.p!m{index}" for index in range(5)]
+    for offset, member in enumerate(members):
+        machine.apply(offset, ["A", None, 1.0, "g", member, 50.0 + offset])
+    machine.apply(5, ["A", None, 1.0, "g", "specific.p!late", 1.5])
+    machine.apply(6, ["A", None, 1.0, "g", "worker", 50.0])
+    # Five members in one inbox of capacity 2: one message there, not five.
+    for position in (7, 8):
+        outcome = machine.apply(
+            position, ["G", None, 2.0, "g", payload(position), 9, {"specific.p!": 2}]
+        )
+        assert not outcome.full_members
+    inbox = machine.queues["specific.p!"].pending
+    assert [message.key for message in inbox] == [(7, "specific.p!"), (8, "specific.p!")]
+    envelope = open_envelope("specific.p!", inbox[0].payload)
+    assert (envelope.group, envelope.sent_at, envelope.payload) == ("g", 2.0, payload(7))
+    assert envelope.members == [(member, 50.0 + offset) for offset, member in enumerate(members)]
+    assert inbox[0].deadline == deadline_of(payload(7))
+    assert len(machine.queues["worker"].pending) == 2
+    # The inbox is full: every member it carries is skipped, the worker still gets its copy.
+    refused = machine.apply(9, ["G", None, 2.0, "g", payload(9), 9, {"specific.p!": 2}])
+    assert refused.full_members == members
+    assert refused.live_members == len(members) + 1
+    assert len(machine.queues["worker"].pending) == 3
+    # A take record naming the envelope frees its one place.
+    machine.apply(10, ["T", None, 2.0, "specific.p!", [[7, "specific.p!"]]])
+    assert not machine.apply(
+        11, ["G", None, 2.0, "g", payload(11), 9, {"specific.p!": 2}]
+    ).full_members
+
+
+def test_group_send_records_of_older_layers_give_members_capacities() -> None:
+    # Before envelopes a record keyed capacities by member; a member's is its inbox's.
+    machine = _Machine()
+    for offset, member in enumerate(["specific.p!a", "specific.p!b"]):
+        machine.apply(offset, ["A", None, 1.0, "g", member, 50.0])
+    record = ["G", None, 2.0, "g", payload(2), 9, {"specific.p!b": 1, "specific.p!a": 1}]
+    assert not machine.apply(2, record).full_members
+    refused = machine.apply(3, [*record[:4], payload(3), *record[5:]])
+    assert refused.full_members == ["specific.p!a", "specific.p!b"]
 
 
 def test_admitted_sends_are_appended_whatever_the_capacity() -> None:

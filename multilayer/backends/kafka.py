@@ -7,8 +7,10 @@ is a record in it, and every process replays the log through the same determinis
 machine, so the log order decides capacity, which receiver gets a message of a normal
 channel, group membership and flush, with no consumer groups and no rebalances. Only the
 owning process takes messages from its inbox; ``group_send`` is one record, fanned out by
-the replay. No topic is created or deleted while the layer runs, only when a prefix is
-first used. See ``docs/backends/kafka.md`` for the design and its costs.
+the replay into one copy per normal member and one envelope per process inbox with members
+(:mod:`multilayer.fanout`), each counted once against capacity. No topic is created or
+deleted while the layer runs, only when a prefix is first used. See
+``docs/backends/kafka.md`` for the design and its costs.
 
 URL format: ``kafka://[user:password@]host[:port][,host[:port]...][?option=value...]``
 (port 9092 by default; credentials select SASL over plaintext) and
@@ -60,11 +62,16 @@ from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
+import kafka
 import msgpack
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
 
 from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_members, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..fanout import seal, split
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
@@ -106,7 +113,7 @@ _DISTRUST = 5.0
 # replaying process decides the same.
 _SEND = "S"  # channel, capacity (None: admitted by the writer), payload
 _RETURN = "R"  # queue, [[channel, payload], ...] taken by a claim, given back
-_GROUP_SEND = "G"  # group, payload, default capacity, {member: capacity}
+_GROUP_SEND = "G"  # group, payload, default capacity, {queue: capacity} (see _group_send)
 _CLAIM = "C"  # queue, count, lease deadline (the token is the claim id)
 _RENEW = "K"  # queue, claim id, lease deadline
 _CANCEL = "X"  # queue, claim id
@@ -248,6 +255,7 @@ class _Outcome:
     """What applying one record decided, for the process that waits on it."""
 
     accepted: bool = True
+    #: Group members skipped as full; an inbox refused skips every member it would carry.
     full_members: list[str] = field(default_factory=list)
     live_members: int = 0
     delivered: list[tuple[str, list[_Message]]] = field(default_factory=list)
@@ -273,19 +281,7 @@ class _Machine:
             channel, capacity, payload = record[3], record[4], record[5]
             outcome.accepted = self._append(offset, channel, payload, capacity, sent_at, outcome)
         elif op == _GROUP_SEND:
-            group, payload, default, capacities = record[3], record[4], record[5], record[6]
-            members = self.groups.get(group, {})
-            for channel, until in list(members.items()):
-                if until <= sent_at:
-                    del members[channel]
-                    continue
-                outcome.live_members += 1
-                if not self._append(
-                    offset, channel, payload, capacities.get(channel, default), sent_at, outcome
-                ):
-                    outcome.full_members.append(channel)
-            if not members:
-                self.groups.pop(group, None)
+            self._group_send(offset, record, outcome)
         elif op == _RETURN:
             self._give_back(offset, record[3], record[4], sent_at, outcome)
         elif op == _CLAIM:
@@ -329,6 +325,41 @@ class _Machine:
 
     def _queue(self, name: str) -> _Queue:
         return self.queues.get(name) or _Queue()
+
+    def _group_send(self, offset: int, record: list[Any], outcome: _Outcome) -> None:
+        # Each normal member gets its own copy; the members living in one process share
+        # one envelope in its inbox (multilayer.fanout), checked once against the inbox's
+        # capacity, which that process opens into one copy per member. The envelope is
+        # the only message this record puts in an inbox, so its key (position, inbox
+        # name) is unique like every other.
+        sent_at, group, payload, default, capacities = record[2], *record[3:7]
+        members = self.groups.get(group)
+        if members is None:
+            return
+        for channel, until in list(members.items()):
+            if until <= sent_at:
+                del members[channel]
+        if not members:
+            del self.groups[group]
+            return
+        outcome.live_members = len(members)
+        inboxes, normal = split(members.items())
+        for channel, _until in normal:
+            if not self._append(
+                offset, channel, payload, capacities.get(channel, default), sent_at, outcome
+            ):
+                outcome.full_members.append(channel)
+        for inbox, local in inboxes.items():
+            # Records this layer writes key an inbox's capacity by its name; an older
+            # layer's name its members, whose capacity is their inbox's.
+            capacity = capacities.get(inbox)
+            if capacity is None:
+                capacity = next(
+                    (capacities[name] for name, _until in local if name in capacities), default
+                )
+            envelope = seal(payload, group, sent_at, inbox, local)
+            if not self._append(offset, inbox, envelope, capacity, sent_at, outcome):
+                outcome.full_members.extend(name for name, _until in local)
 
     def _give_back(
         self, offset: int, queue: str, items: list[Any], sent_at: float, outcome: _Outcome
@@ -525,9 +556,6 @@ class _Hub:
 
     def create_topic(self) -> None:
         """Create the log topic unless it exists (first use of a prefix, broker restart)."""
-        from kafka.admin import KafkaAdminClient, NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
         topic = NewTopic(
             self.topic,
             num_partitions=1,
@@ -546,8 +574,6 @@ class _Hub:
             admin.close()
 
     def _start(self) -> None:
-        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
         self.create_topic()
         self.producer = KafkaProducer(
             **self.client_config,
@@ -1064,8 +1090,6 @@ class KafkaBackend(Backend):
 
     @classmethod
     def versions(cls) -> dict[str, str]:
-        import kafka
-
         return {"kafka-python": kafka.__version__}
 
     async def broker_version(self) -> str:
@@ -1316,7 +1340,8 @@ class KafkaBackend(Backend):
             # Members this process has not seen yet get the default capacity.
             with hub.lock:
                 known = list(hub.machine.groups.get(group, ()))
-            capacities = {member: capacity.for_channel(member) for member in known}
+            # Keyed by queue: the members of one process share one envelope in its inbox.
+            capacities = {non_local_name(member): capacity.for_channel(member) for member in known}
         # The record decides the fan-out for every process; waiting for its replay here
         # would only delay the warnings about full members, which the replay thread logs.
         token = hub.token()

@@ -14,6 +14,11 @@ part of a channel name up to ``!``, so a process-specific channel is always sent
 received from the same server. Receivers ride out a Redis restart or a Sentinel failover
 and resume. Needs Redis (or a compatible server) 6.2 or newer.
 
+A ``group_send`` puts one envelope (:mod:`multilayer.fanout`) into each process inbox with
+members, naming them, sealed by the group script on the inbox's shard and counted once
+against the inbox's capacity; the receiving process hands it to each member. A member
+that is a normal channel gets its own copy.
+
 URL format::
 
     redis://[[user]:password@]host[:port][,host[:port]...][/db][?option=value...]
@@ -43,8 +48,9 @@ Options (besides the core ones):
 
 Key layout (``P`` is the layer prefix; ``docs/backends/redis.md`` gives memory costs):
 ``P:q:QUEUE`` list of messages of a normal channel or process inbox, each stored as the
-channel-name suffix after ``!``, a newline and the payload; ``P:g:GROUP`` sorted set of
-member channels scored by membership deadline, kept on the shard of each member;
+channel-name suffix after ``!``, a newline and the payload (a group envelope, see
+:mod:`multilayer.fanout`, has an empty suffix); ``P:g:GROUP`` sorted set of member
+channels scored by membership deadline, kept on the shard of each member;
 ``P:f:CONSUMER:QUEUE`` and ``P:l1:``/``P:l2:CONSUMER:QUEUE`` the in-flight and landing
 lists of one receiving backend instance.
 """
@@ -228,59 +234,86 @@ return 1
 """,
 )
 
-# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, capacity, then optionally
-# (with capacity '') channel/capacity pairs for a non-uniform capacity policy.
-# Returns the members skipped because they were full.
+# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, the payload's
+# deadline, capacity, then (with capacity '') queue/capacity pairs for a non-uniform
+# capacity policy; a member whose queue is not among them joined after they were
+# computed, and is left out as if it had joined after this send. Returns the members
+# skipped because they were full.
+#
+# The process-specific members of one inbox get one envelope between them (the format of
+# multilayer.fanout), counted once against the inbox's capacity; a normal member gets its
+# own copy. The header is packed here as msgpack-python packs it, so that an envelope is
+# byte for byte what fanout.seal makes: cmsgpack would pack a whole-number deadline as an
+# integer and a float that fits as float32, which decode alike but are not the same bytes.
 _GROUP_SEND = _Script(
     "group_send",
     _LUA_HELPERS
     + """
-local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local targets = {}
-if ARGV[5] ~= '' then
-  local capacity = tonumber(ARGV[5])
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    targets[#targets + 1] = {member, capacity}
-  end
-else
-  for i = 6, #ARGV, 2 do
-    if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-      targets[#targets + 1] = {ARGV[i], tonumber(ARGV[i + 1])}
-    end
-  end
+-- msgpack heads: the type byte (and length) in front of an array or a string.
+local function array_head(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
+  return struct.pack('>BI4', 0xdd, n)
 end
--- Members of one process share its inbox: group them by queue, so that each queue costs
--- one capacity check and one RPUSH whatever the number of its members.
-local queues, order = {}, {}
-for _, target in ipairs(targets) do
-  local member = target[1]
+local FIXSTR = {}
+for n = 0, 31 do FIXSTR[n] = string.char(0xa0 + n) end
+local function str_head(n)
+  if n < 32 then return FIXSTR[n] end
+  if n < 256 then return string.char(0xd9, n) end
+  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
+  return struct.pack('>BI4', 0xdb, n)
+end
+
+local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local prefix, group, expires, uniform = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local capacities = {}
+for i = 8, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local full, inboxes, order = {}, {}, {}
+-- Files a member under its inbox, with its packed deadline; a normal member gets its copy.
+local function add(member, deadline)
   local bang = string.find(member, '!', 1, true)
-  local queue, suffix = member, ''
-  if bang then queue, suffix = string.sub(member, 1, bang), string.sub(member, bang + 1) end
-  local key = ARGV[4] .. queue
-  local entry = queues[key]
-  if not entry then
-    entry = {capacity = target[2], elements = {}, members = {}}
-    queues[key] = entry
-    order[#order + 1] = key
+  local queue = bang and string.sub(member, 1, bang) or member
+  local capacity = uniform or capacities[queue]
+  if capacity and not bang then
+    if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
+      full[#full + 1] = member
+    end
+  elseif capacity then
+    local inbox = inboxes[queue]
+    if not inbox then
+      inbox = {capacity = capacity, names = {}, deadlines = {}}
+      inboxes[queue] = inbox
+      order[#order + 1] = queue
+    end
+    local suffix, names = string.sub(member, bang + 1), inbox.names
+    names[#names + 1] = str_head(#suffix)
+    names[#names + 1] = suffix
+    inbox.deadlines[#inbox.deadlines + 1] = deadline
   end
-  entry.elements[#entry.elements + 1] = suffix .. '\\n' .. ARGV[2]
-  entry.members[#entry.members + 1] = member
 end
-local full = {}
-for _, key in ipairs(order) do
-  local entry = queues[key]
-  local room = entry.capacity - redis.call('LLEN', key)
-  if room < #entry.elements then
-    room = entry.capacity - trim_expired(key, now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+-- A membership that outlives the message is sent as lasting forever (msgpack inf): the
+-- copy expires first, so the receiver's check cannot tell the difference, and reading,
+-- formatting and packing a score per member was most of this script's time. Only the
+-- memberships ending sooner carry their deadline (struct.pack converts the score).
+local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
+for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
+local forever = struct.pack('>Bd', 0xcb, math.huge)
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')) do
+  add(member, forever)
+end
+local body = string.sub(payload, 9)
+local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
+for _, queue in ipairs(order) do
+  local inbox = inboxes[queue]
+  local count = #inbox.deadlines
+  local header = table.concat({head, array_head(count), table.concat(inbox.names),
+    array_head(count), table.concat(inbox.deadlines)})
+  local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
+    struct.pack('>I4', #header), header, body})
+  if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
+    for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
   end
-  local accepted = math.max(0, math.min(room, #entry.elements))
-  for first = 1, accepted, 1000 do
-    redis.call('RPUSH', key, unpack(entry.elements, first, math.min(first + 999, accepted)))
-  end
-  if accepted > 0 then keep_alive(key, ttl) end
-  for i = accepted + 1, #entry.members do full[#full + 1] = entry.members[i] end
 end
 return full
 """,
@@ -334,10 +367,18 @@ class _Ring:
 
 
 async def _closed_while_idle(connection: AbstractConnection) -> bool:
-    """Whether an idle connection has pending input: the server's EOF, or a stray reply."""
+    """Whether an idle connection is unfit for a new command: closed, reset or holding a
+    stray reply. Nothing has been written on it yet, so the caller may reconnect and send.
+    """
     # redis-py 8 renamed can_read_destructive() (5.x to 7.x) back to can_read().
     check = getattr(connection, "can_read", None) or connection.can_read_destructive
-    return bool(await check())
+    try:
+        return bool(await check())
+    except (RedisError, OSError):
+        # redis-py 5.x to 7.x answer True for the server's EOF; 8.x raises ConnectionError
+        # for it (and for a reset), and every version raises when the parser is already
+        # gone. Letting that escape would fail the command as if its reply had been lost.
+        return True
 
 
 async def _discard(connection: AbstractConnection | None) -> None:
@@ -883,7 +924,8 @@ class RedisBackend(Backend):
             "retry": Retry(NoBackoff(), 0),
         }
         if url.scheme == "redis+sentinel":
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            # Typed from redis-py 8.2 on; untyped in the older releases pyproject admits.
+            sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
                 [(host, port or 26379) for host, port in url.hosts],
                 sentinel_kwargs={
                     "password": config["sentinel_password"],
@@ -1012,7 +1054,11 @@ class RedisBackend(Backend):
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
-        """One script per shard, run concurrently: each delivers to the members it holds."""
+        """One script per shard, run concurrently: each delivers to the members it holds.
+
+        A membership lives on its member's shard, so each script finds there the inboxes
+        of its process-specific members and seals one envelope per inbox in place.
+        """
         key = self._group_prefix + group
         current = now()
         ttl = _ttl_ms(deadline, current)
@@ -1025,11 +1071,11 @@ class RedisBackend(Backend):
                 if not members:
                     return []
                 targets = [""]
-                for member in members:
-                    targets += [member, capacity.for_channel(member.decode())]
+                for queue in dict.fromkeys(non_local_name(member.decode()) for member in members):
+                    targets += [queue, capacity.for_channel(queue)]
             full: list[bytes] = await shard.link.call(
                 "EVALSHA", _GROUP_SEND.sha, 1, key, current, payload, ttl,
-                self._queue_prefix, *targets,
+                self._queue_prefix, group, deadline, *targets,
             )  # fmt: skip
             return full
 
