@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from brokers import require_module
+from brokers import certificates, require_module
 from kafka_broker import tansu
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
@@ -76,17 +78,27 @@ def test_plain_url_defaults_the_port_and_keeps_every_host() -> None:
     assert "security_protocol" not in config
 
 
-def test_ssl_url_passes_tls_files_and_sasl_credentials_through() -> None:
-    url = "kafka+ssl://app:s%3Acret@broker:9094?ssl_cafile=/ca.pem&sasl_mechanism=SCRAM-SHA-512"
-    config = backend_for(url, ssl_certfile="/c.pem", ssl_keyfile="/k.pem")._client_config()
+def test_ssl_url_builds_the_tls_context_and_passes_sasl_credentials(tmp_path: Path) -> None:
+    certs = certificates(tmp_path)
+    url = (
+        f"kafka+ssl://app:s%3Acret@broker:9094?ssl_cafile={certs / 'ca.pem'}"
+        "&sasl_mechanism=SCRAM-SHA-512"
+    )
+    backend = backend_for(
+        url, ssl_certfile=str(certs / "client.pem"), ssl_keyfile=str(certs / "client.key")
+    )
+    config = backend._client_config()
     assert config["security_protocol"] == "SASL_SSL"
     assert config["sasl_mechanism"] == "SCRAM-SHA-512"
     assert (config["sasl_plain_username"], config["sasl_plain_password"]) == ("app", "s:cret")
-    assert (config["ssl_cafile"], config["ssl_certfile"], config["ssl_keyfile"]) == (
-        "/ca.pem",
-        "/c.pem",
-        "/k.pem",
-    )
+    # The layer's own context (kafka-python's would use the deprecated ssl.PROTOCOL_TLS).
+    context = config["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert [ca["subject"] for ca in context.get_ca_certs()] == [
+        ((("commonName", "multilayer test CA"),),)
+    ]
+    unverified = backend_for("kafka+ssl://broker?ssl_verify=false")._client_config()
+    assert unverified["ssl_context"].verify_mode == ssl.CERT_NONE
     assert backend_for("kafka+ssl://broker")._client_config()["security_protocol"] == "SSL"
     plain_sasl = backend_for("kafka://app:pw@broker")._client_config()
     assert plain_sasl["security_protocol"] == "SASL_PLAINTEXT"

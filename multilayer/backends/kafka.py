@@ -1114,19 +1114,17 @@ class KafkaBackend(Backend):
         elif tls:
             config["security_protocol"] = "SSL"
         if tls:
-            config["ssl_check_hostname"] = self.config["ssl_check_hostname"]
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                if self.config[name]:
-                    config[name] = self.config[name]
-            if not self.config["ssl_verify"]:
-                # kafka-python verifies whenever it builds the context itself.
-                context = ssl.create_default_context()
-                context.check_hostname = False
+            # Our own context, always: the one kafka-python builds itself uses
+            # ssl.PROTOCOL_TLS, deprecated (a DeprecationWarning on every connection).
+            verify = self.config["ssl_verify"]
+            context = ssl.create_default_context(cafile=self.config["ssl_cafile"])
+            context.check_hostname = verify and self.config["ssl_check_hostname"]
+            if not verify:
                 context.verify_mode = ssl.CERT_NONE
-                if self.config["ssl_certfile"]:
-                    context.load_cert_chain(self.config["ssl_certfile"], self.config["ssl_keyfile"])
-                config["ssl_context"] = context
-                config["ssl_check_hostname"] = False
+            if self.config["ssl_certfile"]:
+                context.load_cert_chain(self.config["ssl_certfile"], self.config["ssl_keyfile"])
+            config["ssl_context"] = context
+            config["ssl_check_hostname"] = context.check_hostname
         return config
 
     def _tls_problem(self) -> str | None:
@@ -1134,13 +1132,7 @@ class KafkaBackend(Backend):
         logs it and then reports the broker as unreachable."""
         if self.url.scheme != "kafka+ssl":
             return None
-        config = self._client_config()
-        context = config.get("ssl_context")
-        if context is None:
-            context = ssl.create_default_context(cafile=config.get("ssl_cafile"))
-            context.check_hostname = config["ssl_check_hostname"]
-            if config.get("ssl_certfile"):
-                context.load_cert_chain(config["ssl_certfile"], config.get("ssl_keyfile"))
+        context: ssl.SSLContext = self._client_config()["ssl_context"]
         host, port = self.url.hosts[0]
         try:
             with (
