@@ -349,6 +349,38 @@ def test_a_server_that_stops_answering_fails_sends_and_receives_resume(redis_por
     run(body)
 
 
+def test_a_send_on_a_connection_closed_while_idle_goes_out_once_on_a_new_one(
+    redis_port: int,
+) -> None:
+    """The server closing an idle send connection (CLIENT KILL, an idle timeout, a restart)
+    costs no send: nothing was written on it, so the next send reconnects and is stored
+    exactly once. redis-py 8 reports that EOF as an error where 7.x answered True."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="idle")
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await sender.send("idle.work", {"n": 1})
+            killed = await admin.execute_command(
+                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+            )
+            assert killed == 1, "the sender's one connection"
+            await asyncio.sleep(0.1)  # the EOF reaches the sender's idle socket
+            await sender.send("idle.work", {"n": 2})
+            assert await admin.llen("idle:q:idle.work") == 2
+            assert [await asyncio.wait_for(sender.receive("idle.work"), 5) for _ in "12"] == [
+                {"n": 1},
+                {"n": 2},
+            ]
+        finally:
+            await sender.flush()
+            await sender.close()
+            await admin.aclose()
+
+    run(body)
+
+
 @pytest.mark.slow
 def test_idle_receive_outlasts_redis_py_default_timeout(
     redis_port: int, caplog: pytest.LogCaptureFixture

@@ -60,7 +60,11 @@ from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
+import kafka
 import msgpack
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
 
 from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_members, now
 from ..capacity import CapacityPolicy
@@ -525,9 +529,6 @@ class _Hub:
 
     def create_topic(self) -> None:
         """Create the log topic unless it exists (first use of a prefix, broker restart)."""
-        from kafka.admin import KafkaAdminClient, NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
         topic = NewTopic(
             self.topic,
             num_partitions=1,
@@ -546,8 +547,6 @@ class _Hub:
             admin.close()
 
     def _start(self) -> None:
-        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
         self.create_topic()
         self.producer = KafkaProducer(
             **self.client_config,
@@ -1064,8 +1063,6 @@ class KafkaBackend(Backend):
 
     @classmethod
     def versions(cls) -> dict[str, str]:
-        import kafka
-
         return {"kafka-python": kafka.__version__}
 
     async def broker_version(self) -> str:

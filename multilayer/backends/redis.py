@@ -334,10 +334,18 @@ class _Ring:
 
 
 async def _closed_while_idle(connection: AbstractConnection) -> bool:
-    """Whether an idle connection has pending input: the server's EOF, or a stray reply."""
+    """Whether an idle connection is unfit for a new command: closed, reset or holding a
+    stray reply. Nothing has been written on it yet, so the caller may reconnect and send.
+    """
     # redis-py 8 renamed can_read_destructive() (5.x to 7.x) back to can_read().
     check = getattr(connection, "can_read", None) or connection.can_read_destructive
-    return bool(await check())
+    try:
+        return bool(await check())
+    except (RedisError, OSError):
+        # redis-py 5.x to 7.x answer True for the server's EOF; 8.x raises ConnectionError
+        # for it (and for a reset), and every version raises when the parser is already
+        # gone. Letting that escape would fail the command as if its reply had been lost.
+        return True
 
 
 async def _discard(connection: AbstractConnection | None) -> None:
@@ -883,7 +891,8 @@ class RedisBackend(Backend):
             "retry": Retry(NoBackoff(), 0),
         }
         if url.scheme == "redis+sentinel":
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            # Typed from redis-py 8.2 on; untyped in the older releases pyproject admits.
+            sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
                 [(host, port or 26379) for host, port in url.hosts],
                 sentinel_kwargs={
                     "password": config["sentinel_password"],
