@@ -279,3 +279,80 @@ def test_a_killed_receiver_leaves_nothing_behind(controller: Controller) -> None
             await sender.close()
 
     run_closed(body(), 120)
+
+
+#: seconds after the broker is back from which every group message must reach the member
+MEMBERS_BACK = 2.0
+#: seconds after the broker is back from which a send or group_send must succeed
+FIRST_SEND = 1.0
+
+
+def test_memberships_come_back_after_a_restart(controller: Controller) -> None:
+    """A member in another process joined a group; the broker is SIGKILLed and started
+    again empty on the same port. Group sends from this process then work from FIRST_SEND
+    on, the member gets every group message sent MEMBERS_BACK or more after the broker was
+    back (its layer re-asserted the membership), and nothing arrives twice."""
+    capabilities = ChannelLayer(controller.url).backend_class.capabilities
+    if not capabilities.restores_memberships:
+        pytest.skip(f"{controller.scheme}: capabilities.restores_memberships is false")
+    if controller.restart_keeps_groups:
+        pytest.skip(f"{controller.scheme}: the broker keeps memberships itself")
+    prefix = "m" + secrets.token_hex(4)
+    options = dict(controller.options)
+    member = subprocess.Popen(
+        [sys.executable, "-m", "multilayer.conformance.worker", "inbox", controller.url,
+         prefix, json.dumps(options), "room"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert member.stdout is not None
+    stdout = member.stdout
+
+    async def read_line() -> dict[str, Any]:
+        line = await asyncio.wait_for(asyncio.to_thread(stdout.readline), 30)
+        assert line, f"the member process ended early (exit status {member.poll()})"
+        return dict(json.loads(line))
+
+    async def body() -> None:
+        channel = str((await read_line())["channel"])
+        sender = ChannelLayer(controller.url, prefix=prefix, **options)
+        try:
+            await sender.group_send("room", {"i": 0})
+            await asyncio.to_thread(controller.restart)
+            back = time.monotonic()
+            await asyncio.sleep(FIRST_SEND)
+            sent: dict[int, float] = {}
+            number = 0
+            while (since := time.monotonic() - back) < MEMBERS_BACK + 3:
+                number += 1
+                # The first try already: the sender's idle connections died with the broker.
+                if number % 2:
+                    await asyncio.wait_for(sender.group_send("room", {"i": number}), SEND_BOUND)
+                else:
+                    await asyncio.wait_for(sender.send(channel, {"i": number}), SEND_BOUND)
+                sent[number] = since
+                await asyncio.sleep(0.1)
+            await sender.send(channel, {"stop": True})
+            got = (await read_line())["got"]
+        finally:
+            await sender.flush()
+            await sender.close()
+        twice = sorted(n for n, count in Counter(got).items() if count > 1)
+        assert not twice, f"delivered twice: {twice}"
+        # Direct sends all count: each was accepted after the broker was back.
+        must = {n for n, at in sent.items() if n % 2 == 0 or at >= MEMBERS_BACK}
+        missing = sorted(must - set(got))
+        assert not missing, f"never delivered: {missing}; got {got}"
+        early = sorted(n for n, at in sent.items() if n % 2 and at < MEMBERS_BACK)
+        print(
+            f"{controller.scheme}: {len(sent)} sends from {FIRST_SEND:g}s after the restart "
+            f"all succeeded; group messages sent before {MEMBERS_BACK:g}s that arrived: "
+            f"{len(set(early) & set(got))} of {len(early)}"
+        )
+
+    try:
+        run_closed(body(), 90)
+    finally:
+        member.kill()
+        member.wait(10)
+        stdout.close()
