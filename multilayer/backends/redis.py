@@ -1080,6 +1080,10 @@ class RedisBackend(Backend):
             except BrokerError as error:
                 logger.debug("membership check deferred: %s", error)
                 wait = min(interval, 1.0)
+            except Exception:
+                # A bug here must not end the checks for good, nor go unseen.
+                logger.exception("membership check failed")
+                wait = interval
 
     async def _check_memberships(self) -> None:
         """One round trip per server when nothing was lost (a marker key per layer, which
