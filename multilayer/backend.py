@@ -30,13 +30,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .capacity import CapacityPolicy
 from .exceptions import ChannelFull
 from .fanout import seal, split
+from .memberships import Membership, Memberships
 from .options import Option
 from .url import LayerURL
 
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 #: One message taken from a queue: its full channel name and its payload.
 Item = tuple[str, bytes]
 
+#: Most memberships :meth:`Backend.restore_memberships` re-adds at once by default.
+_RESTORE_CONCURRENCY = 64
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -56,6 +60,10 @@ class Capabilities:
     ``native_expiry``: the broker discards expired messages itself.
     ``native_fanout``: ``group_send`` is one broker operation whatever the member count.
     ``restartable``: state outlives a broker restart (queues and groups are kept).
+    ``restores_memberships``: after its broker lost the group memberships (a restart
+    without persistence, a failover to a replica that missed writes), each layer adds
+    again the memberships it made, with their original deadlines, within a bounded time
+    (see :meth:`Backend.reassert_memberships`).
     ``queue_depth``: :meth:`Backend.broker_stats` reports how many messages wait in each
     queue under the prefix.
     ``group_sizes``: :meth:`Backend.broker_stats` reports the live member count of each
@@ -66,6 +74,7 @@ class Capabilities:
     native_expiry: bool = True
     native_fanout: bool = True
     restartable: bool = False
+    restores_memberships: bool = False
     queue_depth: bool = False
     group_sizes: bool = False
 
@@ -76,6 +85,7 @@ class Capabilities:
             "native_expiry": self.native_expiry,
             "native_fanout": self.native_fanout,
             "restartable": self.restartable,
+            "restores_memberships": self.restores_memberships,
             "queue_depth": self.queue_depth,
             "group_sizes": self.group_sizes,
         }
@@ -131,6 +141,11 @@ class Backend(abc.ABC):
         self.reconnects = 0
         #: Group copies this instance's broker refused because a member was full.
         self.skipped_full = 0
+        #: The memberships the layer made: the layer replaces this ledger with its own,
+        #: shared by the backends of all its event loops, right after making the backend.
+        self.membership_ledger = Memberships()
+        #: Memberships this instance added again after its broker had lost them.
+        self.reasserted = 0
 
     @classmethod
     def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
@@ -253,6 +268,46 @@ class Backend(abc.ABC):
             elif isinstance(result, BaseException):
                 raise result
         self.skip_full_members(group, skipped, sum(len(members) for *_, members in targets))
+
+    async def reassert_memberships(self, where: Callable[[str, str], bool] | None = None) -> int:
+        """Add again the layer's live memberships (those ``where`` picks), with their
+        original deadlines; returns how many. For a backend that noticed its broker lost them.
+
+        A ``group_discard`` or renewal that ran meanwhile wins: a membership discarded
+        while it was being re-added is discarded again, one renewed is renewed again.
+        """
+        entries = self.membership_ledger.live(where)
+        if not entries:
+            return 0
+        await self.restore_memberships(entries)
+        for group, channel, deadline in entries:
+            recorded = self.membership_ledger.deadline(group, channel)
+            if recorded is None:
+                await self.group_discard(group, channel)
+            elif recorded != deadline:
+                await self.restore_memberships([(group, channel, recorded)])
+        self.reasserted += len(entries)
+        logger.info(
+            "re-asserted %d group membership(s) the broker had lost for prefix %s",
+            len(entries),
+            self.settings.prefix,
+        )
+        return len(entries)
+
+    async def restore_memberships(self, entries: list[Membership]) -> None:
+        """Make each membership of ``entries`` exist until its deadline.
+
+        The default calls :meth:`group_add` for each, a bounded number at a time; a backend
+        that can do better (one round trip, or never shortening a deadline another process
+        renewed) overrides it.
+        """
+        for start in range(0, len(entries), _RESTORE_CONCURRENCY):
+            await asyncio.gather(
+                *(
+                    self.group_add(group, channel, deadline=deadline)
+                    for group, channel, deadline in entries[start : start + _RESTORE_CONCURRENCY]
+                )
+            )
 
     @abc.abstractmethod
     async def flush(self) -> None:

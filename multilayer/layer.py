@@ -19,6 +19,7 @@ from .capacity import CapacityPolicy
 from .exceptions import ChannelFull, ForeignChannel, LayerClosed
 from .fanout import Departures
 from .local import LocalQueue
+from .memberships import Memberships
 from .names import check_channel_name, check_group_name, check_message, non_local_name
 from .options import Option, resolve_options
 from .plugins import load_backend
@@ -236,6 +237,9 @@ class ChannelLayer:
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         # Group copies in flight when this layer discarded a membership are not delivered.
         self._departures = Departures(keep_for=self.expiry)
+        # What group_add made, for the backends of every loop to re-assert after their
+        # broker lost it (multilayer.memberships).
+        self._memberships = Memberships()
         self._states_lock = threading.Lock()
         # Payloads a closed or finished loop state had fetched but not handed out, by
         # channel, for the next receive of that channel in any loop (under _states_lock).
@@ -260,6 +264,7 @@ class ChannelLayer:
             if state is not None:
                 return state
             backend = self.backend_class(self.url, self.settings, self.backend_options)
+            backend.membership_ledger = self._memberships
             state = self._states[loop] = _LoopState(backend, self._departures)
             dead = [self._states.pop(old) for old in list(self._states) if old.is_closed()]
         for gone in dead:
@@ -385,7 +390,9 @@ class ChannelLayer:
         check_group_name(group)
         check_channel_name(channel)
         backend = await self._backend()
-        await backend.group_add(group, channel, deadline=time.time() + self.group_expiry)
+        deadline = time.time() + self.group_expiry
+        await backend.group_add(group, channel, deadline=deadline)
+        self._memberships.add(group, channel, deadline)
         self._departures.join(group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
@@ -400,6 +407,8 @@ class ChannelLayer:
         check_channel_name(channel)
         backend = await self._backend()
         self._departures.leave(group, channel)
+        # Forgotten first: a re-assertion running meanwhile must not bring it back.
+        self._memberships.discard(group, channel)
         await backend.group_discard(group, channel)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
@@ -468,6 +477,7 @@ class ChannelLayer:
         """Delete every message, channel and group under this layer's prefix."""
         state = self._state()
         backend = await state.ready()
+        self._memberships.clear()
         await backend.flush()
         for queue in state.queues.values():
             queue.buffers.clear()

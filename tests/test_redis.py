@@ -9,6 +9,7 @@ import asyncio
 import logging
 import math
 import re
+import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -66,6 +67,14 @@ def members_on(port: int, key: str) -> list[str]:
     client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
     try:
         return list(client.zrange(key, 0, -1))
+    finally:
+        client.close()
+
+
+def scores_on(port: int, key: str) -> dict[str, float]:
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    try:
+        return dict(client.zrange(key, 0, -1, withscores=True))
     finally:
         client.close()
 
@@ -648,6 +657,84 @@ def test_rediss_with_mutual_tls(certs: Path) -> None:
                     await each.close()
 
         run(body)
+
+
+def test_a_server_that_accepts_but_never_answers_fails_a_send_in_bounded_time() -> None:
+    """A new connection's handshake (SELECT, CLIENT SETINFO) is bounded too: redis-py reads
+    it without a timeout, and the reply watchdog only watches connections already made."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)  # connections complete in the backlog and are never answered
+        port = mute.getsockname()[1]
+        url = f"redis://127.0.0.1:{port}/3?socket_timeout=0.5&connect_timeout=0.5"
+
+        async def body() -> None:
+            layer = ChannelLayer(url, prefix="mute")
+            try:
+                calls: list[Callable[[], Awaitable[None]]] = [
+                    lambda: layer.send("mute.work", {"n": 1}),
+                    lambda: layer.group_send("room", {"n": 1}),
+                    lambda: layer.group_add("room", "mute.work"),
+                ]
+                for call in calls:
+                    started = time.monotonic()
+                    with pytest.raises(BrokerError, match=f"127.0.0.1:{port}"):
+                        await call()
+                    assert time.monotonic() - started < 2.5
+            finally:
+                await layer.close()
+
+        run(body, timeout=20)
+
+
+def test_a_restarted_shard_gets_back_the_memberships_it_held(tmp_path: Path) -> None:
+    """Two shards, members on both; one shard is SIGKILLed and restarted empty. Each member
+    layer notices on reconnecting, finds its marker gone from that shard only, and adds
+    its memberships there again with their original deadlines."""
+    ports = [free_port() for _ in range(2)]
+    processes = [
+        BrokerProcess(redis_argv(port, tmp_path), port, log=tmp_path / f"redis-{port}.log")
+        for port in ports
+    ]
+    url = "redis://" + ",".join(f"127.0.0.1:{port}" for port in ports) + "/0"
+    try:
+        for process in processes:
+            process.start()
+
+        async def body() -> None:
+            sender = ChannelLayer(url, prefix="rs")
+            members: list[tuple[ChannelLayer, str, int]] = []
+            try:
+                # Layers until both shards hold a member (each inbox hashes to one).
+                while len({shard for *_, shard in members}) < 2 and len(members) < 40:
+                    layer = ChannelLayer(url, prefix="rs", socket_timeout=1.0)
+                    channel = await layer.new_channel()
+                    await layer.group_add("room", channel)
+                    await sender.send(channel, {"hello": True})
+                    inbox = f"rs:q:{non_local_name(channel)}"
+                    (shard,) = [i for i, port in enumerate(ports) if inbox in keys_on(port)]
+                    assert await asyncio.wait_for(layer.receive(channel), 5) == {"hello": True}
+                    members.append((layer, channel, shard))
+                assert {shard for *_, shard in members} == {0, 1}
+                before = [scores_on(port, "rs:g:room") for port in ports]
+                waiting = [asyncio.ensure_future(layer.receive(c)) for layer, c, _ in members]
+                await asyncio.to_thread(processes[0].restart, kill=True, down_for=0.5)
+                await asyncio.sleep(2)
+                await sender.group_send("room", {"after": True})
+                for task in waiting:
+                    assert await asyncio.wait_for(task, 10) == {"after": True}
+                # Restored with the deadlines they had, never later ones.
+                assert [scores_on(port, "rs:g:room") for port in ports] == before
+            finally:
+                await sender.flush()
+                for layer, *_ in members:
+                    await layer.close()
+                await sender.close()
+
+        run(body, timeout=60)
+    finally:
+        for process in processes:
+            process.stop()
 
 
 def test_sentinel_discovers_the_master_and_follows_a_failover(tmp_path: Path) -> None:

@@ -61,9 +61,10 @@ import asyncio
 import bisect
 import hashlib
 import logging
+import random
 import secrets
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import redis
@@ -78,6 +79,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..backend import Backend, BrokerStats, Capabilities, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..memberships import Membership
 from ..names import non_local_name
 from ..options import Option
 from ..serialization import log_malformed
@@ -319,7 +321,41 @@ return full
 """,
 )
 
-_SCRIPTS = {script.sha: script for script in (_PUSH, _TAKE, _RECOVER, _GROUP_ADD, _GROUP_SEND)}
+# KEYS: group. ARGV: now, then channel, deadline, ttl_ms for each membership to restore.
+# ZADD GT: a deadline another process renewed meanwhile is never shortened, and the key's
+# lifetime only grows, as in group_add.
+_RESTORE = _Script(
+    "restore",
+    _LUA_HELPERS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local longest = 1
+for i = 2, #ARGV, 3 do
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[i + 1], ARGV[i])
+  longest = math.max(longest, tonumber(ARGV[i + 2]))
+end
+keep_alive(KEYS[1], longest)
+return 1
+""",
+)
+
+# KEYS: a layer's membership marker. ARGV: ttl_ms. 0 when the marker is missing (the
+# server lost what the layer wrote, or it was never written); else 1, and the marker
+# lives at least ttl_ms more.
+_CHECK_MARK = _Script(
+    "check memberships",
+    _LUA_HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+keep_alive(KEYS[1], tonumber(ARGV[1]))
+return 1
+""",
+)
+
+_SCRIPTS = {
+    script.sha: script
+    for script in (_PUSH, _TAKE, _RECOVER, _GROUP_ADD, _GROUP_SEND, _RESTORE, _CHECK_MARK)
+}
 
 
 def _pack(command: Sequence[Any]) -> bytes:
@@ -404,7 +440,13 @@ class _Shard:
     """One Redis server (or Sentinel-managed master) and this instance's connections to it."""
 
     def __init__(
-        self, label: str, pool: ConnectionPool, sentinel: Sentinel | None, timeout: float
+        self,
+        label: str,
+        pool: ConnectionPool,
+        sentinel: Sentinel | None,
+        timeout: float,
+        connect_timeout: float,
+        on_back: Callable[[_Shard], None],
     ) -> None:
         self.label = label
         # Used only as a factory of configured connections (and, for Sentinel, of master
@@ -414,6 +456,18 @@ class _Shard:
         #: Seconds a reply may take before the connection counts as lost. Enforced here
         #: rather than by redis-py, whose per-write timeout costs a task per command.
         self.timeout = timeout
+        # redis-py bounds the TCP (and TLS) connect, but reads the handshake that follows
+        # (HELLO, AUTH, SELECT) with socket_timeout=None: a server that accepts and never
+        # answers would hang the caller. So a whole connect gets both bounds.
+        self._connect_within = connect_timeout + timeout
+        self._on_back = on_back
+        #: Set by whoever loses a connection to this server; the next connect made
+        #: after it tells the backend the server is back (it may have lost its state).
+        self.lost = False
+        #: The address of the server the last connection reached (Sentinel: the master).
+        self.address: tuple[str, int] | None = None
+        #: Set when the master address changed: a promoted replica may have missed writes.
+        self.moved = False
         self.link = _Link(self)
 
     def error(self, doing: str, error: BaseException) -> BrokerError:
@@ -426,10 +480,17 @@ class _Shard:
         """A new, connected connection; the caller owns it and must discard it."""
         connection: AbstractConnection = self.pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            await connection.connect()  # type: ignore[no-untyped-call]
+            await asyncio.wait_for(connection.connect(), self._connect_within)  # type: ignore[no-untyped-call]
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
+        address = (str(getattr(connection, "host", "")), int(getattr(connection, "port", 0)))
+        if self.address is not None and address != self.address:
+            self.moved = True
+        self.address = address
+        if self.lost or self.moved:
+            self.lost = False
+            self._on_back(self)
         return connection
 
 
@@ -540,6 +601,7 @@ class _Link(_Watched):
                 # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
                 # nothing was sent on it, so reconnecting is safe.
                 stale, self._connection = self._connection, None
+                self._shard.lost = True
                 await _discard(stale)
             if self._connection is None:
                 self._connection = await self._shard.connect()
@@ -571,6 +633,7 @@ class _Link(_Watched):
             # Replies not read are unknown: the commands may have run, so they are not
             # retried (a push retried could be delivered twice). The next call reconnects.
             lost, self._connection = self._connection, None
+            self._shard.lost = True
             await _discard(lost)
             cause = self._explain(error)
             for command, future in batch:
@@ -694,6 +757,7 @@ class _Receiver(_Watched):
                 reason = self._explain(error)
                 await self.drop()
                 self._holding = True
+                self._shard.lost = True
                 # One warning per outage; the retries that follow are debug noise.
                 if delay == 0.05:
                     self._backend.reconnects += 1
@@ -816,6 +880,7 @@ class RedisBackend(Backend):
         native_expiry=True,
         native_fanout=True,
         restartable=False,
+        restores_memberships=True,
         queue_depth=True,
         group_sizes=True,
     )
@@ -828,6 +893,13 @@ class RedisBackend(Backend):
             minimum=0.2,
         ),
         "connect_timeout": Option(float, 5.0, "seconds to wait for a connection", minimum=0.1),
+        "membership_check": Option(
+            float,
+            10.0,
+            "seconds (jittered by +-50%) between checks that Redis still holds this layer's "
+            "group memberships",
+            minimum=0.5,
+        ),
         "service": Option(
             str, "mymaster", "redis+sentinel: master name(s), comma-separated, one shard each"
         ),
@@ -906,6 +978,8 @@ class RedisBackend(Backend):
         self._ring = _Ring(self._names)
         self._receivers: dict[str, _Receiver] = {}
         self._guard: asyncio.Task[None] | None = None
+        self._sentry: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Event | None = None
         self._queue_prefix = f"{settings.prefix}:q:"
         self._group_prefix = f"{settings.prefix}:g:"
 
@@ -938,7 +1012,14 @@ class RedisBackend(Backend):
                     service, sentinel, **common
                 )
                 self._shards.append(
-                    _Shard(f"sentinel service {service!r}", pool, sentinel, timeout)
+                    _Shard(
+                        f"sentinel service {service!r}",
+                        pool,
+                        sentinel,
+                        timeout,
+                        config["connect_timeout"],
+                        self._broker_back,
+                    )
                 )
         else:
             if url.scheme == "rediss":
@@ -954,8 +1035,14 @@ class RedisBackend(Backend):
             for name in self._names:
                 host, _, port = name.rpartition(":")
                 pool = ConnectionPool(host=host, port=int(port), **common)
-                self._shards.append(_Shard(name, pool, None, timeout))
+                self._shards.append(
+                    _Shard(name, pool, None, timeout, config["connect_timeout"], self._broker_back)
+                )
+        self._recheck = asyncio.Event()
         self._guard = asyncio.create_task(self._guard_loop(), name="multilayer redis guard")
+        self._sentry = asyncio.create_task(
+            self._sentry_loop(), name="multilayer redis membership check"
+        )
 
     async def _guard_loop(self) -> None:
         """Close the connections of overdue replies until close(), then release them all.
@@ -987,9 +1074,91 @@ class RedisBackend(Backend):
                     await client.aclose()
 
     async def close(self) -> None:
-        if self._guard is not None:
-            self._guard.cancel()
-            await asyncio.gather(self._guard, return_exceptions=True)
+        # The sentry first: it sends through the links the guard releases.
+        for task in (self._sentry, self._guard):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    # -- memberships a restart lost ----------------------------------------------------
+
+    def _broker_back(self, _shard: _Shard) -> None:
+        """A server answered again after a lost connection: check its memberships soon."""
+        if self._recheck is not None:
+            self._recheck.set()
+
+    async def _sentry_loop(self) -> None:
+        """Check every ``membership_check`` seconds, and soon after any reconnect, that
+        each server still holds this layer's memberships; re-assert them where it lost them.
+
+        Waits are jittered so that processes started, or reconnected, together do not
+        check in step; a check that failed (the server is still away) is tried again
+        within a second.
+        """
+        assert self._recheck is not None
+        interval = self.config["membership_check"]
+        wait = interval
+        while True:
+            try:
+                await asyncio.wait_for(self._recheck.wait(), wait * random.uniform(0.5, 1.5))
+                # Every process that lost its connection reconnects at about the same
+                # moment: spread their checks over half a second.
+                await asyncio.sleep(random.uniform(0.0, min(0.5, interval / 2)))
+            except asyncio.TimeoutError:
+                pass
+            self._recheck.clear()
+            try:
+                await self._check_memberships()
+                wait = interval
+            except BrokerError as error:
+                logger.debug("membership check deferred: %s", error)
+                wait = min(interval, 1.0)
+            except Exception:
+                # A bug here must not end the checks for good, nor go unseen.
+                logger.exception("membership check failed")
+                wait = interval
+
+    async def _check_memberships(self) -> None:
+        """One round trip per server when nothing was lost (a marker key per layer, which
+        lives as long as the layer's latest membership); else re-assert, then re-mark."""
+        latest = self.membership_ledger.latest()
+        if latest is None:
+            return
+        marker = f"{self.settings.prefix}:m:{self.membership_ledger.token}"
+        ttl = _ttl_ms(latest, now())
+
+        async def check(shard: _Shard) -> None:
+            moved, shard.moved = shard.moved, False
+            if not moved and await shard.link.call("EVALSHA", _CHECK_MARK.sha, 1, marker, ttl):
+                return
+            try:
+                await self.reassert_memberships(
+                    lambda _group, channel: self._shard(non_local_name(channel)) is shard
+                )
+                await shard.link.call("SET", marker, 1, "PX", ttl)
+            except BaseException:
+                shard.moved = shard.moved or moved
+                raise
+
+        await asyncio.gather(*(check(shard) for shard in self._shards))
+
+    async def restore_memberships(self, entries: list[Membership]) -> None:
+        """One script per group and server, run concurrently (pipelined on each link)."""
+        by_key: dict[tuple[int, str], list[Any]] = {}
+        current = now()
+        for group, channel, deadline in entries:
+            shard = self._shards.index(self._shard(non_local_name(channel)))
+            by_key.setdefault((shard, group), []).extend(
+                (channel, deadline, _ttl_ms(deadline, current))
+            )
+        await asyncio.gather(
+            *(
+                self._shards[shard].link.call(
+                    "EVALSHA", _RESTORE.sha, 1, self._group_prefix + group, current, *arguments
+                )
+                for (shard, group), arguments in by_key.items()
+            )
+        )
 
     async def broker_version(self) -> str | None:
         info: bytes = await self._shards[0].link.call("INFO", "server")

@@ -59,6 +59,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -845,6 +846,7 @@ class ZmqBackend(Backend):
         native_expiry=True,
         native_fanout=True,
         restartable=False,
+        restores_memberships=True,
         queue_depth=True,
         group_sizes=True,
     )
@@ -987,6 +989,9 @@ class ZmqBackend(Backend):
         """Ping the hub; when it comes back as a new process, re-issue parked pops."""
         epoch = None
         lost = False
+        # Memberships this layer made that the restarted hub holds no more; kept until
+        # re-asserted, so that a hub lost again meanwhile is retried on the next ping.
+        restore = False
         while True:
             try:
                 reply = await link.call("ping", (), (), self._heartbeat * 3)
@@ -999,11 +1004,26 @@ class ZmqBackend(Backend):
                 logger.warning("hub %s restarted; its queues and groups are gone", link.endpoint)
                 link.fail_pops()
                 self._group_copies.clear()
+                restore = True
             if lost or restarted:
                 self.reconnects += 1
                 lost = False
             epoch = reply[0]
+            if restore:
+                restore = not await self._reassert_on(link)
             await asyncio.sleep(self._heartbeat)
+
+    async def _reassert_on(self, link: _Link) -> bool:
+        """Re-add the memberships of the groups ``link``'s hub holds; False if it failed."""
+        # Every process notices a restarted hub within one heartbeat: spread their
+        # re-assertions over that heartbeat rather than sending them all at once.
+        await asyncio.sleep(random.uniform(0.0, min(self._heartbeat, 0.5)))
+        try:
+            await self.reassert_memberships(lambda group, _channel: self._link(group) is link)
+        except BrokerError as error:
+            logger.warning("hub %s: re-asserting memberships failed: %s", link.endpoint, error)
+            return False
+        return True
 
     # -- inboxes -----------------------------------------------------------------------
 
