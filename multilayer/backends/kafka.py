@@ -75,7 +75,7 @@ from ..fanout import seal, split
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import deadline_of, largest_payload, log_malformed
+from ..serialization import HEADER_SIZE, deadline_of, largest_payload, log_malformed
 from ..url import LayerURL
 
 __all__ = ["KafkaBackend"]
@@ -170,8 +170,10 @@ _SHAPES: dict[str, Callable[[list[Any]], bool]] = {
         and type(a[2]) is bytes
     ),
     _RETURN: lambda a: len(a) == 2 and type(a[0]) is str and _is_pairs(a[1], str, bytes),
+    # A group send's payload is sealed into envelopes, which need its deadline header.
     _GROUP_SEND: lambda a: (
         (len(a) == 4 and type(a[0]) is str and type(a[1]) is bytes and type(a[2]) is int)
+        and len(a[1]) >= HEADER_SIZE
         and isinstance(a[3], dict)
         and all(type(k) is str and type(v) is int for k, v in a[3].items())
     ),

@@ -104,7 +104,7 @@ from ..exceptions import BrokerError, ChannelFull, ConfigurationError
 from ..fanout import seal
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import deadline_of, log_malformed
+from ..serialization import HEADER_SIZE, deadline_of, log_malformed
 from ..url import LayerURL
 
 __all__ = ["RabbitMQBackend"]
@@ -942,6 +942,10 @@ class _Consumer:
             # was published straight into the inbox without a channel name, by something
             # that is not a layer.
             raise ValueError("no channel name")
+        if len(body) < HEADER_SIZE:
+            # Not a payload a layer sends (they open with the deadline): sealed into an
+            # envelope it would pass for a message to the inbox itself, and go unseen.
+            raise ValueError("shorter than the deadline header")
         group = routing_key
         members = self.backend.memberships(self.queue).live(group)
         if not members:

@@ -103,8 +103,9 @@ class Harness:
         """
         if not self._restart_command:
             pytest.skip(
-                f"{self.scheme}: capabilities allow it, but no --multilayer-restart-command "
-                "was given to restart the broker"
+                f"{self.scheme}: capabilities.restores_memberships is true, but no "
+                "--multilayer-restart-command was given (the suite cannot restart a broker "
+                "it did not start)"
             )
 
     def restart_broker(self) -> None:
