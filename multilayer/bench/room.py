@@ -84,6 +84,7 @@ class RoomResult:
 
     @property
     def lost(self) -> int:
+        """Copies expected and never received."""
         return self.expected - self.received
 
     def metrics(self) -> dict[str, float]:
