@@ -28,13 +28,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .capacity import CapacityPolicy
 from .exceptions import ChannelFull
+from .fanout import seal, split
+from .memberships import Membership, Memberships
 from .options import Option
 from .url import LayerURL
 
@@ -45,6 +48,9 @@ logger = logging.getLogger(__name__)
 #: One message taken from a queue: its full channel name and its payload.
 Item = tuple[str, bytes]
 
+#: Most memberships :meth:`Backend.restore_memberships` re-adds at once by default.
+_RESTORE_CONCURRENCY = 64
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -54,6 +60,10 @@ class Capabilities:
     ``native_expiry``: the broker discards expired messages itself.
     ``native_fanout``: ``group_send`` is one broker operation whatever the member count.
     ``restartable``: state outlives a broker restart (queues and groups are kept).
+    ``restores_memberships``: after its broker lost the group memberships (a restart
+    without persistence, a failover to a replica that missed writes), each layer adds
+    again the memberships it made, with their original deadlines, within a bounded time
+    (see :meth:`Backend.reassert_memberships`).
     ``queue_depth``: :meth:`Backend.broker_stats` reports how many messages wait in each
     queue under the prefix.
     ``group_sizes``: :meth:`Backend.broker_stats` reports the live member count of each
@@ -64,6 +74,7 @@ class Capabilities:
     native_expiry: bool = True
     native_fanout: bool = True
     restartable: bool = False
+    restores_memberships: bool = False
     queue_depth: bool = False
     group_sizes: bool = False
 
@@ -74,6 +85,7 @@ class Capabilities:
             "native_expiry": self.native_expiry,
             "native_fanout": self.native_fanout,
             "restartable": self.restartable,
+            "restores_memberships": self.restores_memberships,
             "queue_depth": self.queue_depth,
             "group_sizes": self.group_sizes,
         }
@@ -129,6 +141,11 @@ class Backend(abc.ABC):
         self.reconnects = 0
         #: Group copies this instance's broker refused because a member was full.
         self.skipped_full = 0
+        #: The memberships the layer made: the layer replaces this ledger with its own,
+        #: shared by the backends of all its event loops, right after making the backend.
+        self.membership_ledger = Memberships()
+        #: Memberships this instance added again after its broker had lost them.
+        self.reasserted = 0
 
     @classmethod
     def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
@@ -151,10 +168,15 @@ class Backend(abc.ABC):
         """
         return BrokerStats()
 
-    def skip_full_member(self, group: str, channel: str | None) -> None:
-        """Count and log one group copy refused because its member was full."""
-        self.skipped_full += 1
-        log_full_member(group, channel)
+    def skip_full_members(
+        self, group: str, skipped: int, members: int | None = None, *, exact: bool = True
+    ) -> None:
+        """Count the copies of one ``group_send`` refused because their member was full,
+        and log them in one line (see :func:`log_full_members`).
+        """
+        if skipped:
+            self.skipped_full += skipped
+            log_full_members(group, skipped, members, exact=exact)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -221,35 +243,95 @@ class Backend(abc.ABC):
     ) -> None:
         """Deliver ``payload`` to each live member of ``group``, skipping full ones (logged).
 
-        Never raises ChannelFull. The default pushes to each member concurrently;
-        a broker that fans out natively overrides this.
+        Never raises ChannelFull. The process-specific members of one inbox share one
+        envelope (:mod:`multilayer.fanout`), counted once against the inbox's capacity.
+        The default pushes to each normal member and each inbox concurrently; a broker
+        that fans out natively overrides this.
         """
-        members = list(await self.group_members(group))
+        inboxes, normal = split((member, math.inf) for member in await self.group_members(group))
+        sent_at = now()
+        targets = [(channel, payload, [channel]) for channel, _until in normal] + [
+            (inbox, seal(payload, group, sent_at, inbox, local), [name for name, _ in local])
+            for inbox, local in inboxes.items()
+        ]
         results = await asyncio.gather(
             *(
-                self.push(member, payload, deadline=deadline, capacity=capacity.for_channel(member))
-                for member in members
+                self.push(target, data, deadline=deadline, capacity=capacity.for_channel(target))
+                for target, data, _members in targets
             ),
             return_exceptions=True,
         )
-        for member, result in zip(members, results, strict=True):
+        skipped = 0
+        for (_target, _data, members), result in zip(targets, results, strict=True):
             if isinstance(result, ChannelFull):
-                self.skip_full_member(group, member)
+                skipped += len(members)
             elif isinstance(result, BaseException):
                 raise result
+        self.skip_full_members(group, skipped, sum(len(members) for *_, members in targets))
+
+    async def reassert_memberships(self, where: Callable[[str, str], bool] | None = None) -> int:
+        """Add again the layer's live memberships (those ``where`` picks), with their
+        original deadlines; returns how many. For a backend that noticed its broker lost them.
+
+        A ``group_discard`` or renewal that ran meanwhile wins: a membership discarded
+        while it was being re-added is discarded again, one renewed is renewed again.
+        """
+        entries = self.membership_ledger.live(where)
+        if not entries:
+            return 0
+        await self.restore_memberships(entries)
+        for group, channel, deadline in entries:
+            recorded = self.membership_ledger.deadline(group, channel)
+            if recorded is None:
+                await self.group_discard(group, channel)
+            elif recorded != deadline:
+                await self.restore_memberships([(group, channel, recorded)])
+        self.reasserted += len(entries)
+        logger.info(
+            "re-asserted %d group membership(s) the broker had lost for prefix %s",
+            len(entries),
+            self.settings.prefix,
+        )
+        return len(entries)
+
+    async def restore_memberships(self, entries: list[Membership]) -> None:
+        """Make each membership of ``entries`` exist until its deadline.
+
+        The default calls :meth:`group_add` for each, a bounded number at a time; a backend
+        that can do better (one round trip, or never shortening a deadline another process
+        renewed) overrides it.
+        """
+        for start in range(0, len(entries), _RESTORE_CONCURRENCY):
+            await asyncio.gather(
+                *(
+                    self.group_add(group, channel, deadline=deadline)
+                    for group, channel, deadline in entries[start : start + _RESTORE_CONCURRENCY]
+                )
+            )
 
     @abc.abstractmethod
     async def flush(self) -> None:
         """Delete every queue, message and group under this layer's prefix, and only those."""
 
 
-def log_full_member(group: str, channel: str | None) -> None:
-    """Log that ``group_send`` skipped a full member (one place, one wording).
+def log_full_members(
+    group: str, skipped: int, members: int | None = None, *, exact: bool = True
+) -> None:
+    """Log that one ``group_send`` skipped ``skipped`` full members (one place, one wording).
 
-    ``channel`` is None when the broker refuses a copy without saying which member's.
+    One line per group_send rather than per member, which would flood the log for a big
+    group. ``members`` is the number of live members the group_send reached for, when the
+    backend knows it; ``exact`` is False when the broker only says that some copy was
+    refused (so ``skipped`` is a lower bound).
     """
-    member = "a member" if channel is None else f"member {channel!r}"
-    logger.warning("group_send to %r skipped %s: channel is full", group, member)
+    if members is not None:
+        logger.warning(
+            "group_send to %r skipped %d of %d members: channel full", group, skipped, members
+        )
+    else:
+        count = f"{skipped}" if exact else f"at least {skipped}"
+        noun = "member" if skipped == 1 else "members"
+        logger.warning("group_send to %r skipped %s %s: channel full", group, count, noun)
 
 
 def now() -> float:

@@ -113,6 +113,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         pytest_args += ["-p", "multilayer.conformance.plugin"]
     if args.keyword:
         pytest_args += ["-k", args.keyword]
+    if args.restart_command:
+        pytest_args += ["--multilayer-restart-command", args.restart_command]
     started = datetime.datetime.now(datetime.timezone.utc)
     code = pytest.main(pytest_args, plugins=[collector])
     tests = list(collector.tests.values())
@@ -413,6 +415,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--record-dir", default="conformance_runs", help=argparse.SUPPRESS)
     check.add_argument("-k", dest="keyword", help="only tests matching this pytest expression")
+    check.add_argument(
+        "--restart-command",
+        metavar="COMMAND",
+        help="shell command that restarts the broker empty (for the restart test)",
+    )
     check.add_argument("-v", "--verbose", action="store_true")
     check.set_defaults(run=_cmd_check)
     url_help = f"layer URL (default ${ENV_URL} or {DEFAULT_URL})"

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .backend import Backend, LayerSettings
 from .capacity import CapacityPolicy
 from .exceptions import ChannelFull, ForeignChannel, LayerClosed
+from .fanout import Departures
 from .local import LocalQueue
+from .memberships import Memberships
 from .names import check_channel_name, check_group_name, check_message, non_local_name
 from .options import Option, resolve_options
 from .plugins import load_backend
-from .serialization import Codec, check_encryption_keys, deadline_of
+from .serialization import DEFAULT_MAX_MESSAGE_SIZE, Codec, check_encryption_keys, deadline_of
 from .url import LayerURL
 
 __all__ = ["ENV_URL", "LAYER_OPTIONS", "ChannelLayer", "LayerStats", "from_url"]
@@ -48,7 +52,12 @@ LAYER_OPTIONS: Mapping[str, Option] = {
     "channel_capacity": Option(
         object, None, "{glob or regex: capacity} overriding capacity", in_url=False
     ),
-    "max_message_size": Option(int, 1024 * 1024, "largest serialized message in bytes", minimum=64),
+    "max_message_size": Option(
+        int,
+        DEFAULT_MAX_MESSAGE_SIZE,
+        "largest message in bytes of msgpack, before encryption",
+        minimum=64,
+    ),
     "symmetric_encryption_keys": Option(
         object,
         None,
@@ -95,8 +104,9 @@ class LayerStats:
 class _LoopState:
     """What the layer holds for one event loop: a backend and its local queues."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, departures: Departures) -> None:
         self.backend = backend
+        self.departures = departures
         self.queues: dict[str, LocalQueue] = {}
         self.inboxes: set[str] = set()
         self._opened: asyncio.Future[None] | None = None
@@ -128,7 +138,7 @@ class _LoopState:
     def queue(self, name: str) -> LocalQueue:
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = LocalQueue(self.backend, name)
+            queue = self.queues[name] = LocalQueue(self.backend, name, self.departures)
         return queue
 
     async def close(self) -> None:
@@ -142,6 +152,13 @@ class _LoopState:
             self._opened.cancel()
         self._opened = None
 
+    def wake(self, channels: Iterable[str]) -> None:
+        """Have receives waiting here for ``channels`` look for kept payloads."""
+        for channel in channels:
+            queue = self.queues.get(non_local_name(channel))
+            if queue is not None:
+                queue.wake(channel)
+
 
 class ChannelLayer:
     """A Django Channels layer on the broker named by ``url``.
@@ -151,9 +168,12 @@ class ChannelLayer:
     variable is read, else ``memory://``. Query parameters of the URL set options;
     keyword arguments override them. Core options and their defaults: ``prefix="asgi"``,
     ``expiry=60`` seconds, ``group_expiry=86400`` seconds, ``capacity=100``,
-    ``channel_capacity=None``, ``max_message_size=1 MiB``, ``symmetric_encryption_keys=None``
+    ``channel_capacity=None``, ``max_message_size=2.5 MiB``, ``symmetric_encryption_keys=None``
     (Fernet keys; message bodies are encrypted with the first, decrypted with any); each
-    backend documents its own.
+    backend documents its own. ``max_message_size`` counts the bytes of a message as msgpack,
+    what the application sent, before encryption and the layer's own framing; the default
+    admits every message of up to 1 MiB as JSON, as the Channels spec asks, and every
+    backend's broker limits are sized to carry it encrypted.
     An unknown option raises :class:`~multilayer.exceptions.ConfigurationError` listing
     the valid ones.
 
@@ -215,7 +235,15 @@ class ChannelLayer:
             keys=values["symmetric_encryption_keys"] or (),
         )
         self._states: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        # Group copies in flight when this layer discarded a membership are not delivered.
+        self._departures = Departures(keep_for=self.expiry)
+        # What group_add made, for the backends of every loop to re-assert after their
+        # broker lost it (multilayer.memberships).
+        self._memberships = Memberships()
         self._states_lock = threading.Lock()
+        # Payloads a closed or finished loop state had fetched but not handed out, by
+        # channel, for the next receive of that channel in any loop (under _states_lock).
+        self._kept: dict[str, deque[bytes]] = {}
         # Counters for stats(); what backends count is added when their loop state goes.
         self._sent = self._group_sent = self._received = self._expired = 0
         self._full = self._gone_skipped = self._gone_reconnects = 0
@@ -233,18 +261,54 @@ class ChannelLayer:
             pass
         with self._states_lock:
             state = self._states.get(loop)
-            if state is None:
-                backend = self.backend_class(self.url, self.settings, self.backend_options)
-                state = self._states[loop] = _LoopState(backend)
-                for dead_loop in [old for old in self._states if old.is_closed()]:
-                    self._adopt(state, self._states.pop(dead_loop))
+            if state is not None:
+                return state
+            backend = self.backend_class(self.url, self.settings, self.backend_options)
+            backend.membership_ledger = self._memberships
+            state = self._states[loop] = _LoopState(backend, self._departures)
+            dead = [self._states.pop(old) for old in list(self._states) if old.is_closed()]
+        for gone in dead:
+            # Its loop ended without close(): nothing runs there any more.
+            self._retire(gone)
+            self._keep(gone)
         return state
 
-    def _adopt(self, state: _LoopState, dead: _LoopState) -> None:
-        """Keep what a finished event loop had fetched but not handed out."""
-        self._retire(dead)
-        for name, queue in dead.queues.items():
-            state.queue(name).adopt(queue)
+    def _keep(self, gone: _LoopState) -> None:
+        """Keep what a loop state that no loop runs any more had fetched and not handed
+        out, for the next receive of each channel in any event loop.
+
+        Called from the thread of the state's loop after its fetch tasks stopped, or for
+        a state whose loop is closed or idle, so nothing changes its buffers meanwhile.
+        """
+        current = time.time()
+        with self._states_lock:
+            kept = self._kept
+            for queue in gone.queues.values():
+                for channel, payloads in queue.buffers.items():
+                    kept.setdefault(channel, deque()).extend(payloads)
+                queue.buffers.clear()
+            if not kept:
+                return
+            # Drop the expired, so that channels nobody receives again do not pile up.
+            for channel in list(kept):
+                payloads = deque(p for p in kept[channel] if deadline_of(p) > current)
+                if payloads:
+                    kept[channel] = payloads
+                else:
+                    del kept[channel]
+            channels = list(kept)
+            live = list(self._states.items())
+        # A receive that waits in another loop since before these were kept looks again.
+        for loop, state in live:
+            with contextlib.suppress(RuntimeError):  # that loop closed meanwhile
+                loop.call_soon_threadsafe(state.wake, channels)
+
+    def _reclaim(self, queue: LocalQueue, channel: str) -> None:
+        """Move the kept payloads of ``channel`` into this loop's ``queue``."""
+        with self._states_lock:
+            payloads = self._kept.pop(channel, None)
+        if payloads:
+            queue.restore(channel, payloads)
 
     async def _backend(self) -> Backend:
         return await self._state().ready()
@@ -252,7 +316,11 @@ class ChannelLayer:
     # -- the Channels contract -------------------------------------------------------
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to ``channel``; ChannelFull if the channel is at capacity."""
+        """Send ``message`` to ``channel``; ChannelFull if the channel is at capacity.
+
+        MessageTooLarge, before anything is sent, when ``message`` as msgpack exceeds
+        ``max_message_size`` bytes.
+        """
         check_channel_name(channel)
         check_message(message)
         deadline = time.time() + self.expiry
@@ -289,6 +357,8 @@ class ChannelLayer:
             state.inboxes.add(queue_name)
         queue = state.queue(queue_name)
         while True:
+            if self._kept:
+                self._reclaim(queue, channel)
             payload = queue.take(channel)
             if payload is None:
                 await queue.wait(channel)
@@ -320,19 +390,34 @@ class ChannelLayer:
         check_group_name(group)
         check_channel_name(channel)
         backend = await self._backend()
-        await backend.group_add(group, channel, deadline=time.time() + self.group_expiry)
+        deadline = time.time() + self.group_expiry
+        await backend.group_add(group, channel, deadline=deadline)
+        self._memberships.add(group, channel, deadline)
+        self._departures.join(group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
-        """Remove ``channel`` from ``group``; nothing happens if it was not a member."""
+        """Remove ``channel`` from ``group``; nothing happens if it was not a member.
+
+        Group messages sent before the discard and not yet received are not delivered to
+        ``channel`` either when this layer receives it (the usual case: a consumer leaving
+        its own groups). A discard made through another layer object applies to messages
+        sent after it.
+        """
         check_group_name(group)
         check_channel_name(channel)
         backend = await self._backend()
+        self._departures.leave(group, channel)
+        # Forgotten first: a re-assertion running meanwhile must not bring it back.
+        self._memberships.discard(group, channel)
         await backend.group_discard(group, channel)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send one copy of ``message`` to every member of ``group``.
 
-        A member at capacity is skipped and logged; this never raises ChannelFull.
+        A member at capacity is skipped and logged; this never raises ChannelFull. A message
+        over ``max_message_size`` raises MessageTooLarge, as :meth:`send` does. The
+        process-specific members of one process get one copy between them, counted once
+        against that process's capacity; the process hands it to each member.
         """
         check_group_name(group)
         check_message(message)
@@ -358,15 +443,14 @@ class ChannelLayer:
         unknown = f"{self.url.scheme}:// cannot report {' or '.join(missing)}" if missing else None
         with self._states_lock:
             states = list(self._states.values())
+            buffered = {channel: len(payloads) for channel, payloads in self._kept.items()}
         backends = [state.backend for state in states]
-        buffered = {
-            channel: len(payloads)
-            for state in states
+        for state in states:
             # Copies: other event loops, in other threads, may change theirs meanwhile.
-            for queue in list(state.queues.values())
-            for channel, payloads in list(queue.buffers.items())
-            if payloads
-        }
+            for queue in list(state.queues.values()):
+                for channel, payloads in list(queue.buffers.items()):
+                    if payloads:
+                        buffered[channel] = buffered.get(channel, 0) + len(payloads)
         return LayerStats(
             url=self.url.sanitized(),
             prefix=self.prefix,
@@ -393,14 +477,20 @@ class ChannelLayer:
         """Delete every message, channel and group under this layer's prefix."""
         state = self._state()
         backend = await state.ready()
+        self._memberships.clear()
         await backend.flush()
         for queue in state.queues.values():
             queue.buffers.clear()
+        with self._states_lock:
+            self._kept.clear()
+        self._departures.clear()
 
     async def close(self) -> None:
         """Close the connections of the current event loop; safe to call again, or never used.
 
-        The layer may be used again afterwards: it reconnects on demand.
+        The layer may be used again afterwards: it reconnects on demand. What a loop had
+        fetched from a process inbox and not handed out yet is kept in the layer for the
+        next receive of its channel, from any event loop.
         """
         try:
             loop = asyncio.get_running_loop()
@@ -415,9 +505,18 @@ class ChannelLayer:
                 self._retire(gone)
         for other_loop, other in others:
             if not other_loop.is_closed() and other_loop.is_running() and other_loop is not loop:
-                asyncio.run_coroutine_threadsafe(other.close(), other_loop)
+                asyncio.run_coroutine_threadsafe(self._close_state(other), other_loop)
+            else:
+                self._keep(other)
         if state is not None:
+            await self._close_state(state)
+
+    async def _close_state(self, state: _LoopState) -> None:
+        """Close ``state`` in its own event loop, keeping what it had fetched."""
+        try:
             await state.close()
+        finally:
+            self._keep(state)
 
 
 def from_url(url: str, **options: Any) -> ChannelLayer:

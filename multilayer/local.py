@@ -5,20 +5,29 @@ task per queue pops on behalf of all waiters, appending what arrives to per-chan
 buffers. A receive cancelled at any moment therefore loses nothing (what was fetched
 for it stays buffered for the next receive of that channel) and duplicates nothing
 (each buffered payload is handed out once).
+
+A process inbox's buffers are bounded: each channel keeps at most its capacity of
+messages that no receive took yet, so a member that never receives cannot grow the
+process. A group envelope (:mod:`multilayer.fanout`) is opened here, into one copy per
+listed member whose membership still holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from .backend import Backend, Item, now
+from .fanout import Departures, is_envelope, open_envelope
 from .serialization import deadline_of, log_malformed
 
 __all__ = ["INBOX_BATCH", "HeldMessages", "LocalQueue"]
+
+logger = logging.getLogger(__name__)
 
 #: Messages one pop may take from a process inbox. Only this process can receive them, so
 #: taking several at once is free; a normal channel's pop takes no more than there are
@@ -30,15 +39,20 @@ INBOX_BATCH = 100
 class LocalQueue:
     """Buffers and waiters for one broker queue (a normal channel or a process inbox)."""
 
-    def __init__(self, backend: Backend, queue: str) -> None:
+    def __init__(self, backend: Backend, queue: str, departures: Departures | None = None) -> None:
         self.backend = backend
         self.queue = queue
         self.buffers: dict[str, deque[bytes]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._hungry = 0
         self._fetcher: asyncio.Task[None] | None = None
-        shared = backend.capabilities.multiprocess and not queue.endswith("!")
+        inbox = queue.endswith("!")
+        shared = backend.capabilities.multiprocess and not inbox
         self._batch = 1 if shared else INBOX_BATCH
+        self._departures = departures
+        # A normal channel buffers only what its waiting receives asked for; an inbox
+        # buffers whatever arrives for any of its channels, so it needs a bound.
+        self._limit = backend.settings.capacity.for_channel(queue) if inbox else None
 
     def take(self, channel: str) -> bytes | None:
         """A buffered payload for ``channel``, fetching without I/O if the backend can."""
@@ -62,18 +76,77 @@ class LocalQueue:
             del self.buffers[channel]
         return payload
 
-    def _buffer(self, items: list[tuple[str, bytes]]) -> None:
+    def _buffer(self, items: list[tuple[str, bytes]]) -> list[str]:
+        """Buffer ``items``; the channels that got a payload, in order."""
         buffers = self.buffers
+        limit = self._limit
+        filled: list[str] = []
+        full = 0
         for channel, payload in items:
             if type(channel) is not str or type(payload) is not bytes:
                 # Junk another client put where this queue's messages wait.
                 size = len(payload) if isinstance(payload, bytes) else 0
                 log_malformed(self.queue, size, "not a channel name and bytes")
                 continue
+            if channel == self.queue and is_envelope(payload):
+                filled += self._open(payload)
+                continue
             buffer = buffers.get(channel)
             if buffer is None:
                 buffer = buffers[channel] = deque()
+            elif limit is not None and len(buffer) >= limit:
+                full += 1
+                continue
             buffer.append(payload)
+            filled.append(channel)
+        if full:
+            self.backend.skipped_full += full
+            logger.warning(
+                "dropped %d message(s) for channels of %r whose backlog in this process is "
+                "full (capacity %d)",
+                full,
+                self.queue,
+                limit,
+            )
+        return filled
+
+    def _open(self, data: bytes) -> list[str]:
+        """Hand an envelope's payload to each member whose membership still holds."""
+        try:
+            envelope = open_envelope(self.queue, data)
+        except ValueError as error:
+            log_malformed(self.queue, len(data), error)
+            return []
+        current = now()
+        departures = self._departures
+        limit = self._limit
+        buffers = self.buffers
+        filled: list[str] = []
+        full = 0
+        for member, until in envelope.members:
+            if until <= current or (
+                departures and departures.left_after(envelope.group, member, envelope.sent_at)
+            ):
+                continue
+            buffer = buffers.get(member)
+            if buffer is None:
+                buffer = buffers[member] = deque()
+            elif limit is not None and len(buffer) >= limit:
+                full += 1
+                continue
+            buffer.append(envelope.payload)
+            filled.append(member)
+        if full:
+            self.backend.skipped_full += full
+            logger.warning(
+                "group_send to %r: %d of %d members in this process skipped: their backlog "
+                "here is full (capacity %d)",
+                envelope.group,
+                full,
+                len(envelope.members),
+                limit,
+            )
+        return filled
 
     async def wait(self, channel: str) -> None:
         """Wait until a payload for ``channel`` may be buffered."""
@@ -115,10 +188,8 @@ class LocalQueue:
             while self._hungry > 0:
                 limit = max(self._hungry, self._batch)
                 items = await self.backend.pop(self.queue, limit)
-                self._buffer(items)
-                for channel, _payload in items:
-                    if type(channel) is str:
-                        self._wake(channel)
+                for channel in self._buffer(items):
+                    self._wake(channel)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -144,11 +215,20 @@ class LocalQueue:
             await asyncio.gather(fetcher, return_exceptions=True)
         self.fail(error)
 
-    def adopt(self, other: LocalQueue) -> None:
-        """Take over the buffered payloads of a queue whose event loop has ended."""
-        for channel, payloads in other.buffers.items():
-            self.buffers.setdefault(channel, deque()).extendleft(reversed(payloads))
-        other.buffers.clear()
+    def restore(self, channel: str, payloads: Iterable[bytes]) -> None:
+        """Put ``payloads`` for ``channel``, fetched before anything buffered here, first
+        in line, and wake a receive waiting for them.
+        """
+        buffer = self.buffers.setdefault(channel, deque())
+        buffer.extendleft(reversed(list(payloads)))
+        if not buffer:
+            del self.buffers[channel]
+            return
+        self._wake(channel)
+
+    def wake(self, channel: str) -> None:
+        """Wake one receive waiting for ``channel``, if any, to look again."""
+        self._wake(channel)
 
 
 class HeldMessages:

@@ -1,5 +1,12 @@
 """How messages travel: an 8-byte expiry deadline followed by the msgpack body.
 
+``max_message_size`` counts the msgpack bytes of a message, what the application sent,
+never the deadline header nor the encryption overhead: those are the layer's business,
+and a limit that moved with them would refuse a message with encryption on that it
+carries with encryption off. Brokers must then admit more than ``max_message_size``;
+:func:`largest_payload` says how much, and every backend sizes its broker and client
+limits from it, in one place.
+
 The deadline (seconds since the epoch, as a big-endian double) stays readable without
 decoding the body, so brokers' scripts and the core can drop expired messages cheaply.
 With ``symmetric_encryption_keys`` the body is a Fernet token of the deadline and the
@@ -28,11 +35,13 @@ if TYPE_CHECKING:
     from cryptography.fernet import MultiFernet
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
     "Codec",
     "MsgpackSerializer",
     "Serializer",
     "check_encryption_keys",
     "deadline_of",
+    "largest_payload",
     "pack",
     "unpack",
     "unpack_message",
@@ -42,6 +51,32 @@ logger = logging.getLogger("multilayer")
 
 _DEADLINE = struct.Struct("!d")
 HEADER_SIZE = _DEADLINE.size
+
+#: The default ``max_message_size``: 2.5 MiB of msgpack. The Channels spec asks every layer
+#: to carry messages of up to 1 MB as JSON, and msgpack takes at most 2.25 times a value's
+#: compact JSON size (a float is 9 bytes against 4 for ``0.0,`` in JSON; the table in
+#: README's Options has the other types), so this admits every such message.
+DEFAULT_MAX_MESSAGE_SIZE = 5 * 512 * 1024
+
+#: Fernet's fixed overhead before base64: version (1), timestamp (8), IV (16), HMAC (32).
+_FERNET_FIXED = 1 + 8 + 16 + 32
+_AES_BLOCK = 16
+
+
+def largest_payload(max_message_size: int, *, encrypted: bool) -> int:
+    """The largest payload a layer with ``max_message_size`` hands to its broker.
+
+    That is the deadline header plus the msgpack body, or with encryption the header
+    plus the Fernet token of header and body (PKCS7-padded to whole AES blocks, then
+    URL-safe base64 with padding): about 4/3 of the body plus 110 bytes. Backends size
+    their broker's and client's limits with this, so that every message the size check
+    admits also gets through the broker.
+    """
+    if not encrypted:
+        return HEADER_SIZE + max_message_size
+    padded = ((HEADER_SIZE + max_message_size) // _AES_BLOCK + 1) * _AES_BLOCK
+    token = (_FERNET_FIXED + padded + 2) // 3 * 4
+    return HEADER_SIZE + token
 
 
 class Serializer(Protocol):
@@ -184,17 +219,20 @@ class Codec:
         return self._cipher is not None
 
     def encode(self, message: dict[str, Any], deadline: float) -> bytes:
-        """The payload of ``message``; MessageTooLarge when it exceeds ``max_size`` bytes."""
-        header = _DEADLINE.pack(deadline)
+        """The payload of ``message``.
+
+        MessageTooLarge when its msgpack form exceeds ``max_size`` bytes, checked before
+        encryption: the limit is on what the application sent (see the module docstring).
+        """
         body = self.serializer.dumps(message)
+        if len(body) > self.max_size:
+            raise MessageTooLarge(
+                f"message of {len(body)} bytes (msgpack) exceeds max_message_size={self.max_size}"
+            )
+        header = _DEADLINE.pack(deadline)
         if self._cipher is not None:
             body = self._cipher.encrypt(header + body)
-        payload = header + body
-        if len(payload) > self.max_size:
-            raise MessageTooLarge(
-                f"message of {len(payload)} bytes exceeds max_message_size={self.max_size}"
-            )
-        return payload
+        return header + body
 
     def decode(self, payload: bytes, channel: str) -> dict[str, Any] | None:
         """The message of ``payload``, or None (logged) when it is not one of ours."""
@@ -244,7 +282,8 @@ def pack(
     max_size: int,
     serializer: Serializer = DEFAULT_SERIALIZER,
 ) -> bytes:
-    """The unencrypted payload of ``message``; MessageTooLarge beyond ``max_size`` bytes."""
+    """The unencrypted payload of ``message``; MessageTooLarge when its msgpack form
+    exceeds ``max_size`` bytes."""
     return Codec(max_size=max_size, serializer=serializer).encode(message, deadline)
 
 

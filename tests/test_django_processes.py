@@ -42,6 +42,11 @@ ARTIFACTS = ROOT / "test-artifacts"
 EVENT_TIMEOUT = 20.0
 TEST_TIMEOUT = 60.0
 START_TIMEOUT = 30.0
+#: Bounds of a chat's teardown: its processes' exit after SIGTERM, then after SIGKILL,
+#: and the flush of its prefix.
+STOP_TIMEOUT = 10.0
+KILL_TIMEOUT = 10.0
+FLUSH_TIMEOUT = 20.0
 
 
 def with_prefix(url: str, prefix: str) -> str:
@@ -78,14 +83,22 @@ class Service:
                 raise self.failure(f"did not listen on 127.0.0.1:{port}")
             time.sleep(0.05)
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
+
+    def reap(self, deadline: float) -> None:
+        """Wait until ``deadline`` for the process to exit after ``terminate()``, then
+        kill it; return once it is gone."""
         try:
-            self.process.wait(10)
+            self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait(10)
+            self.process.wait(KILL_TIMEOUT)
+
+    def stop(self) -> None:
+        self.terminate()
+        self.reap(time.monotonic() + STOP_TIMEOUT)
 
 
 class Chat:
@@ -136,13 +149,22 @@ class Chat:
                 raise service.failure(f"exited with {service.process.returncode}")
 
     def stop(self) -> None:
+        # Signalled together and waited for against one deadline: each daphne takes
+        # seconds to shut down on a loaded machine, and one after the other they added up.
         for service in self.services:
-            service.stop()
+            service.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for service in self.services:
+            service.reap(deadline)
 
         async def flush() -> None:
             layer = ChannelLayer(self.url)
             try:
-                await asyncio.wait_for(layer.flush(), 20)
+                await asyncio.wait_for(layer.flush(), FLUSH_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise AssertionError(
+                    f"flushing {layer.url.sanitized()} took over {FLUSH_TIMEOUT}s"
+                ) from None
             finally:
                 await asyncio.wait_for(layer.close(), 10)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from brokers import private_redis, require_module
 
-from multilayer import ChannelLayer, ConfigurationError
+from multilayer import ChannelLayer, ConfigurationError, MessageTooLarge
 from multilayer.conformance._util import assert_nothing, recv
 from multilayer.conformance.plugin import Harness
-from multilayer.serialization import Codec
+from multilayer.serialization import Codec, largest_payload
 
 fernet = require_module("cryptography.fernet")
 
@@ -83,12 +83,18 @@ def test_codec_rejects_tampering_and_logs_without_the_bytes(
     assert all(payload[8:30].decode() not in message for message in messages)
 
 
-def test_encryption_counts_towards_max_message_size() -> None:
-    plain, encrypted = Codec(max_size=1000), Codec(max_size=1000, keys=[NEW])
-    message = {"b": b"x" * 900}
-    plain.encode(message, 0.0)
-    with pytest.raises(Exception, match="exceeds max_message_size=1000"):
-        encrypted.encode(message, 0.0)
+@pytest.mark.parametrize("limit", [64, 1000, 300_000])
+def test_max_message_size_counts_msgpack_before_encryption(limit: int) -> None:
+    plain, encrypted = Codec(max_size=limit), Codec(max_size=limit, keys=[NEW])
+    # {"b": bytes} is 4 bytes of msgpack plus the bin's length prefix (2, 3 or 5 bytes).
+    prefix = 2 if limit - 6 < 256 else 3 if limit - 7 < 65536 else 5
+    largest, too_large = {"b": b"x" * (limit - 3 - prefix)}, {"b": b"x" * (limit - 2 - prefix)}
+    for codec in (plain, encrypted):
+        payload = codec.encode(largest, 0.0)
+        assert len(payload) == largest_payload(limit, encrypted=codec.encrypted)
+        assert codec.decode(payload, "c") == largest
+        with pytest.raises(MessageTooLarge, match=f"of {limit + 1} bytes"):
+            codec.encode(too_large, 0.0)
 
 
 @pytest.mark.parametrize(

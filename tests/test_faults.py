@@ -279,3 +279,122 @@ def test_a_killed_receiver_leaves_nothing_behind(controller: Controller) -> None
             await sender.close()
 
     run_closed(body(), 120)
+
+
+#: seconds after the broker is back from which every group message must reach the member
+MEMBERS_BACK = 2.0
+#: seconds after the broker is back from which a send or group_send must succeed
+FIRST_SEND = 1.0
+
+
+class _Member:
+    """A member of group ``room``: a layer in another OS process (the conformance worker),
+    or another layer object in this process."""
+
+    def __init__(self, controller: Controller, prefix: str, options: dict[str, Any]) -> None:
+        self.controller, self.prefix, self.options = controller, prefix, options
+        self.process: subprocess.Popen[str] | None = None
+        self.layer: ChannelLayer | None = None
+        self.collecting: asyncio.Future[list[int]] | None = None
+
+    async def join(self, where: str) -> str:
+        if where == "layer":
+            self.layer = ChannelLayer(self.controller.url, prefix=self.prefix, **self.options)
+            channel = await self.layer.new_channel()
+            await self.layer.group_add("room", channel)
+            self.collecting = asyncio.ensure_future(self._collect(self.layer, channel))
+            return channel
+        argv = [sys.executable, "-m", "multilayer.conformance.worker", "inbox",
+                self.controller.url, self.prefix, json.dumps(self.options), "room"]  # fmt: skip
+        self.process = await asyncio.to_thread(
+            subprocess.Popen, argv, stdout=subprocess.PIPE, text=True
+        )
+        return str((await self._line())["channel"])
+
+    @staticmethod
+    async def _collect(layer: ChannelLayer, channel: str) -> list[int]:
+        got: list[int] = []
+        while "stop" not in (message := await layer.receive(channel)):
+            got.append(message["i"])
+        return got
+
+    async def _line(self) -> dict[str, Any]:
+        assert self.process is not None and self.process.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), 30)
+        assert line, f"the member process ended early (exit status {self.process.poll()})"
+        return dict(json.loads(line))
+
+    async def got(self) -> list[int]:
+        """What the member received, once a stop message was sent to its channel."""
+        if self.collecting is not None:
+            return await asyncio.wait_for(self.collecting, 30)
+        return list((await self._line())["got"])
+
+    async def close(self) -> None:
+        if self.collecting is not None:
+            self.collecting.cancel()
+            await asyncio.gather(self.collecting, return_exceptions=True)
+        if self.layer is not None:
+            await self.layer.close()
+        if self.process is not None:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait, 10)
+            assert self.process.stdout is not None
+            self.process.stdout.close()
+
+
+@pytest.mark.parametrize("where", ["process", "layer"])
+def test_memberships_come_back_after_a_restart(controller: Controller, where: str) -> None:
+    """A member (in another process, or another layer object here) joined a group; the
+    broker is SIGKILLed and started again empty on the same port. Group sends from this
+    process then work from FIRST_SEND on, the member gets every group message sent
+    MEMBERS_BACK or more after the broker was back (its layer re-asserted the membership;
+    later where the backend needs longer to notice the restart, ``Controller.settle``),
+    and nothing arrives twice."""
+    capabilities = ChannelLayer(controller.url).backend_class.capabilities
+    if not capabilities.restores_memberships:
+        pytest.skip(f"{controller.scheme}: capabilities.restores_memberships is false")
+    prefix = "m" + secrets.token_hex(4)
+    options = dict(controller.options)
+    members_back = max(MEMBERS_BACK, controller.settle)
+
+    async def body() -> None:
+        member = _Member(controller, prefix, options)
+        sender = ChannelLayer(controller.url, prefix=prefix, **options)
+        try:
+            channel = await member.join(where)
+            await sender.group_send("room", {"i": 0})
+            await asyncio.to_thread(controller.restart)
+            back = time.monotonic()
+            await asyncio.sleep(FIRST_SEND)
+            sent: dict[int, float] = {}
+            number = 0
+            while (since := time.monotonic() - back) < members_back + 3:
+                number += 1
+                # The first try already: the sender's idle connections died with the broker.
+                if number % 2:
+                    await asyncio.wait_for(sender.group_send("room", {"i": number}), SEND_BOUND)
+                else:
+                    await asyncio.wait_for(sender.send(channel, {"i": number}), SEND_BOUND)
+                sent[number] = since
+                await asyncio.sleep(0.1)
+            await sender.send(channel, {"stop": True})
+            got = await member.got()
+        finally:
+            await sender.flush()
+            await sender.close()
+            await member.close()
+        twice = sorted(n for n, count in Counter(got).items() if count > 1)
+        assert not twice, f"delivered twice: {twice}"
+        # Direct sends all count: each was accepted after the broker was back.
+        must = {n for n, at in sent.items() if n % 2 == 0 or at >= members_back}
+        missing = sorted(must - set(got))
+        assert not missing, f"never delivered: {missing}; got {got}"
+        early = sorted(n for n, at in sent.items() if n % 2 and at < members_back)
+        print(
+            f"{controller.scheme} ({where}): {len(sent)} sends from {FIRST_SEND:g}s after the "
+            f"restart all succeeded; group messages sent before {members_back:g}s that "
+            f"arrived: {len(set(early) & set(got))} of {len(early)}"
+        )
+
+    run_closed(body(), 90)

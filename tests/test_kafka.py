@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from brokers import require_module
+from brokers import certificates, require_module
 from kafka_broker import tansu
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend, _Machine
-from multilayer.serialization import pack
+from multilayer.fanout import open_envelope
+from multilayer.serialization import deadline_of, largest_payload, pack
 
 kafka = require_module("kafka")
 
@@ -75,17 +78,27 @@ def test_plain_url_defaults_the_port_and_keeps_every_host() -> None:
     assert "security_protocol" not in config
 
 
-def test_ssl_url_passes_tls_files_and_sasl_credentials_through() -> None:
-    url = "kafka+ssl://app:s%3Acret@broker:9094?ssl_cafile=/ca.pem&sasl_mechanism=SCRAM-SHA-512"
-    config = backend_for(url, ssl_certfile="/c.pem", ssl_keyfile="/k.pem")._client_config()
+def test_ssl_url_builds_the_tls_context_and_passes_sasl_credentials(tmp_path: Path) -> None:
+    certs = certificates(tmp_path)
+    url = (
+        f"kafka+ssl://app:s%3Acret@broker:9094?ssl_cafile={certs / 'ca.pem'}"
+        "&sasl_mechanism=SCRAM-SHA-512"
+    )
+    backend = backend_for(
+        url, ssl_certfile=str(certs / "client.pem"), ssl_keyfile=str(certs / "client.key")
+    )
+    config = backend._client_config()
     assert config["security_protocol"] == "SASL_SSL"
     assert config["sasl_mechanism"] == "SCRAM-SHA-512"
     assert (config["sasl_plain_username"], config["sasl_plain_password"]) == ("app", "s:cret")
-    assert (config["ssl_cafile"], config["ssl_certfile"], config["ssl_keyfile"]) == (
-        "/ca.pem",
-        "/c.pem",
-        "/k.pem",
-    )
+    # The layer's own context (kafka-python's would use the deprecated ssl.PROTOCOL_TLS).
+    context = config["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert [ca["subject"] for ca in context.get_ca_certs()] == [
+        ((("commonName", "multilayer test CA"),),)
+    ]
+    unverified = backend_for("kafka+ssl://broker?ssl_verify=false")._client_config()
+    assert unverified["ssl_context"].verify_mode == ssl.CERT_NONE
     assert backend_for("kafka+ssl://broker")._client_config()["security_protocol"] == "SSL"
     plain_sasl = backend_for("kafka://app:pw@broker")._client_config()
     assert plain_sasl["security_protocol"] == "SASL_PLAINTEXT"
@@ -163,6 +176,49 @@ def test_group_send_is_one_record_with_per_member_capacity() -> None:
     assert "old" not in machine.groups["g"]
 
 
+def test_group_send_puts_one_envelope_per_inbox_counted_once() -> None:
+    machine = _Machine()
+    members = [f"specific.p!m{index}" for index in range(5)]
+    for offset, member in enumerate(members):
+        machine.apply(offset, ["A", None, 1.0, "g", member, 50.0 + offset])
+    machine.apply(5, ["A", None, 1.0, "g", "specific.p!late", 1.5])
+    machine.apply(6, ["A", None, 1.0, "g", "worker", 50.0])
+    # Five members in one inbox of capacity 2: one message there, not five.
+    for position in (7, 8):
+        outcome = machine.apply(
+            position, ["G", None, 2.0, "g", payload(position), 9, {"specific.p!": 2}]
+        )
+        assert not outcome.full_members
+    inbox = machine.queues["specific.p!"].pending
+    assert [message.key for message in inbox] == [(7, "specific.p!"), (8, "specific.p!")]
+    envelope = open_envelope("specific.p!", inbox[0].payload)
+    assert (envelope.group, envelope.sent_at, envelope.payload) == ("g", 2.0, payload(7))
+    assert envelope.members == [(member, 50.0 + offset) for offset, member in enumerate(members)]
+    assert inbox[0].deadline == deadline_of(payload(7))
+    assert len(machine.queues["worker"].pending) == 2
+    # The inbox is full: every member it carries is skipped, the worker still gets its copy.
+    refused = machine.apply(9, ["G", None, 2.0, "g", payload(9), 9, {"specific.p!": 2}])
+    assert refused.full_members == members
+    assert refused.live_members == len(members) + 1
+    assert len(machine.queues["worker"].pending) == 3
+    # A take record naming the envelope frees its one place.
+    machine.apply(10, ["T", None, 2.0, "specific.p!", [[7, "specific.p!"]]])
+    assert not machine.apply(
+        11, ["G", None, 2.0, "g", payload(11), 9, {"specific.p!": 2}]
+    ).full_members
+
+
+def test_group_send_records_of_older_layers_give_members_capacities() -> None:
+    # Before envelopes a record keyed capacities by member; a member's is its inbox's.
+    machine = _Machine()
+    for offset, member in enumerate(["specific.p!a", "specific.p!b"]):
+        machine.apply(offset, ["A", None, 1.0, "g", member, 50.0])
+    record = ["G", None, 2.0, "g", payload(2), 9, {"specific.p!b": 1, "specific.p!a": 1}]
+    assert not machine.apply(2, record).full_members
+    refused = machine.apply(3, [*record[:4], payload(3), *record[5:]])
+    assert refused.full_members == ["specific.p!a", "specific.p!b"]
+
+
 def test_admitted_sends_are_appended_whatever_the_capacity() -> None:
     # The writer saw room; every replay must agree, so capacity is not checked again.
     machine = _Machine()
@@ -213,6 +269,37 @@ def test_one_topic_per_prefix_whatever_the_traffic(broker_url: str) -> None:
 
     run(body)
     assert {topic for topic in topics_on(broker_url) if "layout" in topic} == {"multilayer.layout"}
+
+
+def test_size_limits_admit_the_largest_encrypted_message(broker_url: str) -> None:
+    # The topic, the producer and the fetches take an encrypted payload at
+    # max_message_size plus the operation around it, even for a layer that does not
+    # encrypt: the topic is shared, and made by whichever process comes first.
+    largest = largest_payload(300_000, encrypted=True)
+
+    async def body() -> None:
+        layer = ChannelLayer(broker_url, prefix="sized", max_message_size=300_000)
+        try:
+            await layer.send("sized.q", {"n": 1})
+            assert await asyncio.wait_for(layer.receive("sized.q"), 10) == {"n": 1}
+            backend = layer._state().backend
+            assert isinstance(backend, KafkaBackend) and backend._hub is not None
+            hub = backend._hub
+            assert hub.options["max_record"] == largest + 4096
+            assert hub.producer.config["max_request_size"] == largest + 4096
+            assert hub.consumer.config["max_partition_fetch_bytes"] == largest + 4096
+        finally:
+            await layer.close()
+
+    run(body)
+    admin = kafka.KafkaAdminClient(bootstrap_servers=broker_url.removeprefix("kafka://"))
+    try:
+        topic = kafka.admin.ConfigResource(kafka.admin.ConfigResourceType.TOPIC, "multilayer.sized")
+        [response] = admin.describe_configs([topic])
+    finally:
+        admin.close()
+    configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
+    assert configs["max.message.bytes"] == str(largest + 4096)
 
 
 def test_operations_written_together_share_a_kafka_record(broker_url: str) -> None:

@@ -5,9 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from multilayer.backend import Capabilities
+from multilayer.backend import Capabilities, LayerSettings
+from multilayer.capacity import CapacityPolicy
 from multilayer.local import INBOX_BATCH, HeldMessages, LocalQueue
 from multilayer.serialization import pack
+
+SETTINGS = LayerSettings(
+    prefix="t",
+    expiry=60.0,
+    group_expiry=60.0,
+    capacity=CapacityPolicy(INBOX_BATCH),
+    max_message_size=1 << 20,
+)
 
 
 class ScriptedBackend:
@@ -19,6 +28,8 @@ class ScriptedBackend:
         self.incoming: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self.pops = 0
         self.limits: list[int] = []
+        self.settings = SETTINGS
+        self.skipped_full = 0
 
     async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
         self.pops += 1

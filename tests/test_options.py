@@ -80,14 +80,15 @@ def test_configuration_errors_are_value_errors() -> None:
         ChannelLayer("memory://?capacity=x")
 
 
-def test_max_message_size_defaults_to_one_mebibyte_and_is_exact() -> None:
+def test_max_message_size_defaults_to_two_and_a_half_mebibytes_of_msgpack() -> None:
     layer = ChannelLayer("memory://")
-    assert layer.settings.max_message_size == 1024 * 1024
+    limit = 5 * 512 * 1024
+    assert layer.settings.max_message_size == limit
     assert ChannelLayer("memory://?max_message_size=2048").settings.max_message_size == 2048
-    # 8 bytes of deadline and 8 of msgpack framing around the bytes.
-    assert len(layer._codec.encode({"b": b"x" * (1024 * 1024 - 16)}, 0.0)) == 1024 * 1024
-    with pytest.raises(MessageTooLarge, match="message of 1048577 bytes exceeds"):
-        layer._codec.encode({"b": b"x" * (1024 * 1024 - 15)}, 0.0)
+    # 8 bytes of msgpack framing around the bytes; the 8-byte deadline is not counted.
+    assert len(layer._codec.encode({"b": b"x" * (limit - 8)}, 0.0)) == limit + 8
+    with pytest.raises(MessageTooLarge, match=f"message of {limit + 1} bytes \\(msgpack\\)"):
+        layer._codec.encode({"b": b"x" * (limit - 7)}, 0.0)
 
 
 def test_unknown_schemes_and_options_name_themselves() -> None:

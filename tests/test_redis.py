@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -28,6 +31,8 @@ from brokers import (
 
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
 from multilayer.backends.redis import RedisBackend, _Ring
+from multilayer.capacity import CapacityPolicy
+from multilayer.fanout import open_envelope, seal
 from multilayer.names import non_local_name
 from multilayer.serialization import pack
 
@@ -62,6 +67,14 @@ def members_on(port: int, key: str) -> list[str]:
     client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
     try:
         return list(client.zrange(key, 0, -1))
+    finally:
+        client.close()
+
+
+def scores_on(port: int, key: str) -> dict[str, float]:
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    try:
+        return dict(client.zrange(key, 0, -1, withscores=True))
     finally:
         client.close()
 
@@ -249,11 +262,50 @@ def test_group_send_with_per_channel_capacities_over_shards(three_redis: list[in
     run(body)
 
 
+def test_group_envelopes_count_against_an_inbox_capacity_pattern(redis_port: int) -> None:
+    """With channel_capacity patterns the inbox's own capacity bounds its envelopes."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        options = {"prefix": "boxcap", "channel_capacity": {"tight.*": 1}, "capacity": 50}
+        layer, sender = ChannelLayer(url, **options), ChannelLayer(url, **options)
+        try:
+            tight = [await layer.new_channel("tight") for _ in range(3)]
+            roomy = [await layer.new_channel("roomy") for _ in range(3)]
+            for channel in tight + roomy:
+                await layer.group_add("boxcap", channel)
+            for n in range(2):
+                await sender.group_send("boxcap", {"n": n})
+            # One envelope fills the tight inbox: its three members get the first only.
+            for channel in tight:
+                assert await asyncio.wait_for(layer.receive(channel), 5) == {"n": 0}
+            for channel in roomy:
+                got = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(2)]
+                assert got == [{"n": 0}, {"n": 1}]
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(layer.receive(tight[0]), 0.3)
+            assert (await sender.stats()).dropped_full == 3
+        finally:
+            await layer.flush()
+            await layer.close()
+            await sender.close()
+
+    run(body)
+
+
 def evalsha_calls(port: int) -> int:
     client = redis.Redis(host="127.0.0.1", port=port)
     try:
         stats = client.info("commandstats").get("cmdstat_evalsha", {})
         return int(stats.get("calls", 0))
+    finally:
+        client.close()
+
+
+def queue_length(port: int, key: str) -> int:
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        return int(client.llen(key))
     finally:
         client.close()
 
@@ -276,6 +328,10 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
             await sender.group_send("fan-100", {"hello": "all"})
             after = [evalsha_calls(port) for port in three_redis]
             assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+            # Each process's inbox, wherever it hashed, holds one envelope for its ten.
+            for layer in receivers:
+                key = f"fan:q:{non_local_name(next(c for o, c in members if o is layer))}"
+                assert sum(queue_length(port, key) for port in three_redis) == 1
             for layer, channel in members:
                 assert await asyncio.wait_for(layer.receive(channel), 5) == {"hello": "all"}
         finally:
@@ -284,6 +340,78 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
                 await layer.close()
 
     run(body)
+
+
+def test_the_group_script_seals_envelopes_byte_for_byte_as_fanout_does(redis_port: int) -> None:
+    """The Lua script packs the envelope header itself; fanout must read it, and it must be
+    the very bytes fanout.seal makes (cmsgpack would pack a whole-number deadline as an
+    integer, which decodes alike but is not the same envelope)."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    inbox = "specific.0123456789abcdef!"
+    group = "seal-" + "g" * 35  # a msgpack str8, as is the longest suffix below
+    expires = time.time() + 60
+    # More members than a msgpack fixarray holds; suffixes of 1 to 40 characters; whole
+    # and fractional membership deadlines, ending before the message expires or after.
+    ending = [(f"{inbox}{n:02d}" + "x" * (2 * n), expires - 30 + n * 0.25) for n in range(20)]
+    ending.append((f"{inbox}w", float(int(expires) - 7)))
+    lasting = [(f"{inbox}L{n}", expires + 3600 + n) for n in range(3)]
+    lasting.append((f"{inbox}at-expiry", expires))
+    payload = struct.pack("!d", expires) + b"\x81\xa1n\x01"
+    admin = redis.Redis(host="127.0.0.1", port=redis_port)
+
+    async def body() -> None:
+        backend = await open_backend(url, prefix="seal")
+        try:
+            for channel, until in ending + lasting:
+                await backend.group_add(group, channel, deadline=until)
+            await backend.group_add(group, "seal.normal", deadline=expires + 3600)
+            before = time.time()
+            await backend.group_send(group, payload, deadline=expires, capacity=CapacityPolicy(1))
+            after = time.time()
+        finally:
+            await backend.close()
+        (element,) = admin.lrange(f"seal:q:{inbox}", 0, -1)
+        assert element[:1] == b"\n"
+        opened = open_envelope(inbox, element[1:])
+        assert (opened.group, opened.payload) == (group, payload)
+        assert before <= opened.sent_at <= after
+        # Memberships ending before the message does keep their deadline; the others,
+        # which the copy cannot outlive, are sent as lasting forever. ZRANGE order: by
+        # deadline, then by name.
+        by_score = sorted(ending, key=lambda member: (member[1], member[0]))
+        by_score += [(name, math.inf) for name, _ in sorted(lasting, key=lambda m: (m[1], m[0]))]
+        assert opened.members == by_score
+        assert element[1:] == seal(payload, group, opened.sent_at, inbox, by_score)
+        assert admin.lrange("seal:q:seal.normal", 0, -1) == [b"\n" + payload]
+
+    try:
+        run(body)
+    finally:
+        admin.close()
+
+
+def test_a_full_inbox_is_one_log_line_for_all_its_members(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        layer = ChannelLayer(url, prefix="fullbox", capacity=1)
+        try:
+            channels = [await layer.new_channel() for _ in range(5)]
+            for channel in channels:
+                await layer.group_add("fullbox", channel)
+            await layer.send(channels[0], {"n": 0})
+            await layer.group_send("fullbox", {"n": 1})
+            assert (await layer.stats()).dropped_full == 5
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body)
+    (line,) = [r.getMessage() for r in caplog.records if "fullbox" in r.getMessage()]
+    assert line == "group_send to 'fullbox' skipped 5 members: channel full"
 
 
 def test_concurrent_sends_share_one_connection_and_keep_order(redis_port: int) -> None:
@@ -343,6 +471,38 @@ def test_a_server_that_stops_answering_fails_sends_and_receives_resume(redis_por
         finally:
             await layer.flush()
             await layer.close()
+            await sender.close()
+            await admin.aclose()
+
+    run(body)
+
+
+def test_a_send_on_a_connection_closed_while_idle_goes_out_once_on_a_new_one(
+    redis_port: int,
+) -> None:
+    """The server closing an idle send connection (CLIENT KILL, an idle timeout, a restart)
+    costs no send: nothing was written on it, so the next send reconnects and is stored
+    exactly once. redis-py 8 reports that EOF as an error where 7.x answered True."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="idle")
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await sender.send("idle.work", {"n": 1})
+            killed = await admin.execute_command(
+                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+            )
+            assert killed == 1, "the sender's one connection"
+            await asyncio.sleep(0.1)  # the EOF reaches the sender's idle socket
+            await sender.send("idle.work", {"n": 2})
+            assert await admin.llen("idle:q:idle.work") == 2
+            assert [await asyncio.wait_for(sender.receive("idle.work"), 5) for _ in "12"] == [
+                {"n": 1},
+                {"n": 2},
+            ]
+        finally:
+            await sender.flush()
             await sender.close()
             await admin.aclose()
 
@@ -497,6 +657,84 @@ def test_rediss_with_mutual_tls(certs: Path) -> None:
                     await each.close()
 
         run(body)
+
+
+def test_a_server_that_accepts_but_never_answers_fails_a_send_in_bounded_time() -> None:
+    """A new connection's handshake (SELECT, CLIENT SETINFO) is bounded too: redis-py reads
+    it without a timeout, and the reply watchdog only watches connections already made."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)  # connections complete in the backlog and are never answered
+        port = mute.getsockname()[1]
+        url = f"redis://127.0.0.1:{port}/3?socket_timeout=0.5&connect_timeout=0.5"
+
+        async def body() -> None:
+            layer = ChannelLayer(url, prefix="mute")
+            try:
+                calls: list[Callable[[], Awaitable[None]]] = [
+                    lambda: layer.send("mute.work", {"n": 1}),
+                    lambda: layer.group_send("room", {"n": 1}),
+                    lambda: layer.group_add("room", "mute.work"),
+                ]
+                for call in calls:
+                    started = time.monotonic()
+                    with pytest.raises(BrokerError, match=f"127.0.0.1:{port}"):
+                        await call()
+                    assert time.monotonic() - started < 2.5
+            finally:
+                await layer.close()
+
+        run(body, timeout=20)
+
+
+def test_a_restarted_shard_gets_back_the_memberships_it_held(tmp_path: Path) -> None:
+    """Two shards, members on both; one shard is SIGKILLed and restarted empty. Each member
+    layer notices on reconnecting, finds its marker gone from that shard only, and adds
+    its memberships there again with their original deadlines."""
+    ports = [free_port() for _ in range(2)]
+    processes = [
+        BrokerProcess(redis_argv(port, tmp_path), port, log=tmp_path / f"redis-{port}.log")
+        for port in ports
+    ]
+    url = "redis://" + ",".join(f"127.0.0.1:{port}" for port in ports) + "/0"
+    try:
+        for process in processes:
+            process.start()
+
+        async def body() -> None:
+            sender = ChannelLayer(url, prefix="rs")
+            members: list[tuple[ChannelLayer, str, int]] = []
+            try:
+                # Layers until both shards hold a member (each inbox hashes to one).
+                while len({shard for *_, shard in members}) < 2 and len(members) < 40:
+                    layer = ChannelLayer(url, prefix="rs", socket_timeout=1.0)
+                    channel = await layer.new_channel()
+                    await layer.group_add("room", channel)
+                    await sender.send(channel, {"hello": True})
+                    inbox = f"rs:q:{non_local_name(channel)}"
+                    (shard,) = [i for i, port in enumerate(ports) if inbox in keys_on(port)]
+                    assert await asyncio.wait_for(layer.receive(channel), 5) == {"hello": True}
+                    members.append((layer, channel, shard))
+                assert {shard for *_, shard in members} == {0, 1}
+                before = [scores_on(port, "rs:g:room") for port in ports]
+                waiting = [asyncio.ensure_future(layer.receive(c)) for layer, c, _ in members]
+                await asyncio.to_thread(processes[0].restart, kill=True, down_for=0.5)
+                await asyncio.sleep(2)
+                await sender.group_send("room", {"after": True})
+                for task in waiting:
+                    assert await asyncio.wait_for(task, 10) == {"after": True}
+                # Restored with the deadlines they had, never later ones.
+                assert [scores_on(port, "rs:g:room") for port in ports] == before
+            finally:
+                await sender.flush()
+                for layer, *_ in members:
+                    await layer.close()
+                await sender.close()
+
+        run(body, timeout=60)
+    finally:
+        for process in processes:
+            process.stop()
 
 
 def test_sentinel_discovers_the_master_and_follows_a_failover(tmp_path: Path) -> None:

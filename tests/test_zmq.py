@@ -7,8 +7,10 @@ loopback port or a socket in its temporary directory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -22,8 +24,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
+from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError, fanout
+from multilayer.backends import zmq as zmq_backend
 from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
+from multilayer.backends.zmqhub import DEFAULT_MAX_MESSAGE
 from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
 
@@ -91,6 +95,15 @@ async def nothing(layer: ChannelLayer, channel: str, wait: float = 0.3) -> None:
 def test_bad_urls_are_refused_without_io(url: str, problem: str) -> None:
     with pytest.raises(ConfigurationError, match=problem):
         ChannelLayer(url)
+
+
+def test_max_message_size_must_fit_a_frame_once_encrypted() -> None:
+    # Nodes and hubs refuse frames over DEFAULT_MAX_MESSAGE: about 6.3 MB of msgpack, encrypted.
+    fits = ChannelLayer("zmq://127.0.0.1:5599", max_message_size=6_000_000)
+    fits.backend_class(fits.url, fits.settings, fits.backend_options)
+    too_large = ChannelLayer("zmq://127.0.0.1:5599", max_message_size=6_400_000)
+    with pytest.raises(ConfigurationError, match="max_message_size=6400000 makes payloads"):
+        too_large.backend_class(too_large.url, too_large.settings, too_large.backend_options)
 
 
 def test_curve_secret_never_shows_in_errors() -> None:
@@ -286,7 +299,55 @@ def test_a_group_copy_keeps_capacity_exact(hub: Hub, caplog: pytest.LogCaptureFi
             await sender.close()
 
     run(body())
-    assert "skipped member" in caplog.text
+    assert "group_send to 'g' skipped 1 of 1 members: channel full" in caplog.text
+
+
+@pytest.mark.parametrize("size", [2, 30])
+def test_a_group_copy_sends_one_envelope_per_inbox(hub: Hub, size: int) -> None:
+    # A group counts by the queues its members live in: a crowd in one process is small.
+    async def body() -> None:
+        sender = ChannelLayer(hub.url, prefix="cpbox", capacity=4)
+        try:
+            members = [await sender.new_channel() for _ in range(size)]
+            for member in members:
+                await sender.group_add("g", member)
+            await _copied(sender, "g", members, sender, most=4)
+            for n in range(4):  # one place of the inbox each, not one per member
+                await sender.group_send("g", {"n": n})
+            assert _copy(sender, "g") == sorted(members)  # all went from the copy
+            for member in members:
+                assert [(await recv(sender, member))["n"] for _ in range(4)] == [0, 1, 2, 3]
+            await nothing(sender, members[0], 0.1)
+        finally:
+            await sender.flush()
+            await sender.close()
+
+    run(body())
+
+
+def test_a_group_copy_leaves_an_envelope_too_large_for_a_frame_to_the_hub(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        sender = ChannelLayer(hub.url, prefix="cpbig")
+        try:
+            members = [await sender.new_channel() for _ in range(2)]
+            for member in members:
+                await sender.group_add("g", member)
+            await _copied(sender, "g", members, sender)
+            backend = sender._state().backend
+            assert isinstance(backend, ZmqBackend) and not backend._group_sends
+            # As if the message were near the largest a frame holds (sockets already made).
+            monkeypatch.setattr(zmq_backend, "DEFAULT_MAX_MESSAGE", 64)
+            await sender.group_send("g", {"n": 1})
+            assert backend._group_sends  # sent to the hub, not from the copy
+            for member in members:
+                assert await recv(sender, member) == {"n": 1}
+        finally:
+            await sender.flush()
+            await sender.close()
+
+    run(body())
 
 
 def test_a_change_waits_at_most_a_lease_for_a_silent_copy_holder(hub: Hub) -> None:
@@ -556,6 +617,90 @@ def test_hub_answers_each_request_of_a_batch(hub: Hub) -> None:
         assert msgpack.unpackb(dealer.recv_multipart()[0])[:2] == ["ok", 7]
     finally:
         dealer.close(0)
+
+
+def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub) -> None:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+
+    def call(*request: Any, payload: bytes | None = None) -> tuple[list[Any], list[bytes]]:
+        frames = [msgpack.packb(list(request))] + ([payload] if payload is not None else [])
+        dealer.send_multipart(frames)
+        answer, *payloads = dealer.recv_multipart()
+        return msgpack.unpackb(answer)[2:], payloads
+
+    try:
+        until = time.time() + 60
+        members = ["specific.nobody!a", "specific.nobody!b", "park.worker"]
+        for rid, member in enumerate(members, 1):
+            call("gadd", rid, "park:g", member, until)
+        payload = struct.pack("!d", until) + b"body"
+        # Nobody owns the inbox: the hub parks its envelope, one place of capacity 2.
+        for rid in (4, 5):
+            assert call("gsend", rid, "park:g", "park", 2, {}, payload=payload)[0] == [[], 3]
+        full, live = call("gsend", 6, "park:g", "park", 2, {}, payload=payload)[0]
+        assert (sorted(full), live) == (sorted(members), 3)
+        assert call("stats", 7, "park")[0][0] == {"specific.nobody!": 2, "park.worker": 2}
+        # The owner registering gets the envelopes, each naming both members.
+        (handed,), envelopes = call("register", 8, ["park:specific.nobody!"], "tcp://x:1", "", 5)
+        assert handed == [["park:specific.nobody!", "specific.nobody!"]] * 2
+        for envelope in envelopes:
+            opened = fanout.open_envelope("specific.nobody!", envelope)
+            assert (opened.group, opened.payload) == ("g", payload)
+            assert opened.members == [(member, until) for member in members[:2]]
+    finally:
+        dealer.close(0)
+
+
+def test_hub_sends_copies_where_an_envelope_would_not_fit_a_frame(hub: Hub) -> None:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+    try:
+        until = time.time() + 60
+        for rid, member in enumerate(["specific.big!a", "specific.big!b"], 1):
+            dealer.send_multipart([msgpack.packb(["gadd", rid, "big:g", member, until])])
+            assert msgpack.unpackb(dealer.recv_multipart()[0])[:2] == ["ok", rid]
+        deadline = struct.pack("!d", until)
+        for rid, size in ((3, 100), (4, DEFAULT_MAX_MESSAGE - 20)):
+            request = msgpack.packb(["gsend", rid, "big:g", "big", 10, {}])
+            dealer.send_multipart([request, deadline + b"x" * (size - len(deadline))])
+            assert msgpack.unpackb(dealer.recv_multipart()[0]) == ["ok", rid, [], 2]
+        dealer.send_multipart([msgpack.packb(["stats", 5, "big"])])
+        # The small message as one envelope, the large one as a copy per member.
+        assert msgpack.unpackb(dealer.recv_multipart()[0])[2] == {"specific.big!": 3}
+    finally:
+        dealer.close(0)
+
+
+def test_a_full_inbox_is_one_line_naming_its_members_count(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        owner = ChannelLayer(hub.url, prefix="fullbox", capacity=1)
+        sender = ChannelLayer(hub.url, prefix="fullbox", capacity=1)
+        try:
+            members = [await owner.new_channel() for _ in range(3)]
+            for member in members:
+                await owner.group_add("g", member)
+            await sender.group_add("g", "fullbox.worker")
+            for n in range(2):  # sparse: through the hub; the second finds both queues full
+                await sender.group_send("g", {"n": n})
+            await sender.close()  # waits for the hub's answers
+            for member in members:
+                assert await recv(owner, member) == {"n": 0}
+        finally:
+            await owner.flush()
+            await owner.close()
+            await sender.close()
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body())
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert lines == ["group_send to 'g' skipped 4 of 4 members: channel full"]
 
 
 def test_node_survives_malformed_leased_batches(hub: Hub) -> None:

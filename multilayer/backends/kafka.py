@@ -7,8 +7,10 @@ is a record in it, and every process replays the log through the same determinis
 machine, so the log order decides capacity, which receiver gets a message of a normal
 channel, group membership and flush, with no consumer groups and no rebalances. Only the
 owning process takes messages from its inbox; ``group_send`` is one record, fanned out by
-the replay. No topic is created or deleted while the layer runs, only when a prefix is
-first used. See ``docs/backends/kafka.md`` for the design and its costs.
+the replay into one copy per normal member and one envelope per process inbox with members
+(:mod:`multilayer.fanout`), each counted once against capacity. No topic is created or
+deleted while the layer runs, only when a prefix is first used. See
+``docs/backends/kafka.md`` for the design and its costs.
 
 URL format: ``kafka://[user:password@]host[:port][,host[:port]...][?option=value...]``
 (port 9092 by default; credentials select SASL over plaintext) and
@@ -60,15 +62,20 @@ from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
+import kafka
 import msgpack
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
 
-from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_member, now
+from ..backend import Backend, BrokerStats, Capabilities, Item, log_full_members, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..fanout import seal, split
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import deadline_of, log_malformed
+from ..serialization import deadline_of, largest_payload, log_malformed
 from ..url import LayerURL
 
 __all__ = ["KafkaBackend"]
@@ -106,7 +113,7 @@ _DISTRUST = 5.0
 # replaying process decides the same.
 _SEND = "S"  # channel, capacity (None: admitted by the writer), payload
 _RETURN = "R"  # queue, [[channel, payload], ...] taken by a claim, given back
-_GROUP_SEND = "G"  # group, payload, default capacity, {member: capacity}
+_GROUP_SEND = "G"  # group, payload, default capacity, {queue: capacity} (see _group_send)
 _CLAIM = "C"  # queue, count, lease deadline (the token is the claim id)
 _RENEW = "K"  # queue, claim id, lease deadline
 _CANCEL = "X"  # queue, claim id
@@ -248,7 +255,9 @@ class _Outcome:
     """What applying one record decided, for the process that waits on it."""
 
     accepted: bool = True
+    #: Group members skipped as full; an inbox refused skips every member it would carry.
     full_members: list[str] = field(default_factory=list)
+    live_members: int = 0
     delivered: list[tuple[str, list[_Message]]] = field(default_factory=list)
     appended: set[str] = field(default_factory=set)
     flushed: bool = False
@@ -272,17 +281,7 @@ class _Machine:
             channel, capacity, payload = record[3], record[4], record[5]
             outcome.accepted = self._append(offset, channel, payload, capacity, sent_at, outcome)
         elif op == _GROUP_SEND:
-            group, payload, default, capacities = record[3], record[4], record[5], record[6]
-            members = self.groups.get(group, {})
-            for channel, until in list(members.items()):
-                if until <= sent_at:
-                    del members[channel]
-                elif not self._append(
-                    offset, channel, payload, capacities.get(channel, default), sent_at, outcome
-                ):
-                    outcome.full_members.append(channel)
-            if not members:
-                self.groups.pop(group, None)
+            self._group_send(offset, record, outcome)
         elif op == _RETURN:
             self._give_back(offset, record[3], record[4], sent_at, outcome)
         elif op == _CLAIM:
@@ -326,6 +325,41 @@ class _Machine:
 
     def _queue(self, name: str) -> _Queue:
         return self.queues.get(name) or _Queue()
+
+    def _group_send(self, offset: int, record: list[Any], outcome: _Outcome) -> None:
+        # Each normal member gets its own copy; the members living in one process share
+        # one envelope in its inbox (multilayer.fanout), checked once against the inbox's
+        # capacity, which that process opens into one copy per member. The envelope is
+        # the only message this record puts in an inbox, so its key (position, inbox
+        # name) is unique like every other.
+        sent_at, group, payload, default, capacities = record[2], *record[3:7]
+        members = self.groups.get(group)
+        if members is None:
+            return
+        for channel, until in list(members.items()):
+            if until <= sent_at:
+                del members[channel]
+        if not members:
+            del self.groups[group]
+            return
+        outcome.live_members = len(members)
+        inboxes, normal = split(members.items())
+        for channel, _until in normal:
+            if not self._append(
+                offset, channel, payload, capacities.get(channel, default), sent_at, outcome
+            ):
+                outcome.full_members.append(channel)
+        for inbox, local in inboxes.items():
+            # Records this layer writes key an inbox's capacity by its name; an older
+            # layer's name its members, whose capacity is their inbox's.
+            capacity = capacities.get(inbox)
+            if capacity is None:
+                capacity = next(
+                    (capacities[name] for name, _until in local if name in capacities), default
+                )
+            envelope = seal(payload, group, sent_at, inbox, local)
+            if not self._append(offset, inbox, envelope, capacity, sent_at, outcome):
+                outcome.full_members.extend(name for name, _until in local)
 
     def _give_back(
         self, offset: int, queue: str, items: list[Any], sent_at: float, outcome: _Outcome
@@ -522,9 +556,6 @@ class _Hub:
 
     def create_topic(self) -> None:
         """Create the log topic unless it exists (first use of a prefix, broker restart)."""
-        from kafka.admin import KafkaAdminClient, NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
         topic = NewTopic(
             self.topic,
             num_partitions=1,
@@ -543,8 +574,6 @@ class _Hub:
             admin.close()
 
     def _start(self) -> None:
-        from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
         self.create_topic()
         self.producer = KafkaProducer(
             **self.client_config,
@@ -830,11 +859,11 @@ class _Hub:
             self.waker.wake(queue)
         if record[0] == _GROUP_SEND:
             sender = self.group_senders.pop(token, None)
-            for member in outcome.full_members:
-                if sender is not None:
-                    sender.skip_full_member(record[3], member)
-                elif str(token).startswith(self.token_prefix):
-                    log_full_member(record[3], member)
+            full, live = len(outcome.full_members), outcome.live_members
+            if sender is not None:
+                sender.skip_full_members(record[3], full, live)
+            elif full and str(token).startswith(self.token_prefix):
+                log_full_members(record[3], full, live)
         if record[0] == _CANCEL:
             self.abandoned.discard(record[4])
         elif record[0] == _TAKE:
@@ -1061,8 +1090,6 @@ class KafkaBackend(Backend):
 
     @classmethod
     def versions(cls) -> dict[str, str]:
-        import kafka
-
         return {"kafka-python": kafka.__version__}
 
     async def broker_version(self) -> str:
@@ -1087,19 +1114,17 @@ class KafkaBackend(Backend):
         elif tls:
             config["security_protocol"] = "SSL"
         if tls:
-            config["ssl_check_hostname"] = self.config["ssl_check_hostname"]
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                if self.config[name]:
-                    config[name] = self.config[name]
-            if not self.config["ssl_verify"]:
-                # kafka-python verifies whenever it builds the context itself.
-                context = ssl.create_default_context()
-                context.check_hostname = False
+            # Our own context, always: the one kafka-python builds itself uses
+            # ssl.PROTOCOL_TLS, deprecated (a DeprecationWarning on every connection).
+            verify = self.config["ssl_verify"]
+            context = ssl.create_default_context(cafile=self.config["ssl_cafile"])
+            context.check_hostname = verify and self.config["ssl_check_hostname"]
+            if not verify:
                 context.verify_mode = ssl.CERT_NONE
-                if self.config["ssl_certfile"]:
-                    context.load_cert_chain(self.config["ssl_certfile"], self.config["ssl_keyfile"])
-                config["ssl_context"] = context
-                config["ssl_check_hostname"] = False
+            if self.config["ssl_certfile"]:
+                context.load_cert_chain(self.config["ssl_certfile"], self.config["ssl_keyfile"])
+            config["ssl_context"] = context
+            config["ssl_check_hostname"] = context.check_hostname
         return config
 
     def _tls_problem(self) -> str | None:
@@ -1107,13 +1132,7 @@ class KafkaBackend(Backend):
         logs it and then reports the broker as unreachable."""
         if self.url.scheme != "kafka+ssl":
             return None
-        config = self._client_config()
-        context = config.get("ssl_context")
-        if context is None:
-            context = ssl.create_default_context(cafile=config.get("ssl_cafile"))
-            context.check_hostname = config["ssl_check_hostname"]
-            if config.get("ssl_certfile"):
-                context.load_cert_chain(config["ssl_certfile"], config.get("ssl_keyfile"))
+        context: ssl.SSLContext = self._client_config()["ssl_context"]
         host, port = self.url.hosts[0]
         try:
             with (
@@ -1151,7 +1170,11 @@ class KafkaBackend(Backend):
         options = {
             **self.config,
             "retention_hours": retention,
-            "max_record": self.settings.max_message_size + _RECORD_OVERHEAD,
+            # The topic, the producer and the fetches all take the largest record this
+            # layer can write: an encrypted payload at max_message_size, whether or not this
+            # process encrypts, since the topic is shared and made by whoever comes first.
+            "max_record": largest_payload(self.settings.max_message_size, encrypted=True)
+            + _RECORD_OVERHEAD,
         }
         key = f"{self.url.without_query().render()}|{topic}|{sorted(options.items())}"
         with _hubs_lock:
@@ -1309,7 +1332,8 @@ class KafkaBackend(Backend):
             # Members this process has not seen yet get the default capacity.
             with hub.lock:
                 known = list(hub.machine.groups.get(group, ()))
-            capacities = {member: capacity.for_channel(member) for member in known}
+            # Keyed by queue: the members of one process share one envelope in its inbox.
+            capacities = {non_local_name(member): capacity.for_channel(member) for member in known}
         # The record decides the fan-out for every process; waiting for its replay here
         # would only delay the warnings about full members, which the replay thread logs.
         token = hub.token()

@@ -21,6 +21,7 @@ from typing import ClassVar
 from ..backend import Backend, BrokerStats, Capabilities, Item, now
 from ..capacity import CapacityPolicy
 from ..exceptions import ChannelFull
+from ..fanout import seal, split
 from ..names import non_local_name
 from ..serialization import deadline_of
 
@@ -171,7 +172,7 @@ class MemoryBackend(Backend):
     ) -> None:
         store = self._store
         current = now()
-        full = []
+        full = live = 0
         with store.lock:
             members = store.groups.get(self._prefix + group)
             if not members:
@@ -179,12 +180,20 @@ class MemoryBackend(Backend):
             for channel, until in list(members.items()):
                 if until <= current:
                     del members[channel]
-                    continue
-                key = self._prefix + non_local_name(channel)
-                if not store.push_locked(key, (channel, payload), capacity.for_channel(channel)):
-                    full.append(channel)
-        for channel in full:
-            self.skip_full_member(group, channel)
+            inboxes, normal = split(members.items())
+            live = len(members)
+            for channel, _until in normal:
+                if not store.push_locked(
+                    self._prefix + channel, (channel, payload), capacity.for_channel(channel)
+                ):
+                    full += 1
+            for inbox, local in inboxes.items():
+                envelope = seal(payload, group, current, inbox, local)
+                if not store.push_locked(
+                    self._prefix + inbox, (inbox, envelope), capacity.for_channel(inbox)
+                ):
+                    full += len(local)
+        self.skip_full_members(group, full, live)
 
     async def broker_stats(self) -> BrokerStats:
         store, prefix, current = self._store, self._prefix, now()

@@ -24,8 +24,10 @@ Features
       member count, confirmed in the background (up to 64 in flight) because a full member
       is logged, never reported to the caller.
 
-      - A process inbox is bound once per group, and the process copies each group message
-        to its own member channels. Memberships of the inbox live in the process: a
+      - A process inbox is bound once per group, and the process hands each group message
+        to the core as one envelope naming its live member channels here
+        (:mod:`multilayer.fanout`), which copies it to each; the inbox's capacity counts
+        it once. Memberships of the inbox live in the process: a
         ``group_add`` made in the same process records them directly, one made in another
         process reaches the owner as a control message in the inbox, ordered before any
         later group message. The owner skips members past their deadline and unbinds a
@@ -37,8 +39,10 @@ Features
         ``group_expiry`` is honoured with no timer in any process.
     * ``flush()`` deletes the queues listed in the catalog queue ``<prefix>::catalog``
       (every layer records there each queue it creates, because AMQP cannot list queues)
-      and re-creates the groups exchange, which drops every group binding of the prefix.
-      Other prefixes on the vhost are untouched.
+      and re-creates the groups exchange, which drops every group binding of the prefix,
+      and the catalog. Other prefixes on the vhost are untouched. Neither outlives the
+      prefix's use: the catalog expires (``x-expires``, renewed by connected backends) and
+      the exchange is auto-deleted with its last binding, which is the catalog's.
     * Reliability: heartbeats detect dead connections; after a dropped connection or a
       broker restart the backend reconnects with backoff, re-declares its inboxes, re-binds
       the memberships it made and resumes waiting receives. Prefetch is bounded, and a
@@ -82,7 +86,7 @@ import ssl
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 import msgpack
@@ -97,6 +101,7 @@ from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 from ..backend import Backend, Capabilities, Item, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..fanout import seal
 from ..names import non_local_name
 from ..options import Option
 from ..serialization import deadline_of, log_malformed
@@ -114,6 +119,9 @@ _PAUSE_AFTER = 0.005
 #: Most group_send publishes waiting for their confirm at once.
 _GROUP_WINDOW = 64
 _JOIN, _LEAVE = "+", "-"
+#: Routing key of the catalog's binding to the groups exchange, which keeps the
+#: (auto-deleted) exchange alive while the catalog lives; no group name contains "!".
+_ANCHOR = "!catalog"
 _NOT_FOUND, _PRECONDITION_FAILED = 404, 406
 
 
@@ -144,8 +152,8 @@ class _Memberships:
             del self._groups[group]
             return True
 
-    def live(self, group: str) -> list[str]:
-        """The unexpired members of ``group``, forgetting the expired ones."""
+    def live(self, group: str) -> list[tuple[str, float]]:
+        """The unexpired members of ``group`` with their deadlines, forgetting the expired."""
         current = now()
         with self._lock:
             members = self._groups.get(group)
@@ -155,7 +163,7 @@ class _Memberships:
                 del members[channel]
             if not members:
                 del self._groups[group]
-            return list(members)
+            return list(members.items())
 
     def groups(self) -> list[str]:
         with self._lock:
@@ -890,7 +898,7 @@ class _Consumer:
                 if redelivered and message_id in handed:
                     continue  # handed out here before the connection dropped
                 ids.append(message_id)
-            # One group message's copies are returned together, even beyond ``limit``.
+            # A group message comes back as one envelope for the core to hand to members.
             try:
                 taken.extend(self._open(routing_key, kind, body))
             except Exception as error:  # another client's garbage must not stop the queue
@@ -938,7 +946,11 @@ class _Consumer:
         members = self.backend.memberships(self.queue).live(group)
         if not members:
             self.backend.unbind_later(self.queue, group)
-        return [(member, body) for member in members]
+            return []
+        # The process's own membership state is already current (a discard here, or one
+        # made elsewhere and told here, arrived before this message), so the time it is
+        # opened stands for the send time: the core's departure check drops no one more.
+        return [(self.name, seal(body, group, now(), self.name, members))]
 
 
 class RabbitMQBackend(Backend):
@@ -979,6 +991,9 @@ class RabbitMQBackend(Backend):
             "x-expires": round(max(self.config["queue_expiry"], 2 * settings.expiry) * 1000),
         }
         self._renew_after = self._queue_args["x-expires"] / 2000
+        # Twice a queue's idle lifetime: renewed by every connected backend, the catalog
+        # outlives each queue it lists, and expires once the prefix is unused.
+        self._catalog_args = {"x-expires": 2 * self._queue_args["x-expires"]}
         self._connection: AsyncioConnection | None = None
         self._admin: _Channel | None = None
         self._publisher: _Publisher | None = None
@@ -1120,8 +1135,7 @@ class RabbitMQBackend(Backend):
         """Open the channels, then restore what this backend owns (after a restart)."""
         admin = await _Channel.open(connection)
         publisher = await _Publisher.open(connection)
-        await admin.call(admin.channel.exchange_declare, self._exchange, exchange_type="direct")
-        await admin.call(admin.channel.queue_declare, self._catalog)
+        await self._declare_topology(connection)
         self._connection, self._admin, self._publisher = connection, admin, publisher
         self._ready.set()
         for name in self._inboxes:
@@ -1134,6 +1148,41 @@ class RabbitMQBackend(Backend):
                 await self._add_member_queue(group, channel)
             else:
                 del self._memberships[group, channel]
+
+    async def _declare_topology(self, connection: AsyncioConnection) -> None:
+        """Declare the groups exchange and the catalog, the catalog bound to the exchange.
+
+        Neither outlives the prefix's use: the catalog expires when no backend has
+        renewed it for twice a queue's idle lifetime, and the exchange is auto-deleted
+        with its last binding, the catalog's own once every group's is gone.
+        """
+        declares: list[Callable[[_Channel], Awaitable[Any]]] = [
+            lambda ch: ch.call(
+                ch.channel.exchange_declare,
+                self._exchange,
+                exchange_type="direct",
+                auto_delete=True,
+            ),
+            lambda ch: ch.call(
+                ch.channel.queue_declare, self._catalog, arguments=self._catalog_args
+            ),
+        ]
+        channel = await _Channel.open(connection)
+        try:
+            for declare in declares:
+                try:
+                    await declare(channel)
+                except pika.exceptions.AMQPError as error:
+                    if _reply_code(error) != _PRECONDITION_FAILED:
+                        raise
+                    # Made by an earlier version without these arguments: it works as it
+                    # is, and the next flush() replaces it.
+                    channel = await _Channel.open(connection)
+            await channel.call(
+                channel.channel.queue_bind, self._catalog, self._exchange, routing_key=_ANCHOR
+            )
+        finally:
+            channel.close()
 
     def _connection_closed(self, connection: AsyncioConnection, reason: BaseException) -> None:
         if connection is not self._connection:
@@ -1167,7 +1216,10 @@ class RabbitMQBackend(Backend):
             if connection is not None and not connection.is_closed:
                 lost = asyncio.get_running_loop().create_future()
                 connection.add_on_close_callback(lambda _c, _r, done=lost: _settle(done, None))
-                await lost
+                while not lost.done():
+                    await asyncio.wait([lost], timeout=self._renew_after)
+                    if not lost.done():
+                        await self._renew_topology(connection)
                 delay = 0.1
                 continue
             try:
@@ -1178,6 +1230,14 @@ class RabbitMQBackend(Backend):
                 logger.debug("%s", error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _renew_topology(self, connection: AsyncioConnection) -> None:
+        """Keep the catalog (and so the exchange) alive while this backend is connected."""
+        try:
+            await self._declare_topology(connection)
+        except pika.exceptions.AMQPError as error:
+            # A lost connection is handled by the caller's loop; the next renewal retries.
+            logger.debug("renewing %r on %s: %r", self._catalog, self.url.sanitized(), error)
 
     async def connected(self, *, forever: bool = False) -> AsyncioConnection:
         """The connection, once usable (BrokerError after ``connect_timeout`` unless forever)."""
@@ -1231,6 +1291,10 @@ class RabbitMQBackend(Backend):
                 ) from error
             raise self._error(f"declaring queue {queue!r}", error) from error
         self._declared[queue] = asyncio.get_running_loop().time()
+        await self._list(queue)
+
+    async def _list(self, queue: str) -> None:
+        """List ``queue`` in the catalog, unless this backend did since it last went missing."""
         if queue not in self._cataloged:
             publisher = await self._publisher_channel()
             publisher.publish("", self._catalog, queue.encode(), None, mandatory=False, wait=False)
@@ -1356,6 +1420,8 @@ class RabbitMQBackend(Backend):
             admin = await self._channel()
             await admin.call(admin.channel.queue_delete, member)
             await admin.call(admin.channel.queue_declare, member, arguments=arguments)
+        # Listed so that flush() deletes it rather than leave it for group_expiry.
+        await self._list(member)
         await admin.call(admin.channel.queue_bind, member, self._exchange, routing_key=group)
 
     async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
@@ -1370,6 +1436,11 @@ class RabbitMQBackend(Backend):
             if memberships is not None:
                 memberships.join(group, channel, deadline)
             else:
+                # Its process may not have received yet, nor made its inbox: declared
+                # here, the inbox holds the join and the group's messages for it, as it
+                # holds a send's.
+                if self.stale(queue):
+                    await self.declare(queue, name)
                 await self._tell_owner(queue, channel, _JOIN, [group, channel, deadline])
             await self._bind(queue, group)
         except pika.exceptions.AMQPError as error:
@@ -1383,10 +1454,12 @@ class RabbitMQBackend(Backend):
         if name == channel:
             self._memberships.pop((group, channel), None)
             admin = await self._channel()
+            member = self._member_queue(group, channel)
             try:
-                await admin.call(admin.channel.queue_delete, self._member_queue(group, channel))
+                await admin.call(admin.channel.queue_delete, member)
             except pika.exceptions.AMQPError as error:
                 raise self._error(f"removing {channel!r} from {group!r}", error) from error
+            self._cataloged.discard(member)
             return
         memberships = self._owner_here(queue)
         if memberships is None:
@@ -1396,7 +1469,13 @@ class RabbitMQBackend(Backend):
 
     async def _tell_owner(self, queue: str, channel: str, kind: str, body: list[Any]) -> None:
         """Queue a membership change for the process that owns inbox ``queue``."""
-        outcome = await self._publish("", queue, msgpack.packb(body), kind, mandatory=True)
+        body_bytes = msgpack.packb(body)
+        outcome = await self._publish("", queue, body_bytes, kind, mandatory=True)
+        if outcome == "returned" and kind == _JOIN:
+            # The inbox went away since this backend declared it (flush, idle expiry).
+            self.forget(queue)
+            await self.declare(queue, non_local_name(channel))
+            outcome = await self._publish("", queue, body_bytes, kind, mandatory=True)
         if outcome == "nack":
             raise ChannelFull(f"cannot change the groups of {channel!r}: its process inbox is full")
 
@@ -1432,23 +1511,26 @@ class RabbitMQBackend(Backend):
             logger.warning("group_send to %r may be lost: %r", group, error)
         elif confirm.result() == "nack":
             # RabbitMQ confirms negatively when any bound queue refused its copy, and does
-            # not say which; the other members have theirs.
-            self.skip_full_member(group, "(a member whose queue is full)")
+            # not say which nor how many; the other members have theirs.
+            self.skip_full_members(group, 1, exact=False)
 
     # -- flush ----------------------------------------------------------------------
 
     async def flush(self) -> None:
-        channel = await _Channel.open(await self.connected())
+        connection = await self.connected()
+        channel = await _Channel.open(connection)
         try:
             queues = await self._drain_catalog(channel)
             for queue in queues:
                 await channel.call(channel.channel.queue_delete, queue)
                 self.forget(queue)
+            # Deleting the exchange drops every binding of the prefix; both go so that
+            # ones an earlier version made (never expiring) are replaced.
             await channel.call(channel.channel.exchange_delete, self._exchange)
-            await channel.call(
-                channel.channel.exchange_declare, self._exchange, exchange_type="direct"
-            )
-            await channel.call(channel.channel.queue_declare, self._catalog)
+            await channel.call(channel.channel.queue_delete, self._catalog)
+            # Layers of this prefix in other processes may still be open and publish to
+            # them: declared again, both disappear by themselves once the prefix is unused.
+            await self._declare_topology(connection)
         except pika.exceptions.AMQPError as error:
             raise self._error("flushing", error) from error
         finally:

@@ -14,6 +14,11 @@ part of a channel name up to ``!``, so a process-specific channel is always sent
 received from the same server. Receivers ride out a Redis restart or a Sentinel failover
 and resume. Needs Redis (or a compatible server) 6.2 or newer.
 
+A ``group_send`` puts one envelope (:mod:`multilayer.fanout`) into each process inbox with
+members, naming them, sealed by the group script on the inbox's shard and counted once
+against the inbox's capacity; the receiving process hands it to each member. A member
+that is a normal channel gets its own copy.
+
 URL format::
 
     redis://[[user]:password@]host[:port][,host[:port]...][/db][?option=value...]
@@ -43,8 +48,9 @@ Options (besides the core ones):
 
 Key layout (``P`` is the layer prefix; ``docs/backends/redis.md`` gives memory costs):
 ``P:q:QUEUE`` list of messages of a normal channel or process inbox, each stored as the
-channel-name suffix after ``!``, a newline and the payload; ``P:g:GROUP`` sorted set of
-member channels scored by membership deadline, kept on the shard of each member;
+channel-name suffix after ``!``, a newline and the payload (a group envelope, see
+:mod:`multilayer.fanout`, has an empty suffix); ``P:g:GROUP`` sorted set of member
+channels scored by membership deadline, kept on the shard of each member;
 ``P:f:CONSUMER:QUEUE`` and ``P:l1:``/``P:l2:CONSUMER:QUEUE`` the in-flight and landing
 lists of one receiving backend instance.
 """
@@ -55,9 +61,10 @@ import asyncio
 import bisect
 import hashlib
 import logging
+import random
 import secrets
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import redis
@@ -72,6 +79,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..backend import Backend, BrokerStats, Capabilities, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..memberships import Membership
 from ..names import non_local_name
 from ..options import Option
 from ..serialization import log_malformed
@@ -228,65 +236,126 @@ return 1
 """,
 )
 
-# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, capacity, then optionally
-# (with capacity '') channel/capacity pairs for a non-uniform capacity policy.
-# Returns the members skipped because they were full.
+# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, the payload's
+# deadline, capacity, then (with capacity '') queue/capacity pairs for a non-uniform
+# capacity policy; a member whose queue is not among them joined after they were
+# computed, and is left out as if it had joined after this send. Returns the members
+# skipped because they were full.
+#
+# The process-specific members of one inbox get one envelope between them (the format of
+# multilayer.fanout), counted once against the inbox's capacity; a normal member gets its
+# own copy. The header is packed here as msgpack-python packs it, so that an envelope is
+# byte for byte what fanout.seal makes: cmsgpack would pack a whole-number deadline as an
+# integer and a float that fits as float32, which decode alike but are not the same bytes.
 _GROUP_SEND = _Script(
     "group_send",
     _LUA_HELPERS
     + """
-local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local targets = {}
-if ARGV[5] ~= '' then
-  local capacity = tonumber(ARGV[5])
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    targets[#targets + 1] = {member, capacity}
-  end
-else
-  for i = 6, #ARGV, 2 do
-    if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-      targets[#targets + 1] = {ARGV[i], tonumber(ARGV[i + 1])}
-    end
-  end
+-- msgpack heads: the type byte (and length) in front of an array or a string.
+local function array_head(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
+  return struct.pack('>BI4', 0xdd, n)
 end
--- Members of one process share its inbox: group them by queue, so that each queue costs
--- one capacity check and one RPUSH whatever the number of its members.
-local queues, order = {}, {}
-for _, target in ipairs(targets) do
-  local member = target[1]
+local FIXSTR = {}
+for n = 0, 31 do FIXSTR[n] = string.char(0xa0 + n) end
+local function str_head(n)
+  if n < 32 then return FIXSTR[n] end
+  if n < 256 then return string.char(0xd9, n) end
+  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
+  return struct.pack('>BI4', 0xdb, n)
+end
+
+local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local prefix, group, expires, uniform = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local capacities = {}
+for i = 8, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local full, inboxes, order = {}, {}, {}
+-- Files a member under its inbox, with its packed deadline; a normal member gets its copy.
+local function add(member, deadline)
   local bang = string.find(member, '!', 1, true)
-  local queue, suffix = member, ''
-  if bang then queue, suffix = string.sub(member, 1, bang), string.sub(member, bang + 1) end
-  local key = ARGV[4] .. queue
-  local entry = queues[key]
-  if not entry then
-    entry = {capacity = target[2], elements = {}, members = {}}
-    queues[key] = entry
-    order[#order + 1] = key
+  local queue = bang and string.sub(member, 1, bang) or member
+  local capacity = uniform or capacities[queue]
+  if capacity and not bang then
+    if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
+      full[#full + 1] = member
+    end
+  elseif capacity then
+    local inbox = inboxes[queue]
+    if not inbox then
+      inbox = {capacity = capacity, names = {}, deadlines = {}}
+      inboxes[queue] = inbox
+      order[#order + 1] = queue
+    end
+    local suffix, names = string.sub(member, bang + 1), inbox.names
+    names[#names + 1] = str_head(#suffix)
+    names[#names + 1] = suffix
+    inbox.deadlines[#inbox.deadlines + 1] = deadline
   end
-  entry.elements[#entry.elements + 1] = suffix .. '\\n' .. ARGV[2]
-  entry.members[#entry.members + 1] = member
 end
-local full = {}
-for _, key in ipairs(order) do
-  local entry = queues[key]
-  local room = entry.capacity - redis.call('LLEN', key)
-  if room < #entry.elements then
-    room = entry.capacity - trim_expired(key, now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+-- A membership that outlives the message is sent as lasting forever (msgpack inf): the
+-- copy expires first, so the receiver's check cannot tell the difference, and reading,
+-- formatting and packing a score per member was most of this script's time. Only the
+-- memberships ending sooner carry their deadline (struct.pack converts the score).
+local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
+for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
+local forever = struct.pack('>Bd', 0xcb, math.huge)
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')) do
+  add(member, forever)
+end
+local body = string.sub(payload, 9)
+local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
+for _, queue in ipairs(order) do
+  local inbox = inboxes[queue]
+  local count = #inbox.deadlines
+  local header = table.concat({head, array_head(count), table.concat(inbox.names),
+    array_head(count), table.concat(inbox.deadlines)})
+  local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
+    struct.pack('>I4', #header), header, body})
+  if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
+    for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
   end
-  local accepted = math.max(0, math.min(room, #entry.elements))
-  for first = 1, accepted, 1000 do
-    redis.call('RPUSH', key, unpack(entry.elements, first, math.min(first + 999, accepted)))
-  end
-  if accepted > 0 then keep_alive(key, ttl) end
-  for i = accepted + 1, #entry.members do full[#full + 1] = entry.members[i] end
 end
 return full
 """,
 )
 
-_SCRIPTS = {script.sha: script for script in (_PUSH, _TAKE, _RECOVER, _GROUP_ADD, _GROUP_SEND)}
+# KEYS: group. ARGV: now, then channel, deadline, ttl_ms for each membership to restore.
+# ZADD GT: a deadline another process renewed meanwhile is never shortened, and the key's
+# lifetime only grows, as in group_add.
+_RESTORE = _Script(
+    "restore",
+    _LUA_HELPERS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local longest = 1
+for i = 2, #ARGV, 3 do
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[i + 1], ARGV[i])
+  longest = math.max(longest, tonumber(ARGV[i + 2]))
+end
+keep_alive(KEYS[1], longest)
+return 1
+""",
+)
+
+# KEYS: a layer's membership marker. ARGV: ttl_ms. 0 when the marker is missing (the
+# server lost what the layer wrote, or it was never written); else 1, and the marker
+# lives at least ttl_ms more.
+_CHECK_MARK = _Script(
+    "check memberships",
+    _LUA_HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+keep_alive(KEYS[1], tonumber(ARGV[1]))
+return 1
+""",
+)
+
+_SCRIPTS = {
+    script.sha: script
+    for script in (_PUSH, _TAKE, _RECOVER, _GROUP_ADD, _GROUP_SEND, _RESTORE, _CHECK_MARK)
+}
 
 
 def _pack(command: Sequence[Any]) -> bytes:
@@ -334,10 +403,18 @@ class _Ring:
 
 
 async def _closed_while_idle(connection: AbstractConnection) -> bool:
-    """Whether an idle connection has pending input: the server's EOF, or a stray reply."""
+    """Whether an idle connection is unfit for a new command: closed, reset or holding a
+    stray reply. Nothing has been written on it yet, so the caller may reconnect and send.
+    """
     # redis-py 8 renamed can_read_destructive() (5.x to 7.x) back to can_read().
     check = getattr(connection, "can_read", None) or connection.can_read_destructive
-    return bool(await check())
+    try:
+        return bool(await check())
+    except (RedisError, OSError):
+        # redis-py 5.x to 7.x answer True for the server's EOF; 8.x raises ConnectionError
+        # for it (and for a reset), and every version raises when the parser is already
+        # gone. Letting that escape would fail the command as if its reply had been lost.
+        return True
 
 
 async def _discard(connection: AbstractConnection | None) -> None:
@@ -363,7 +440,13 @@ class _Shard:
     """One Redis server (or Sentinel-managed master) and this instance's connections to it."""
 
     def __init__(
-        self, label: str, pool: ConnectionPool, sentinel: Sentinel | None, timeout: float
+        self,
+        label: str,
+        pool: ConnectionPool,
+        sentinel: Sentinel | None,
+        timeout: float,
+        connect_timeout: float,
+        on_back: Callable[[_Shard], None],
     ) -> None:
         self.label = label
         # Used only as a factory of configured connections (and, for Sentinel, of master
@@ -373,6 +456,18 @@ class _Shard:
         #: Seconds a reply may take before the connection counts as lost. Enforced here
         #: rather than by redis-py, whose per-write timeout costs a task per command.
         self.timeout = timeout
+        # redis-py bounds the TCP (and TLS) connect, but reads the handshake that follows
+        # (HELLO, AUTH, SELECT) with socket_timeout=None: a server that accepts and never
+        # answers would hang the caller. So a whole connect gets both bounds.
+        self._connect_within = connect_timeout + timeout
+        self._on_back = on_back
+        #: Set by whoever loses a connection to this server; the next connect made
+        #: after it tells the backend the server is back (it may have lost its state).
+        self.lost = False
+        #: The address of the server the last connection reached (Sentinel: the master).
+        self.address: tuple[str, int] | None = None
+        #: Set when the master address changed: a promoted replica may have missed writes.
+        self.moved = False
         self.link = _Link(self)
 
     def error(self, doing: str, error: BaseException) -> BrokerError:
@@ -385,10 +480,17 @@ class _Shard:
         """A new, connected connection; the caller owns it and must discard it."""
         connection: AbstractConnection = self.pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            await connection.connect()  # type: ignore[no-untyped-call]
+            await asyncio.wait_for(connection.connect(), self._connect_within)  # type: ignore[no-untyped-call]
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
+        address = (str(getattr(connection, "host", "")), int(getattr(connection, "port", 0)))
+        if self.address is not None and address != self.address:
+            self.moved = True
+        self.address = address
+        if self.lost or self.moved:
+            self.lost = False
+            self._on_back(self)
         return connection
 
 
@@ -499,6 +601,7 @@ class _Link(_Watched):
                 # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
                 # nothing was sent on it, so reconnecting is safe.
                 stale, self._connection = self._connection, None
+                self._shard.lost = True
                 await _discard(stale)
             if self._connection is None:
                 self._connection = await self._shard.connect()
@@ -530,6 +633,7 @@ class _Link(_Watched):
             # Replies not read are unknown: the commands may have run, so they are not
             # retried (a push retried could be delivered twice). The next call reconnects.
             lost, self._connection = self._connection, None
+            self._shard.lost = True
             await _discard(lost)
             cause = self._explain(error)
             for command, future in batch:
@@ -653,6 +757,7 @@ class _Receiver(_Watched):
                 reason = self._explain(error)
                 await self.drop()
                 self._holding = True
+                self._shard.lost = True
                 # One warning per outage; the retries that follow are debug noise.
                 if delay == 0.05:
                     self._backend.reconnects += 1
@@ -775,6 +880,7 @@ class RedisBackend(Backend):
         native_expiry=True,
         native_fanout=True,
         restartable=False,
+        restores_memberships=True,
         queue_depth=True,
         group_sizes=True,
     )
@@ -787,6 +893,13 @@ class RedisBackend(Backend):
             minimum=0.2,
         ),
         "connect_timeout": Option(float, 5.0, "seconds to wait for a connection", minimum=0.1),
+        "membership_check": Option(
+            float,
+            10.0,
+            "seconds (jittered by +-50%) between checks that Redis still holds this layer's "
+            "group memberships",
+            minimum=0.5,
+        ),
         "service": Option(
             str, "mymaster", "redis+sentinel: master name(s), comma-separated, one shard each"
         ),
@@ -865,6 +978,8 @@ class RedisBackend(Backend):
         self._ring = _Ring(self._names)
         self._receivers: dict[str, _Receiver] = {}
         self._guard: asyncio.Task[None] | None = None
+        self._sentry: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Event | None = None
         self._queue_prefix = f"{settings.prefix}:q:"
         self._group_prefix = f"{settings.prefix}:g:"
 
@@ -883,7 +998,8 @@ class RedisBackend(Backend):
             "retry": Retry(NoBackoff(), 0),
         }
         if url.scheme == "redis+sentinel":
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            # Typed from redis-py 8.2 on; untyped in the older releases pyproject admits.
+            sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
                 [(host, port or 26379) for host, port in url.hosts],
                 sentinel_kwargs={
                     "password": config["sentinel_password"],
@@ -896,7 +1012,14 @@ class RedisBackend(Backend):
                     service, sentinel, **common
                 )
                 self._shards.append(
-                    _Shard(f"sentinel service {service!r}", pool, sentinel, timeout)
+                    _Shard(
+                        f"sentinel service {service!r}",
+                        pool,
+                        sentinel,
+                        timeout,
+                        config["connect_timeout"],
+                        self._broker_back,
+                    )
                 )
         else:
             if url.scheme == "rediss":
@@ -912,8 +1035,14 @@ class RedisBackend(Backend):
             for name in self._names:
                 host, _, port = name.rpartition(":")
                 pool = ConnectionPool(host=host, port=int(port), **common)
-                self._shards.append(_Shard(name, pool, None, timeout))
+                self._shards.append(
+                    _Shard(name, pool, None, timeout, config["connect_timeout"], self._broker_back)
+                )
+        self._recheck = asyncio.Event()
         self._guard = asyncio.create_task(self._guard_loop(), name="multilayer redis guard")
+        self._sentry = asyncio.create_task(
+            self._sentry_loop(), name="multilayer redis membership check"
+        )
 
     async def _guard_loop(self) -> None:
         """Close the connections of overdue replies until close(), then release them all.
@@ -945,9 +1074,91 @@ class RedisBackend(Backend):
                     await client.aclose()
 
     async def close(self) -> None:
-        if self._guard is not None:
-            self._guard.cancel()
-            await asyncio.gather(self._guard, return_exceptions=True)
+        # The sentry first: it sends through the links the guard releases.
+        for task in (self._sentry, self._guard):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    # -- memberships a restart lost ----------------------------------------------------
+
+    def _broker_back(self, _shard: _Shard) -> None:
+        """A server answered again after a lost connection: check its memberships soon."""
+        if self._recheck is not None:
+            self._recheck.set()
+
+    async def _sentry_loop(self) -> None:
+        """Check every ``membership_check`` seconds, and soon after any reconnect, that
+        each server still holds this layer's memberships; re-assert them where it lost them.
+
+        Waits are jittered so that processes started, or reconnected, together do not
+        check in step; a check that failed (the server is still away) is tried again
+        within a second.
+        """
+        assert self._recheck is not None
+        interval = self.config["membership_check"]
+        wait = interval
+        while True:
+            try:
+                await asyncio.wait_for(self._recheck.wait(), wait * random.uniform(0.5, 1.5))
+                # Every process that lost its connection reconnects at about the same
+                # moment: spread their checks over half a second.
+                await asyncio.sleep(random.uniform(0.0, min(0.5, interval / 2)))
+            except asyncio.TimeoutError:
+                pass
+            self._recheck.clear()
+            try:
+                await self._check_memberships()
+                wait = interval
+            except BrokerError as error:
+                logger.debug("membership check deferred: %s", error)
+                wait = min(interval, 1.0)
+            except Exception:
+                # A bug here must not end the checks for good, nor go unseen.
+                logger.exception("membership check failed")
+                wait = interval
+
+    async def _check_memberships(self) -> None:
+        """One round trip per server when nothing was lost (a marker key per layer, which
+        lives as long as the layer's latest membership); else re-assert, then re-mark."""
+        latest = self.membership_ledger.latest()
+        if latest is None:
+            return
+        marker = f"{self.settings.prefix}:m:{self.membership_ledger.token}"
+        ttl = _ttl_ms(latest, now())
+
+        async def check(shard: _Shard) -> None:
+            moved, shard.moved = shard.moved, False
+            if not moved and await shard.link.call("EVALSHA", _CHECK_MARK.sha, 1, marker, ttl):
+                return
+            try:
+                await self.reassert_memberships(
+                    lambda _group, channel: self._shard(non_local_name(channel)) is shard
+                )
+                await shard.link.call("SET", marker, 1, "PX", ttl)
+            except BaseException:
+                shard.moved = shard.moved or moved
+                raise
+
+        await asyncio.gather(*(check(shard) for shard in self._shards))
+
+    async def restore_memberships(self, entries: list[Membership]) -> None:
+        """One script per group and server, run concurrently (pipelined on each link)."""
+        by_key: dict[tuple[int, str], list[Any]] = {}
+        current = now()
+        for group, channel, deadline in entries:
+            shard = self._shards.index(self._shard(non_local_name(channel)))
+            by_key.setdefault((shard, group), []).extend(
+                (channel, deadline, _ttl_ms(deadline, current))
+            )
+        await asyncio.gather(
+            *(
+                self._shards[shard].link.call(
+                    "EVALSHA", _RESTORE.sha, 1, self._group_prefix + group, current, *arguments
+                )
+                for (shard, group), arguments in by_key.items()
+            )
+        )
 
     async def broker_version(self) -> str | None:
         info: bytes = await self._shards[0].link.call("INFO", "server")
@@ -1012,7 +1223,11 @@ class RedisBackend(Backend):
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
-        """One script per shard, run concurrently: each delivers to the members it holds."""
+        """One script per shard, run concurrently: each delivers to the members it holds.
+
+        A membership lives on its member's shard, so each script finds there the inboxes
+        of its process-specific members and seals one envelope per inbox in place.
+        """
         key = self._group_prefix + group
         current = now()
         ttl = _ttl_ms(deadline, current)
@@ -1025,11 +1240,11 @@ class RedisBackend(Backend):
                 if not members:
                     return []
                 targets = [""]
-                for member in members:
-                    targets += [member, capacity.for_channel(member.decode())]
+                for queue in dict.fromkeys(non_local_name(member.decode()) for member in members):
+                    targets += [queue, capacity.for_channel(queue)]
             full: list[bytes] = await shard.link.call(
                 "EVALSHA", _GROUP_SEND.sha, 1, key, current, payload, ttl,
-                self._queue_prefix, *targets,
+                self._queue_prefix, group, deadline, *targets,
             )  # fmt: skip
             return full
 
@@ -1037,9 +1252,8 @@ class RedisBackend(Backend):
             results = [await fan_out(self._shards[0])]
         else:
             results = await asyncio.gather(*(fan_out(shard) for shard in self._shards))
-        for full in results:
-            for member in full:
-                self.skip_full_member(group, member.decode())
+        # The script returns the full members only: how many it reached stays on Redis.
+        self.skip_full_members(group, sum(len(full) for full in results))
 
     async def broker_stats(self) -> BrokerStats:
         """LLEN of every queue and ZCOUNT of live members of every group, on every shard.

@@ -12,11 +12,14 @@ the hub, which answers with the endpoint); the node checks capacity and answers 
 and with an ok leases the sender a few places (at most half the free room, for 0.2 s)
 that it fills without waiting for answers. Normal-channel sends get the same leases from
 the hub, and a pop takes up to 100 waiting messages, the ones no receive wanted going
-back to the hub after 1 s. ``group_send`` is one request to the hub, which queues normal
-members and forwards specific members to their nodes, one forward per node; to a group
-of at most two members the sender sends itself, as to any channel, from a copy of the
-members the hub leases it for 0.5 s and invalidates before it answers any change to the
-group. Several hubs shard queues, groups and inboxes by rendezvous hashing of the name.
+back to the hub after 1 s. ``group_send`` is one request to the hub, which queues a copy
+for each normal member and forwards to each process inbox with members one envelope
+(:mod:`multilayer.fanout`) naming them, counted once against the inbox's capacity; the
+receiving layer hands it to each member. To a group whose members live in at most two
+queues (normal channels or inboxes) the sender sends itself, the same copies and
+envelopes, from a copy of the members the hub leases it for 0.5 s and invalidates before
+it answers any change to the group. Several hubs shard queues, groups and inboxes by
+rendezvous hashing of the name.
 Optional CURVE encryption and authentication.
 
 Faults. The hub keeps everything in memory: a hub restart loses the queued normal-channel
@@ -56,6 +59,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -72,10 +76,11 @@ import zmq.asyncio
 from ..backend import Backend, BrokerStats, Capabilities, Item, LayerSettings, now
 from ..capacity import CapacityPolicy
 from ..exceptions import BrokerError, ChannelFull, ConfigurationError
+from ..fanout import seal, split
 from ..local import HeldMessages
 from ..names import non_local_name
 from ..options import Option
-from ..serialization import HEADER_SIZE, deadline_of
+from ..serialization import HEADER_SIZE, deadline_of, largest_payload
 from ..url import LayerURL
 from .zmqhub import (
     DEFAULT_MAX_MESSAGE,
@@ -106,6 +111,10 @@ _PREFETCH = 100
 _PREFETCH_HOLD = 1.0
 #: How long a stopping node waits for its last give-back to reach the hub (ms).
 _GIVE_BACK_LINGER_MS = 2000
+#: Bytes of payloads one batch of leased sends holds before it is written: a batch is one
+#: frame, and every frame must stay within the sockets' DEFAULT_MAX_MESSAGE (a frame of
+#: one payload alone may be larger, up to largest_payload(max_message_size)).
+_BATCH_BYTES = 1024 * 1024
 #: A leased send this long after the previous write goes out at once, unbatched.
 _SPARSE = 0.001
 #: Group sends in flight (sent, not yet answered by the hub) before group_send waits.
@@ -115,10 +124,14 @@ _GROUP_SENDS_IN_FLIGHT = 256
 #: socket back (the loop is blocked).
 _OWNER_CHECK = 0.05
 _OWNER_STALL = 0.5
-#: Groups of at most this many members are fanned out by the sender itself, straight to
-#: the members' nodes and queues, from a copy of the members the hub leases it and keeps
-#: valid (one send per member costs more than one request to the hub beyond a few).
+#: Groups whose members live in at most this many queues (a normal channel or a process
+#: inbox: one send each) are fanned out by the sender itself, straight to the members'
+#: nodes and queues, from a copy of the members the hub leases it and keeps valid (one
+#: send per queue costs more than one request to the hub beyond a few).
 _DIRECT_FANOUT = 2
+#: ... if they are at most this many: the copy travels again with every lease, and the
+#: envelope's header names each member.
+_DIRECT_MEMBERS = 1000
 #: Group sends in flight through the hub from which on group_send asks for a copy of the
 #: members (a stream of group sends: sparse ones cost the hub no extra request).
 _STREAMING = 8
@@ -619,6 +632,7 @@ class _Link:
         self.unsettled = False
         #: Messages sent on leases, not yet written: ([key, channel, size], payload) pairs.
         self._leased: list[tuple[list[Any], bytes]] = []
+        self._leased_bytes = 0
         #: Requests batched by start_batched, not yet written.
         self._requests: list[tuple[str, int, list[Any], list[bytes]]] = []
         self._last_write = 0.0
@@ -725,7 +739,10 @@ class _Link:
         Any request on this link writes the batch first, so order is kept.
         """
         self.write_requests()
+        if self._leased and self._leased_bytes + len(payload) > _BATCH_BYTES:
+            self.write_leased()
         self._leased.append(([key, channel, len(payload)], payload))
+        self._leased_bytes += len(payload)
         self.unsettled = True
         if len(self._leased) >= _WANT or (
             len(self._leased) == 1 and time.monotonic() - self._last_write > _SPARSE
@@ -740,6 +757,7 @@ class _Link:
         if not self._leased:
             return
         batch, self._leased = self._leased, []
+        self._leased_bytes = 0
         self._last_write = time.monotonic()
         header = encode("send", 0, [item for item, _ in batch])
         try:
@@ -828,6 +846,7 @@ class ZmqBackend(Backend):
         native_expiry=True,
         native_fanout=True,
         restartable=False,
+        restores_memberships=True,
         queue_depth=True,
         group_sizes=True,
     )
@@ -869,6 +888,15 @@ class ZmqBackend(Backend):
 
     def __init__(self, url: LayerURL, settings: LayerSettings, options: Mapping[str, Any]):
         super().__init__(url, settings, options)
+        largest = largest_payload(settings.max_message_size, encrypted=True)
+        if largest > DEFAULT_MAX_MESSAGE:
+            # Nodes and hubs refuse frames beyond this (a hub's --max-message-size may be
+            # larger, but nodes would still drop such messages from other processes).
+            raise ConfigurationError(
+                f"{url.sanitized()}: max_message_size={settings.max_message_size} makes "
+                f"payloads of up to {largest} bytes encrypted, more than the "
+                f"{DEFAULT_MAX_MESSAGE} bytes ZeroMQ nodes and hubs accept in one frame"
+            )
         if url.scheme == "zmq+ipc":
             self._hubs: tuple[str, ...] = (f"ipc:///{url.path.lstrip('/')}",)
             self._hub_names: tuple[str, ...] = self._hubs
@@ -961,6 +989,9 @@ class ZmqBackend(Backend):
         """Ping the hub; when it comes back as a new process, re-issue parked pops."""
         epoch = None
         lost = False
+        # Memberships this layer made that the restarted hub holds no more; kept until
+        # re-asserted, so that a hub lost again meanwhile is retried on the next ping.
+        restore = False
         while True:
             try:
                 reply = await link.call("ping", (), (), self._heartbeat * 3)
@@ -973,11 +1004,26 @@ class ZmqBackend(Backend):
                 logger.warning("hub %s restarted; its queues and groups are gone", link.endpoint)
                 link.fail_pops()
                 self._group_copies.clear()
+                restore = True
             if lost or restarted:
                 self.reconnects += 1
                 lost = False
             epoch = reply[0]
+            if restore:
+                restore = not await self._reassert_on(link)
             await asyncio.sleep(self._heartbeat)
+
+    async def _reassert_on(self, link: _Link) -> bool:
+        """Re-add the memberships of the groups ``link``'s hub holds; False if it failed."""
+        # Every process notices a restarted hub within one heartbeat: spread their
+        # re-assertions over that heartbeat rather than sending them all at once.
+        await asyncio.sleep(random.uniform(0.0, min(self._heartbeat, 0.5)))
+        try:
+            await self.reassert_memberships(lambda group, _channel: self._link(group) is link)
+        except BrokerError as error:
+            logger.warning("hub %s: re-asserting memberships failed: %s", link.endpoint, error)
+            return False
+        return True
 
     # -- inboxes -----------------------------------------------------------------------
 
@@ -997,7 +1043,9 @@ class ZmqBackend(Backend):
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
         name = non_local_name(channel)
         key = self._prefix + name
-        if name == channel:
+        # A name ending in "!" is a process inbox itself (a group envelope is pushed to
+        # it): like its channels, it lives on the owner's node, not in a hub queue.
+        if "!" not in channel:
             status = await self._push_normal(key, name, channel, payload, capacity)
         else:
             status = await self._push_specific(key, name, channel, payload, capacity)
@@ -1224,7 +1272,8 @@ class ZmqBackend(Backend):
         """Ask the hub, now, for the members of ``group`` if it is small (see group_send)."""
         link = self._links[0]
         asked, invalidations = time.monotonic(), self._invalidations
-        _, future = link.start("gwatch", (self._prefix + group, _DIRECT_FANOUT), ahead=True)
+        args = (self._prefix + group, _DIRECT_FANOUT, _DIRECT_MEMBERS)
+        _, future = link.start("gwatch", args, ahead=True)
         self._asking[group] = (future, asked, invalidations)
         future.add_done_callback(lambda _: self._copy_answered(group))
 
@@ -1269,20 +1318,33 @@ class ZmqBackend(Backend):
                 self._copy_answered(group)
             copy = self._group_copies.get(group)
         if copy is not None and copy[0] is not None and time.monotonic() < copy[1]:
-            # Straight to each member's node or queue, on leases when held (no round trip).
+            # Straight to each member's node or queue, on leases when held (no round trip):
+            # a normal member gets its own copy, a process inbox one envelope for all of
+            # its members there.
             current = time.time()
-            for member, until in copy[0]:
-                if until > current:
-                    limit = capacity.for_channel(member)
+            inboxes, normal = split(member for member in copy[0] if member[1] > current)
+            targets = [(channel, payload, 1) for channel, _until in normal] + [
+                (inbox, seal(payload, group, current, inbox, local), len(local))
+                for inbox, local in inboxes.items()
+            ]
+            # An envelope larger than a node takes in one frame (a payload near the size
+            # limit, many members) goes through the hub, which copies it per member.
+            if all(len(data) <= DEFAULT_MAX_MESSAGE for _target, data, _members in targets):
+                full = 0
+                for target, data, members in targets:
+                    limit = capacity.for_channel(target)
                     try:
-                        await self.push(member, payload, deadline=deadline, capacity=limit)
+                        await self.push(target, data, deadline=deadline, capacity=limit)
                     except ChannelFull:
-                        self.skip_full_member(group, member)
-            return
+                        full += members
+                self.skip_full_members(group, full, sum(members for *_, members in targets))
+                return
         await self._settle()
         overrides: dict[str, int] = {}
         if not capacity.uniform:
-            overrides = {m: capacity.for_channel(m) for m in await self.group_members(group)}
+            # By queue, as the hub counts capacity: a normal member, or a process inbox.
+            queues = {non_local_name(m) for m in await self.group_members(group)}
+            overrides = {queue: capacity.for_channel(queue) for queue in queues}
         while len(self._group_sends) >= _GROUP_SENDS_IN_FLIGHT:
             room = asyncio.get_running_loop().create_future()
             self._room_waiters.append(room)
@@ -1316,8 +1378,10 @@ class ZmqBackend(Backend):
             if error is not None:
                 logger.warning("group_send to %r may not have reached everyone: %s", group, error)
                 return
-            for member in future.result()[0][0]:
-                self.skip_full_member(group, member)
+            # The hub answers with the full members and, since it sends envelopes, the
+            # number of live members it reached for (older hubs: the full ones only).
+            reply = future.result()[0]
+            self.skip_full_members(group, len(reply[0]), reply[1] if len(reply) > 1 else None)
 
         future.add_done_callback(answered)
 

@@ -19,7 +19,12 @@ a client wrote in one event-loop step (each answered on its own). A ``push`` may
 a lease of places in the queue; messages sent on it arrive batched as one ``send``
 request (no reply) whose second frame holds the payloads back to back
 (:func:`split_batch`), the same format nodes take from senders holding an inbox lease.
-A ``gwatch`` hands a client the members of a small group with a lease (``GROUP_LEASE``);
+A ``gsend`` queues the message for each normal member and puts one envelope
+(:mod:`multilayer.fanout`) into each process inbox with members, forwarded to its node or
+parked here, capacity checked once per inbox; it answers with the members left out and
+the number of live members.
+A ``gwatch`` hands a client the members of a small group (few queues, see
+``_group_watch``) with a lease (``GROUP_LEASE``);
 until it ends, a ``gadd``, ``gdiscard`` or ``flush`` touching the group first sends that
 client a ``ginval`` and is answered only once the client's ``gack`` (or the lease's end)
 says it no longer fans out from its copy.
@@ -44,7 +49,8 @@ import msgpack
 import zmq
 import zmq.auth.thread
 
-from .. import __version__
+from .. import __version__, fanout
+from ..names import non_local_name
 from ..serialization import HEADER_SIZE, deadline_of
 
 __all__ = [
@@ -65,7 +71,10 @@ logger = logging.getLogger(__name__)
 
 #: Item statuses in replies: accepted, refused for capacity, no such inbox here.
 OK, FULL, UNKNOWN = 0, 1, 2
-#: Frames larger than this are refused by the sockets themselves (8 MiB messages + headers).
+#: Frames larger than this are refused by the sockets themselves. A frame holds one payload
+#: or a batch of at most 1 MiB of them, and a payload is at most
+#: ``largest_payload(max_message_size, encrypted=True)``: 3.5 MB at the default
+#: max_message_size, and the ZeroMQ backend refuses a max_message_size beyond ~6 MB.
 DEFAULT_MAX_MESSAGE = 8 * 1024 * 1024 + 64 * 1024
 #: Longest a pop waits at the hub before answering empty; clients then ask again.
 MAX_POP_WAIT = 30.0
@@ -235,6 +244,10 @@ class _Job:
     waiting: int = 0
     full: list[str] = field(default_factory=list)
     key: str = ""
+    #: The members a group envelope names, by its process inbox: reported full together.
+    named: dict[str, list[str]] = field(default_factory=dict)
+    #: The live members a group send reached for, for the sender's log line.
+    live: int = 0
 
 
 class Hub:
@@ -519,14 +532,16 @@ class Hub:
         self._changed([group], _Job(client, rid, "ok"))
 
     def _group_watch(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
-        # The members of a group of at most ``most`` members, with their expiry times, and
-        # a lease: until it ends, or the client acknowledges an invalidation, no change to
-        # the group is answered (see _changed), so the client may fan out on its own.
-        group, most = _text(args[0]), _count(args[1])
+        # The members of a group living in at most ``most`` queues (normal channels and
+        # process inboxes: one send each) and numbering at most ``most_members``, with
+        # their expiry times, and a lease: until it ends, or the client acknowledges an
+        # invalidation, no change to the group is answered (see _changed), so the client
+        # may fan out on its own.
+        group, most, most_members = _text(args[0]), _count(args[1]), _count(args[2])
         members = self.groups.get(group, {})
         current = time.time()
-        live = [[channel, until] for channel, until in members.items() if until > current]
-        if len(live) > most:
+        live = [(channel, until) for channel, until in members.items() if until > current]
+        if len(live) > most_members or len({non_local_name(c) for c, _ in live}) > most:
             self._reply(client, encode("ok", rid, None, 0))
             return
         self.watchers.setdefault(group, {})[client] = time.monotonic() + GROUP_LEASE
@@ -568,26 +583,45 @@ class Hub:
         self._reply(client, encode("ok", rid, self._members(_text(args[0]), time.time())))
 
     def _group_send(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
+        # Capacity overrides are keyed by queue: a normal member, or a process inbox.
         group, prefix, default = _text(args[0]), _text(args[1]), _count(args[2])
         overrides = args[3] or {}
         if not isinstance(overrides, dict):
             raise _BadRequest("capacity overrides must be a map")
         payload = _payload(frames, 1)
         job = _Job(client, rid, "gsend")
-        by_owner: dict[str, list[tuple[str, str, int]]] = {}
-        owners: dict[str, _Owner] = {}
-        for member in self._members(group, time.time()):
+        current = time.time()
+        members = self.groups.get(group, {})
+        inboxes, normal = fanout.split(
+            (channel, until) for channel, until in members.items() if until > current
+        )
+        job.live = len(normal) + sum(len(local) for local in inboxes.values())
+        for member, _until in normal:
             capacity = overrides.get(member, default)
-            bang = member.find("!")
-            key = f"{prefix}:{member if bang < 0 else member[: bang + 1]}"
-            owner = self.directory.get(key) if bang >= 0 else None
-            if owner is not None:
-                by_owner.setdefault(owner.endpoint, []).append((key, member, capacity))
-                owners[owner.endpoint] = owner
-            elif not self._enqueue(key, member, payload, capacity):
+            if not self._enqueue(f"{prefix}:{member}", member, payload, capacity):
                 job.full.append(member)
-        for endpoint, items in by_owner.items():
-            self._forward(job, owners[endpoint], items, payload)
+        # One envelope per process inbox, whatever its number of members: the inbox's
+        # capacity counts it once, and the owner's layer hands it to each member.
+        name = group[len(prefix) + 1 :]
+        for inbox, local in inboxes.items():
+            key = f"{prefix}:{inbox}"
+            capacity = overrides.get(inbox, default)
+            data = fanout.seal(payload, name, current, inbox, local)
+            if len(data) <= DEFAULT_MAX_MESSAGE:
+                channels = [inbox]
+                job.named[inbox] = [member for member, _until in local]
+            else:
+                # Naming this many members beside a payload this large makes a frame no
+                # node takes: each member gets its own copy, counted each, as before.
+                channels = [member for member, _until in local]
+                data = payload
+            owner = self.directory.get(key)
+            if owner is not None:
+                self._forward(job, owner, [(key, channel, capacity) for channel in channels], data)
+                continue
+            for channel in channels:
+                if not self._enqueue(key, channel, data, capacity):
+                    job.full.append(channel)
         if not job.waiting:
             self._finish(job)
 
@@ -829,7 +863,8 @@ class Hub:
             endpoint, public_key = (owner.endpoint, owner.public_key) if owner else (None, None)
             self._reply(job.client, encode("ok", job.request_id, status, endpoint, public_key))
         elif job.reply == "gsend":
-            self._reply(job.client, encode("ok", job.request_id, job.full))
+            full = [member for name in job.full for member in job.named.get(name, (name,))]
+            self._reply(job.client, encode("ok", job.request_id, full, job.live))
         else:
             self._reply(job.client, encode("ok", job.request_id))
 

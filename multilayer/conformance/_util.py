@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgpack
+
 from ..layer import ChannelLayer
 
 #: How long a test waits for a message that should arrive.
@@ -26,3 +28,14 @@ async def assert_nothing(layer: ChannelLayer, channel: str, wait: float = 0.5) -
     except asyncio.TimeoutError:
         return
     raise AssertionError(f"unexpected message on {channel!r}: {message!r}")
+
+
+def message_of(size: int) -> dict[str, Any]:
+    """A message whose msgpack form is exactly ``size`` bytes (at least 20)."""
+    filler = size - len(msgpack.packb({"type": "conf.size", "b": b""}, use_bin_type=True))
+    # A longer bin needs a longer length prefix (1, 2 or 4 more bytes): take it from filler.
+    for shrink in range(5):
+        message = {"type": "conf.size", "b": b"s" * (filler - shrink)}
+        if len(msgpack.packb(message, use_bin_type=True)) == size:
+            return message
+    raise ValueError(f"no message of exactly {size} bytes")

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shlex
+import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -19,6 +21,8 @@ T = TypeVar("T")
 
 #: Upper bound of one test's event-loop run, so that no test can hang CI.
 RUN_TIMEOUT = 90.0
+#: Upper bound of one run of ``--multilayer-restart-command``.
+RESTART_TIMEOUT = 120.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,6 +34,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="URL",
         help="layer URL the conformance suite runs against (repeatable; default "
         f"${ENV_URL} or memory://)",
+    )
+    group.addoption(
+        "--multilayer-restart-command",
+        default=None,
+        metavar="COMMAND",
+        help="shell command that kills the broker of --multilayer-url and starts it again "
+        "with empty state, returning once it accepts connections; tests that need a "
+        "restart skip without it",
     )
 
 
@@ -61,8 +73,9 @@ class Harness:
     other's messages, and each is flushed and closed when the test's run ends.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, restart_command: str | None = None) -> None:
         self.url = url
+        self._restart_command = restart_command
         self.prefix = "conf" + secrets.token_hex(4)
         self._layers: list[ChannelLayer] = []
         probe = ChannelLayer(url, prefix=self.prefix)
@@ -80,6 +93,24 @@ class Harness:
         """Skip, with the reason recorded, when the backend lacks ``capability``."""
         if not getattr(self.capabilities, capability):
             pytest.skip(f"{self.scheme}: capabilities.{capability} is false ({why})")
+
+    def require_restart(self) -> None:
+        """Skip, with the reason recorded, when no restart command was given.
+
+        The suite cannot kill a broker it did not start: whoever runs it says how, with
+        ``--multilayer-restart-command`` (multilayer's own brokers are restarted by its
+        fault tests, ``tests/test_faults.py``).
+        """
+        if not self._restart_command:
+            pytest.skip(
+                f"{self.scheme}: capabilities allow it, but no --multilayer-restart-command "
+                "was given to restart the broker"
+            )
+
+    def restart_broker(self) -> None:
+        """Run the restart command (blocking; call it through ``asyncio.to_thread``)."""
+        assert self._restart_command, "call require_restart() first"
+        subprocess.run(shlex.split(self._restart_command), check=True, timeout=RESTART_TIMEOUT)
 
     def run(self, body: Callable[[], Awaitable[T]], timeout: float = RUN_TIMEOUT) -> T:
         """Run ``body()`` in a new event loop, bounded by ``timeout`` seconds."""
@@ -103,6 +134,6 @@ class Harness:
 
 
 @pytest.fixture
-def harness(layer_url: str) -> Iterator[Harness]:
+def harness(layer_url: str, request: pytest.FixtureRequest) -> Iterator[Harness]:
     """A :class:`Harness` on the URL this test runs against."""
-    yield Harness(layer_url)
+    yield Harness(layer_url, request.config.getoption("--multilayer-restart-command"))

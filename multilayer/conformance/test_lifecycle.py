@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer
@@ -132,3 +134,69 @@ def test_async_to_sync(harness: Harness) -> None:
     finally:
         async_to_sync(layer.flush)()
         async_to_sync(layer.close)()
+
+
+def test_close_keeps_what_a_loop_fetched_for_another_channel(harness: Harness) -> None:
+    # channels_redis's test_double_receive: one receive's pop takes the process inbox's
+    # backlog, the first channel's message included, then close() ends that event loop's
+    # state; the next receive of the first channel, in another loop, must still get it.
+    layer = harness.layer()
+    sender = harness.layer()
+    try:
+        first = async_to_sync(layer.new_channel)()
+        second = async_to_sync(layer.new_channel)()
+
+        async def send_both() -> None:
+            await sender.send(first, {"n": 1})
+            await sender.send(second, {"n": 2})
+            await sender.close()
+
+        async def receive_then_close(channel: str) -> dict[str, Any]:
+            message = await recv(layer, channel)
+            await layer.close()
+            return message
+
+        async_to_sync(send_both)()
+        assert async_to_sync(receive_then_close)(second) == {"n": 2}
+        assert async_to_sync(receive_then_close)(first) == {"n": 1}
+
+        # The same when close() comes from a later event loop than the receive's.
+        async_to_sync(send_both)()
+        assert async_to_sync(recv)(layer, second) == {"n": 2}
+        async_to_sync(layer.close)()
+        assert async_to_sync(recv)(layer, first) == {"n": 1}
+    finally:
+        async_to_sync(layer.flush)()
+        async_to_sync(layer.close)()
+        async_to_sync(sender.close)()
+
+
+def test_close_keeps_what_a_running_loop_fetched(harness: Harness) -> None:
+    # close() closes the layer's other loops' states in their own loops, later: what a
+    # loop still running in another thread had fetched reaches a receive waiting here.
+    layer = harness.layer()
+    sender = harness.layer()
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    try:
+
+        async def fetch_both() -> tuple[str, dict[str, Any]]:
+            first, second = await layer.new_channel(), await layer.new_channel()
+            await sender.send(first, {"n": 1})
+            await sender.send(second, {"n": 2})
+            await sender.close()
+            return first, await recv(layer, second)
+
+        first, message = asyncio.run_coroutine_threadsafe(fetch_both(), other).result(60)
+        assert message == {"n": 2}
+
+        async def close_then_receive() -> dict[str, Any]:
+            await layer.close()
+            return await recv(layer, first)
+
+        assert harness.run(close_then_receive) == {"n": 1}
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(10)
+        other.close()
