@@ -289,13 +289,26 @@ def _cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import secrets
+
     from .bench import LayerContender, NotApplicable, format_report, load_contender, run_bench
+    from .bench.room import RoomOptions
 
     url = args.url
     capacity = max(args.n * 2, 1000)
     ChannelLayer(url)
+    # The room (r) runs the layer as deployed: default capacity, its own prefix. memory://
+    # cannot join separate daphne processes, so there it does not apply.
+    room_layer = (
+        None
+        if LayerURL.parse(url).scheme == "memory"
+        else {
+            "BACKEND": "multilayer.ChannelLayer",
+            "CONFIG": {"url": url, "prefix": f"benchroom{secrets.token_hex(3)}"},
+        }
+    )
     contenders: list[Any] = [
-        LayerContender("multilayer", lambda: ChannelLayer(url, capacity=capacity))
+        LayerContender("multilayer", lambda: ChannelLayer(url, capacity=capacity), room_layer)
     ]
     for name in args.vs:
         try:
@@ -308,11 +321,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     results = asyncio.run(
         run_bench(
-            contenders, n=args.n, repeat=args.repeat, scenarios=args.scenarios, progress=progress
+            contenders,
+            n=args.n,
+            repeat=args.repeat,
+            scenarios=args.scenarios,
+            progress=progress,
+            room=RoomOptions(
+                servers=args.servers, clients=args.clients, rounds=args.rounds, burst=args.burst
+            ),
         )
     )
+    sizes = [f"n={args.n}"] if set(args.scenarios) - {"r"} else []
+    if "r" in args.scenarios:
+        sizes.append(
+            f"room: {args.servers} servers, {args.clients} clients,"
+            f" {args.rounds} rounds, burst {args.burst}"
+        )
     print(
-        f"multilayer bench {LayerURL.parse(url).sanitized()}  n={args.n}  medians of {args.repeat}"
+        f"multilayer bench {LayerURL.parse(url).sanitized()}  {'  '.join(sizes)}"
+        f"  medians of {args.repeat}"
     )
     print(format_report(results, [c.name for c in contenders]))
     return 0
@@ -424,7 +451,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--vs", action="append", default=[], metavar="PEER", help="peer to compare")
     bench.add_argument("-n", type=int, default=2000, help="messages per scenario run")
     bench.add_argument("--repeat", type=int, default=3, help="repetitions (medians reported)")
-    bench.add_argument("--scenarios", default="abcd", help="subset of a, b, c, d")
+    bench.add_argument(
+        "--scenarios", default="abcd", help="subset of a, b, c, d, r (r: the chat room)"
+    )
+    room = bench.add_argument_group("chat room (r)")
+    room.add_argument("--servers", type=_positive_int, default=2, help="daphne processes")
+    room.add_argument("--clients", type=_positive_int, default=200, help="WebSocket clients")
+    room.add_argument("--rounds", type=_positive_int, default=50, help="fan-out latency rounds")
+    room.add_argument("--burst", type=_positive_int, default=100, help="messages in the burst")
     bench.set_defaults(run=_cmd_bench)
     _add_soak(commands)
     # Listed for --help only: main() hands "hub ..." to the hub's own parser untouched.

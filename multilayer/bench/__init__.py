@@ -5,7 +5,11 @@ Scenarios, each with 100-byte msgpack messages:
 * (a) send+receive throughput on a normal channel, sender and receiver in two instances;
 * (b) the same on a process-specific channel between two instances;
 * (c) ping-pong round-trip latency between two instances (p50 and p99);
-* (d) group_send to 1, 10 and 100 members: group_send calls/s and delivered messages/s.
+* (d) group_send to 1, 10 and 100 members: group_send calls/s and delivered messages/s;
+* (r) a chat room end to end: daphne processes serving a Channels consumer, WebSocket
+  clients in one room; fan-out latency, burst deliveries/s and deliveries lost
+  (:mod:`multilayer.bench.room`). Contenders that have a ``channels_layer`` (the
+  ``CHANNEL_LAYERS`` entry those processes use) run it.
 
 A *contender* is anything with the four scenario coroutines; layer-API peers (Channels'
 InMemoryChannelLayer, channels_redis, ...) are wrapped by :class:`LayerContender`, raw
@@ -21,9 +25,12 @@ import importlib
 import secrets
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .room import RoomOptions
 
 __all__ = [
     "CONTENDERS",
@@ -129,9 +136,17 @@ class LayerContender:
     ``_`` hooks below rather than the scenarios, so every contender is timed alike.
     """
 
-    def __init__(self, name: str, factory: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], Any],
+        channels_layer: Mapping[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self.factory = factory
+        #: The ``CHANNEL_LAYERS["default"]`` entry (``BACKEND``, JSON-serializable
+        #: ``CONFIG``) that daphne processes use for scenario (r); None: not applicable.
+        self.channels_layer = channels_layer
         self._layers: list[Any] = []
 
     def _layer(self) -> Any:
@@ -260,10 +275,25 @@ METRICS: dict[str, tuple[str, bool]] = {
         for m in (1, 10, 100)
         for kind, label in (("calls", "group_send/s"), ("msgs", "delivered msgs/s"))
     },
+    "r50": ("(r) room fan-out p50 ms", False),
+    "r99": ("(r) room fan-out p99 ms", False),
+    "rfull": ("(r) room rounds reaching all, %", True),
+    "rburst": ("(r) room burst deliveries/s", True),
+    "rlost": ("(r) room deliveries lost", False),
+    "rdup": ("(r) room deliveries duplicated", False),
 }
 
 
-async def _measure(contender: Contender, scenario: str, n: int) -> dict[str, float]:
+async def _measure(
+    contender: Contender, scenario: str, n: int, room: RoomOptions | None
+) -> dict[str, float]:
+    if scenario == "r":
+        layer = getattr(contender, "channels_layer", None)
+        if layer is None:
+            raise NotApplicable("not a Channels layer that separate daphne processes can share")
+        from .room import run_room
+
+        return (await run_room(layer, room)).metrics()
     if scenario == "a":
         return {"a": await contender.throughput_normal(n)}
     if scenario == "b":
@@ -289,8 +319,12 @@ async def run_bench(
     scenarios: str = "abcd",
     progress: Callable[[str], None] = lambda _: None,
     timeout: float = 300.0,
+    room: RoomOptions | None = None,
 ) -> dict[str, dict[str, Result]]:
-    """Run every scenario ``repeat`` times, contenders interleaved; results by scenario."""
+    """Run every scenario ``repeat`` times, contenders interleaved; results by scenario.
+
+    ``room`` sizes scenario (r) (default: :class:`~multilayer.bench.room.RoomOptions`).
+    """
     results: dict[str, dict[str, Result]] = {}
     for scenario in scenarios:
         per = results[scenario] = {c.name: Result() for c in contenders}
@@ -301,7 +335,9 @@ async def run_bench(
                     continue
                 progress(f"({scenario}) {contender.name} run {rep + 1}/{repeat}")
                 try:
-                    measured = await asyncio.wait_for(_measure(contender, scenario, n), timeout)
+                    measured = await asyncio.wait_for(
+                        _measure(contender, scenario, n, room), timeout
+                    )
                 except NotApplicable as why:
                     result.skipped = str(why)
                     continue
@@ -312,6 +348,8 @@ async def run_bench(
                     await contender.close()
                 for metric, value in measured.items():
                     result.values.setdefault(metric, []).append(value)
+                # The table shows medians; each run's figures stay visible here.
+                progress("    " + ", ".join(f"{m} {_fmt(v)}" for m, v in measured.items()))
     return results
 
 

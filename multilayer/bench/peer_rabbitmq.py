@@ -71,6 +71,11 @@ def channels_rabbitmq(url: str, capacity: int) -> LayerContender:
             remote_capacity=capacity,
             groups_exchange=group_exchange,
         ),
+        # The room runs with the default capacities (100 local, 100 remote), as deployed.
+        {
+            "BACKEND": "channels_rabbitmq.core.RabbitmqChannelLayer",
+            "CONFIG": {"host": host, "groups_exchange": group_exchange},
+        },
     )
 
 

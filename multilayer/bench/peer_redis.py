@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from ..url import LayerURL
 from . import LayerContender, NotApplicable, payload, timed_rounds
 
-__all__ = ["channels_redis", "channels_redis_pubsub", "raw_redis"]
+__all__ = ["channels_redis", "channels_redis_hosts", "channels_redis_pubsub", "raw_redis"]
 
 
 def _host_urls(url: str) -> list[str]:
@@ -35,15 +35,30 @@ def _host_urls(url: str) -> list[str]:
     ]
 
 
+def channels_redis_hosts(url: str) -> list[dict[str, Any]]:
+    """channels_redis's ``hosts`` for a layer URL, as its careful users write them.
+
+    redis-py 8 made ``socket_timeout`` default to 5 seconds, the same as channels_redis's
+    blocking BZPOPMIN, so an idle receive raised TimeoutError and the consumer died
+    (channels_redis issue #422); the fix its users apply is ``socket_timeout: None``.
+    """
+    return [{"address": address, "socket_timeout": None} for address in _host_urls(url)]
+
+
 def channels_redis(url: str, capacity: int) -> LayerContender:
     """channels_redis.core.RedisChannelLayer on the same Redis server(s)."""
     from channels_redis.core import RedisChannelLayer
 
     prefix = f"benchcr{secrets.token_hex(3)}"
-    hosts = _host_urls(url)
+    hosts = channels_redis_hosts(url)
     return LayerContender(
         "channels_redis",
         lambda: RedisChannelLayer(hosts=hosts, prefix=prefix, capacity=capacity),
+        # The room runs with the default capacity, as deployed.
+        {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": hosts, "prefix": prefix},
+        },
     )
 
 
@@ -66,9 +81,14 @@ def channels_redis_pubsub(url: str, capacity: int) -> LayerContender:
     from channels_redis.pubsub import RedisPubSubChannelLayer
 
     prefix = f"benchps{secrets.token_hex(3)}"
-    hosts = _host_urls(url)
+    hosts = channels_redis_hosts(url)
     return _PubSubContender(
-        "channels_redis_pubsub", lambda: RedisPubSubChannelLayer(hosts=hosts, prefix=prefix)
+        "channels_redis_pubsub",
+        lambda: RedisPubSubChannelLayer(hosts=hosts, prefix=prefix),
+        {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": hosts, "prefix": prefix},
+        },
     )
 
 
