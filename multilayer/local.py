@@ -78,8 +78,6 @@ class LocalQueue:
 
     def _buffer(self, items: list[tuple[str, bytes]]) -> list[str]:
         """Buffer ``items``; the channels that got a payload, in order."""
-        buffers = self.buffers
-        limit = self._limit
         filled: list[str] = []
         full = 0
         for channel, payload in items:
@@ -87,18 +85,12 @@ class LocalQueue:
                 # Junk another client put where this queue's messages wait.
                 size = len(payload) if isinstance(payload, bytes) else 0
                 log_malformed(self.queue, size, "not a channel name and bytes")
-                continue
-            if channel == self.queue and is_envelope(payload):
+            elif channel == self.queue and is_envelope(payload):
                 filled += self._open(payload)
-                continue
-            buffer = buffers.get(channel)
-            if buffer is None:
-                buffer = buffers[channel] = deque()
-            elif limit is not None and len(buffer) >= limit:
+            elif self._append(channel, payload):
+                filled.append(channel)
+            else:
                 full += 1
-                continue
-            buffer.append(payload)
-            filled.append(channel)
         if full:
             self.backend.skipped_full += full
             logger.warning(
@@ -106,9 +98,19 @@ class LocalQueue:
                 "full (capacity %d)",
                 full,
                 self.queue,
-                limit,
+                self._limit,
             )
         return filled
+
+    def _append(self, channel: str, payload: bytes) -> bool:
+        """Buffer ``payload`` for ``channel``; False when its backlog here is full."""
+        buffer = self.buffers.get(channel)
+        if buffer is None:
+            buffer = self.buffers[channel] = deque()
+        elif self._limit is not None and len(buffer) >= self._limit:
+            return False
+        buffer.append(payload)
+        return True
 
     def _open(self, data: bytes) -> list[str]:
         """Hand an envelope's payload to each member whose membership still holds."""
@@ -119,8 +121,6 @@ class LocalQueue:
             return []
         current = now()
         departures = self._departures
-        limit = self._limit
-        buffers = self.buffers
         filled: list[str] = []
         full = 0
         for member, until in envelope.members:
@@ -128,14 +128,10 @@ class LocalQueue:
                 departures and departures.left_after(envelope.group, member, envelope.sent_at)
             ):
                 continue
-            buffer = buffers.get(member)
-            if buffer is None:
-                buffer = buffers[member] = deque()
-            elif limit is not None and len(buffer) >= limit:
+            if self._append(member, envelope.payload):
+                filled.append(member)
+            else:
                 full += 1
-                continue
-            buffer.append(envelope.payload)
-            filled.append(member)
         if full:
             self.backend.skipped_full += full
             logger.warning(
@@ -144,7 +140,7 @@ class LocalQueue:
                 envelope.group,
                 full,
                 len(envelope.members),
-                limit,
+                self._limit,
             )
         return filled
 
