@@ -598,11 +598,17 @@ def test_prefetched_messages_go_back_to_the_hub(hub: Hub) -> None:
     assert run(body()) == [1, 2, 3, 4]
 
 
-def test_hub_answers_each_request_of_a_batch(hub: Hub) -> None:
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
+def _hub_dealer(hub: Hub) -> zmq.Socket[bytes]:
+    """A DEALER talking the hub's protocol directly; each receive waits 5 s at most."""
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVTIMEO, 5000)
     dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+    return dealer
+
+
+def test_hub_answers_each_request_of_a_batch(hub: Hub) -> None:
+    dealer = _hub_dealer(hub)
     try:
         payload = msgpack.packb([0.0, 0]) + b"x" * 8
         batch = [["ping", 1, [], 0], ["gmembers", 2, ["g"], 0], ["gsend", 3, ["g", "p", 5, {}], 1]]
@@ -620,10 +626,7 @@ def test_hub_answers_each_request_of_a_batch(hub: Hub) -> None:
 
 
 def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub) -> None:
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.RCVTIMEO, 5000)
-    dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+    dealer = _hub_dealer(hub)
 
     def call(*request: Any, payload: bytes | None = None) -> tuple[list[Any], list[bytes]]:
         frames = [msgpack.packb(list(request))] + ([payload] if payload is not None else [])
@@ -655,10 +658,7 @@ def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub)
 
 
 def test_hub_sends_copies_where_an_envelope_would_not_fit_a_frame(hub: Hub) -> None:
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.RCVTIMEO, 5000)
-    dealer.connect(f"tcp://127.0.0.1:{hub.port}")
+    dealer = _hub_dealer(hub)
     try:
         until = time.time() + 60
         for rid, member in enumerate(["specific.big!a", "specific.big!b"], 1):
