@@ -108,6 +108,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         "-q" if not args.verbose else "-v",
         "-W",
         "error::pytest.PytestUnraisableExceptionWarning",
+        # This command imported multilayer before pytest started, so pytest cannot rewrite
+        # the asserts of the plugin module (the conformance tests' own are still rewritten)
+        # and would say so to every user of an installed wheel.
+        "-W",
+        "ignore::pytest.PytestAssertRewriteWarning",
     ]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
         pytest_args += ["-p", "multilayer.conformance.plugin"]
