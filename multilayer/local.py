@@ -159,7 +159,7 @@ class LocalQueue:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 # Woken and cancelled in the same step: pass the wake-up on.
-                self._wake(channel)
+                self.wake(channel)
             raise
         finally:
             if not future.done():
@@ -170,7 +170,8 @@ class LocalQueue:
             if not waiters and self._waiters.get(channel) is waiters:
                 del self._waiters[channel]
 
-    def _wake(self, channel: str) -> None:
+    def wake(self, channel: str) -> None:
+        """Wake one receive waiting for ``channel``, if any, to look (again)."""
         waiters = self._waiters.get(channel)
         while waiters:
             future = waiters.popleft()
@@ -185,7 +186,7 @@ class LocalQueue:
                 limit = max(self._hungry, self._batch)
                 items = await self.backend.pop(self.queue, limit)
                 for channel in self._buffer(items):
-                    self._wake(channel)
+                    self.wake(channel)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -220,11 +221,7 @@ class LocalQueue:
         if not buffer:
             del self.buffers[channel]
             return
-        self._wake(channel)
-
-    def wake(self, channel: str) -> None:
-        """Wake one receive waiting for ``channel``, if any, to look again."""
-        self._wake(channel)
+        self.wake(channel)
 
 
 class HeldMessages:
