@@ -211,7 +211,9 @@ class ChannelLayer:
             if value is not None
         }
         specs = {**LAYER_OPTIONS, **self.backend_class.options}
-        values = resolve_options(specs, self.url.query, given, where=self.url.sanitized())
+        values = resolve_options(
+            specs, self.url.query, given, where=self.url.sanitized(), scheme=self.url.scheme
+        )
         self.prefix: str = values["prefix"]
         self.expiry: float = values["expiry"]
         self.group_expiry: float = values["group_expiry"]
@@ -224,7 +226,11 @@ class ChannelLayer:
             capacity=CapacityPolicy(self.capacity, self.channel_capacity),
             max_message_size=values["max_message_size"],
         )
-        self.backend_options = {k: values[k] for k in self.backend_class.options}
+        self.backend_options = {
+            name: values[name]
+            for name, spec in self.backend_class.options.items()
+            if spec.alias_of is None
+        }
         self.backend_class.check_url(self.url, self.backend_options)
         # Random bytes from the OS: unique across processes and immune to random.seed().
         self.process_name = secrets.token_hex(8)

@@ -25,6 +25,11 @@ class Option:
     ``secret`` values are never echoed in errors. ``convert`` (for ``object`` options that
     may also come from the URL as text) returns the canonical value or raises
     :class:`~multilayer.exceptions.ConfigurationError` itself.
+
+    ``schemes`` names the only URL schemes the option applies to: set to anything but its
+    default under another scheme, it is refused. ``alias_of`` names the option this one is
+    an older spelling of: its value (after ``convert``) is given to that option, and the
+    alias itself never reaches the backend.
     """
 
     kind: type
@@ -36,6 +41,8 @@ class Option:
     secret: bool = False
     check: Callable[[Any], str | None] | None = None
     convert: Callable[[Any], Any] | None = None
+    schemes: tuple[str, ...] | None = None
+    alias_of: str | None = None
 
     def from_text(self, name: str, text: str) -> Any:
         """Convert a URL query value to this option's type."""
@@ -103,22 +110,42 @@ def resolve_options(
     overrides: Mapping[str, Any],
     *,
     where: str,
+    scheme: str | None = None,
 ) -> dict[str, Any]:
     """Merge defaults, URL query values and keyword overrides (in that order of precedence).
 
     An unknown name is an error that lists the valid ones; ``where`` (the sanitized URL)
-    tells the user which layer the error is about.
+    tells the user which layer the error is about. With ``scheme``, an option set away
+    from its default under a scheme it does not apply to is an error. Aliases are folded
+    into the options they spell: the result holds no alias.
     """
     for name in (*query, *overrides):
         if name not in specs:
             raise ConfigurationError(
                 f"unknown option {name!r} for {where}; valid options: {', '.join(sorted(specs))}"
             )
-    values = {name: spec.default for name, spec in specs.items()}
-    for name, text in query.items():
-        values[name] = specs[name].from_text(name, text)
-    for name, value in overrides.items():
-        values[name] = specs[name].validate(name, value)
+    values = {name: spec.default for name, spec in specs.items() if spec.alias_of is None}
+    given: dict[str, str] = {}  # option -> the name (itself or an alias) that set it
+    for source in (
+        {name: specs[name].from_text(name, text) for name, text in query.items()},
+        {name: specs[name].validate(name, value) for name, value in overrides.items()},
+    ):
+        spelled: dict[str, str] = {}
+        for name, value in source.items():
+            target = specs[name].alias_of or name
+            if target in spelled:
+                raise ConfigurationError(
+                    f"{where}: options {spelled[target]!r} and {name!r} set the same thing; "
+                    "give one"
+                )
+            spelled[target] = given[target] = name
+            values[target] = value
+    if scheme is not None:
+        for target, name in given.items():
+            spec = specs[target]
+            if spec.schemes and scheme not in spec.schemes and values[target] != spec.default:
+                wanted = " or ".join(f"{s}://" for s in spec.schemes)
+                raise ConfigurationError(f"{where}: option {name!r} applies only to {wanted} URLs")
     return values
 
 
