@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import IN_CI, BrokerProcess, free_port, hub_argv, tansu_argv, tansu_binary
+from tests.support.brokers import (
+    IN_CI,
+    BrokerProcess,
+    free_port,
+    hub_argv,
+    tansu_argv,
+    tansu_binary,
+)
 
 _STARTED: list[BrokerProcess] = []
 

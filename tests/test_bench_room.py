@@ -18,7 +18,7 @@ from multilayer.bench import load_contender
 from multilayer.bench.room import RoomOptions, run_room
 from multilayer.cli import main
 from multilayer.url import LayerURL
-from tests.brokers import listening, require, require_module
+from tests.support.brokers import listening, require, require_module
 
 require_module("daphne")
 require_module("websockets.asyncio.client")

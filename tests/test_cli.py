@@ -97,7 +97,7 @@ def test_bench_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_hub_subcommand_runs_the_zeromq_hub() -> None:
-    from brokers import free_port, wait_port
+    from tests.support.brokers import free_port, wait_port
 
     port = free_port()
     hub = subprocess.Popen(
@@ -140,7 +140,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[int]:
     """A password-protected Redis of this test, on a free port."""
-    from brokers import broker, free_port, require_binary
+    from tests.support.brokers import broker, free_port, require_binary
 
     port = free_port()
     argv = [
@@ -187,7 +187,7 @@ def test_stats_prints_depths_and_groups(own_redis: int, capsys: pytest.CaptureFi
 
 
 def test_stats_says_what_a_broker_cannot_tell(capsys: pytest.CaptureFixture[str]) -> None:
-    from brokers import require
+    from tests.support.brokers import require
 
     require(_listening(5672), "RabbitMQ is not running on 127.0.0.1:5672")
     assert main(["stats", SHARED_AMQP, "--prefix", "clistats"]) == 0
@@ -199,7 +199,7 @@ def test_stats_says_what_a_broker_cannot_tell(capsys: pytest.CaptureFixture[str]
 def test_ping_and_stats_on_every_networked_broker(
     scheme: str, own_redis: int, tmp_path: Path
 ) -> None:
-    from brokers import broker, free_port, hub_argv, require
+    from tests.support.brokers import broker, free_port, hub_argv, require
 
     with contextlib.ExitStack() as stack:
         if scheme == "redis":
@@ -208,7 +208,7 @@ def test_ping_and_stats_on_every_networked_broker(
             require(_listening(5672), "RabbitMQ is not running on 127.0.0.1:5672")
             url = SHARED_AMQP
         elif scheme == "kafka":
-            from kafka_broker import tansu
+            from tests.support.kafka_broker import tansu
 
             url = f"kafka://127.0.0.1:{stack.enter_context(tansu(tmp_path)).port}"
         else:
@@ -237,7 +237,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], *, secret: 
 @pytest.mark.parametrize("command", ["ping", "stats"])
 @pytest.mark.parametrize("scheme", ["redis", "amqp", "kafka", "zmq"])
 def test_an_unreachable_broker_is_one_line_and_exit_1(command: str, scheme: str) -> None:
-    from brokers import free_port
+    from tests.support.brokers import free_port
 
     url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
     line = _assert_one_line_error(_cli(command, url, "--timeout", "3"))
@@ -246,7 +246,7 @@ def test_an_unreachable_broker_is_one_line_and_exit_1(command: str, scheme: str)
 
 @pytest.mark.parametrize("command", ["ping", "stats"])
 def test_bad_rabbitmq_credentials_are_one_line_and_exit_1(command: str) -> None:
-    from brokers import require
+    from tests.support.brokers import require
 
     require(_listening(5672), "RabbitMQ is not running on 127.0.0.1:5672")
     url = "amqp://guest:wrong-pw-123@127.0.0.1:5672/%2F"

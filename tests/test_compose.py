@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
-from brokers import require
+
+from tests.support.brokers import require
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

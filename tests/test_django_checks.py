@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import free_port, require_module
+from tests.support.brokers import free_port, require_module
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.chat.settings")
 

@@ -31,7 +31,7 @@ import pytest
 
 from multilayer import ChannelLayer, LayerURL
 from multilayer.plugins import load_backend
-from tests.brokers import free_port, require_binary, require_module
+from tests.support.brokers import free_port, require_binary, require_module
 
 websockets_client = require_module("websockets.asyncio.client")
 

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import private_redis, require_module
 
 from multilayer import ChannelLayer, ConfigurationError, MessageTooLarge
 from multilayer.conformance._util import assert_nothing, recv
 from multilayer.conformance.plugin import Harness
 from multilayer.serialization import Codec, largest_payload
+from tests.support.brokers import private_redis, require_module
 
 fernet = require_module("cryptography.fernet")
 

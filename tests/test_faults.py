@@ -1,4 +1,4 @@
-"""Broker faults, the same scenarios on every networked backend (tests/faults.py).
+"""Broker faults, the same scenarios on every networked backend (tests/support/faults.py).
 
 Each backend's broker is a process this module starts on a free loopback port, so it may
 be killed: (i) the broker is killed and restarted mid-traffic, (ii) the server drops the
@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faults import CONTROLLERS, Controller, controlled
 
 from multilayer import BrokerError, ChannelLayer
+from tests.support.faults import CONTROLLERS, Controller, controlled
 
 #: seconds a layer may take to work again after the broker is back
 RECOVERY = 30.0

@@ -22,7 +22,11 @@ from typing import Any
 
 import msgpack
 import pytest
-from brokers import (
+from hypothesis import given
+from hypothesis import strategies as st
+
+from multilayer import ChannelLayer
+from tests.support.brokers import (
     BrokerProcess,
     free_port,
     hub_argv,
@@ -30,12 +34,8 @@ from brokers import (
     require,
     require_module,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-from kafka_broker import tansu
-from looping import BROKER_EXAMPLES, LoopThread
-
-from multilayer import ChannelLayer
+from tests.support.kafka_broker import tansu
+from tests.support.looping import BROKER_EXAMPLES, LoopThread
 
 #: A way to inject one junk payload, and whether this process logs dropping it (junk the
 #: hub refuses is logged by the hub process).

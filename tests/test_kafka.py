@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from brokers import certificates, require_module
-from kafka_broker import tansu
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend, _Machine
 from multilayer.fanout import open_envelope
 from multilayer.serialization import deadline_of, largest_payload, pack
+from tests.support.brokers import certificates, require_module
+from tests.support.kafka_broker import tansu
 
 kafka = require_module("kafka")
 

@@ -19,10 +19,17 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from brokers import BrokerProcess, RabbitNode, broker, free_port, hub_argv, require_binary
 from test_rabbitmq import node  # noqa: F401 (the fixture is used by name)
 
 from multilayer import BrokerError, ChannelLayer
+from tests.support.brokers import (
+    BrokerProcess,
+    RabbitNode,
+    broker,
+    free_port,
+    hub_argv,
+    require_binary,
+)
 
 SECRET = "pw-Zq8x31-never-logged"
 BODY = "body-Kp4d92-never-logged"
@@ -64,7 +71,7 @@ def _amqp(rabbit: RabbitNode) -> Target:
 
 
 def _kafka(stack: contextlib.ExitStack, tmp: Path) -> Target:
-    from kafka_broker import tansu
+    from tests.support.kafka_broker import tansu
 
     process = stack.enter_context(tansu(tmp))
     return Target(

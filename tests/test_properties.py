@@ -19,11 +19,11 @@ import pytest
 from channels.layers import BaseChannelLayer
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from looping import BROKER_EXAMPLES, UNHURRIED, LoopThread
 
 from multilayer import ChannelLayer, ConfigurationError, LayerURL
 from multilayer.conformance.plugin import Harness
 from multilayer.names import MAX_NAME_LENGTH, check_channel_name, check_group_name
+from tests.support.looping import BROKER_EXAMPLES, UNHURRIED, LoopThread
 
 NAME_CHARS = st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 GROUP_NAMES = st.text(NAME_CHARS, min_size=1, max_size=MAX_NAME_LENGTH - 1)

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from brokers import (
+
+from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
+from multilayer.backend import LayerSettings
+from multilayer.capacity import CapacityPolicy
+from tests.support.brokers import (
     RabbitNode,
     certificates,
     free_port,
@@ -29,10 +33,6 @@ from brokers import (
     require_binary,
     require_module,
 )
-
-from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
-from multilayer.backend import LayerSettings
-from multilayer.capacity import CapacityPolicy
 
 pika = require_module("pika")
 

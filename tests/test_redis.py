@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 import pytest
 import redis
 import redis.asyncio
-from brokers import (
+
+from multilayer import BrokerError, ChannelLayer, ConfigurationError
+from multilayer.backends.redis import RedisBackend, _Ring
+from multilayer.capacity import CapacityPolicy
+from multilayer.fanout import open_envelope, seal
+from multilayer.names import non_local_name
+from multilayer.serialization import pack
+from tests.support.brokers import (
     BrokerProcess,
     broker,
     certificates,
@@ -28,13 +35,6 @@ from brokers import (
     redis_tls_argv,
     require_binary,
 )
-
-from multilayer import BrokerError, ChannelLayer, ConfigurationError
-from multilayer.backends.redis import RedisBackend, _Ring
-from multilayer.capacity import CapacityPolicy
-from multilayer.fanout import open_envelope, seal
-from multilayer.names import non_local_name
-from multilayer.serialization import pack
 
 T = TypeVar("T")
 

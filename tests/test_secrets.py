@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import broker, free_port, require, require_binary, require_module
 
 from multilayer import ChannelLayer, MultilayerError
+from tests.support.brokers import broker, free_port, require, require_binary, require_module
 
 PASSWORD = "S3cr3t-Pw"
 #: Also what would show if the password were percent-encoded or half-masked.

@@ -16,12 +16,12 @@ from typing import Any
 
 import msgpack
 import pytest
-from brokers import require_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multilayer.conformance._util import message_of
 from multilayer.serialization import DEFAULT_MAX_MESSAGE_SIZE, Codec, largest_payload
+from tests.support.brokers import require_module
 
 fernet = require_module("cryptography.fernet")
 

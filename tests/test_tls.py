@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import (
+
+from multilayer import BrokerError, ChannelLayer
+from tests.support.brokers import (
     BrokerProcess,
     RabbitNode,
     certificates,
@@ -29,8 +31,6 @@ from brokers import (
     require_module,
     tansu_binary,
 )
-
-from multilayer import BrokerError, ChannelLayer
 
 
 class TLSProxy:

@@ -29,7 +29,7 @@ from multilayer.backends import zmq as zmq_backend
 from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
 from multilayer.backends.zmqhub import DEFAULT_MAX_MESSAGE
 from multilayer.serialization import unpack_message
-from tests.brokers import BrokerProcess, free_port
+from tests.support.brokers import BrokerProcess, free_port
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from brokers import BrokerProcess, broker, free_port, require, tansu_argv, tansu_binary
+from .brokers import BrokerProcess, broker, free_port, require, tansu_argv, tansu_binary
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from brokers import (
+from .brokers import (
     BrokerProcess,
     RabbitNode,
     free_port,
