@@ -157,7 +157,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         if args.record:
-            from .records import write_record
+            from .conformance.records import write_record
 
             if summary["failed"] or code not in (0,):
                 print("not recording: the run did not pass", file=sys.stderr)

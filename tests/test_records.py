@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from multilayer.conformance import suite_test_names
-from multilayer.records import load_records, write_matrix
+from multilayer.conformance.records import load_records, write_matrix
 
 RUNS = Path(__file__).parent.parent / "conformance_runs"
 EXPECTED_SCHEMES = {"memory", "redis", "amqp", "kafka", "zmq"}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .conformance import suite_test_names
+from . import suite_test_names
 
 __all__ = ["load_records", "record_path", "write_matrix", "write_record"]
 
