@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -218,9 +219,26 @@ def _layer_for(args: argparse.Namespace) -> ChannelLayer:
     return ChannelLayer(url) if args.prefix is None else ChannelLayer(url, prefix=args.prefix)
 
 
+def _extra(module: str, extra: str) -> Any:
+    """Import ``module`` of the optional ``extra``, or stop saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"{error.name or module} is not installed: pip install 'multilayer[{extra}]'"
+        ) from error
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     layer = _layer_for(args)
-    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+    clear = "\033[H\033[2J" if sys.stdout.isatty() and not args.prometheus else ""
+    render = _format_stats
+    if args.prometheus:
+        metrics = _extra("multilayer.metrics", "prometheus")
+
+        def render(stats: LayerStats) -> str:
+            text: str = metrics.broker_text(layer.url.scheme, stats)
+            return text.rstrip("\n")
 
     async def run() -> int:
         try:
@@ -234,7 +252,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                         raise
                     print(f"{clear}multilayer: {error}", flush=True)
                 else:
-                    print(clear + _format_stats(stats), flush=True)
+                    print(clear + render(stats), flush=True)
                 if args.watch is None:
                     return 0
                 await asyncio.sleep(args.watch)
@@ -431,13 +449,19 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="queue depths and group sizes under a prefix")
     stats.add_argument("url", nargs="?", help=url_help)
     stats.add_argument("--prefix", help="layer prefix (default: the URL's, else asgi)")
-    stats.add_argument(
+    output = stats.add_mutually_exclusive_group()
+    output.add_argument(
         "--watch",
         nargs="?",
         type=_positive_float,
         const=2.0,
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print once in Prometheus' text format (for a node-exporter textfile)",
     )
     stats.add_argument(
         "--timeout", type=_positive_float, default=10.0, help="seconds to wait for the broker"
