@@ -320,6 +320,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     url = args.url
     capacity = max(args.n * 2, 1000)
     ChannelLayer(url)
+    plot = _extra("multilayer.bench.plot", "plot") if args.plot else None
     # The room (r) runs the layer as deployed: default capacity, its own prefix. memory://
     # cannot join separate daphne processes, so there it does not apply.
     room_layer = (
@@ -360,11 +361,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"room: {args.servers} servers, {args.clients} clients,"
             f" {args.rounds} rounds, burst {args.burst}"
         )
-    print(
+    title = (
         f"multilayer bench {LayerURL.parse(url).sanitized()}  {'  '.join(sizes)}"
         f"  medians of {args.repeat}"
     )
-    print(format_report(results, [c.name for c in contenders]))
+    names = [c.name for c in contenders]
+    print(title)
+    print(format_report(results, names))
+    if plot is not None:
+        plot.plot_bench(results, names, title, Path(args.plot))
     return 0
 
 
@@ -387,6 +392,8 @@ def _positive_int(text: str) -> int:
 def _cmd_soak(args: argparse.Namespace) -> int:
     from .bench.soak import format_soak, soak
 
+    plot = _extra("multilayer.bench.plot", "plot") if args.plot else None
+
     def progress(row: Any) -> None:
         print(
             f"  {row.end:>6}s  ops {row.operations}  delivered {row.delivered}  "
@@ -407,6 +414,8 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         )
     )
     print(format_soak(report))
+    if plot is not None:
+        plot.plot_soak(report, Path(args.plot))
     return 0 if report.ok else 1
 
 
@@ -420,6 +429,7 @@ def _add_soak(commands: Any) -> None:
     soak.add_argument("--rate", type=float, default=200.0, help="sends + group_sends per second")
     soak.add_argument("--churn", type=float, default=20.0, help="channels replaced per second")
     soak.add_argument("--interval", type=float, default=10.0, help="seconds per report row")
+    soak.add_argument("--plot", metavar="FILE.png", help="also draw the rows as a chart")
     soak.set_defaults(run=_cmd_soak)
 
 
@@ -488,6 +498,9 @@ def _parser() -> argparse.ArgumentParser:
     room.add_argument("--clients", type=_positive_int, default=200, help="WebSocket clients")
     room.add_argument("--rounds", type=_positive_int, default=50, help="fan-out latency rounds")
     room.add_argument("--burst", type=_positive_int, default=100, help="messages in the burst")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="also draw ours against each peer as a chart"
+    )
     bench.set_defaults(run=_cmd_bench)
     _add_soak(commands)
     # Listed for --help only: main() hands "hub ..." to the hub's own parser untouched.
