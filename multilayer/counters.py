@@ -151,8 +151,8 @@ class _Process:
     """Every layer of the process, and the counts of those already collected."""
 
     live: weakref.WeakSet[ChannelLayer] = field(default_factory=weakref.WeakSet)
-    # Appended to by finalizers, which run wherever the garbage collector does: a deque's
-    # append needs no lock that the interrupted thread might hold.
+    # Appended to by finalizers, which run wherever the garbage collector does, even in a
+    # thread holding the lock: a deque's append needs none.
     gone: deque[tuple[tuple[str, str], Tally]] = field(default_factory=deque)
     retired: dict[tuple[str, str], Counters] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -163,7 +163,8 @@ _process = _Process()
 
 def track(layer: ChannelLayer, tally: Tally) -> None:
     """Count ``layer`` (whose counts are in ``tally``) in :func:`process_counters`."""
-    _process.live.add(layer)
+    with _process.lock:
+        _process.live.add(layer)
     weakref.finalize(layer, _process.gone.append, (_key(layer), tally))
 
 
@@ -179,7 +180,9 @@ def process_counters() -> dict[tuple[str, str], tuple[Counters, int]]:
             key, tally = _process.gone.popleft()
             _process.retired[key] = _process.retired.get(key, Counters()) + tally.snapshot()
         sums = {key: (counters, 0) for key, counters in _process.retired.items()}
-    for layer in list(_process.live):
+        # Under the lock: a layer made in another thread meanwhile would break the iteration.
+        live = list(_process.live)
+    for layer in live:
         key = _key(layer)
         counters, buffered = sums.get(key, (Counters(), 0))
         sums[key] = (
