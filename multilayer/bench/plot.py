@@ -87,7 +87,8 @@ def plot_bench(
     rows = [(metric, values) for metric, values in rows if any(values)]
     columns = min(4, max(1, len(rows)))
     lines = max(1, -(-len(rows) // columns))
-    figure = Figure(figsize=(3.2 * columns, 2.6 * lines + 1.3), layout="constrained")
+    # At least 9 inches wide: the title and the legend must fit above and below one panel.
+    figure = Figure(figsize=(max(3.2 * columns, 9.0), 2.6 * lines + 1.3), layout="constrained")
     figure.suptitle(title, fontsize=10)
     grid = figure.subplots(lines, columns, squeeze=False)
     cells = [axes for line in grid for axes in line]
@@ -126,7 +127,7 @@ def plot_soak(report: SoakReport, path: Path) -> Figure:
     latency.plot(ends, [row.p99_ms for row in rows], marker="o", label="p99")
     latency.plot(ends, [row.p50_ms for row in rows], marker="o", label="p50")
     latency.set_ylabel("delivery latency (ms)")
-    latency.legend(fontsize=8, loc="upper left")
+    latency.legend(fontsize=8, loc="best")
     deliveries.plot(
         ends,
         [
