@@ -16,7 +16,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN pip install --no-cache-dir -e '.[all,test]'
+RUN pip install --no-cache-dir -e '.[all,test,plot]'
 # The image has what the tests need: scripts/test.sh neither installs nor starts brokers.
 ENV CI=true MULTILAYER_SKIP_INSTALL=1
 CMD ["scripts/test.sh"]
