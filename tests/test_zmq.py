@@ -1,6 +1,6 @@
 """The ZeroMQ backend beyond the shared suite: hub faults, sharding, IPC, CURVE, fuzzing.
 
-Every test starts its own hub (``python -m multilayer.backends.zmqhub``) on a free
+Every test starts its own hub (``python -m multilayer.backends.zmq.hub``) on a free
 loopback port or a socket in its temporary directory.
 """
 
@@ -25,9 +25,11 @@ import zmq
 import zmq.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError, fanout
-from multilayer.backends import zmq as zmq_backend
-from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
-from multilayer.backends.zmqhub import DEFAULT_MAX_MESSAGE
+from multilayer.backends.zmq import ZmqBackend
+from multilayer.backends.zmq import groups as zmq_groups
+from multilayer.backends.zmq.groups import STREAMING
+from multilayer.backends.zmq.node import Node, running_nodes
+from multilayer.backends.zmq.protocol import DEFAULT_MAX_MESSAGE, shard
 from multilayer.serialization import unpack_message
 from tests.brokers import BrokerProcess, free_port
 
@@ -44,7 +46,7 @@ def run(coroutine: Awaitable[T], timeout: float = 30) -> T:
 
 
 def hub_argv(endpoint: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "multilayer.backends.zmqhub", "--bind", endpoint, *extra]
+    return [sys.executable, "-m", "multilayer.backends.zmq.hub", "--bind", endpoint, *extra]
 
 
 class Hub(BrokerProcess):
@@ -116,13 +118,30 @@ def test_curve_secret_never_shows_in_errors() -> None:
 def test_rendezvous_sharding_is_order_free_and_spreads() -> None:
     hubs = ["h1:5599", "h2:5600", "h3:5601"]
     names = [f"chat.room{i}" for i in range(3000)]
-    placed = [hubs[_shard(name, hubs)] for name in names]
-    assert placed == [hubs[::-1][_shard(name, hubs[::-1])] for name in names]
+    placed = [hubs[shard(name, hubs)] for name in names]
+    assert placed == [hubs[::-1][shard(name, hubs[::-1])] for name in names]
     assert all(800 < placed.count(hub) < 1200 for hub in hubs)
     # Adding a hub moves only the names that now land on it.
     grown = [*hubs, "h4:5602"]
-    moved = [a for a, name in zip(placed, names, strict=True) if grown[_shard(name, grown)] != a]
+    moved = [a for a, name in zip(placed, names, strict=True) if grown[shard(name, grown)] != a]
     assert 500 < len(moved) < 1000
+
+
+def test_the_hub_depends_on_no_layer_above_it() -> None:
+    # The hub server sits low: the wire protocol and the core's helpers, never the package
+    # root (which imports the layer), the CLI or the backend classes.
+    import ast
+
+    import multilayer.backends.zmq.hub as hub_package
+
+    imported = set()
+    for path in Path(hub_package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                imported.add(("." * node.level) + (node.module or ""))
+    allowed = {".", ".groups", ".main", ".queues", ".server", ".state", "..protocol"}
+    allowed |= {"....serialization", "....names", "....fanout"}
+    assert imported <= allowed, imported - allowed
 
 
 # -- transports and sharding -----------------------------------------------------------
@@ -150,14 +169,14 @@ def _exercise(url: str) -> None:
     run(body())
 
 
-def _node_for(url: str) -> _Node:
+def _node_for(url: str) -> Node:
     hub = url.removeprefix("zmq://")
-    return next(n for n in _Node.nodes.values() if n.config.names == (hub,) and n.thread.is_alive())
+    return next(n for n in running_nodes() if n.config.names == (hub,))
 
 
-async def _lent_to_this_loop(node: _Node) -> None:
+async def _lent_to_this_loop(node: Node) -> None:
     deadline = time.monotonic() + 5
-    while node._owner is not asyncio.get_running_loop():
+    while node.lent_to is not asyncio.get_running_loop():
         assert time.monotonic() < deadline, "a loop waiting on an inbox never got the node socket"
         await asyncio.sleep(0.01)
 
@@ -177,7 +196,7 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
     channel = run(waiting_loop())  # ends without closing either layer
     node = _node_for(hub.url)
     deadline = time.monotonic() + 5
-    while node._owner is not None:  # the thread takes the socket back from the dead loop
+    while node.lent_to is not None:  # the thread takes the socket back from the dead loop
         assert time.monotonic() < deadline, "the node thread did not take its socket back"
         time.sleep(0.01)
 
@@ -189,7 +208,7 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
         await sender.send(channel, {"n": 3})
         assert await asyncio.wait_for(waiting, 5) == {"n": 3}
         await receiver.close()
-        assert node._owner is None  # closing the backend gives the socket back
+        assert node.lent_to is None  # closing the backend gives the socket back
         await sender.send(channel, {"n": 4})
         await sender.flush()
         await sender.close()
@@ -197,9 +216,9 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
     run(later_loop())
 
 
-def _block_until_taken_back(node: _Node) -> None:
+def _block_until_taken_back(node: Node) -> None:
     deadline = time.monotonic() + 5
-    while node._owner is not None:
+    while node.lent_to is not None:
         assert time.monotonic() < deadline, "the node left its socket to a blocked loop"
         time.sleep(0.05)
 
@@ -244,7 +263,7 @@ async def _copied(
     sent = 0
     while _copy(sender, group) != sorted(members):
         assert time.monotonic() < deadline, "the sender never got a copy of the group"
-        for _ in range(_STREAMING + 8):  # a stream: the sender asks the hub for a copy
+        for _ in range(STREAMING + 8):  # a stream: the sender asks the hub for a copy
             await sender.group_send(group, {"warm": sent})
             sent += 1
         await asyncio.sleep(0.05)
@@ -338,7 +357,7 @@ def test_a_group_copy_leaves_an_envelope_too_large_for_a_frame_to_the_hub(
             backend = sender._state().backend
             assert isinstance(backend, ZmqBackend) and not backend._group_sends
             # As if the message were near the largest a frame holds (sockets already made).
-            monkeypatch.setattr(zmq_backend, "DEFAULT_MAX_MESSAGE", 64)
+            monkeypatch.setattr(zmq_groups, "DEFAULT_MAX_MESSAGE", 64)
             await sender.group_send("g", {"n": 1})
             assert backend._group_sends  # sent to the hub, not from the copy
             for member in members:
@@ -711,7 +730,7 @@ def test_node_survives_malformed_leased_batches(hub: Hub) -> None:
         try:
             channel = await layer.new_channel()
             key = "nodefuzz:" + channel.partition("!")[0] + "!"
-            endpoints = [n.endpoint for n in _Node.nodes.values() if n.thread.is_alive()]
+            endpoints = [n.endpoint for n in running_nodes()]
             dealer.setsockopt(zmq.LINGER, 0)
             for endpoint in endpoints:
                 dealer.connect(endpoint)

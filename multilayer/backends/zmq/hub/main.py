@@ -1,0 +1,122 @@
+"""``multilayer hub``: the command line of the hub."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from types import FrameType
+
+import zmq
+
+from ..protocol import DEFAULT_MAX_MESSAGE
+from .server import Hub
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__.rpartition(".")[0])
+
+
+def _split(values: Iterable[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multilayer hub",
+        description="Run the hub of the zmq:// channel layer backend.",
+    )
+    parser.add_argument(
+        "--bind",
+        action="append",
+        required=True,
+        metavar="ENDPOINT",
+        help="ZeroMQ endpoint to listen on, e.g. tcp://127.0.0.1:5599 or ipc:///run/ml.sock "
+        "(repeatable, or a comma list)",
+    )
+    parser.add_argument(
+        "--curve-secret-key",
+        metavar="Z85",
+        help="hub CURVE secret key (40 Z85 characters); default $MULTILAYER_HUB_SECRET_KEY; "
+        "turns on encryption",
+    )
+    parser.add_argument("--curve-secret-key-file", metavar="PATH", help="read the key from PATH")
+    parser.add_argument(
+        "--curve-allow",
+        action="append",
+        default=[],
+        metavar="Z85",
+        help="client public key allowed to connect (repeatable, or a comma list); "
+        "default: any client that knows the hub's public key",
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=2.0,
+        help="seconds to wait for a process node before parking its messages (default 2)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=100_000,
+        help="hard cap on the messages of one queue, whatever capacity clients ask (100000)",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE,
+        help=f"largest frame accepted, in bytes (default {DEFAULT_MAX_MESSAGE})",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser
+
+
+def _secret_key(options: argparse.Namespace) -> bytes | None:
+    text: str | None = options.curve_secret_key or os.environ.get("MULTILAYER_HUB_SECRET_KEY")
+    if options.curve_secret_key_file:
+        with open(options.curve_secret_key_file, encoding="ascii") as file:
+            text = file.read().strip()
+    if not text:
+        return None
+    if len(text) != 40:
+        raise SystemExit("multilayer hub: a CURVE secret key is 40 Z85 characters")
+    return text.encode("ascii")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a hub until SIGTERM or SIGINT; the exit status."""
+    options = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=options.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    secret = _secret_key(options)
+    allowed = [key.encode("ascii") for key in _split(options.curve_allow)]
+    if allowed and secret is None:
+        raise SystemExit("multilayer hub: --curve-allow needs --curve-secret-key")
+    hub = Hub(
+        _split(options.bind),
+        secret_key=secret,
+        allowed_keys=allowed,
+        peer_timeout=options.peer_timeout,
+        max_queue=options.max_queue,
+        max_message_size=options.max_message_size,
+    )
+
+    def on_signal(number: int, _frame: FrameType | None) -> None:
+        logger.info("received %s, stopping", signal.Signals(number).name)
+        hub.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        hub.run()
+    except zmq.ZMQError as error:
+        logger.error("hub failed: %s", error)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
