@@ -89,6 +89,7 @@ async def nothing(layer: ChannelLayer, channel: str, wait: float = 0.3) -> None:
         ("zmq://127.0.0.1:5599,other", "HOST:PORT"),
         ("zmq+ipc://host/sock", "zmq\\+ipc:///path"),
         ("zmq+ipc://", "zmq\\+ipc:///path"),
+        ("zmq+ipc:///run/hub.sock?advertise=10.0.0.1", "applies only to zmq://"),
         ("zmq://127.0.0.1:5599?curve_serverkey=short", "40 Z85"),
         ("zmq://127.0.0.1:5599?curve_secretkey=" + "a" * 40, "needs curve_serverkey"),
         ("zmq://127.0.0.1:5599?timeout=soon", "timeout"),

@@ -53,7 +53,9 @@ class ZmqCore(Backend):
         "heartbeat": Option(
             float, 1.0, "seconds between hub pings and inbox re-registrations", minimum=0.05
         ),
-        "advertise": Option(str, "", "address other processes reach this process's node at"),
+        "advertise": Option(
+            str, "", "address other processes reach this process's node at", schemes=("zmq",)
+        ),
         "curve_serverkey": Option(str, "", "the hub's CURVE public key (Z85)", check=check_key),
         "curve_secretkey": Option(
             str, "", "this process's CURVE secret key (Z85)", secret=True, check=check_key

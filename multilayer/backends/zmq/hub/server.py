@@ -59,7 +59,7 @@ class Hub(QueueCommands, GroupCommands):
     def _start_curve(self, router: zmq.Socket[bytes]) -> None:
         assert self._secret is not None and self._public is not None
         self._auth = zmq.auth.thread.ThreadAuthenticator(
-            self._context, log=logging.getLogger(f"{__name__}.auth")
+            self._context, log=logging.getLogger(f"{logger.name}.auth")
         )
         self._auth.start()
         if self._allowed:
