@@ -28,9 +28,11 @@ from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationErro
 from multilayer.backends.zmq import ZmqBackend
 from multilayer.backends.zmq import groups as zmq_groups
 from multilayer.backends.zmq.groups import STREAMING
+from multilayer.backends.zmq.hub.main import _exposed
 from multilayer.backends.zmq.node import Node, running_nodes
 from multilayer.backends.zmq.protocol import DEFAULT_MAX_MESSAGE, shard
-from multilayer.serialization import unpack_message
+from multilayer.backends.zmq.security import RefusalLog, is_loopback
+from multilayer.serialization import pack, unpack_message
 from tests.brokers import BrokerProcess, free_port
 
 T = TypeVar("T")
@@ -140,7 +142,7 @@ def test_the_hub_depends_on_no_layer_above_it() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 imported.add(("." * node.level) + (node.module or ""))
-    allowed = {".", ".groups", ".main", ".queues", ".server", ".state", "..protocol"}
+    allowed = {".", ".groups", ".main", ".queues", ".server", ".state", "..protocol", "..security"}
     allowed |= {"....serialization", "....names", "....fanout"}
     assert imported <= allowed, imported - allowed
 
@@ -667,8 +669,11 @@ def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub)
         assert (sorted(full), live) == (sorted(members), 3)
         assert call("stats", 7, "park")[0][0] == {"specific.nobody!": 2, "park.worker": 2}
         # The owner registering gets the envelopes, each naming both members.
-        (handed,), envelopes = call("register", 8, ["park:specific.nobody!"], "tcp://x:1", "", 5)
+        (handed, clients), envelopes = call(
+            "register", 8, ["park:specific.nobody!"], "tcp://x:1", "", 5
+        )
         assert handed == [["park:specific.nobody!", "specific.nobody!"]] * 2
+        assert clients is None  # no CURVE: no allow list for the node
         for envelope in envelopes:
             opened = fanout.open_envelope("specific.nobody!", envelope)
             assert (opened.group, opened.payload) == ("g", payload)
@@ -809,9 +814,269 @@ def test_curve_encrypts_and_authenticates(tmp_path: Path) -> None:
         _, stranger_secret = zmq.curve_keypair()
         run(refused(f"{base}&curve_secretkey={quote(stranger_secret.decode(), safe='')}"))
         run(refused(process.url))
-        assert "unlisted CURVE key" in process.log.read_text()
+        log = process.log.read_text()
+        assert "refused 127.0.0.1: its CURVE key is not on the allow list" in log
+        assert "its handshake failed (no CURVE, or a wrong server key)" in log
+        assert zmq.curve_public(stranger_secret).decode() not in log
     finally:
         process.stop()
+
+
+# -- secure by default -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("tcp://127.0.0.1:5599", True),
+        ("tcp://127.8.9.10:*", True),
+        ("tcp://[::1]:5599", True),
+        ("tcp://localhost:5599", True),
+        ("ipc:///run/ml.sock", True),
+        ("tcp://0.0.0.0:5599", False),
+        ("tcp://*:5599", False),
+        ("tcp://[::]:5599", False),
+        ("tcp://10.0.0.1:5599", False),
+        ("tcp://eth0:5599", False),
+        ("tcp://hub.example:5599", False),
+    ],
+)
+def test_what_counts_as_loopback(endpoint: str, loopback: bool) -> None:
+    assert is_loopback(endpoint) is loopback
+
+
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:{port}", "tcp://*:{port}", "tcp://[::]:{port}"])
+def test_the_hub_refuses_an_open_door(bind: str) -> None:
+    endpoint = bind.format(port=free_port())
+    done = subprocess.run(
+        hub_argv(f"tcp://127.0.0.1:{free_port()},{endpoint}"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert f"refusing to listen on {endpoint} without CURVE" in done.stderr
+    assert "--curve-secret-key=" in done.stderr and "--insecure" in done.stderr
+
+
+def test_insecure_lets_the_hub_open_the_door_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Checked without binding: a test never opens a port beyond loopback.
+    binds = ["tcp://127.0.0.1:5599", "tcp://0.0.0.0:5599"]
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        assert _exposed(binds, None, insecure=True) is None
+        assert _exposed(binds, b"k" * 40, insecure=False) is None
+        assert _exposed(binds[:1], None, insecure=False) is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "--insecure: listening on tcp://0.0.0.0:5599 without CURVE" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("zmq://10.1.2.3:5599", True),
+        ("zmq://hub.example:5599,127.0.0.1:5600", True),
+        ("zmq://127.0.0.1:5599?advertise=10.0.0.1", True),
+        ("zmq://10.1.2.3:5599?insecure=true", False),
+        ("zmq://10.1.2.3:5599?advertise=127.0.0.1", False),
+        ("zmq://10.1.2.3:5599?curve_serverkey=KEY", False),
+        ("zmq://[::1]:5599", False),
+        ("zmq://localhost:5599", False),
+    ],
+)
+def test_a_layer_refuses_a_node_open_to_the_network(url: str, refused: bool) -> None:
+    url = url.replace("KEY", quote(zmq.curve_keypair()[0].decode(), safe=""))
+    if refused:
+        with pytest.raises(ConfigurationError, match="insecure=true"):
+            ChannelLayer(url)
+    else:
+        ChannelLayer(url)  # no I/O: nothing to close
+
+
+def test_refused_peers_are_logged_once_each_and_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refusals = RefusalLog(logging.getLogger("multilayer.test"), window=0.3, burst=3)
+    with caplog.at_level(logging.WARNING, logger="multilayer.test"):
+        for _ in range(5):
+            refusals.refused("10.0.0.1", "no")  # one peer, again and again: one line
+        for n in range(2, 40):
+            refusals.refused(f"10.0.0.{n}", "no")  # a scan: the burst, then silence
+        assert len(caplog.records) == 3
+        time.sleep(0.35)
+        refusals.refused("10.0.0.99", "no")
+    assert len(caplog.records) == 4
+    assert caplog.records[-1].getMessage() == (
+        "refused 10.0.0.99: no (36 more refused peers not logged)"
+    )
+
+
+def _dealer(
+    context: zmq.Context[Any], endpoint: str, server: bytes | None, keys: tuple[bytes, bytes]
+) -> zmq.Socket[Any]:
+    """A DEALER to ``endpoint``: a CURVE client of ``server`` with ``keys`` (public,
+    secret), or plaintext when ``server`` is None."""
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    if server is not None:
+        dealer.setsockopt(zmq.CURVE_SERVERKEY, server)
+        dealer.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
+        dealer.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
+    dealer.connect(endpoint)
+    return dealer
+
+
+def _deliver(dealer: zmq.Socket[Any], channel: str, n: int, wait: float) -> list[Any] | None:
+    """Send ``{"n": n}`` to ``channel`` as a sender's node request does; the answer, or None
+    when none comes within ``wait`` seconds."""
+    key = "gate:" + channel.partition("!")[0] + "!"
+    payload = pack({"n": n}, time.time() + 60, max_size=1 << 20)
+    header = msgpack.packb(["deliver", n, [[key, channel, 100]], time.time() + wait, 0])
+    dealer.send_multipart([header, payload])
+    if not dealer.poll(int(wait * 1000)):
+        return None
+    answer: list[Any] = msgpack.unpackb(dealer.recv_multipart()[0])
+    return answer
+
+
+def test_a_node_admits_only_the_clients_its_hub_allows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub_public, hub_secret = zmq.curve_keypair()
+    listed, stranger = zmq.curve_keypair(), zmq.curve_keypair()
+    process = Hub(
+        tmp_path,
+        f"--curve-secret-key={hub_secret.decode()}",
+        f"--curve-allow={listed[0].decode()}",
+    )
+    process.start()
+    url = (
+        f"{process.url}?curve_serverkey={quote(hub_public.decode(), safe='')}"
+        f"&curve_secretkey={quote(listed[1].decode(), safe='')}"
+    )
+    context: zmq.Context[Any] = zmq.Context()
+
+    async def body() -> None:
+        layer = ChannelLayer(url, prefix="gate")
+        dealers: list[zmq.Socket[Any]] = []
+        try:
+            channel = await layer.new_channel()
+            node = next(n for n in running_nodes() if n.config.names == (process.url[6:],))
+            server = node.public_key.encode()
+            # A valid key pair the hub does not list, knowing the node's key and endpoint.
+            intruder = _dealer(context, node.endpoint, server, stranger)
+            dealers.append(intruder)
+            assert _deliver(intruder, channel, 1, 1.5) is None
+            # Plaintext, to the node and to the hub.
+            plain = _dealer(context, node.endpoint, None, stranger)
+            dealers.append(plain)
+            assert _deliver(plain, channel, 2, 1.0) is None
+            plain_hub = _dealer(context, f"tcp://127.0.0.1:{process.port}", None, stranger)
+            dealers.append(plain_hub)
+            plain_hub.send_multipart([msgpack.packb(["ping", 1])])
+            assert not plain_hub.poll(1000)
+            await nothing(layer, channel, 0.5)  # nothing they sent was delivered
+            # A listed client, same request: accepted and delivered.
+            friend = _dealer(context, node.endpoint, server, listed)
+            dealers.append(friend)
+            answer = _deliver(friend, channel, 3, 5.0)
+            assert answer is not None and answer[:3] == ["ok", 3, [0]]
+            assert await recv(layer, channel) == {"n": 3}
+            await nothing(layer, channel)
+        finally:
+            for dealer in dealers:
+                dealer.close(0)
+            await layer.flush()
+            await layer.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="multilayer"):
+            run(body())
+    finally:
+        context.destroy(linger=0)
+        process.stop()
+    node_log = caplog.text
+    assert "refused 127.0.0.1: its CURVE key is not on the allow list" in node_log
+    assert "its handshake failed" in node_log
+    hub_log = process.log.read_text()
+    assert "its handshake failed" in hub_log
+    for secret_or_not in (*stranger, *listed):
+        assert secret_or_not.decode() not in node_log + hub_log
+
+
+def test_the_allow_list_changes_without_a_restart(tmp_path: Path) -> None:
+    hub_public, hub_secret = zmq.curve_keypair()
+    first, second = zmq.curve_keypair(), zmq.curve_keypair()
+    allow = tmp_path / "allow"
+    allow.write_text(f"# first only\n{first[0].decode()}\n")
+    process = Hub(
+        tmp_path, f"--curve-secret-key={hub_secret.decode()}", f"--curve-allow-file={allow}"
+    )
+    process.start()
+    assert process.process is not None
+    base = f"{process.url}?heartbeat=0.2&curve_serverkey={quote(hub_public.decode(), safe='')}"
+
+    def url(keys: tuple[bytes, bytes]) -> str:
+        return f"{base}&curve_secretkey={quote(keys[1].decode(), safe='')}"
+
+    def hup(keys: list[tuple[bytes, bytes]]) -> None:
+        allow.write_text("".join(f"{key[0].decode()}\n" for key in keys))
+        assert process.process is not None
+        process.process.send_signal(signal.SIGHUP)
+
+    async def reaches_hub(keys: tuple[bytes, bytes]) -> bool:
+        layer = ChannelLayer(url(keys), prefix="gate", timeout=0.5)
+        try:
+            await layer.send("gate.q", {"n": 0})
+        except BrokerError:
+            return False
+        finally:
+            await layer.close()
+        return True
+
+    async def body() -> None:
+        owner = ChannelLayer(url(first), prefix="gate")
+        context: zmq.Context[Any] = zmq.Context()
+        try:
+            channel = await owner.new_channel()
+            node = next(n for n in running_nodes() if n.config.names == (process.url[6:],))
+            server = node.public_key.encode()
+            assert not await reaches_hub(second)
+            early = _dealer(context, node.endpoint, server, second)
+            assert _deliver(early, channel, 1, 1.0) is None
+            early.close(0)
+            # Listed and SIGHUP: the hub takes new connections from it at once, the node
+            # once its next registration brings the list (a heartbeat).
+            hup([first, second])
+            deadline = time.monotonic() + 10
+            while not await reaches_hub(second):
+                assert time.monotonic() < deadline, "the hub did not read the new allow list"
+            answer = None
+            while answer is None:
+                assert time.monotonic() < deadline, "the node did not learn the new allow list"
+                later = _dealer(context, node.endpoint, server, second)
+                answer = _deliver(later, channel, 2, 0.5)
+                later.close(0)
+            assert await recv(owner, channel) == {"n": 2}
+            # Struck off: new connections are refused again, by the hub and the node.
+            hup([first])
+            await asyncio.sleep(1.0)
+            assert not await reaches_hub(second)
+            struck = _dealer(context, node.endpoint, server, second)
+            assert _deliver(struck, channel, 3, 1.0) is None
+            struck.close(0)
+            await nothing(owner, channel)
+        finally:
+            context.destroy(linger=0)
+            await owner.flush()
+            await owner.close()
+
+    try:
+        run(body(), 60)
+    finally:
+        process.stop()
+    assert process.log.read_text().count("allow list replaced: ") == 2
 
 
 # -- the shared suite, against a hub this test owns ---------------------------------------

@@ -20,10 +20,10 @@ from ...exceptions import BrokerError, ConfigurationError
 from ...options import Option
 from ...serialization import largest_payload
 from ...url import LayerURL
-from .curve import Curve, check_key, process_keys
 from .link import Link
 from .node import Node, NodeConfig, start_node
 from .protocol import DEFAULT_MAX_MESSAGE, shard
+from .security import Curve, check_key, is_loopback, process_keys
 
 __all__ = ["ZmqCore"]
 
@@ -56,6 +56,12 @@ class ZmqCore(Backend):
         "advertise": Option(
             str, "", "address other processes reach this process's node at", schemes=("zmq",)
         ),
+        "insecure": Option(
+            bool,
+            False,
+            "let this process's node listen on a non-loopback address without CURVE",
+            schemes=("zmq",),
+        ),
         "curve_serverkey": Option(str, "", "the hub's CURVE public key (Z85)", check=check_key),
         "curve_secretkey": Option(
             str, "", "this process's CURVE secret key (Z85)", secret=True, check=check_key
@@ -77,6 +83,30 @@ class ZmqCore(Backend):
             raise ConfigurationError(
                 f"{url.sanitized()}: curve_secretkey needs curve_serverkey (the hub's public key)"
             )
+        if url.scheme == "zmq" and not options.get("curve_serverkey"):
+            cls._check_exposure(url, options)
+
+    @classmethod
+    def _check_exposure(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
+        """Refuse a node listening beyond loopback without CURVE, unless ``insecure``."""
+        # The node binds to ``advertise``, else to the address that routes to the first
+        # hub: a loopback one only for a hub on loopback.
+        host = options.get("advertise") or url.hosts[0][0]
+        if is_loopback(f"tcp://[{host}]:0"):
+            return
+        if options.get("insecure"):
+            logger.warning(
+                "%s: insecure=true: this process's node listens on a non-loopback address "
+                "without CURVE; anyone who reaches it can send to this process's channels",
+                url.sanitized(),
+            )
+            return
+        raise ConfigurationError(
+            f"{url.sanitized()}: this process's node would listen on a non-loopback address "
+            f"(the one that routes to {host}) without CURVE, so anyone who reaches it could "
+            "send to this process's channels; turn CURVE on with curve_serverkey (and "
+            "curve_secretkey; see docs/backends/zmq.md), or accept the risk with insecure=true"
+        )
 
     @classmethod
     def versions(cls) -> dict[str, str]:

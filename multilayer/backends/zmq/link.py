@@ -19,8 +19,8 @@ import zmq
 import zmq.asyncio
 
 from ...exceptions import BrokerError
-from .curve import Curve
 from .protocol import DEFAULT_MAX_MESSAGE, WANT, decode, encode
+from .security import Curve
 
 __all__ = ["Link", "Restarted", "log_send_failure"]
 

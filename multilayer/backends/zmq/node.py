@@ -29,7 +29,6 @@ from ...backend import Item, now
 from ...local import HeldMessages
 from ...serialization import HEADER_SIZE, deadline_of
 from ...toolkit import ProcessWide, wake
-from .curve import Curve
 from .loan import OWNER_CHECK, SocketLoan
 from .protocol import (
     DEFAULT_MAX_MESSAGE,
@@ -42,6 +41,7 @@ from .protocol import (
     shard,
     split_batch,
 )
+from .security import Curve, Gate, RefusalLog
 
 __all__ = ["Inbox", "Node", "NodeConfig", "running_nodes", "start_node"]
 
@@ -127,7 +127,13 @@ class Node:
         self._router.setsockopt(zmq.RCVHWM, 100_000)
         self._router.setsockopt(zmq.SNDHWM, 100_000)
         public = b""
+        #: With CURVE, only the clients the hubs allow connect (the hubs send their list
+        #: with every registration answer); until the first, only the hubs themselves.
+        self._gate: Gate | None = None
         if config.curve is not None:
+            self._gate = Gate(
+                self._context, (), RefusalLog(logger), always=(config.curve.server_key,)
+            )
             self._router.setsockopt(zmq.CURVE_SERVER, 1)
             self._router.setsockopt(zmq.CURVE_SECRETKEY, config.curve.secret_key)
             public = config.curve.public_key
@@ -209,7 +215,9 @@ class Node:
         poller.register(self._wake_recv, zmq.POLLIN)
         for dealer in self._hubs:
             poller.register(dealer, zmq.POLLIN)
-        next_refresh = time.monotonic() + self.config.heartbeat
+        if self._gate is not None:
+            poller.register(self._gate.watch(self._router), zmq.POLLIN)
+        next_refresh = time.monotonic()  # with CURVE, ask for the allow lists at once
         try:
             while not self._stopping:
                 self.loan.hand_over(poller)
@@ -221,6 +229,8 @@ class Node:
                 for sock, _ in poller.poll(int(wait * 1000) + 1):
                     if sock is self._router:
                         self._serve()
+                    elif self._gate is not None and self._gate.watches(sock):
+                        self._gate.read(sock)
                     elif isinstance(sock, zmq.Socket):
                         self._registered(sock)
                     else:
@@ -239,6 +249,8 @@ class Node:
             for dealer in self._hubs:
                 # Long enough for the held messages just given back to leave the process.
                 dealer.close(linger=_GIVE_BACK_LINGER_MS)
+            if self._gate is not None:
+                self._gate.stop()
             self._router.close(0)
             self._wake_recv.close()
             self._wake_send.close()
@@ -272,7 +284,8 @@ class Node:
         self._send_registrations(fresh)
 
     def _send_registrations(self, keys: Iterable[str]) -> None:
-        by_hub: dict[int, list[str]] = {}
+        # With CURVE every hub hears from us, inboxes or not: its answer has the allow list.
+        by_hub: dict[int, list[str]] = {i: [] for i in range(len(self._hubs)) if self._gate}
         for key in keys:
             by_hub.setdefault(shard(key.partition(":")[2], self.config.names), []).append(key)
         ttl = self.config.heartbeat * 5
@@ -297,6 +310,8 @@ class Node:
                     self._give_back_ids.discard(request_id)
                     continue
                 handed = args[0] if command == "ok" else []
+                if self._gate is not None and len(args) > 1 and request_id in self._requests:
+                    self._gate.allow_from(self._hubs.index(dealer), args[1])
             except (ValueError, IndexError):
                 logger.warning("ignored a malformed answer from a hub")
                 continue

@@ -6,12 +6,14 @@ import argparse
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterable
 from types import FrameType
 
 import zmq
 
 from ..protocol import DEFAULT_MAX_MESSAGE
+from ..security import check_key, is_loopback
 from .server import Hub
 
 __all__ = ["main"]
@@ -52,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
         "default: any client that knows the hub's public key",
     )
     parser.add_argument(
+        "--curve-allow-file",
+        metavar="PATH",
+        help="client public keys allowed to connect, one a line ('# ' begins a comment), "
+        "added to --curve-allow; read again on SIGHUP",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback TCP address without CURVE: anyone who reaches the "
+        "port reads and sends every message",
+    )
+    parser.add_argument(
         "--peer-timeout",
         type=float,
         default=2.0,
@@ -87,18 +101,64 @@ def _secret_key(options: argparse.Namespace) -> bytes | None:
     return text.encode("ascii")
 
 
+def _allowed(options: argparse.Namespace) -> list[bytes] | None:
+    """The client keys of --curve-allow and --curve-allow-file; None when neither is given."""
+    if not options.curve_allow and not options.curve_allow_file:
+        return None
+    keys = _split(options.curve_allow)
+    if options.curve_allow_file:
+        with open(options.curve_allow_file, encoding="ascii") as file:
+            lines = [line.strip() for line in file]
+        # Z85 has "#" but no space: "# " begins a comment, never a key.
+        keys += [line for line in lines if line and line != "#" and not line.startswith("# ")]
+    wrong = sum(1 for key in keys if check_key(key))
+    if wrong:
+        raise ValueError(f"{wrong} allowed key(s) are not 40 Z85 characters")
+    return [key.encode("ascii") for key in keys]
+
+
+def _exposed(binds: list[str], secret: bytes | None, insecure: bool) -> str | None:
+    """Why the hub must not start: a non-loopback TCP bind without CURVE; None if none."""
+    exposed = [bind for bind in binds if not is_loopback(bind)]
+    if not exposed or secret is not None:
+        return None
+    if insecure:
+        logger.warning(
+            "--insecure: listening on %s without CURVE; anyone who reaches it can read and "
+            "send every message of every layer",
+            ", ".join(exposed),
+        )
+        return None
+    return (
+        f"multilayer hub: refusing to listen on {', '.join(exposed)} without CURVE: anyone "
+        "who reaches it could read and send every message. Turn CURVE on with "
+        "--curve-secret-key=KEY (and --curve-allow=CLIENT_KEY; see docs/backends/zmq.md), "
+        "bind a loopback address or ipc://, or pass --insecure to accept the risk."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a hub until SIGTERM or SIGINT; the exit status."""
+    """Run a hub until SIGTERM or SIGINT (SIGHUP reads the allow list again); the exit
+    status: 2 for a configuration it refuses."""
     options = _parser().parse_args(argv)
     logging.basicConfig(
         level=options.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     secret = _secret_key(options)
-    allowed = [key.encode("ascii") for key in _split(options.curve_allow)]
-    if allowed and secret is None:
+    try:
+        allowed = _allowed(options)
+    except (OSError, ValueError) as error:
+        print(f"multilayer hub: --curve-allow-file: {error}", file=sys.stderr)
+        return 2
+    if allowed is not None and secret is None:
         raise SystemExit("multilayer hub: --curve-allow needs --curve-secret-key")
+    binds = _split(options.bind)
+    refusal = _exposed(binds, secret, options.insecure)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     hub = Hub(
-        _split(options.bind),
+        binds,
         secret_key=secret,
         allowed_keys=allowed,
         peer_timeout=options.peer_timeout,
@@ -110,7 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("received %s, stopping", signal.Signals(number).name)
         hub.stop()
 
+    def on_hangup(_number: int, _frame: FrameType | None) -> None:
+        try:
+            keys = _allowed(options)
+        except (OSError, ValueError) as error:
+            logger.error("SIGHUP: allow list not read, the old one stays: %s", error)
+            return
+        if keys is not None:
+            hub.allow(keys)
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         hub.run()
     except zmq.ZMQError as error:

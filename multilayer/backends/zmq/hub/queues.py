@@ -108,7 +108,14 @@ class QueueCommands(HubState):
             for channel, payload in self.queues.pop(key, ()):
                 handed.append([key, channel])
                 payloads.append(payload)
-        self._reply(client, encode("ok", rid, handed), *payloads)
+        self._reply(client, encode("ok", rid, handed, self._node_clients()), *payloads)
+
+    def _node_clients(self) -> list[str] | None:
+        """The CURVE keys a node may let connect: the clients this hub allows, and the hub
+        itself (it forwards to nodes); None: any CURVE client, as the hub allows."""
+        if self._gate is None or self._gate.allowed is None or self._public is None:
+            return None
+        return sorted(key.decode() for key in self._gate.allowed | {self._public})
 
     def _stats(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         # Live messages per queue and members per group under a prefix; process inboxes

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.auth.thread
 
 from ....serialization import deadline_of
 from ..protocol import BadRequest, decode, encode
+from ..security import Gate, RefusalLog, is_loopback
 from .groups import GroupCommands
 from .queues import QueueCommands
 
@@ -46,43 +46,43 @@ class Hub(QueueCommands, GroupCommands):
                 router.bind(endpoint)
                 logger.info("hub listening on %s", endpoint)
             self._poller.register(router, zmq.POLLIN)
+            if self._gate is not None:
+                self._poller.register(self._gate.watch(router), zmq.POLLIN)
             self._loop()
         finally:
             for link in self._links.values():
                 link.close(0)
+            if self._gate is not None:
+                self._gate.stop()
             router.close(0)
-            if self._auth is not None:
-                self._auth.stop()
             self._context.term()
             logger.info("hub stopped")
 
     def _start_curve(self, router: zmq.Socket[bytes]) -> None:
         assert self._secret is not None and self._public is not None
-        self._auth = zmq.auth.thread.ThreadAuthenticator(
-            self._context, log=logging.getLogger(f"{logger.name}.auth")
-        )
-        self._auth.start()
-        if self._allowed:
-            allowed = set(self._allowed)
-
-            class _Allowed:
-                def callback(self, domain: str, key: bytes) -> bool:
-                    granted = key in allowed  # pyzmq hands the key over Z85-encoded
-                    if not granted:
-                        logger.warning("refused a client with an unlisted CURVE key")
-                    return granted
-
-            self._auth.configure_curve_callback(domain="*", credentials_provider=_Allowed())
-        else:
-            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        self._gate = Gate(self._context, self._allowed, RefusalLog(logger))
+        if self._allowed is None and not all(map(is_loopback, self.binds)):
+            logger.warning(
+                "CURVE without --curve-allow: any client that knows the hub's public key "
+                "may connect, and a public key is no secret"
+            )
         router.setsockopt(zmq.CURVE_SERVER, 1)
         router.setsockopt(zmq.CURVE_SECRETKEY, self._secret)
         router.setsockopt(zmq.CURVE_PUBLICKEY, self._public)
         logger.info("CURVE on; hub public key %s", self._public.decode())
 
+    def allow(self, keys: list[bytes]) -> None:
+        """Replace the client allow list (Z85 keys) at the next step of the loop: new
+        connections are checked against it, and nodes learn it at their next heartbeat.
+        Safe from a signal handler."""
+        self._next_allowed = list(keys)
+
     def _loop(self) -> None:
         next_sweep = time.monotonic() + _SWEEP_EVERY
         while not self._stopping:
+            if self._next_allowed is not None:
+                self._apply_allowed(self._next_allowed)
+                self._next_allowed = None
             wait = max(0.0, min(next_sweep - time.monotonic(), 0.25))
             if self._acks:
                 self._lapse_acks(time.monotonic())
@@ -94,7 +94,18 @@ class Hub(QueueCommands, GroupCommands):
                 self._sweep(time.time())
                 next_sweep = time.monotonic() + _SWEEP_EVERY
 
+    def _apply_allowed(self, keys: list[bytes]) -> None:
+        if self._gate is None:
+            logger.warning("ignored a new allow list: CURVE is off")
+            return
+        self._allowed = keys
+        self._gate.allow(keys)
+        logger.info("allow list replaced: %d client key(s)", len(keys))
+
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        if self._gate is not None and self._gate.watches(sock):
+            self._gate.read(sock)
+            return
         # A bounded batch per wake-up keeps one busy socket from starving the timers.
         for _ in range(256):
             try:

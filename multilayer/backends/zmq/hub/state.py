@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import zmq
-import zmq.auth.thread
 
 from ....serialization import HEADER_SIZE, deadline_of
 from ..protocol import DEFAULT_MAX_MESSAGE, FULL, OK, UNKNOWN, BadRequest, Leases, decode, encode
+from ..security import Gate
 
 __all__ = ["HubState"]
 
@@ -83,7 +83,7 @@ class HubState:
         binds: Sequence[str],
         *,
         secret_key: bytes | None = None,
-        allowed_keys: Sequence[bytes] = (),
+        allowed_keys: Sequence[bytes] | None = None,
         peer_timeout: float = 2.0,
         max_queue: int = 100_000,
         max_message_size: int = DEFAULT_MAX_MESSAGE,
@@ -111,9 +111,12 @@ class HubState:
         self._stopping = False
         self._secret = secret_key
         self._public = zmq.curve_public(secret_key) if secret_key else None
-        self._allowed = list(allowed_keys)
+        #: The client keys allowed (Z85); None: any CURVE client.
+        self._allowed = None if allowed_keys is None else list(allowed_keys)
+        #: An allow list to apply between two polls (see :meth:`allow`).
+        self._next_allowed: list[bytes] | None = None
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._auth: zmq.auth.thread.ThreadAuthenticator | None = None
+        self._gate: Gate | None = None
         self._router = self._context.socket(zmq.ROUTER)
         self._poller = zmq.Poller()
 
