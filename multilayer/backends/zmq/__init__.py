@@ -27,9 +27,10 @@ tells the whole design, its faults and its figures. Where things live:
   every heartbeat.
 * :mod:`.link`: **links**, one DEALER socket per event loop to a hub or a peer node,
   matching replies to requests and batching what one loop step writes.
-* :mod:`.curve`: CURVE keys.
+* :mod:`.security`: CURVE keys, the ZAP gate of hubs and nodes (allow list, refused
+  peers logged), and the loopback-only default.
 * :mod:`.hub`: **the hub** (``multilayer hub``): queues, groups, the directory of inboxes,
-  in one single-threaded poll loop.
+  in one single-threaded poll loop, listening with one key or, while it rolls, two.
 """
 
 from .backend import ZmqBackend

@@ -212,6 +212,12 @@ class Gate:
         self._monitors.append(monitor)
         return monitor
 
+    def unwatch(self, monitor: zmq.Socket[Any]) -> None:
+        """Close a monitor :meth:`watch` made (its socket is closing)."""
+        if monitor in self._monitors:
+            self._monitors.remove(monitor)
+            monitor.close(0)
+
     def watches(self, sock: zmq.Socket[Any]) -> bool:
         """True if ``sock`` is one of the monitors :meth:`watch` made."""
         return sock in self._monitors

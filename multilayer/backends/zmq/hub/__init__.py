@@ -31,7 +31,8 @@ says it no longer fans out from its copy.
 
 Modules: :mod:`.state` (what the hub holds; queueing, forwarding to owner nodes),
 :mod:`.queues` and :mod:`.groups` (the commands), :mod:`.server` (the poll loop,
-CURVE, dispatch, the sweep), :mod:`.main` (the command line).
+CURVE, dispatch, the sweep), :mod:`.listeners` (the ROUTER socket of each key slot),
+:mod:`.main` (the command line).
 """
 
 from .main import main

@@ -60,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
         "added to --curve-allow; read again on SIGHUP",
     )
     parser.add_argument(
+        "--next-bind",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="endpoint for a second CURVE key while the hub's key rolls (repeatable)",
+    )
+    parser.add_argument(
+        "--next-curve-secret-key-file",
+        metavar="PATH",
+        help="the second key, served on --next-bind when PATH holds one; SIGHUP reads it, "
+        "and --curve-secret-key-file, again (an empty file closes its endpoints)",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="listen on a non-loopback TCP address without CURVE: anyone who reaches the "
@@ -90,14 +103,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _secret_key(options: argparse.Namespace) -> bytes | None:
-    text: str | None = options.curve_secret_key or os.environ.get("MULTILAYER_HUB_SECRET_KEY")
     if options.curve_secret_key_file:
-        with open(options.curve_secret_key_file, encoding="ascii") as file:
-            text = file.read().strip()
+        return _key_file(options.curve_secret_key_file)
+    text: str | None = options.curve_secret_key or os.environ.get("MULTILAYER_HUB_SECRET_KEY")
+    return _key(text or "")
+
+
+def _key_file(path: str) -> bytes | None:
+    """The secret key in the file at ``path``; None when it is empty."""
+    with open(path, encoding="ascii") as file:
+        return _key(file.read().strip())
+
+
+def _key(text: str) -> bytes | None:
     if not text:
         return None
-    if len(text) != 40:
-        raise SystemExit("multilayer hub: a CURVE secret key is 40 Z85 characters")
+    if check_key(text):
+        raise ValueError("a CURVE secret key is 40 Z85 characters")
     return text.encode("ascii")
 
 
@@ -138,20 +160,24 @@ def _exposed(binds: list[str], secret: bytes | None, insecure: bool) -> str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a hub until SIGTERM or SIGINT (SIGHUP reads the allow list again); the exit
-    status: 2 for a configuration it refuses."""
+    """Run a hub until SIGTERM or SIGINT (SIGHUP reads the allow list and key files
+    again); the exit status: 2 for a configuration it refuses."""
     options = _parser().parse_args(argv)
     logging.basicConfig(
         level=options.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    secret = _secret_key(options)
     try:
+        secret = _secret_key(options)
+        following = options.next_curve_secret_key_file
+        next_secret = _key_file(following) if following else None
         allowed = _allowed(options)
     except (OSError, ValueError) as error:
-        print(f"multilayer hub: --curve-allow-file: {error}", file=sys.stderr)
+        print(f"multilayer hub: {error}", file=sys.stderr)
         return 2
     if allowed is not None and secret is None:
         raise SystemExit("multilayer hub: --curve-allow needs --curve-secret-key")
+    if (options.next_bind or next_secret) and secret is None:
+        raise SystemExit("multilayer hub: a key roll (--next-bind) needs CURVE on")
     binds = _split(options.bind)
     refusal = _exposed(binds, secret, options.insecure)
     if refusal is not None:
@@ -160,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     hub = Hub(
         binds,
         secret_key=secret,
+        next_binds=_split(options.next_bind),
+        next_secret_key=next_secret,
         allowed_keys=allowed,
         peer_timeout=options.peer_timeout,
         max_queue=options.max_queue,
@@ -173,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     def on_hangup(_number: int, _frame: FrameType | None) -> None:
         try:
             keys = _allowed(options)
+            files = (options.curve_secret_key_file, options.next_curve_secret_key_file)
+            secrets = {slot: _key_file(path) for slot, path in enumerate(files) if path}
         except (OSError, ValueError) as error:
-            logger.error("SIGHUP: allow list not read, the old one stays: %s", error)
+            logger.error("SIGHUP: keys not read, the old ones stay: %s", error)
             return
         if keys is not None:
             hub.allow(keys)
+        for slot, key in secrets.items():
+            hub.rekey(slot, key)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)

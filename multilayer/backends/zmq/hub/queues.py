@@ -8,6 +8,8 @@ from collections import deque
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import zmq
+
 from ....serialization import deadline_of
 from ..protocol import FULL, OK, BadRequest, count, encode, number, split_batch, text
 from .state import HubState, Job, Owner, Waiter, payload_frame
@@ -113,9 +115,10 @@ class QueueCommands(HubState):
     def _node_clients(self) -> list[str] | None:
         """The CURVE keys a node may let connect: the clients this hub allows, and the hub
         itself (it forwards to nodes); None: any CURVE client, as the hub allows."""
-        if self._gate is None or self._gate.allowed is None or self._public is None:
+        hub_keys = {zmq.curve_public(s) for s in self._listeners.secrets if s is not None}
+        if self._gate is None or self._gate.allowed is None or not hub_keys:
             return None
-        return sorted(key.decode() for key in self._gate.allowed | {self._public})
+        return sorted(key.decode() for key in self._gate.allowed | hub_keys)
 
     def _stats(self, client: bytes, rid: int, args: list[Any], frames: list[bytes]) -> None:
         # Live messages per queue and members per group under a prefix; process inboxes

@@ -33,43 +33,58 @@ class Hub(QueueCommands, GroupCommands):
 
     def run(self) -> None:
         """Bind, serve until :meth:`stop`, then release every socket."""
-        router = self._router
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
-        router.setsockopt(zmq.SNDHWM, 100_000)
-        router.setsockopt(zmq.RCVHWM, 100_000)
-        if self._secret is not None:
-            self._start_curve(router)
+        if any(secret is not None for secret in self._secrets):
+            self._gate = Gate(self._context, self._allowed, RefusalLog(logger))
+            if self._allowed is None and not all(map(is_loopback, self.binds)):
+                logger.warning(
+                    "CURVE without --curve-allow: any client that knows the hub's public key "
+                    "may connect, and a public key is no secret"
+                )
         try:
-            for endpoint in self.binds:
-                router.bind(endpoint)
-                logger.info("hub listening on %s", endpoint)
-            self._poller.register(router, zmq.POLLIN)
-            if self._gate is not None:
-                self._poller.register(self._gate.watch(router), zmq.POLLIN)
+            for slot, secret in enumerate(self._secrets):
+                if slot == 0 or secret is not None:
+                    self._listeners.open(slot, secret, self._gate)
             self._loop()
         finally:
             for link in self._links.values():
                 link.close(0)
+            self._listeners.close_all(self._gate)
             if self._gate is not None:
                 self._gate.stop()
-            router.close(0)
             self._context.term()
             logger.info("hub stopped")
 
-    def _start_curve(self, router: zmq.Socket[bytes]) -> None:
-        assert self._secret is not None and self._public is not None
-        self._gate = Gate(self._context, self._allowed, RefusalLog(logger))
-        if self._allowed is None and not all(map(is_loopback, self.binds)):
-            logger.warning(
-                "CURVE without --curve-allow: any client that knows the hub's public key "
-                "may connect, and a public key is no secret"
+    def rekey(self, slot: int, secret: bytes | None) -> None:
+        """Serve CURVE secret key ``secret`` on the endpoints of ``slot`` (0: ``binds``, 1:
+        ``next_binds``), or stop listening there (None), at the next step of the loop.
+        Safe from a signal handler; see docs/backends/zmq.md on rolling the hub's key."""
+        self._next_secrets[slot] = secret
+
+    def _apply_key(self, slot: int, secret: bytes | None) -> None:
+        listeners = self._listeners
+        if secret == listeners.secrets[slot] and (secret is not None) == listeners.is_open(slot):
+            return
+        if self._gate is None or not (self.binds, self._next_binds)[slot]:
+            logger.error(
+                "ignored a key for %s: no CURVE or no endpoint", ("--bind", "--next-bind")[slot]
             )
-        router.setsockopt(zmq.CURVE_SERVER, 1)
-        router.setsockopt(zmq.CURVE_SECRETKEY, self._secret)
-        router.setsockopt(zmq.CURVE_PUBLICKEY, self._public)
-        logger.info("CURVE on; hub public key %s", self._public.decode())
+            return
+        if secret is None and not listeners.is_open(1 - slot):
+            logger.error("kept the hub's last key: the other slot does not listen")
+            return
+        before = listeners.link_key
+        listeners.close(slot, self._gate)
+        if secret is not None:
+            try:
+                listeners.open(slot, secret, self._gate)
+            except zmq.ZMQError as error:
+                logger.error("cannot listen with the new key: %s", error)
+        if listeners.link_key != before:
+            # Links to nodes reconnect with the key nodes accept from now on; forwards
+            # in flight on them are parked, and handed over at the nodes' next heartbeat.
+            for endpoint in list(self._links):
+                self._poller.unregister(self._links[endpoint])
+                self._links.pop(endpoint).close(0)
 
     def allow(self, keys: list[bytes]) -> None:
         """Replace the client allow list (Z85 keys) at the next step of the loop: new
@@ -83,6 +98,8 @@ class Hub(QueueCommands, GroupCommands):
             if self._next_allowed is not None:
                 self._apply_allowed(self._next_allowed)
                 self._next_allowed = None
+            while self._next_secrets:
+                self._apply_key(*self._next_secrets.popitem())
             wait = max(0.0, min(next_sweep - time.monotonic(), 0.25))
             if self._acks:
                 self._lapse_acks(time.monotonic())
@@ -98,6 +115,8 @@ class Hub(QueueCommands, GroupCommands):
         if self._gate is None:
             logger.warning("ignored a new allow list: CURVE is off")
             return
+        if set(keys) == set(self._allowed or ()):
+            return
         self._allowed = keys
         self._gate.allow(keys)
         logger.info("allow list replaced: %d client key(s)", len(keys))
@@ -106,14 +125,15 @@ class Hub(QueueCommands, GroupCommands):
         if self._gate is not None and self._gate.watches(sock):
             self._gate.read(sock)
             return
+        slot = self._listeners.slot_of(sock)
         # A bounded batch per wake-up keeps one busy socket from starving the timers.
         for _ in range(256):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if sock is self._router:
-                self._on_request(frames[0], frames[1:])
+            if slot is not None:
+                self._on_request(bytes([slot]) + frames[0], frames[1:])
             else:
                 self._on_owner_reply(frames)
 

@@ -14,6 +14,7 @@ import zmq
 from ....serialization import HEADER_SIZE, deadline_of
 from ..protocol import DEFAULT_MAX_MESSAGE, FULL, OK, UNKNOWN, BadRequest, Leases, decode, encode
 from ..security import Gate
+from .listeners import Listeners
 
 __all__ = ["HubState"]
 
@@ -83,12 +84,15 @@ class HubState:
         binds: Sequence[str],
         *,
         secret_key: bytes | None = None,
+        next_binds: Sequence[str] = (),
+        next_secret_key: bytes | None = None,
         allowed_keys: Sequence[bytes] | None = None,
         peer_timeout: float = 2.0,
         max_queue: int = 100_000,
         max_message_size: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
         self.binds = list(binds)
+        self._next_binds = list(next_binds)
         self.peer_timeout = peer_timeout
         self.max_queue = max_queue
         self.max_message_size = max_message_size
@@ -109,20 +113,24 @@ class HubState:
         self._links: dict[str, zmq.Socket[bytes]] = {}
         self._next_id = 0
         self._stopping = False
-        self._secret = secret_key
-        self._public = zmq.curve_public(secret_key) if secret_key else None
+        #: The CURVE secret keys of slots 0 (``binds``) and 1 (``next_binds``) at start.
+        self._secrets = (secret_key, next_secret_key)
+        #: Keys to give the slots between two polls (see ``Hub.rekey``).
+        self._next_secrets: dict[int, bytes | None] = {}
         #: The client keys allowed (Z85); None: any CURVE client.
         self._allowed = None if allowed_keys is None else list(allowed_keys)
-        #: An allow list to apply between two polls (see :meth:`allow`).
+        #: An allow list to apply between two polls (see ``Hub.allow``).
         self._next_allowed: list[bytes] | None = None
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._gate: Gate | None = None
-        self._router = self._context.socket(zmq.ROUTER)
         self._poller = zmq.Poller()
+        self._listeners = Listeners(
+            self._context, self._poller, [self.binds, self._next_binds], max_message_size
+        )
 
     def _reply(self, client: bytes, *frames: bytes) -> bool:
         try:
-            self._router.send_multipart([client, *frames], zmq.NOBLOCK)
+            self._listeners.send(client, frames)
         except zmq.ZMQError as error:
             # EHOSTUNREACH (client gone) or EAGAIN (client not reading): nobody to tell.
             logger.debug("reply to client %s not sent: %s", client.hex(), error)
@@ -229,11 +237,11 @@ class HubState:
             link = self._context.socket(zmq.DEALER)
             link.setsockopt(zmq.LINGER, 0)
             link.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
-            if self._secret is not None and owner.public_key:
-                assert self._public is not None
+            secret = self._listeners.link_key
+            if secret is not None and owner.public_key:
                 link.setsockopt(zmq.CURVE_SERVERKEY, owner.public_key.encode())
-                link.setsockopt(zmq.CURVE_SECRETKEY, self._secret)
-                link.setsockopt(zmq.CURVE_PUBLICKEY, self._public)
+                link.setsockopt(zmq.CURVE_SECRETKEY, secret)
+                link.setsockopt(zmq.CURVE_PUBLICKEY, zmq.curve_public(secret))
             link.connect(owner.endpoint)
             self._poller.register(link, zmq.POLLIN)
             self._links[owner.endpoint] = link
