@@ -941,6 +941,34 @@ def _deliver(dealer: zmq.Socket[Any], channel: str, n: int, wait: float) -> list
     return answer
 
 
+def _curve_url(port: int, server: bytes, client: tuple[bytes, bytes]) -> str:
+    """A layer URL for the CURVE hub on ``port`` (public key ``server``) as ``client``."""
+    return (
+        f"zmq://127.0.0.1:{port}?heartbeat=0.2&curve_serverkey={quote(server.decode(), safe='')}"
+        f"&curve_secretkey={quote(client[1].decode(), safe='')}"
+    )
+
+
+async def _answers(url: str) -> bool:
+    """Whether a hub takes a send from a layer on ``url`` within half a second."""
+    layer = ChannelLayer(url, prefix="probe", timeout=0.5)
+    try:
+        await layer.send("probe.q", {"n": 0})
+        await layer.flush()
+    except BrokerError:
+        return False
+    finally:
+        await layer.close()
+    return True
+
+
+def _node_of(layer: ChannelLayer) -> Node:
+    """The node serving ``layer``'s inboxes in this process."""
+    backend = layer._state().backend
+    assert isinstance(backend, ZmqBackend) and backend._node is not None
+    return backend._node
+
+
 def test_a_node_admits_only_the_clients_its_hub_allows(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -952,10 +980,7 @@ def test_a_node_admits_only_the_clients_its_hub_allows(
         f"--curve-allow={listed[0].decode()}",
     )
     process.start()
-    url = (
-        f"{process.url}?curve_serverkey={quote(hub_public.decode(), safe='')}"
-        f"&curve_secretkey={quote(listed[1].decode(), safe='')}"
-    )
+    url = _curve_url(process.port, hub_public, listed)
     context: zmq.Context[Any] = zmq.Context()
 
     async def body() -> None:
@@ -963,7 +988,7 @@ def test_a_node_admits_only_the_clients_its_hub_allows(
         dealers: list[zmq.Socket[Any]] = []
         try:
             channel = await layer.new_channel()
-            node = next(n for n in running_nodes() if n.config.names == (process.url[6:],))
+            node = _node_of(layer)
             server = node.public_key.encode()
             # A valid key pair the hub does not list, knowing the node's key and endpoint.
             intruder = _dealer(context, node.endpoint, server, stranger)
@@ -1016,34 +1041,23 @@ def test_the_allow_list_changes_without_a_restart(tmp_path: Path) -> None:
     )
     process.start()
     assert process.process is not None
-    base = f"{process.url}?heartbeat=0.2&curve_serverkey={quote(hub_public.decode(), safe='')}"
 
     def url(keys: tuple[bytes, bytes]) -> str:
-        return f"{base}&curve_secretkey={quote(keys[1].decode(), safe='')}"
+        return _curve_url(process.port, hub_public, keys)
 
     def hup(keys: list[tuple[bytes, bytes]]) -> None:
         allow.write_text("".join(f"{key[0].decode()}\n" for key in keys))
         assert process.process is not None
         process.process.send_signal(signal.SIGHUP)
 
-    async def reaches_hub(keys: tuple[bytes, bytes]) -> bool:
-        layer = ChannelLayer(url(keys), prefix="gate", timeout=0.5)
-        try:
-            await layer.send("gate.q", {"n": 0})
-        except BrokerError:
-            return False
-        finally:
-            await layer.close()
-        return True
-
     async def body() -> None:
         owner = ChannelLayer(url(first), prefix="gate")
         context: zmq.Context[Any] = zmq.Context()
         try:
             channel = await owner.new_channel()
-            node = next(n for n in running_nodes() if n.config.names == (process.url[6:],))
+            node = _node_of(owner)
             server = node.public_key.encode()
-            assert not await reaches_hub(second)
+            assert not await _answers(url(second))
             early = _dealer(context, node.endpoint, server, second)
             assert _deliver(early, channel, 1, 1.0) is None
             early.close(0)
@@ -1051,7 +1065,7 @@ def test_the_allow_list_changes_without_a_restart(tmp_path: Path) -> None:
             # once its next registration brings the list (a heartbeat).
             hup([first, second])
             deadline = time.monotonic() + 10
-            while not await reaches_hub(second):
+            while not await _answers(url(second)):
                 assert time.monotonic() < deadline, "the hub did not read the new allow list"
             answer = None
             while answer is None:
@@ -1063,7 +1077,7 @@ def test_the_allow_list_changes_without_a_restart(tmp_path: Path) -> None:
             # Struck off: new connections are refused again, by the hub and the node.
             hup([first])
             await asyncio.sleep(1.0)
-            assert not await reaches_hub(second)
+            assert not await _answers(url(second))
             struck = _dealer(context, node.endpoint, server, second)
             assert _deliver(struck, channel, 3, 1.0) is None
             struck.close(0)
@@ -1096,38 +1110,22 @@ def test_the_hub_key_rolls_without_a_restart(tmp_path: Path) -> None:
     )
     process.start()
 
-    def url(port: int, server: bytes, client: tuple[bytes, bytes]) -> str:
-        return (
-            f"zmq://127.0.0.1:{port}?heartbeat=0.2&timeout=2"
-            f"&curve_serverkey={quote(server.decode(), safe='')}"
-            f"&curve_secretkey={quote(client[1].decode(), safe='')}"
-        )
+    url = _curve_url
 
     def hup() -> None:
         assert process.process is not None
         process.process.send_signal(signal.SIGHUP)
-
-    async def answers(layer_url: str) -> bool:
-        layer = ChannelLayer(layer_url, prefix="probe", timeout=0.5)
-        try:
-            await layer.send("probe.q", {"n": 0})
-            await layer.flush()
-        except BrokerError:
-            return False
-        finally:
-            await layer.close()
-        return True
 
     async def body() -> None:
         before = ChannelLayer(url(process.port, old[0], clients[0]), prefix="roll")
         after = ChannelLayer(url(next_port, new[0], clients[1]), prefix="roll")
         try:
             old_inbox = await before.new_channel()
-            assert not await answers(url(next_port, new[0], clients[2]))
+            assert not await _answers(url(next_port, new[0], clients[2]))
             following.write_text(new[1].decode())  # the new key, on the spare endpoint
             hup()
             deadline = time.monotonic() + 10
-            while not await answers(url(next_port, new[0], clients[2])):
+            while not await _answers(url(next_port, new[0], clients[2])):
                 assert time.monotonic() < deadline, "the hub did not take its next key"
             # Layers on either key share one hub: queues, groups and the inboxes' nodes.
             new_inbox = await after.new_channel()
@@ -1141,7 +1139,7 @@ def test_the_hub_key_rolls_without_a_restart(tmp_path: Path) -> None:
             # Every process has moved: retire the old key.
             current.write_text("")
             hup()
-            while await answers(url(process.port, old[0], clients[2])):
+            while await _answers(url(process.port, old[0], clients[2])):
                 assert time.monotonic() < deadline, "the old key still answers"
             stranger = ChannelLayer(url(next_port, new[0], clients[2]), prefix="roll")
             try:  # through the hub, which now reaches nodes with its new key
