@@ -7,7 +7,9 @@ COPY pyproject.toml README.md ./
 COPY multilayer ./multilayer
 RUN pip install --no-cache-dir '.[zmq]'
 EXPOSE 5599
-CMD ["multilayer", "hub", "--bind", "tcp://0.0.0.0:5599"]
+# --insecure: plaintext on compose's private network only; an exposed hub needs CURVE
+# (docs/backends/zmq.md, "What an exposed deployment must configure").
+CMD ["multilayer", "hub", "--bind", "tcp://0.0.0.0:5599", "--insecure"]
 
 FROM python:3.11-slim AS test
 # Debian's chromium for the browser test (Playwright drives it; it downloads no browser).

@@ -503,22 +503,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_cmd_bench)
     _add_soak(commands)
-    # Listed for --help only: main() hands "hub ..." to the hub's own parser untouched.
-    commands.add_parser("hub", help="run a ZeroMQ hub (multilayer hub --help)", add_help=False)
+    # Listed for --help only: main() hands "hub ..." to the plugin's own parser untouched.
+    from .plugins import command_names
+
+    for name in command_names():
+        commands.add_parser(name, help=f"a plugin's command (multilayer {name} --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``multilayer`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["hub"]:
-        from .backends.zmqhub import main as hub_main
+    from .plugins import command_names, load_command
 
-        code: int = hub_main(argv[1:])
-        return code
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in command_names():
+        try:
+            command = load_command(argv[0])
+        except MultilayerError as error:
+            print(f"multilayer: {error}", file=sys.stderr)
+            return 2
+        return command(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        code = args.run(args)
+        code: int = args.run(args)
     except _Unreachable as error:
         print(f"multilayer: {error}", file=sys.stderr)
         return 1

@@ -159,7 +159,7 @@ def tansu_argv(binary: str, port: int) -> list[str]:
 
 def hub_argv(port: int) -> list[str]:
     """Arguments that start a multilayer ZeroMQ hub on ``127.0.0.1:port``."""
-    return [sys.executable, "-m", "multilayer.backends.zmqhub", "--bind", f"tcp://127.0.0.1:{port}"]
+    return [sys.executable, "-m", "multilayer.backends.zmq.hub", "--bind", f"tcp://127.0.0.1:{port}"]
 
 
 def redis_argv(port: int, directory: Path, *extra: str) -> list[str]:
