@@ -27,6 +27,9 @@ Options (URL query or keyword arguments), besides the core ones:
 * ``linger_ms`` (int, 0): how long kafka-python may hold a write so that later ones share
   its record batch; adds up to that much latency and caps the batches a process writes
   at 1000/``linger_ms`` a second, for brokers that pay per stored batch (Tansu).
+* ``log_check`` (float, 1.0): seconds between checks that the log did not come back
+  empty (one ListOffsets request, each wait 50-100 % of this); a process that finds it
+  did starts over from the new log and re-asserts its memberships.
 * ``sasl_mechanism`` (str, ``PLAIN``): ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
 * ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_verify``, ``ssl_check_hostname``:
   the shared TLS options (:func:`multilayer.toolkit.tls_options`), ``kafka+ssl://`` only;
@@ -70,6 +73,7 @@ class KafkaBackend(Backend):
         native_expiry=False,
         native_fanout=True,
         restartable=False,
+        restores_memberships=True,
         queue_depth=True,
         group_sizes=True,
     )
@@ -92,6 +96,12 @@ class KafkaBackend(Backend):
         ),
         "sasl_mechanism": Option(
             str, "PLAIN", "SASL mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+        ),
+        "log_check": Option(
+            float,
+            1.0,
+            "seconds between checks that the log did not come back empty (jittered)",
+            minimum=0.1,
         ),
         **tls_options("kafka+ssl"),
     }

@@ -50,7 +50,9 @@ class Hub:
             self.writer,
             create_topic=self.create_topic,
             reconnected=self._reconnected,
+            log_lost=self._log_lost,
         )
+        self.writer.on_acked = self.replay.acked
         #: The backends reading through this hub, told of each reconnection.
         self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
         self._start_lock = threading.Lock()
@@ -106,6 +108,19 @@ class Hub:
         for backend in list(self.backends):
             backend.reconnects += 1
 
+    def _log_lost(self) -> None:
+        # Each layer adds again the memberships it made (its ledger is shared by its
+        # backends in every event loop, so one of them does it), from a thread of its own:
+        # the replay thread must go on, to replay the records that re-assert them.
+        chosen: dict[int, Backend] = {}
+        for backend in list(self.backends):
+            if len(backend.membership_ledger):
+                chosen.setdefault(id(backend.membership_ledger), backend)
+        for backend in chosen.values():
+            threading.Thread(
+                target=_reassert, args=(backend,), name="multilayer kafka re-assert", daemon=True
+            ).start()
+
     def write(self, record: list[Any], *, done: Done | None = None) -> None:
         """Append ``record`` to the log (see :meth:`Writer.write`)."""
         self.writer.write(record, done=done)
@@ -135,6 +150,13 @@ class Hub:
         if outcome is not None:
             return outcome
         raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error
+
+
+def _reassert(backend: Backend) -> None:
+    try:
+        asyncio.run(asyncio.wait_for(backend.reassert_memberships(), REPLAY_TIMEOUT))
+    except Exception as error:
+        logger.warning("kafka: memberships not re-asserted after the log was lost: %s", error)
 
 
 #: The hubs of this process, by broker, topic and options.

@@ -4,8 +4,10 @@ to the process's :class:`~.view.View`, and notices a log that came back empty.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -22,17 +24,24 @@ __all__ = ["Replay"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
-#: Seconds of waiting writes without any record arriving before the topic is checked.
+#: Seconds a write of this process may wait for its replay before the topic is made again.
 _STALL = 2.0
+#: Longest one check of the log's identity waits for the broker (ms).
+_CHECK_TIMEOUT_MS = 1000
 #: records whose digests are kept to skip re-reading them after a log reset (~1 MiB)
 _REMEMBERED = 16_384
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.blake2b(value, digest_size=16).digest()
 
 
 class Replay:
     """This process's consumer of one log and the thread that replays it into ``view``.
 
     ``create_topic`` makes the topic again if a broker lost it; ``reconnected`` is called
-    when records arrive after the broker was found unreachable, or the log was reset.
+    when records arrive after the broker was found unreachable, or the log was reset;
+    ``log_lost`` when the log lost what it held (called under the view's lock).
     """
 
     def __init__(
@@ -44,6 +53,7 @@ class Replay:
         *,
         create_topic: Callable[[], None],
         reconnected: Callable[[], None],
+        log_lost: Callable[[], None],
     ) -> None:
         self.topic = topic
         self.options = options
@@ -51,6 +61,7 @@ class Replay:
         self.writer = writer
         self._create_topic = create_topic
         self._reconnected = reconnected
+        self._log_lost = log_lost
         self.consumer: Any = None
         self.partition = TopicPartition(topic, 0)
         #: The offset of the next record to apply.
@@ -62,9 +73,13 @@ class Replay:
         self._thread: threading.Thread | None = None
         # Whether the broker was found unreachable since records last arrived.
         self._lost = False
-        self._checked = 0.0
-        # The first record read (offset, value): a different one there means a new log.
-        self._first: tuple[int, bytes] | None = None
+        # What _identity() said at the last check: a different answer means a new log.
+        self._origin: tuple[int, int] | None = None
+        # Until then, a record known to be in the log (offset, digest): one this process
+        # wrote and the broker acknowledged, or read.
+        self._anchor: tuple[int, bytes] | None = None
+        self._check_every = float(options["log_check"])
+        self._check_at = 0.0
         # Digests of the records applied last: after a reset is noticed, records of the
         # new log already applied before that are not applied (delivered) again.
         self._applied: deque[bytes] = deque(maxlen=_REMEMBERED)
@@ -85,6 +100,9 @@ class Replay:
         self.start_end = self.consumer.end_offsets([self.partition])[self.partition]
         if self.start_end == 0:
             self.caught_up.set()
+        with contextlib.suppress(Exception):  # the first check in the thread tries again
+            self._origin = self._identity()
+        self._check_at = time.monotonic() + self._check_every * random.uniform(0.5, 1.0)
         self._thread = threading.Thread(
             target=self._run, name=f"multilayer kafka {self.topic} replay", daemon=True
         )
@@ -115,10 +133,6 @@ class Replay:
                 self._stopping.wait(0.5)
                 continue
             records = [record for batch in batches.values() for record in batch]
-            if self._stalled():
-                self._recover()
-                continue  # _recover moved the consumer: these records come again, or not
-
             for queue, items in self.view.held.release(self.options["prefetch_hold"]):
                 self.writer.give_back(queue, items)
             if records:
@@ -133,76 +147,122 @@ class Replay:
                             logger.exception("kafka log %s: record %d", self.topic, record.offset)
                 if self.next_offset >= self.start_end:
                     self.caught_up.set()
+            if time.monotonic() >= self._check_at or self._anchor is not None:
+                self._check()
 
     def _back(self) -> None:
         self._lost = False
         self._reconnected()
 
-    def _stalled(self) -> bool:
-        # A write of ours not replayed for a while, whether or not newer records arrive:
-        # after an in-memory broker restarts, records written before this process reads
-        # the new log can land below the offset it reads from, and are never seen.
-        if time.monotonic() - self._checked < _STALL:
-            return False
-        oldest = self.view.oldest_wait()
-        return oldest is not None and time.monotonic() - oldest > _STALL
+    def _identity(self) -> tuple[int, int] | None:
+        """The offset and timestamp of the log's first record; None for an empty log.
 
-    def _recover(self) -> None:
-        """Check the log after writes stopped showing up in it; always leaves the consumer
-        at the next record to apply (of this log, or of a new one)."""
-        # An in-memory broker may have restarted without the topic, which producers wait
-        # for but nobody recreates, or with a new log already longer than the old one,
-        # which only the records in it tell apart.
-        self._checked = time.monotonic()
-        start = self.next_offset
+        One ListOffsets request. A log that came back empty (an in-memory broker restarted,
+        a topic deleted and made again) starts lower, or at the same offset with a record
+        written later: neither Tansu nor a fetch past the end of Kafka's new log says so.
+        """
+        # kafka-python's public offsets_for_times() waits up to request_timeout_ms (5 min);
+        # its fetcher takes a timeout (kafka-python is pinned).
+        found = self.consumer._fetcher.offsets_by_times({self.partition: 0}, _CHECK_TIMEOUT_MS)
+        first = found.get(self.partition)
+        # Tansu answers timestamp -1 for an empty log, Kafka no offset at all.
+        if first is None or first.timestamp < 0:
+            return None
+        return int(first.offset), int(first.timestamp)
+
+    def _check(self) -> None:
+        """Start over if the log is not the one this process knew (see :meth:`_identity`)."""
+        # Drawn anew each time, so that processes which saw the broker come back together
+        # spread their checks, and what follows a reset, over the interval.
+        self._check_at = time.monotonic() + self._check_every * random.uniform(0.5, 1.0)
         try:
-            self._create_topic()
-            end = self.consumer.end_offsets([self.partition])[self.partition]
-            if end < self.next_offset or not self._same_log():
-                start = 0  # a new log: read it from its start (_apply then starts over)
+            identity = self._identity()
         except Exception as error:
-            logger.warning("kafka log %s: broker unreachable (%s)", self.topic, error)
+            if not self._lost:
+                logger.warning("kafka log %s: broker unreachable (%s)", self.topic, error)
             self._lost = True
-        finally:
-            self.consumer.seek(self.partition, start)
+            self._recreate_if_stalled()
+            # Again soon: the first answer after the broker is back decides.
+            self._check_at = time.monotonic() + random.uniform(0.1, 0.2)
+            return
+        origin, anchor = self._origin, self._anchor
+        lost: bool | None  # None: cannot tell yet
+        if origin is not None:
+            # Retention removes the oldest records: the log then starts later.
+            lost = identity is None or (identity[0] <= origin[0] and identity != origin)
+        elif anchor is None:
+            lost = False  # nothing known of the log yet
+        elif identity is None:
+            # The log held a record this process wrote or read, and holds none now; with
+            # acks=1 a record acknowledged on a cluster may not be readable yet.
+            lost = True if self.options["acks"] == "all" else None
+        else:
+            held = self._holds(anchor)
+            lost = None if held is None else not held
+        if lost:
+            with self.view.lock:
+                self._start_over(f"lost its records ({self.next_offset} read before)")
+                self.next_offset = 0
+            self.consumer.seek_to_beginning(self.partition)
+            self._origin = self._anchor = None
+        elif lost is False:
+            self._origin, self._anchor = identity, None
 
-    def _same_log(self) -> bool:
-        """Whether the log still holds, at its offset, the first record this process read
-        (a restarted in-memory broker holds another one there; a broker that deleted it
-        for retention holds none, and the log is taken to be the same)."""
-        if self._first is None:
-            return True
-        offset, value = self._first
+    def acked(self, offset: int, value: bytes) -> None:
+        """A record of this process is in the log at ``offset`` (any thread)."""
+        if self._origin is None and self._anchor is None:
+            self._anchor = (offset, _digest(value))
+
+    def _holds(self, anchor: tuple[int, bytes]) -> bool | None:
+        """Whether the log holds the record ``anchor`` names (offset, digest); None when
+        the broker does not tell in time. Leaves the consumer where it was."""
+        offset, digest = anchor
         self.consumer.seek(self.partition, offset)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            for batch in self.consumer.poll(timeout_ms=200, max_records=1).values():
-                return bool(batch[0].offset != offset or batch[0].value == value)
-        return True  # no answer: keep reading where we were
+        try:
+            deadline = time.monotonic() + _CHECK_TIMEOUT_MS / 1000
+            while time.monotonic() < deadline:
+                for batch in self.consumer.poll(timeout_ms=200, max_records=1).values():
+                    return bool(batch[0].offset == offset and _digest(batch[0].value) == digest)
+            return None
+        finally:
+            self.consumer.seek(self.partition, self.next_offset)
+
+    def _recreate_if_stalled(self) -> None:
+        # An in-memory broker may come back without the topic, which producers wait for
+        # but nobody recreates: a write of ours unreplayed for long says so.
+        oldest = self.view.oldest_wait()
+        if oldest is not None and time.monotonic() - oldest > _STALL:
+            try:
+                self._create_topic()
+            except Exception as error:
+                logger.warning("kafka log %s: cannot create the topic (%s)", self.topic, error)
+
+    def _start_over(self, why: str) -> None:
+        # Under the view's lock: what the old log held is gone for every process alike.
+        logger.warning("kafka log %s %s; state restarts from the new log", self.topic, why)
+        # The broker went away and came back: kafka-python reconnects on its own, and
+        # this is the only sign of it an in-memory broker gives.
+        self._back()
+        # The claims of receivers still waiting here died with the old log.
+        for claim in self.view.reset():
+            self.writer.write(claim)
+        self._log_lost()
 
     def _apply(self, offset: int, value: bytes) -> None:
         # Under the view's lock.
         if offset < self.next_offset:
-            # The log restarted from scratch (an in-memory broker came back empty):
-            # what it held is gone for every process, so start over from this record.
-            logger.warning(
-                "kafka log %s was reset; state restarts at offset %d", self.topic, offset
-            )
-            # The broker went away and came back: kafka-python reconnects on its own, and
-            # this is the only sign of it an in-memory broker gives.
-            self._back()
-            # The claims of receivers still waiting here died with the old log.
-            for claim in self.view.reset():
-                self.writer.write(claim)
-        if self._first is None or offset < self.next_offset:
-            self._first = (offset, value)
+            # Kafka answers a fetch past the end of a new, shorter log with
+            # OFFSET_OUT_OF_RANGE, and the consumer goes back to its start.
+            self._start_over(f"went back from offset {self.next_offset} to {offset}")
         self.next_offset = offset + 1
         applicable = decode(self.topic, offset, value)
         # Only records with a layer's operations are remembered (they carry unique
         # tokens): junk that comes twice with the same bytes is logged twice.
         if not applicable:
             return
-        digest = hashlib.blake2b(value, digest_size=16).digest()
+        digest = _digest(value)
+        if self._origin is None and self._anchor is None:
+            self._anchor = (offset, digest)
         if digest in self._applied_set:
             return
         if len(self._applied) == _REMEMBERED:

@@ -63,6 +63,8 @@ class Writer:
         self._takes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.producer: Any = None
+        #: Told the offset and bytes of each record the broker acknowledged.
+        self.on_acked: Callable[[int, bytes], None] = lambda _offset, _value: None
 
     def start(self, client_config: Mapping[str, Any]) -> None:
         """Connect the producer and start the writer thread (blocking)."""
@@ -183,16 +185,16 @@ class Writer:
             for done in dones:
                 done(error)
 
+        record = b"".join(value for value, _done in batch)
         try:
             # Always partition 0: a topic auto-created by a broker (after a restart wiped
             # it) may have more, and only partition 0 is replayed.
-            future = self.producer.send(
-                self.topic, b"".join(value for value, _done in batch), partition=0
-            )
+            future = self.producer.send(self.topic, record, partition=0)
         except Exception as error:
             logger.warning("kafka log %s: write failed: %s", self.topic, error)
             answer(error)
             return
+        future.add_callback(lambda metadata: self.on_acked(metadata.offset, record))
         if dones:
             future.add_callback(lambda _metadata: answer(None))
             future.add_errback(answer)
