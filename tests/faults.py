@@ -172,9 +172,10 @@ class RabbitController(Controller):
 class KafkaController(Controller):
     scheme = "kafka"
     drop_is_restart = True
-    # The layer notices that a restarted in-memory Tansu holds a new log only when its own
-    # writes stop showing up (2 s); sends made before that may be lost.
-    settle = 6.0
+    # Each process checks every ~log_check (1 s) that the log is still the one it read,
+    # and starts over once a restarted in-memory Tansu holds a new one: sends made before
+    # that may be lost.
+    settle = 2.0
 
     def __init__(self, tmp: Path) -> None:
         require_module("kafka")
