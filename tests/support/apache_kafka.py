@@ -160,7 +160,8 @@ def registered_brokers(port: int) -> int | None:
 
 def _cluster_id() -> str:
     while True:
-        # Kafka's own random ids are never taken to start with "-", which reads as an option.
+        # The storage tool's argument parser would read a leading "-" as an option (Kafka's
+        # own random ids avoid one for the same reason).
         candidate = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
         if not candidate.startswith("-"):
             return candidate
@@ -193,7 +194,7 @@ class ApacheKafka:
         ports = free_ports(2 * nodes)
         self.ports, self.controller_ports = ports[:nodes], ports[nodes:]
         self._processes: list[subprocess.Popen[bytes] | None] = [None] * nodes
-        self._finalizer = weakref.finalize(self, _kill_all, self._processes)
+        weakref.finalize(self, _kill_all, self._processes)
 
     @property
     def bootstrap(self) -> str:
