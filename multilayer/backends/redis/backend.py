@@ -175,7 +175,7 @@ class RedisBackend(Backend):
                         await discard(connection)
         finally:
             for receiver in self._receivers.values():
-                await receiver.drop()
+                await receiver.drop(wait=True)
             sentinels = {}
             for shard in self._shards:
                 await shard.link.close()

@@ -88,6 +88,8 @@ class Receiver(Watched):
         return self._connection
 
     async def pop(self, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` messages of the queue, waiting for the first as long as it
+        takes; a lost connection is made again (BrokerError only for a server's refusal)."""
         delay = 0.05
         while True:
             try:
@@ -215,10 +217,11 @@ class Receiver(Watched):
                 error,
             )
         finally:
-            await discard(connection)
+            await discard(connection, wait=True)
 
-    async def drop(self) -> None:
-        """Close the connection; the next receive makes a new one."""
+    async def drop(self, *, wait: bool = False) -> None:
+        """Close the connection; the next receive makes a new one. ``wait``: until it is
+        closed (see :func:`.shard.discard`), when the backend is released."""
         connection, self._connection = self._connection, None
         self._client_id = None
-        await discard(connection)
+        await discard(connection, wait=wait)

@@ -52,10 +52,15 @@ async def _closed_while_idle(connection: AbstractConnection) -> bool:
         return True
 
 
-async def discard(connection: AbstractConnection | None) -> None:
-    """Close ``connection``, if any, without waiting for the server."""
+async def discard(connection: AbstractConnection | None, *, wait: bool = False) -> None:
+    """Close ``connection``, if any; with ``wait``, until it is closed (bounded by
+    ``connect_timeout``).
+
+    A TLS connection closes only once its shutdown has gone both ways, in the event loop:
+    releasing it without waiting when the loop is about to end leaves its socket open.
+    """
     if connection is not None:
-        await connection.disconnect(nowait=True)
+        await connection.disconnect(nowait=not wait)
 
 
 class Shard:
@@ -214,7 +219,7 @@ class Link(Watched):
             self._writer = None
             # Also reached when the event loop ends without close(): leave no socket open.
             connection, self._connection = self._connection, None
-            await discard(connection)
+            await discard(connection, wait=True)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         self._expect_reply(self._shard.timeout)
@@ -279,7 +284,7 @@ class Link(Watched):
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
         connection, self._connection = self._connection, None
-        await discard(connection)
+        await discard(connection, wait=True)
 
 
 def _describe(command: tuple[Any, ...]) -> str:
