@@ -26,8 +26,8 @@ from brokers import (
     free_port,
     redis_argv,
     redis_tls_argv,
-    require_binary,
 )
+from faults import SentinelFailover
 
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
 from multilayer.backends.redis import RedisBackend
@@ -774,36 +774,12 @@ def test_a_restarted_shard_gets_back_the_memberships_it_held(tmp_path: Path) -> 
 
 
 def test_sentinel_discovers_the_master_and_follows_a_failover(tmp_path: Path) -> None:
-    master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(
-        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
-        "sentinel down-after-milliseconds mymaster 500\n"
-        "sentinel failover-timeout mymaster 3000\n"
-    )
-    master_dir, replica_dir = tmp_path / "master", tmp_path / "replica"
-    master_dir.mkdir()
-    replica_dir.mkdir()
-    master = BrokerProcess(
-        redis_argv(master_port, master_dir), master_port, log=tmp_path / "master.log"
-    )
-    replica = BrokerProcess(
-        redis_argv(replica_port, replica_dir, "--replicaof", "127.0.0.1", str(master_port)),
-        replica_port,
-        log=tmp_path / "replica.log",
-    )
-    sentinel = BrokerProcess(
-        [require_binary("redis-server"), str(conf), "--sentinel"],
-        sentinel_port,
-        log=tmp_path / "sentinel.log",
-    )
-    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/0?service=mymaster"
+    failover = SentinelFailover(tmp_path)
     try:
-        for process in (master, replica, sentinel):
-            process.start()
+        failover.start()
 
         async def body() -> None:
+            url = failover.url
             layer, sender = ChannelLayer(url, prefix="sn"), ChannelLayer(url, prefix="sn")
             try:
                 inbox = await layer.new_channel()
@@ -811,24 +787,13 @@ def test_sentinel_discovers_the_master_and_follows_a_failover(tmp_path: Path) ->
                 assert await asyncio.wait_for(layer.receive(inbox), 5) == {"before": True}
                 waiting = asyncio.ensure_future(layer.receive(inbox))
                 await asyncio.sleep(0.2)
-                await asyncio.to_thread(master.stop, kill=True)
-                for _ in range(300):
-                    try:
-                        await sender.send(inbox, {"after": True})
-                        break
-                    except BrokerError:
-                        await asyncio.sleep(0.1)
+                await asyncio.to_thread(failover.fail_over)
+                await sender.send(inbox, {"after": True})
                 assert await asyncio.wait_for(waiting, 20) == {"after": True}
-                promoted = redis.Redis(host="127.0.0.1", port=replica_port)
-                try:
-                    assert promoted.info("replication")["role"] == "master"
-                finally:
-                    promoted.close()
             finally:
                 await sender.close()
                 await layer.close()
 
         run(body, timeout=90)
     finally:
-        for process in (sentinel, replica, master):
-            process.stop()
+        failover.close()

@@ -27,9 +27,10 @@ Where things live:
 * :mod:`.ring`: sharding. Several ``redis://`` hosts, or several Sentinel services, are
   shards; a channel goes to the shard its name up to ``!`` hashes to, so a process's
   inbox and its memberships meet on one server.
-* :mod:`.sentry`: the membership check. After a reconnect, a master change, and every
-  ``membership_check`` seconds, each layer checks its marker key on each server and
-  re-asserts the memberships a server lost, with their original deadlines.
+* :mod:`.sentry`: the membership check. After a lost connection (every second or so
+  until the server answers), a reconnect, a master change, and every ``membership_check``
+  seconds, each layer checks its marker key on each server and re-asserts the
+  memberships a server lost, with their original deadlines.
 """
 
 from .backend import RedisBackend

@@ -111,7 +111,7 @@ class Receiver(Watched):
                 reason = self._explain(error)
                 await self.drop()
                 self._holding = True
-                self._shard.lost = True
+                self._shard.lose()
                 # One warning per outage; the retries that follow are debug noise.
                 if delay == 0.05:
                     self._owner.reconnects += 1

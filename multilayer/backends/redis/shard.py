@@ -73,7 +73,7 @@ class Shard:
         sentinel: Sentinel | None,
         timeout: float,
         connect_timeout: float,
-        on_back: Callable[[Shard], None],
+        on_change: Callable[[Shard], None],
     ) -> None:
         self.label = label
         # Used only as a factory of configured connections (and, for Sentinel, of master
@@ -87,9 +87,10 @@ class Shard:
         # (HELLO, AUTH, SELECT) with socket_timeout=None: a server that accepts and never
         # answers would hang the caller. So a whole connect gets both bounds.
         self._connect_within = connect_timeout + timeout
-        self._on_back = on_back
-        #: Set by whoever loses a connection to this server; the next connect made
-        #: after it tells the backend the server is back (it may have lost its state).
+        #: Told when a connection to this server is lost, and when one is made again
+        #: after a loss or to a new master (the server may have lost state meanwhile).
+        self._on_change = on_change
+        #: Set by :meth:`lose`; cleared by the next connect.
         self.lost = False
         #: The address of the server the last connection reached (Sentinel: the master).
         self.address: tuple[str, int] | None = None
@@ -117,8 +118,15 @@ class Shard:
         self.address = address
         if self.lost or self.moved:
             self.lost = False
-            self._on_back(self)
+            self._on_change(self)
         return connection
+
+    def lose(self) -> None:
+        """A connection to this server was lost: the backend is told now, and again when
+        a connection is made."""
+        if not self.lost:
+            self.lost = True
+            self._on_change(self)
 
 
 class Watched:
@@ -228,7 +236,7 @@ class Link(Watched):
                 # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
                 # nothing was sent on it, so reconnecting is safe.
                 stale, self._connection = self._connection, None
-                self._shard.lost = True
+                self._shard.lose()
                 await discard(stale)
             if self._connection is None:
                 self._connection = await self._shard.connect()
@@ -260,7 +268,7 @@ class Link(Watched):
             # Replies not read are unknown: the commands may have run, so they are not
             # retried (a push retried could be delivered twice). The next call reconnects.
             lost, self._connection = self._connection, None
-            self._shard.lost = True
+            self._shard.lose()
             await discard(lost)
             cause = self._explain(error)
             for command, future in batch:
@@ -308,7 +316,7 @@ def make_shards(
     url: LayerURL,
     config: Mapping[str, Any],
     labels: list[str],
-    on_back: Callable[[Shard], None],
+    on_change: Callable[[Shard], None],
 ) -> list[Shard]:
     """One shard per label: a Sentinel service name, or ``host:port`` from the URL."""
     timeout, connect_timeout = config["socket_timeout"], config["connect_timeout"]
@@ -329,7 +337,7 @@ def make_shards(
         for label in labels:
             host, _, port = label.rpartition(":")
             pool = ConnectionPool(host=host, port=int(port), **common)
-            shards.append(Shard(label, pool, None, timeout, connect_timeout, on_back))
+            shards.append(Shard(label, pool, None, timeout, connect_timeout, on_change))
         return shards
     # Typed from redis-py 8.2 on; untyped in the older releases pyproject admits.
     sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
@@ -347,7 +355,7 @@ def make_shards(
             sentinel,
             timeout,
             connect_timeout,
-            on_back,
+            on_change,
         )
         for service in labels
     ]
