@@ -9,7 +9,10 @@ broker holds for a prefix. ``tests/test_faults.py`` runs the same scenarios over
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -117,6 +120,164 @@ class RedisController(Controller):
     def queued(self, prefix: str) -> int:
         with self._admin() as admin:
             return sum(admin.llen(key) for key in admin.keys(f"{prefix}:q:*"))
+
+
+class Relay:
+    """A TCP relay on a free loopback port to ``127.0.0.1:target``, whose traffic towards
+    the connecting side can be held: what the target sends from then on never arrives."""
+
+    def __init__(self, target: int) -> None:
+        self.port, self.target = free_port(), target
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            far.settimeout(None)
+            self.sockets += [near, far]
+            threading.Thread(target=self._pump, args=(near, far, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(far, near, self.flowing), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, gate: threading.Event | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                # Checked after the read: bytes read while held are never passed on.
+                while gate is not None and not gate.wait(0.5):
+                    if source.fileno() < 0:
+                        return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+
+    def hold(self) -> None:
+        """From now on, nothing the target sends reaches the connected side."""
+        self.flowing.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        for each in self.sockets:
+            each.close()
+
+
+class SentinelFailover:
+    """A master, a replica replicating through a :class:`Relay`, and one Sentinel (quorum
+    1), each a process of this test on free loopback ports.
+
+    :meth:`starve` holds the replication stream, so the replica misses every write made
+    afterwards; :meth:`fail_over` SIGKILLs the master and returns once Sentinel names the
+    replica as master and the replica says it is one.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.redis = require_module("redis")
+        ports = [free_port() for _ in range(3)]
+        master_port, replica_port, sentinel_port = ports
+        for name in ("master", "replica"):
+            (tmp / name).mkdir(exist_ok=True)
+        self.master = BrokerProcess(
+            redis_argv(master_port, tmp / "master"), master_port, log=tmp / "master.log"
+        )
+        self.relay = Relay(master_port)
+        self.replica = BrokerProcess(
+            redis_argv(replica_port, tmp / "replica", "--replicaof", "127.0.0.1",
+                       str(self.relay.port)),
+            replica_port,
+            log=tmp / "replica.log",
+        )  # fmt: skip
+        conf = tmp / "sentinel.conf"
+        # A long failover-timeout also keeps Sentinel from "fixing" the replica to follow
+        # the master directly, around the relay, while the test runs.
+        conf.write_text(
+            f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
+            # Not less: on the shared test machine a promoted replica may take 0.5 s to
+            # answer Sentinel's first ping, which then calls it down and clients find no
+            # master.
+            "sentinel down-after-milliseconds mymaster 1500\n"
+            "sentinel failover-timeout mymaster 120000\n"
+        )
+        self.sentinel = BrokerProcess(
+            [require_binary("redis-server"), str(conf), "--sentinel"],
+            sentinel_port,
+            log=tmp / "sentinel.log",
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/0?service=mymaster"
+
+    def _client(self, port: int) -> Any:
+        return self.redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+
+    def _until(self, what: str, check: Any, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not within {timeout:g}s: {what}")
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        """Start all three; return once the replica is in sync and Sentinel knows it."""
+        self.master.start()
+        self.replica.start()
+        with self._client(self.replica.port) as replica:
+            self._until(
+                "the replica is in sync",
+                lambda: replica.info("replication").get("master_link_status") == "up",
+            )
+        self.sentinel.start()
+        with self._client(self.sentinel.port) as sentinel:
+            self._until(
+                "Sentinel knows the replica",
+                lambda: any(
+                    int(known["port"]) == self.replica.port and "s_down" not in known["flags"]
+                    for known in sentinel.sentinel_slaves("mymaster")
+                ),
+            )
+
+    def starve(self) -> None:
+        """The replica misses every write the master takes from now on."""
+        self.relay.hold()
+
+    def replica_has(self, key: str) -> bool:
+        with self._client(self.replica.port) as replica:
+            return bool(replica.exists(key))
+
+    def fail_over(self) -> None:
+        """SIGKILL the master; return once Sentinel names the replica as master to clients
+        (as redis-py asks: ``SENTINEL MASTERS``, a master not down) and the replica says it
+        is one."""
+        self.master.stop(kill=True)
+        with (
+            self._client(self.sentinel.port) as sentinel,
+            self._client(self.replica.port) as replica,
+        ):
+
+            def promoted() -> bool:
+                state = sentinel.sentinel_masters()["mymaster"]
+                return (
+                    int(state["port"]) == self.replica.port
+                    and state["is_master"]
+                    and not (state["is_sdown"] or state["is_odown"])
+                    and replica.info("replication")["role"] == "master"
+                )
+
+            self._until("Sentinel promotes the replica", promoted)
+
+    def close(self) -> None:
+        for process in (self.sentinel, self.replica, self.master):
+            process.stop()
+        self.relay.close()
 
 
 class RabbitController(Controller):
