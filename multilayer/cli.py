@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -218,9 +219,26 @@ def _layer_for(args: argparse.Namespace) -> ChannelLayer:
     return ChannelLayer(url) if args.prefix is None else ChannelLayer(url, prefix=args.prefix)
 
 
+def _extra(module: str, extra: str) -> Any:
+    """Import ``module`` of the optional ``extra``, or stop saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"{error.name or module} is not installed: pip install 'multilayer[{extra}]'"
+        ) from error
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     layer = _layer_for(args)
-    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+    clear = "\033[H\033[2J" if sys.stdout.isatty() and not args.prometheus else ""
+    render = _format_stats
+    if args.prometheus:
+        metrics = _extra("multilayer.metrics", "prometheus")
+
+        def render(stats: LayerStats) -> str:
+            text: str = metrics.broker_text(layer.url.scheme, stats)
+            return text.rstrip("\n")
 
     async def run() -> int:
         try:
@@ -234,7 +252,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                         raise
                     print(f"{clear}multilayer: {error}", flush=True)
                 else:
-                    print(clear + _format_stats(stats), flush=True)
+                    print(clear + render(stats), flush=True)
                 if args.watch is None:
                     return 0
                 await asyncio.sleep(args.watch)
@@ -302,6 +320,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     url = args.url
     capacity = max(args.n * 2, 1000)
     ChannelLayer(url)
+    plot = _extra("multilayer.bench.plot", "plot") if args.plot else None
     # The room (r) runs the layer as deployed: default capacity, its own prefix. memory://
     # cannot join separate daphne processes, so there it does not apply.
     room_layer = (
@@ -342,11 +361,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"room: {args.servers} servers, {args.clients} clients,"
             f" {args.rounds} rounds, burst {args.burst}"
         )
-    print(
+    title = (
         f"multilayer bench {LayerURL.parse(url).sanitized()}  {'  '.join(sizes)}"
         f"  medians of {args.repeat}"
     )
-    print(format_report(results, [c.name for c in contenders]))
+    names = [c.name for c in contenders]
+    print(title)
+    print(format_report(results, names))
+    if plot is not None:
+        plot.plot_bench(results, names, title, Path(args.plot))
     return 0
 
 
@@ -369,6 +392,8 @@ def _positive_int(text: str) -> int:
 def _cmd_soak(args: argparse.Namespace) -> int:
     from .bench.soak import format_soak, soak
 
+    plot = _extra("multilayer.bench.plot", "plot") if args.plot else None
+
     def progress(row: Any) -> None:
         print(
             f"  {row.end:>6}s  ops {row.operations}  delivered {row.delivered}  "
@@ -389,6 +414,8 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         )
     )
     print(format_soak(report))
+    if plot is not None:
+        plot.plot_soak(report, Path(args.plot))
     return 0 if report.ok else 1
 
 
@@ -402,6 +429,7 @@ def _add_soak(commands: Any) -> None:
     soak.add_argument("--rate", type=float, default=200.0, help="sends + group_sends per second")
     soak.add_argument("--churn", type=float, default=20.0, help="channels replaced per second")
     soak.add_argument("--interval", type=float, default=10.0, help="seconds per report row")
+    soak.add_argument("--plot", metavar="FILE.png", help="also draw the rows as a chart")
     soak.set_defaults(run=_cmd_soak)
 
 
@@ -431,13 +459,19 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="queue depths and group sizes under a prefix")
     stats.add_argument("url", nargs="?", help=url_help)
     stats.add_argument("--prefix", help="layer prefix (default: the URL's, else asgi)")
-    stats.add_argument(
+    output = stats.add_mutually_exclusive_group()
+    output.add_argument(
         "--watch",
         nargs="?",
         type=_positive_float,
         const=2.0,
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print once in Prometheus' text format (for a node-exporter textfile)",
     )
     stats.add_argument(
         "--timeout", type=_positive_float, default=10.0, help="seconds to wait for the broker"
@@ -464,24 +498,34 @@ def _parser() -> argparse.ArgumentParser:
     room.add_argument("--clients", type=_positive_int, default=200, help="WebSocket clients")
     room.add_argument("--rounds", type=_positive_int, default=50, help="fan-out latency rounds")
     room.add_argument("--burst", type=_positive_int, default=100, help="messages in the burst")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="also draw ours against each peer as a chart"
+    )
     bench.set_defaults(run=_cmd_bench)
     _add_soak(commands)
-    # Listed for --help only: main() hands "hub ..." to the hub's own parser untouched.
-    commands.add_parser("hub", help="run a ZeroMQ hub (multilayer hub --help)", add_help=False)
+    # Listed for --help only: main() hands "hub ..." to the plugin's own parser untouched.
+    from .plugins import command_names
+
+    for name in command_names():
+        commands.add_parser(name, help=f"a plugin's command (multilayer {name} --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``multilayer`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["hub"]:
-        from .backends.zmqhub import main as hub_main
+    from .plugins import command_names, load_command
 
-        code: int = hub_main(argv[1:])
-        return code
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in command_names():
+        try:
+            command = load_command(argv[0])
+        except MultilayerError as error:
+            print(f"multilayer: {error}", file=sys.stderr)
+            return 2
+        return command(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        code = args.run(args)
+        code: int = args.run(args)
     except _Unreachable as error:
         print(f"multilayer: {error}", file=sys.stderr)
         return 1

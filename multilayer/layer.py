@@ -16,6 +16,7 @@ from typing import Any
 
 from .backend import Backend, LayerSettings
 from .capacity import CapacityPolicy
+from .counters import Counters, Tally, timing, track
 from .exceptions import ChannelFull, ForeignChannel, LayerClosed
 from .fanout import Departures
 from .local import LocalQueue
@@ -250,9 +251,8 @@ class ChannelLayer:
         # Payloads a closed or finished loop state had fetched but not handed out, by
         # channel, for the next receive of that channel in any loop (under _states_lock).
         self._kept: dict[str, deque[bytes]] = {}
-        # Counters for stats(); what backends count is added when their loop state goes.
-        self._sent = self._group_sent = self._received = self._expired = 0
-        self._full = self._gone_skipped = self._gone_reconnects = 0
+        self._tally = Tally(self._states)
+        track(self, self._tally)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.sanitized()} prefix={self.prefix!r}>"
@@ -332,15 +332,18 @@ class ChannelLayer:
         deadline = time.time() + self.expiry
         payload = self._codec.encode(message, deadline)
         state = self._state()
+        started = time.perf_counter() if timing.on else 0.0
         backend = state.backend if state.is_open else await state.ready()
         try:
             await backend.push(
                 channel, payload, deadline=deadline, capacity=self._capacity_for(channel)
             )
         except ChannelFull:
-            self._full += 1
+            self._tally.full += 1
             raise
-        self._sent += 1
+        self._tally.sent += 1
+        if started:
+            self._tally.timed_send(time.perf_counter() - started)
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``, waiting as long as it takes.
@@ -372,10 +375,10 @@ class ChannelLayer:
                 # Broker content is untrusted: what does not decode is logged and dropped.
                 message = self._codec.decode(payload, channel)
                 if message is not None:
-                    self._received += 1
+                    self._tally.received += 1
                     return message
             else:
-                self._expired += 1
+                self._tally.expired += 1
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, receivable only through this layer.
@@ -431,7 +434,7 @@ class ChannelLayer:
         payload = self._codec.encode(message, deadline)
         backend = await self._backend()
         await backend.group_send(group, payload, deadline=deadline, capacity=self.settings.capacity)
-        self._group_sent += 1
+        self._tally.group_sent += 1
 
     async def stats(self) -> LayerStats:
         """Queue depths and group sizes under this layer's prefix, and this layer's counters.
@@ -447,37 +450,43 @@ class ChannelLayer:
             if known is None
         ]
         unknown = f"{self.url.scheme}:// cannot report {' or '.join(missing)}" if missing else None
-        with self._states_lock:
-            states = list(self._states.values())
-            buffered = {channel: len(payloads) for channel, payloads in self._kept.items()}
-        backends = [state.backend for state in states]
-        for state in states:
-            # Copies: other event loops, in other threads, may change theirs meanwhile.
-            for queue in list(state.queues.values()):
-                for channel, payloads in list(queue.buffers.items()):
-                    if payloads:
-                        buffered[channel] = buffered.get(channel, 0) + len(payloads)
+        counters = self.counters()
         return LayerStats(
             url=self.url.sanitized(),
             prefix=self.prefix,
             queues=dict(sorted(broker.queues.items())) if broker.queues is not None else None,
             groups=dict(sorted(broker.groups.items())) if broker.groups is not None else None,
             unknown=unknown,
-            buffered=dict(sorted(buffered.items())),
-            sent=self._sent,
-            group_sent=self._group_sent,
-            received=self._received,
-            expired=self._expired,
-            dropped_full=self._full
-            + self._gone_skipped
-            + sum(other.skipped_full for other in backends),
-            reconnects=self._gone_reconnects + sum(other.reconnects for other in backends),
+            buffered=self.buffered(),
+            sent=counters.sent,
+            group_sent=counters.group_sent,
+            received=counters.received,
+            expired=counters.expired,
+            dropped_full=counters.dropped_full,
+            reconnects=counters.reconnects,
         )
+
+    def counters(self) -> Counters:
+        """This layer object's counters, as in :meth:`stats`, without asking the broker."""
+        return self._tally.snapshot()
+
+    def buffered(self) -> dict[str, int]:
+        """Messages this process fetched and did not hand out yet, by channel, as in
+        :meth:`stats`, without asking the broker."""
+        with self._states_lock:
+            states = list(self._states.values())
+            buffered = {channel: len(payloads) for channel, payloads in self._kept.items()}
+        for state in states:
+            # Copies: other event loops, in other threads, may change theirs meanwhile.
+            for queue in list(state.queues.values()):
+                for channel, payloads in list(queue.buffers.items()):
+                    if payloads:
+                        buffered[channel] = buffered.get(channel, 0) + len(payloads)
+        return dict(sorted(buffered.items()))
 
     def _retire(self, state: _LoopState) -> None:
         """Keep the counts of a loop state that is going away."""
-        self._gone_skipped += state.backend.skipped_full
-        self._gone_reconnects += state.backend.reconnects
+        self._tally.retire(state.backend)
 
     async def flush(self) -> None:
         """Delete every message, channel and group under this layer's prefix."""

@@ -1,8 +1,13 @@
-"""Backend discovery: one stevedore entry point per URL scheme in ``multilayer.backends``."""
+"""Backend discovery: one stevedore entry point per URL scheme in ``multilayer.backends``.
+
+A backend may also bring ``multilayer`` subcommands (the ZeroMQ hub does): one entry
+point per command name in ``multilayer.commands``, naming a ``main(argv) -> int``.
+"""
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, NoReturn
@@ -12,9 +17,18 @@ from stevedore import DriverManager
 from .backend import Backend
 from .exceptions import BackendNotFound
 
-__all__ = ["NAMESPACE", "BackendInfo", "installed_backends", "load_backend"]
+__all__ = [
+    "COMMANDS",
+    "NAMESPACE",
+    "BackendInfo",
+    "command_names",
+    "installed_backends",
+    "load_backend",
+    "load_command",
+]
 
 NAMESPACE = "multilayer.backends"
+COMMANDS = "multilayer.commands"
 
 
 @dataclass(frozen=True)
@@ -93,3 +107,25 @@ def installed_backends() -> list[BackendInfo]:
             BackendInfo(scheme, ep.value.split()[0], next(iter(ep.extras), None), problem)
         )
     return result
+
+
+def command_names() -> list[str]:
+    """The ``multilayer`` subcommands plugins register."""
+    return sorted({ep.name for ep in entry_points(group=COMMANDS)})
+
+
+def load_command(name: str) -> Callable[[list[str]], int]:
+    """The ``main`` of subcommand ``name``; BackendNotFound naming the extra if it lacks one."""
+    found = [ep for ep in entry_points(group=COMMANDS) if ep.name == name]
+    if not found:
+        raise BackendNotFound(f"no multilayer command {name!r}")
+    try:
+        command: Callable[[list[str]], int] = found[0].load()
+    except ImportError as error:
+        if (error.name or "").startswith("multilayer."):
+            raise
+        raise BackendNotFound(
+            f"the {name!r} command needs a library that is not installed ({error}); "
+            f"{_install_hint(found[0])}"
+        ) from error
+    return command

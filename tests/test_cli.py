@@ -115,6 +115,22 @@ def test_hub_subcommand_runs_the_zeromq_hub() -> None:
     assert f"hub listening on tcp://127.0.0.1:{port}" in output
 
 
+def test_a_plugin_command_without_its_library_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    import multilayer.plugins
+
+    # As the hub's entry point loads without pyzmq: its module fails to import.
+    missing = EntryPoint("hub", "no_such_client_library:main [zmq]", multilayer.plugins.COMMANDS)
+    monkeypatch.setattr(multilayer.plugins, "entry_points", lambda group: [missing])
+    assert main(["hub", "--bind", "tcp://127.0.0.1:1"]) == 2
+    error = capsys.readouterr().err
+    assert "'hub' command needs a library that is not installed" in error
+    assert "pip install 'multilayer[zmq]'" in error
+
+
 # -- stats and ping ------------------------------------------------------------------
 
 SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"

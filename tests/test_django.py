@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.brokers import require_module
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.chat.settings")
 
 
@@ -127,5 +129,41 @@ def test_chat_page_renders_the_room(application: Any) -> None:
         assert response["status"] == 200
         script = b'<script id="room-name" type="application/json">"lobby"</script>'
         assert script in response["body"]
+
+    run(body)
+
+
+def test_metrics_endpoint_counts_the_chat(application: Any) -> None:
+    from channels.testing import WebsocketCommunicator
+
+    require_module("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def scrape() -> dict[str, float]:
+        response = await http(application, "GET", "/metrics")
+        assert response["status"] == 200, response
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(response["body"].decode())
+            for sample in family.samples
+            if sample.labels.get("scheme") == "memory" and sample.labels.get("prefix") == "asgi"
+        }
+
+    async def body() -> None:
+        before = await scrape()
+        alice = WebsocketCommunicator(application, "/ws/chat/metrics/?user=alice")
+        assert (await alice.connect())[0]
+        for text in ("one", "two"):
+            await alice.send_json_to({"text": text})
+            assert (await alice.receive_json_from(timeout=5))["text"] == text
+        await alice.disconnect()
+        after = await scrape()
+        assert (
+            after["multilayer_group_sends_total"] - before.get("multilayer_group_sends_total", 0)
+            == 3
+        )
+        assert after["multilayer_messages_received_total"] > before.get(
+            "multilayer_messages_received_total", 0
+        )
 
     run(body)

@@ -105,7 +105,8 @@ class Chat:
     """Two daphne servers (``a``, ``b``) and optionally one worker on one layer URL."""
 
     def __init__(self, url: str, logs: Path, *, worker: bool) -> None:
-        self.url = with_prefix(url, "chat" + secrets.token_hex(4))
+        self.prefix = "chat" + secrets.token_hex(4)
+        self.url = with_prefix(url, self.prefix)
         env = {
             **os.environ,
             "MULTILAYER_URL": self.url,
@@ -246,6 +247,38 @@ def test_messages_cross_processes_both_ways(chat: Chat) -> None:
 
     run(body)
     chat.check_alive()
+
+
+def scrape(url: str, prefix: str) -> dict[str, float]:
+    """The samples of the layer prefix ``prefix`` at ``url``, a server's /metrics."""
+    parser = require_module("prometheus_client.parser")
+    with urllib.request.urlopen(url, timeout=EVENT_TIMEOUT) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in parser.text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("prefix") == prefix
+    }
+
+
+def test_each_server_counts_its_part_at_metrics(chat: Chat) -> None:
+    here = room()
+    before = {server: scrape(chat.http(server, "/metrics"), chat.prefix) for server in "ab"}
+
+    async def body() -> None:
+        async with chat.ws("a", here, "alice") as alice, chat.ws("b", here, "bob") as bob:
+            await alice.send(json.dumps({"text": "counted"}))
+            await next_event(bob, kind="message", text="counted")
+
+    run(body)
+    after = {server: scrape(chat.http(server, "/metrics"), chat.prefix) for server in "ab"}
+
+    def moved(server: str, name: str) -> float:
+        return after[server][name] - before[server].get(name, 0)
+
+    assert moved("a", "multilayer_group_sends_total") >= 1
+    assert moved("b", "multilayer_messages_received_total") >= 1
 
 
 async def group_members(url: str, group: str) -> int | None:

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 import pytest
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
-from multilayer.backends.kafka import KafkaBackend, _Machine
+from multilayer.backends.kafka import KafkaBackend
+from multilayer.backends.kafka.client import client_config
+from multilayer.backends.kafka.log import Machine
 from multilayer.fanout import open_envelope
 from multilayer.serialization import deadline_of, largest_payload, pack
 from tests.support.brokers import certificates, require_module
@@ -72,8 +74,12 @@ def backend_for(url: str, **options: Any) -> KafkaBackend:
     return backend
 
 
+def config_of(backend: KafkaBackend) -> dict[str, Any]:
+    return client_config(backend.url, backend.config)
+
+
 def test_plain_url_defaults_the_port_and_keeps_every_host() -> None:
-    config = backend_for("kafka://one,two:9093")._client_config()
+    config = config_of(backend_for("kafka://one,two:9093"))
     assert config["bootstrap_servers"] == ["one:9092", "two:9093"]
     assert "security_protocol" not in config
 
@@ -87,7 +93,7 @@ def test_ssl_url_builds_the_tls_context_and_passes_sasl_credentials(tmp_path: Pa
     backend = backend_for(
         url, ssl_certfile=str(certs / "client.pem"), ssl_keyfile=str(certs / "client.key")
     )
-    config = backend._client_config()
+    config = config_of(backend)
     assert config["security_protocol"] == "SASL_SSL"
     assert config["sasl_mechanism"] == "SCRAM-SHA-512"
     assert (config["sasl_plain_username"], config["sasl_plain_password"]) == ("app", "s:cret")
@@ -97,10 +103,10 @@ def test_ssl_url_builds_the_tls_context_and_passes_sasl_credentials(tmp_path: Pa
     assert [ca["subject"] for ca in context.get_ca_certs()] == [
         ((("commonName", "multilayer test CA"),),)
     ]
-    unverified = backend_for("kafka+ssl://broker?ssl_verify=false")._client_config()
+    unverified = config_of(backend_for("kafka+ssl://broker?ssl_verify=false"))
     assert unverified["ssl_context"].verify_mode == ssl.CERT_NONE
-    assert backend_for("kafka+ssl://broker")._client_config()["security_protocol"] == "SSL"
-    plain_sasl = backend_for("kafka://app:pw@broker")._client_config()
+    assert config_of(backend_for("kafka+ssl://broker"))["security_protocol"] == "SSL"
+    plain_sasl = config_of(backend_for("kafka://app:pw@broker"))
     assert plain_sasl["security_protocol"] == "SASL_PLAINTEXT"
 
 
@@ -109,7 +115,7 @@ def test_ssl_url_builds_the_tls_context_and_passes_sasl_credentials(tmp_path: Pa
     [
         ("kafka://", "at least one broker host"),
         ("kafka://broker/topic", "no path"),
-        ("kafka://u:hunter2@broker?ssl_cafile=/ca.pem", r"needs the kafka\+ssl:// scheme"),
+        ("kafka://u:hunter2@broker?ssl_cafile=/ca.pem", r"applies only to kafka\+ssl:// URLs"),
         ("kafka://broker?acks=0", "acks"),
         ("kafka://broker?linger_ms=-1", "linger_ms"),
     ],
@@ -128,7 +134,7 @@ def payload(body: int, *, expires: float = 1e12) -> bytes:
 
 
 def test_the_log_order_decides_capacity_and_claims() -> None:
-    machine = _Machine()
+    machine = Machine()
     sends = [machine.apply(i, ["S", None, 1.0, "q", 2, payload(i)]) for i in range(3)]
     assert [outcome.accepted for outcome in sends] == [True, True, False]
     claim = machine.apply(3, ["C", "c1", 1.0, "q", 5, 100.0])
@@ -141,7 +147,7 @@ def test_the_log_order_decides_capacity_and_claims() -> None:
 
 
 def test_dead_claims_and_expired_messages_take_nothing() -> None:
-    machine = _Machine()
+    machine = Machine()
     machine.apply(0, ["C", "crashed", 1.0, "q", 1, 5.0])
     # Written after the crashed receiver's lease ran out: the message waits instead.
     assert not machine.apply(1, ["S", None, 6.0, "q", 9, payload(1)]).delivered
@@ -151,7 +157,7 @@ def test_dead_claims_and_expired_messages_take_nothing() -> None:
 
 
 def test_inbox_capacity_counts_untaken_messages_and_flush_keeps_claims() -> None:
-    machine = _Machine()
+    machine = Machine()
     machine.apply(0, ["S", None, 1.0, "specific.p!a", 2, payload(0)])
     machine.apply(1, ["S", None, 1.0, "specific.p!b", 2, payload(1)])
     assert not machine.apply(2, ["S", None, 1.0, "specific.p!a", 2, payload(2)]).accepted
@@ -165,7 +171,7 @@ def test_inbox_capacity_counts_untaken_messages_and_flush_keeps_claims() -> None
 
 
 def test_group_send_is_one_record_with_per_member_capacity() -> None:
-    machine = _Machine()
+    machine = Machine()
     for offset, member in enumerate(["a", "b", "specific.p!x"]):
         machine.apply(offset, ["A", None, 1.0, "g", member, 50.0])
     machine.apply(3, ["A", None, 1.0, "g", "old", 1.5])
@@ -177,7 +183,7 @@ def test_group_send_is_one_record_with_per_member_capacity() -> None:
 
 
 def test_group_send_puts_one_envelope_per_inbox_counted_once() -> None:
-    machine = _Machine()
+    machine = Machine()
     members = [f"specific.p!m{index}" for index in range(5)]
     for offset, member in enumerate(members):
         machine.apply(offset, ["A", None, 1.0, "g", member, 50.0 + offset])
@@ -210,7 +216,7 @@ def test_group_send_puts_one_envelope_per_inbox_counted_once() -> None:
 
 def test_group_send_records_of_older_layers_give_members_capacities() -> None:
     # Before envelopes a record keyed capacities by member; a member's is its inbox's.
-    machine = _Machine()
+    machine = Machine()
     for offset, member in enumerate(["specific.p!a", "specific.p!b"]):
         machine.apply(offset, ["A", None, 1.0, "g", member, 50.0])
     record = ["G", None, 2.0, "g", payload(2), 9, {"specific.p!b": 1, "specific.p!a": 1}]
@@ -221,14 +227,14 @@ def test_group_send_records_of_older_layers_give_members_capacities() -> None:
 
 def test_admitted_sends_are_appended_whatever_the_capacity() -> None:
     # The writer saw room; every replay must agree, so capacity is not checked again.
-    machine = _Machine()
+    machine = Machine()
     machine.apply(0, ["S", None, 1.0, "q", 1, payload(0)])
     assert machine.apply(1, ["S", None, 1.0, "q", None, payload(1)]).accepted
     assert len(machine.queues["q"].pending) == 2
 
 
 def test_given_back_messages_serve_open_claims_then_return_to_the_head() -> None:
-    machine = _Machine()
+    machine = Machine()
     machine.apply(0, ["S", None, 1.0, "q", 9, payload(0)])
     machine.apply(1, ["S", None, 1.0, "q", 9, payload(1)])
     machine.apply(2, ["C", "greedy", 1.0, "q", 2, 100.0])
@@ -283,11 +289,11 @@ def test_size_limits_admit_the_largest_encrypted_message(broker_url: str) -> Non
             await layer.send("sized.q", {"n": 1})
             assert await asyncio.wait_for(layer.receive("sized.q"), 10) == {"n": 1}
             backend = layer._state().backend
-            assert isinstance(backend, KafkaBackend) and backend._hub is not None
-            hub = backend._hub
+            assert isinstance(backend, KafkaBackend) and backend.hub is not None
+            hub = backend.hub
             assert hub.options["max_record"] == largest + 4096
-            assert hub.producer.config["max_request_size"] == largest + 4096
-            assert hub.consumer.config["max_partition_fetch_bytes"] == largest + 4096
+            assert hub.writer.producer.config["max_request_size"] == largest + 4096
+            assert hub.replay.consumer.config["max_partition_fetch_bytes"] == largest + 4096
         finally:
             await layer.close()
 
@@ -348,7 +354,7 @@ def test_linger_reaches_the_producer_and_paced_traffic_flows(broker_url: str) ->
         backend = backend_for(broker_url, prefix="linger", linger_ms=50)
         await backend.open()
         try:
-            assert backend._hub.producer.config["linger_ms"] == 50
+            assert backend.hub.writer.producer.config["linger_ms"] == 50
         finally:
             await backend.close()
         layer = ChannelLayer(broker_url, prefix="linger", linger_ms=50)

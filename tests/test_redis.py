@@ -21,7 +21,9 @@ import redis
 import redis.asyncio
 
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
-from multilayer.backends.redis import RedisBackend, _Ring
+from multilayer.backends.redis import RedisBackend
+from multilayer.backends.redis.ring import Ring
+from multilayer.backends.redis.shard import make_shards
 from multilayer.capacity import CapacityPolicy
 from multilayer.fanout import open_envelope, seal
 from multilayer.names import non_local_name
@@ -33,8 +35,8 @@ from tests.support.brokers import (
     free_port,
     redis_argv,
     redis_tls_argv,
-    require_binary,
 )
+from tests.support.faults import SentinelFailover
 
 T = TypeVar("T")
 
@@ -104,6 +106,11 @@ async def open_backend(url: str, **options: Any) -> RedisBackend:
         ("redis+sentinel://s1/0?service=a,,b", {}, "empty master name"),
         ("redis+sentinel://s1/0?service=a,a", {}, "names a master twice"),
         ("rediss://localhost/0?ssl_cert_reqs=maybe", {}, "must be one of"),
+        ("redis://localhost/0?ssl_cafile=/ca.pem", {}, "only to rediss://"),
+        ("redis://localhost/0", {"ssl_verify": False}, "only to rediss://"),
+        ("redis+sentinel://s1/0?ssl_check_hostname=false", {}, "only to rediss://"),
+        ("rediss://localhost/0?ssl_keyfile=/k.pem", {}, "ssl_keyfile needs ssl_certfile"),
+        ("rediss://localhost/0?ssl_ca_certs=/a.pem&ssl_cafile=/b.pem", {}, "set the same thing"),
         ("redis://localhost/0?socket_timeout=0.01", {}, ">= 0.2"),
         ("redis://localhost/0?retries=3", {}, "unknown option 'retries'"),
     ],
@@ -111,6 +118,34 @@ async def open_backend(url: str, **options: Any) -> RedisBackend:
 def test_bad_urls_are_refused_without_io(url: str, options: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigurationError, match=re.escape(problem)):
         ChannelLayer(url, **options)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", {"ssl_ca_certs": None, "ssl_cert_reqs": "required", "ssl_check_hostname": True}),
+        ("?ssl_cafile=/ca.pem&ssl_verify=false", {"ssl_ca_certs": "/ca.pem",
+         "ssl_cert_reqs": "none", "ssl_check_hostname": False}),
+        # The names documented before the shared TLS vocabulary still work.
+        ("?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none", {"ssl_ca_certs": "/ca.pem",
+         "ssl_cert_reqs": "none", "ssl_check_hostname": False}),
+        ("?ssl_cert_reqs=optional&ssl_check_hostname=false", {"ssl_ca_certs": None,
+         "ssl_cert_reqs": "required", "ssl_check_hostname": False}),
+        ("?ssl_certfile=/c.pem&ssl_keyfile=/k.pem", {"ssl_certfile": "/c.pem",
+         "ssl_keyfile": "/k.pem", "ssl_cert_reqs": "required"}),
+    ],
+)  # fmt: skip
+def test_tls_options_reach_redis_py_as_its_own_arguments(
+    query: str, expected: dict[str, Any]
+) -> None:
+    layer = ChannelLayer(f"rediss://h1:6380,h2/0{query}")
+    shards = make_shards(
+        layer.url, layer.backend_options, ["h1:6380", "h2:6379"], lambda _shard: None
+    )
+    for shard in shards:
+        arguments = shard.pool.connection_kwargs
+        assert {name: arguments[name] for name in expected} == expected
+    assert [shard.label for shard in shards] == ["h1:6380", "h2:6379"]
 
 
 def test_errors_never_show_the_password() -> None:
@@ -144,7 +179,7 @@ def test_unreachable_redis_is_a_broker_error_naming_the_host() -> None:
 
 def test_ring_moves_few_names_when_a_shard_is_added() -> None:
     names = [f"specific.{n:08x}!" for n in range(4000)]
-    three, four = _Ring(["a:1", "b:2", "c:3"]), _Ring(["a:1", "b:2", "c:3", "d:4"])
+    three, four = Ring(["a:1", "b:2", "c:3"]), Ring(["a:1", "b:2", "c:3", "d:4"])
     owners = [three.owner(name) for name in names]
     assert {owners.count(shard) for shard in range(3)} <= set(range(900, 1800))
     moved = sum(three.owner(name) != four.owner(name) for name in names)
@@ -632,6 +667,7 @@ def certs(tmp_path: Path) -> Path:
 
 def test_rediss_with_mutual_tls(certs: Path) -> None:
     port = free_port()
+    # ssl_ca_certs: the spelling older URLs use (an alias of ssl_cafile) still connects.
     url = (
         f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs / 'ca.pem'}"
         f"&ssl_certfile={certs / 'client.pem'}&ssl_keyfile={certs / 'client.key'}"
@@ -738,36 +774,12 @@ def test_a_restarted_shard_gets_back_the_memberships_it_held(tmp_path: Path) -> 
 
 
 def test_sentinel_discovers_the_master_and_follows_a_failover(tmp_path: Path) -> None:
-    master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(
-        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
-        "sentinel down-after-milliseconds mymaster 500\n"
-        "sentinel failover-timeout mymaster 3000\n"
-    )
-    master_dir, replica_dir = tmp_path / "master", tmp_path / "replica"
-    master_dir.mkdir()
-    replica_dir.mkdir()
-    master = BrokerProcess(
-        redis_argv(master_port, master_dir), master_port, log=tmp_path / "master.log"
-    )
-    replica = BrokerProcess(
-        redis_argv(replica_port, replica_dir, "--replicaof", "127.0.0.1", str(master_port)),
-        replica_port,
-        log=tmp_path / "replica.log",
-    )
-    sentinel = BrokerProcess(
-        [require_binary("redis-server"), str(conf), "--sentinel"],
-        sentinel_port,
-        log=tmp_path / "sentinel.log",
-    )
-    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/0?service=mymaster"
+    failover = SentinelFailover(tmp_path)
     try:
-        for process in (master, replica, sentinel):
-            process.start()
+        failover.start()
 
         async def body() -> None:
+            url = failover.url
             layer, sender = ChannelLayer(url, prefix="sn"), ChannelLayer(url, prefix="sn")
             try:
                 inbox = await layer.new_channel()
@@ -775,24 +787,13 @@ def test_sentinel_discovers_the_master_and_follows_a_failover(tmp_path: Path) ->
                 assert await asyncio.wait_for(layer.receive(inbox), 5) == {"before": True}
                 waiting = asyncio.ensure_future(layer.receive(inbox))
                 await asyncio.sleep(0.2)
-                await asyncio.to_thread(master.stop, kill=True)
-                for _ in range(300):
-                    try:
-                        await sender.send(inbox, {"after": True})
-                        break
-                    except BrokerError:
-                        await asyncio.sleep(0.1)
+                await asyncio.to_thread(failover.fail_over)
+                await sender.send(inbox, {"after": True})
                 assert await asyncio.wait_for(waiting, 20) == {"after": True}
-                promoted = redis.Redis(host="127.0.0.1", port=replica_port)
-                try:
-                    assert promoted.info("replication")["role"] == "master"
-                finally:
-                    promoted.close()
             finally:
                 await sender.close()
                 await layer.close()
 
         run(body, timeout=90)
     finally:
-        for process in (sentinel, replica, master):
-            process.stop()
+        failover.close()

@@ -1,6 +1,6 @@
 """The ZeroMQ backend beyond the shared suite: hub faults, sharding, IPC, CURVE, fuzzing.
 
-Every test starts its own hub (``python -m multilayer.backends.zmqhub``) on a free
+Every test starts its own hub (``python -m multilayer.backends.zmq.hub``) on a free
 loopback port or a socket in its temporary directory.
 """
 
@@ -25,10 +25,14 @@ import zmq
 import zmq.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError, fanout
-from multilayer.backends import zmq as zmq_backend
-from multilayer.backends.zmq import _STREAMING, ZmqBackend, _Node, _shard
-from multilayer.backends.zmqhub import DEFAULT_MAX_MESSAGE
-from multilayer.serialization import unpack_message
+from multilayer.backends.zmq import ZmqBackend
+from multilayer.backends.zmq import groups as zmq_groups
+from multilayer.backends.zmq.groups import STREAMING
+from multilayer.backends.zmq.hub.main import _exposed
+from multilayer.backends.zmq.node import Node, running_nodes
+from multilayer.backends.zmq.protocol import DEFAULT_MAX_MESSAGE, shard
+from multilayer.backends.zmq.security import RefusalLog, is_loopback
+from multilayer.serialization import pack, unpack_message
 from tests.support.brokers import BrokerProcess, free_port
 
 T = TypeVar("T")
@@ -44,7 +48,7 @@ def run(coroutine: Awaitable[T], timeout: float = 30) -> T:
 
 
 def hub_argv(endpoint: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "multilayer.backends.zmqhub", "--bind", endpoint, *extra]
+    return [sys.executable, "-m", "multilayer.backends.zmq.hub", "--bind", endpoint, *extra]
 
 
 class Hub(BrokerProcess):
@@ -87,6 +91,7 @@ async def nothing(layer: ChannelLayer, channel: str, wait: float = 0.3) -> None:
         ("zmq://127.0.0.1:5599,other", "HOST:PORT"),
         ("zmq+ipc://host/sock", "zmq\\+ipc:///path"),
         ("zmq+ipc://", "zmq\\+ipc:///path"),
+        ("zmq+ipc:///run/hub.sock?advertise=10.0.0.1", "applies only to zmq://"),
         ("zmq://127.0.0.1:5599?curve_serverkey=short", "40 Z85"),
         ("zmq://127.0.0.1:5599?curve_secretkey=" + "a" * 40, "needs curve_serverkey"),
         ("zmq://127.0.0.1:5599?timeout=soon", "timeout"),
@@ -116,13 +121,31 @@ def test_curve_secret_never_shows_in_errors() -> None:
 def test_rendezvous_sharding_is_order_free_and_spreads() -> None:
     hubs = ["h1:5599", "h2:5600", "h3:5601"]
     names = [f"chat.room{i}" for i in range(3000)]
-    placed = [hubs[_shard(name, hubs)] for name in names]
-    assert placed == [hubs[::-1][_shard(name, hubs[::-1])] for name in names]
+    placed = [hubs[shard(name, hubs)] for name in names]
+    assert placed == [hubs[::-1][shard(name, hubs[::-1])] for name in names]
     assert all(800 < placed.count(hub) < 1200 for hub in hubs)
     # Adding a hub moves only the names that now land on it.
     grown = [*hubs, "h4:5602"]
-    moved = [a for a, name in zip(placed, names, strict=True) if grown[_shard(name, grown)] != a]
+    moved = [a for a, name in zip(placed, names, strict=True) if grown[shard(name, grown)] != a]
     assert 500 < len(moved) < 1000
+
+
+def test_the_hub_depends_on_no_layer_above_it() -> None:
+    # The hub server sits low: the wire protocol and the core's helpers, never the package
+    # root (which imports the layer), the CLI or the backend classes.
+    import ast
+
+    import multilayer.backends.zmq.hub as hub_package
+
+    imported = set()
+    for path in Path(hub_package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                imported.add(("." * node.level) + (node.module or ""))
+    allowed = {".", ".groups", ".listeners", ".main", ".queues", ".server", ".state"}
+    allowed |= {"..protocol", "..security"}
+    allowed |= {"....serialization", "....names", "....fanout"}
+    assert imported <= allowed, imported - allowed
 
 
 # -- transports and sharding -----------------------------------------------------------
@@ -150,14 +173,14 @@ def _exercise(url: str) -> None:
     run(body())
 
 
-def _node_for(url: str) -> _Node:
+def _node_for(url: str) -> Node:
     hub = url.removeprefix("zmq://")
-    return next(n for n in _Node.nodes.values() if n.config.names == (hub,) and n.thread.is_alive())
+    return next(n for n in running_nodes() if n.config.names == (hub,))
 
 
-async def _lent_to_this_loop(node: _Node) -> None:
+async def _lent_to_this_loop(node: Node) -> None:
     deadline = time.monotonic() + 5
-    while node._owner is not asyncio.get_running_loop():
+    while node.lent_to is not asyncio.get_running_loop():
         assert time.monotonic() < deadline, "a loop waiting on an inbox never got the node socket"
         await asyncio.sleep(0.01)
 
@@ -177,7 +200,7 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
     channel = run(waiting_loop())  # ends without closing either layer
     node = _node_for(hub.url)
     deadline = time.monotonic() + 5
-    while node._owner is not None:  # the thread takes the socket back from the dead loop
+    while node.lent_to is not None:  # the thread takes the socket back from the dead loop
         assert time.monotonic() < deadline, "the node thread did not take its socket back"
         time.sleep(0.01)
 
@@ -189,7 +212,7 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
         await sender.send(channel, {"n": 3})
         assert await asyncio.wait_for(waiting, 5) == {"n": 3}
         await receiver.close()
-        assert node._owner is None  # closing the backend gives the socket back
+        assert node.lent_to is None  # closing the backend gives the socket back
         await sender.send(channel, {"n": 4})
         await sender.flush()
         await sender.close()
@@ -197,9 +220,9 @@ def test_node_socket_moves_to_the_receiving_loop_and_back(hub: Hub) -> None:
     run(later_loop())
 
 
-def _block_until_taken_back(node: _Node) -> None:
+def _block_until_taken_back(node: Node) -> None:
     deadline = time.monotonic() + 5
-    while node._owner is not None:
+    while node.lent_to is not None:
         assert time.monotonic() < deadline, "the node left its socket to a blocked loop"
         time.sleep(0.05)
 
@@ -244,7 +267,7 @@ async def _copied(
     sent = 0
     while _copy(sender, group) != sorted(members):
         assert time.monotonic() < deadline, "the sender never got a copy of the group"
-        for _ in range(_STREAMING + 8):  # a stream: the sender asks the hub for a copy
+        for _ in range(STREAMING + 8):  # a stream: the sender asks the hub for a copy
             await sender.group_send(group, {"warm": sent})
             sent += 1
         await asyncio.sleep(0.05)
@@ -338,7 +361,7 @@ def test_a_group_copy_leaves_an_envelope_too_large_for_a_frame_to_the_hub(
             backend = sender._state().backend
             assert isinstance(backend, ZmqBackend) and not backend._group_sends
             # As if the message were near the largest a frame holds (sockets already made).
-            monkeypatch.setattr(zmq_backend, "DEFAULT_MAX_MESSAGE", 64)
+            monkeypatch.setattr(zmq_groups, "DEFAULT_MAX_MESSAGE", 64)
             await sender.group_send("g", {"n": 1})
             assert backend._group_sends  # sent to the hub, not from the copy
             for member in members:
@@ -647,8 +670,11 @@ def test_hub_parks_one_envelope_per_inbox_and_reports_its_members_full(hub: Hub)
         assert (sorted(full), live) == (sorted(members), 3)
         assert call("stats", 7, "park")[0][0] == {"specific.nobody!": 2, "park.worker": 2}
         # The owner registering gets the envelopes, each naming both members.
-        (handed,), envelopes = call("register", 8, ["park:specific.nobody!"], "tcp://x:1", "", 5)
+        (handed, clients), envelopes = call(
+            "register", 8, ["park:specific.nobody!"], "tcp://x:1", "", 5
+        )
         assert handed == [["park:specific.nobody!", "specific.nobody!"]] * 2
+        assert clients is None  # no CURVE: no allow list for the node
         for envelope in envelopes:
             opened = fanout.open_envelope("specific.nobody!", envelope)
             assert (opened.group, opened.payload) == ("g", payload)
@@ -711,7 +737,7 @@ def test_node_survives_malformed_leased_batches(hub: Hub) -> None:
         try:
             channel = await layer.new_channel()
             key = "nodefuzz:" + channel.partition("!")[0] + "!"
-            endpoints = [n.endpoint for n in _Node.nodes.values() if n.thread.is_alive()]
+            endpoints = [n.endpoint for n in running_nodes()]
             dealer.setsockopt(zmq.LINGER, 0)
             for endpoint in endpoints:
                 dealer.connect(endpoint)
@@ -789,9 +815,352 @@ def test_curve_encrypts_and_authenticates(tmp_path: Path) -> None:
         _, stranger_secret = zmq.curve_keypair()
         run(refused(f"{base}&curve_secretkey={quote(stranger_secret.decode(), safe='')}"))
         run(refused(process.url))
-        assert "unlisted CURVE key" in process.log.read_text()
+        log = process.log.read_text()
+        assert "refused 127.0.0.1: its CURVE key is not on the allow list" in log
+        assert "its handshake failed (no CURVE, or a wrong server key)" in log
+        assert zmq.curve_public(stranger_secret).decode() not in log
     finally:
         process.stop()
+
+
+# -- secure by default -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("tcp://127.0.0.1:5599", True),
+        ("tcp://127.8.9.10:*", True),
+        ("tcp://[::1]:5599", True),
+        ("tcp://localhost:5599", True),
+        ("ipc:///run/ml.sock", True),
+        ("tcp://0.0.0.0:5599", False),
+        ("tcp://*:5599", False),
+        ("tcp://[::]:5599", False),
+        ("tcp://10.0.0.1:5599", False),
+        ("tcp://eth0:5599", False),
+        ("tcp://hub.example:5599", False),
+    ],
+)
+def test_what_counts_as_loopback(endpoint: str, loopback: bool) -> None:
+    assert is_loopback(endpoint) is loopback
+
+
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:{port}", "tcp://*:{port}", "tcp://[::]:{port}"])
+def test_the_hub_refuses_an_open_door(bind: str) -> None:
+    endpoint = bind.format(port=free_port())
+    done = subprocess.run(
+        hub_argv(f"tcp://127.0.0.1:{free_port()},{endpoint}"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert f"refusing to listen on {endpoint} without CURVE" in done.stderr
+    assert "--curve-secret-key=" in done.stderr and "--insecure" in done.stderr
+
+
+def test_insecure_lets_the_hub_open_the_door_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Checked without binding: a test never opens a port beyond loopback.
+    binds = ["tcp://127.0.0.1:5599", "tcp://0.0.0.0:5599"]
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        assert _exposed(binds, None, insecure=True) is None
+        assert _exposed(binds, b"k" * 40, insecure=False) is None
+        assert _exposed(binds[:1], None, insecure=False) is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "--insecure: listening on tcp://0.0.0.0:5599 without CURVE" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("zmq://10.1.2.3:5599", True),
+        ("zmq://hub.example:5599,127.0.0.1:5600", True),
+        ("zmq://127.0.0.1:5599?advertise=10.0.0.1", True),
+        ("zmq://10.1.2.3:5599?insecure=true", False),
+        ("zmq://10.1.2.3:5599?advertise=127.0.0.1", False),
+        ("zmq://10.1.2.3:5599?curve_serverkey=KEY", False),
+        ("zmq://[::1]:5599", False),
+        ("zmq://localhost:5599", False),
+    ],
+)
+def test_a_layer_refuses_a_node_open_to_the_network(url: str, refused: bool) -> None:
+    url = url.replace("KEY", quote(zmq.curve_keypair()[0].decode(), safe=""))
+    if refused:
+        with pytest.raises(ConfigurationError, match="insecure=true"):
+            ChannelLayer(url)
+    else:
+        ChannelLayer(url)  # no I/O: nothing to close
+
+
+def test_refused_peers_are_logged_once_each_and_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refusals = RefusalLog(logging.getLogger("multilayer.test"), window=0.3, burst=3)
+    with caplog.at_level(logging.WARNING, logger="multilayer.test"):
+        for _ in range(5):
+            refusals.refused("10.0.0.1", "no")  # one peer, again and again: one line
+        for n in range(2, 40):
+            refusals.refused(f"10.0.0.{n}", "no")  # a scan: the burst, then silence
+        assert len(caplog.records) == 3
+        time.sleep(0.35)
+        refusals.refused("10.0.0.99", "no")
+    assert len(caplog.records) == 4
+    assert caplog.records[-1].getMessage() == (
+        "refused 10.0.0.99: no (36 more refused peers not logged)"
+    )
+
+
+def _dealer(
+    context: zmq.Context[Any], endpoint: str, server: bytes | None, keys: tuple[bytes, bytes]
+) -> zmq.Socket[Any]:
+    """A DEALER to ``endpoint``: a CURVE client of ``server`` with ``keys`` (public,
+    secret), or plaintext when ``server`` is None."""
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    if server is not None:
+        dealer.setsockopt(zmq.CURVE_SERVERKEY, server)
+        dealer.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
+        dealer.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
+    dealer.connect(endpoint)
+    return dealer
+
+
+def _deliver(dealer: zmq.Socket[Any], channel: str, n: int, wait: float) -> list[Any] | None:
+    """Send ``{"n": n}`` to ``channel`` as a sender's node request does; the answer, or None
+    when none comes within ``wait`` seconds."""
+    key = "gate:" + channel.partition("!")[0] + "!"
+    payload = pack({"n": n}, time.time() + 60, max_size=1 << 20)
+    header = msgpack.packb(["deliver", n, [[key, channel, 100]], time.time() + wait, 0])
+    dealer.send_multipart([header, payload])
+    if not dealer.poll(int(wait * 1000)):
+        return None
+    answer: list[Any] = msgpack.unpackb(dealer.recv_multipart()[0])
+    return answer
+
+
+def _curve_url(port: int, server: bytes, client: tuple[bytes, bytes]) -> str:
+    """A layer URL for the CURVE hub on ``port`` (public key ``server``) as ``client``."""
+    return (
+        f"zmq://127.0.0.1:{port}?heartbeat=0.2&curve_serverkey={quote(server.decode(), safe='')}"
+        f"&curve_secretkey={quote(client[1].decode(), safe='')}"
+    )
+
+
+async def _answers(url: str) -> bool:
+    """Whether a hub takes a send from a layer on ``url`` within half a second."""
+    layer = ChannelLayer(url, prefix="probe", timeout=0.5)
+    try:
+        await layer.send("probe.q", {"n": 0})
+        await layer.flush()
+    except BrokerError:
+        return False
+    finally:
+        await layer.close()
+    return True
+
+
+def _node_of(layer: ChannelLayer) -> Node:
+    """The node serving ``layer``'s inboxes in this process."""
+    backend = layer._state().backend
+    assert isinstance(backend, ZmqBackend) and backend._node is not None
+    return backend._node
+
+
+def test_a_node_admits_only_the_clients_its_hub_allows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub_public, hub_secret = zmq.curve_keypair()
+    listed, stranger = zmq.curve_keypair(), zmq.curve_keypair()
+    process = Hub(
+        tmp_path,
+        f"--curve-secret-key={hub_secret.decode()}",
+        f"--curve-allow={listed[0].decode()}",
+    )
+    process.start()
+    url = _curve_url(process.port, hub_public, listed)
+    context: zmq.Context[Any] = zmq.Context()
+
+    async def body() -> None:
+        layer = ChannelLayer(url, prefix="gate")
+        dealers: list[zmq.Socket[Any]] = []
+        try:
+            channel = await layer.new_channel()
+            node = _node_of(layer)
+            server = node.public_key.encode()
+            # A valid key pair the hub does not list, knowing the node's key and endpoint.
+            intruder = _dealer(context, node.endpoint, server, stranger)
+            dealers.append(intruder)
+            assert _deliver(intruder, channel, 1, 1.5) is None
+            # Plaintext, to the node and to the hub.
+            plain = _dealer(context, node.endpoint, None, stranger)
+            dealers.append(plain)
+            assert _deliver(plain, channel, 2, 1.0) is None
+            plain_hub = _dealer(context, f"tcp://127.0.0.1:{process.port}", None, stranger)
+            dealers.append(plain_hub)
+            plain_hub.send_multipart([msgpack.packb(["ping", 1])])
+            assert not plain_hub.poll(1000)
+            await nothing(layer, channel, 0.5)  # nothing they sent was delivered
+            # A listed client, same request: accepted and delivered.
+            friend = _dealer(context, node.endpoint, server, listed)
+            dealers.append(friend)
+            answer = _deliver(friend, channel, 3, 5.0)
+            assert answer is not None and answer[:3] == ["ok", 3, [0]]
+            assert await recv(layer, channel) == {"n": 3}
+            await nothing(layer, channel)
+        finally:
+            for dealer in dealers:
+                dealer.close(0)
+            await layer.flush()
+            await layer.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="multilayer"):
+            run(body())
+    finally:
+        context.destroy(linger=0)
+        process.stop()
+    node_log = caplog.text
+    assert "refused 127.0.0.1: its CURVE key is not on the allow list" in node_log
+    assert "its handshake failed" in node_log
+    hub_log = process.log.read_text()
+    assert "its handshake failed" in hub_log
+    for secret_or_not in (*stranger, *listed):
+        assert secret_or_not.decode() not in node_log + hub_log
+
+
+def test_the_allow_list_changes_without_a_restart(tmp_path: Path) -> None:
+    hub_public, hub_secret = zmq.curve_keypair()
+    first, second = zmq.curve_keypair(), zmq.curve_keypair()
+    allow = tmp_path / "allow"
+    allow.write_text(f"# first only\n{first[0].decode()}\n")
+    process = Hub(
+        tmp_path, f"--curve-secret-key={hub_secret.decode()}", f"--curve-allow-file={allow}"
+    )
+    process.start()
+    assert process.process is not None
+
+    def url(keys: tuple[bytes, bytes]) -> str:
+        return _curve_url(process.port, hub_public, keys)
+
+    def hup(keys: list[tuple[bytes, bytes]]) -> None:
+        allow.write_text("".join(f"{key[0].decode()}\n" for key in keys))
+        assert process.process is not None
+        process.process.send_signal(signal.SIGHUP)
+
+    async def body() -> None:
+        owner = ChannelLayer(url(first), prefix="gate")
+        context: zmq.Context[Any] = zmq.Context()
+        try:
+            channel = await owner.new_channel()
+            node = _node_of(owner)
+            server = node.public_key.encode()
+            assert not await _answers(url(second))
+            early = _dealer(context, node.endpoint, server, second)
+            assert _deliver(early, channel, 1, 1.0) is None
+            early.close(0)
+            # Listed and SIGHUP: the hub takes new connections from it at once, the node
+            # once its next registration brings the list (a heartbeat).
+            hup([first, second])
+            deadline = time.monotonic() + 10
+            while not await _answers(url(second)):
+                assert time.monotonic() < deadline, "the hub did not read the new allow list"
+            answer = None
+            while answer is None:
+                assert time.monotonic() < deadline, "the node did not learn the new allow list"
+                later = _dealer(context, node.endpoint, server, second)
+                answer = _deliver(later, channel, 2, 0.5)
+                later.close(0)
+            assert await recv(owner, channel) == {"n": 2}
+            # Struck off: new connections are refused again, by the hub and the node.
+            hup([first])
+            await asyncio.sleep(1.0)
+            assert not await _answers(url(second))
+            struck = _dealer(context, node.endpoint, server, second)
+            assert _deliver(struck, channel, 3, 1.0) is None
+            struck.close(0)
+            await nothing(owner, channel)
+        finally:
+            context.destroy(linger=0)
+            await owner.flush()
+            await owner.close()
+
+    try:
+        run(body(), 60)
+    finally:
+        process.stop()
+    assert process.log.read_text().count("allow list replaced: ") == 2
+
+
+def test_the_hub_key_rolls_without_a_restart(tmp_path: Path) -> None:
+    old, new = zmq.curve_keypair(), zmq.curve_keypair()
+    clients = [zmq.curve_keypair() for _ in range(3)]
+    current, following = tmp_path / "hub.key", tmp_path / "next.key"
+    current.write_text(old[1].decode())
+    following.write_text("")
+    next_port = free_port()
+    process = Hub(
+        tmp_path,
+        f"--curve-secret-key-file={current}",
+        f"--next-bind=tcp://127.0.0.1:{next_port}",
+        f"--next-curve-secret-key-file={following}",
+        *(f"--curve-allow={public.decode()}" for public, _ in clients),
+    )
+    process.start()
+
+    url = _curve_url
+
+    def hup() -> None:
+        assert process.process is not None
+        process.process.send_signal(signal.SIGHUP)
+
+    async def body() -> None:
+        before = ChannelLayer(url(process.port, old[0], clients[0]), prefix="roll")
+        after = ChannelLayer(url(next_port, new[0], clients[1]), prefix="roll")
+        try:
+            old_inbox = await before.new_channel()
+            assert not await _answers(url(next_port, new[0], clients[2]))
+            following.write_text(new[1].decode())  # the new key, on the spare endpoint
+            hup()
+            deadline = time.monotonic() + 10
+            while not await _answers(url(next_port, new[0], clients[2])):
+                assert time.monotonic() < deadline, "the hub did not take its next key"
+            # Layers on either key share one hub: queues, groups and the inboxes' nodes.
+            new_inbox = await after.new_channel()
+            await before.send("roll.q", {"n": 1})
+            assert await recv(after, "roll.q") == {"n": 1}
+            await after.group_add("g", new_inbox)
+            await before.group_send("g", {"n": 2})
+            assert await recv(after, new_inbox) == {"n": 2}
+            await after.send(old_inbox, {"n": 3})
+            assert await recv(before, old_inbox) == {"n": 3}
+            # Every process has moved: retire the old key.
+            current.write_text("")
+            hup()
+            while await _answers(url(process.port, old[0], clients[2])):
+                assert time.monotonic() < deadline, "the old key still answers"
+            stranger = ChannelLayer(url(next_port, new[0], clients[2]), prefix="roll")
+            try:  # through the hub, which now reaches nodes with its new key
+                await stranger.send(new_inbox, {"n": 4})
+            finally:
+                await stranger.close()
+            assert await recv(after, new_inbox) == {"n": 4}
+            await after.send("roll.q", {"n": 5})
+            assert await recv(after, "roll.q") == {"n": 5}
+        finally:
+            await after.flush()
+            await before.close()
+            await after.close()
+
+    try:
+        run(body(), 60)
+    finally:
+        process.stop()
+    log = process.log.read_text()
+    assert f"hub stopped listening on tcp://127.0.0.1:{process.port}" in log
+    assert old[1].decode() not in log and new[1].decode() not in log
 
 
 # -- the shared suite, against a hub this test owns ---------------------------------------

@@ -1,4 +1,4 @@
-"""The chat example's pages: a room, and the announcement that a worker delivers."""
+"""The chat example's pages: a room, the announcement that a worker delivers, and metrics."""
 
 from django.urls import path
 from django.views.generic.base import RedirectView
@@ -9,4 +9,5 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/rooms/lobby/")),
     path("rooms/<slug:room>/", views.room),
     path("rooms/<slug:room>/announce", views.announce),
+    path("metrics", views.metrics),
 ]

@@ -12,7 +12,6 @@ Options: only the core ones.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from ..exceptions import ChannelFull
 from ..fanout import seal, split
 from ..names import non_local_name
 from ..serialization import deadline_of
+from ..toolkit import ProcessWide, Waiters
 
 __all__ = ["MemoryBackend"]
 
@@ -35,7 +35,7 @@ class _Store:
         self.lock = threading.Lock()
         self.queues: dict[str, deque[Item]] = {}
         self.groups: dict[str, dict[str, float]] = {}
-        self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self.waiters = Waiters()
 
     def pop_locked(self, key: str, limit: int) -> list[Item]:
         queue = self.queues.get(key)
@@ -63,34 +63,12 @@ class _Store:
             queue.clear()
             queue.extend(kept)
         queue.append(item)
-        waiters = self.waiters.get(key)
-        while waiters:
-            future = waiters.popleft()
-            if not future.done():
-                _resolve(future)
-                break
+        self.waiters.wake_one(key)
         return True
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    loop = future.get_loop()
-    try:
-        same_loop = asyncio.get_running_loop() is loop
-    except RuntimeError:
-        same_loop = False
-    if same_loop:
-        future.set_result(None)
-    elif not loop.is_closed():
-        loop.call_soon_threadsafe(_set_if_pending, future)
-
-
-def _set_if_pending(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-_stores: dict[str, _Store] = {}
-_stores_lock = threading.Lock()
+#: Stores by name; kept when no layer uses them, as a broker keeps its queues.
+_stores: ProcessWide[_Store] = ProcessWide(keep=True)
 
 
 class MemoryBackend(Backend):
@@ -107,12 +85,12 @@ class MemoryBackend(Backend):
 
     async def open(self) -> None:
         name = self.url.host or self.url.path or ""
-        with _stores_lock:
-            self._store = _stores.setdefault(name, _Store())
+        self._store = _stores.use(name, self, _Store)
         self._prefix = self.settings.prefix + ":"
 
     async def close(self) -> None:
-        """Nothing to release: the store outlives layers, like a broker."""
+        """The store outlives layers, like a broker."""
+        _stores.release(self)
 
     async def broker_version(self) -> str:
         return "in-process"
@@ -141,13 +119,13 @@ class MemoryBackend(Backend):
                 taken = store.pop_locked(key, limit)
                 if taken:
                     return taken
-                future = asyncio.get_running_loop().create_future()
-                store.waiters.setdefault(key, deque()).append(future)
+                future = store.waiters.add(key)
             try:
                 await future
             finally:
-                if not future.done():
-                    future.cancel()
+                # A cancelled receive must not stay listed (and count) as waiting.
+                with store.lock:
+                    store.waiters.discard(key, future)
 
     async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
         with self._store.lock:

@@ -83,6 +83,7 @@ CONTENDERS: dict[str, str] = {
     "raw_kafka": "multilayer.bench.peer_kafka:raw_kafka",
     "channels_zmq": "multilayer.bench.peer_zmq:channels_zmq",
     "raw_zmq": "multilayer.bench.peer_zmq:raw_zmq",
+    "multilayer_metrics": "multilayer.bench.metered:multilayer_metrics",
 }
 
 

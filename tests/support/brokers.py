@@ -412,20 +412,26 @@ def redis_server(directory: Path, *options: str) -> BrokerProcess:
     return BrokerProcess(argv, port, log=directory / f"redis-{port}.log", url=url)
 
 
-def redis_sentinel(directory: Path) -> BrokerSet:
-    """A redis-server and one Sentinel watching it as ``mymaster``."""
-    master = redis_server(directory)
+def redis_sentinel_process(directory: Path, master: int, *settings: str) -> BrokerProcess:
+    """A Redis Sentinel watching ``127.0.0.1:master`` as ``mymaster`` (quorum 1);
+    ``settings`` are more lines of its configuration."""
     port = free_port()
     config = directory / f"sentinel-{port}.conf"
     # Sentinel rewrites its configuration file as it learns: it must be its own.
+    lines = [f"port {port}", "bind 127.0.0.1", f"dir {directory}"]
     config.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
-        f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+        "\n".join([*lines, f"sentinel monitor mymaster 127.0.0.1 {master} 1", *settings, ""])
     )
     argv = [require_binary("redis-server"), str(config), "--sentinel"]
-    sentinel = BrokerProcess(argv, port, log=directory / f"sentinel-{port}.log")
     url = f"redis+sentinel://127.0.0.1:{port}/0?service=mymaster"
-    return BrokerSet(url, [master, sentinel])
+    return BrokerProcess(argv, port, log=directory / f"sentinel-{port}.log", url=url)
+
+
+def redis_sentinel(directory: Path) -> BrokerSet:
+    """A redis-server and one Sentinel watching it."""
+    master = redis_server(directory)
+    sentinel = redis_sentinel_process(directory, master.port)
+    return BrokerSet(sentinel.url, [master, sentinel])
 
 
 def rabbitmq_node(directory: Path) -> RabbitNode:

@@ -9,7 +9,10 @@ broker holds for a prefix. ``tests/test_faults.py`` runs the same scenarios over
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +20,9 @@ from typing import Any, ClassVar
 from .brokers import (
     BrokerProcess,
     RabbitNode,
+    free_port,
     rabbitmq_node,
+    redis_sentinel_process,
     redis_server,
     require_binary,
     require_module,
@@ -112,6 +117,151 @@ class RedisController(Controller):
             return sum(admin.llen(key) for key in admin.keys(f"{prefix}:q:*"))
 
 
+class Relay:
+    """A TCP relay on a free loopback port to ``127.0.0.1:target``, whose traffic towards
+    the connecting side can be held: what the target sends from then on never arrives."""
+
+    def __init__(self, target: int) -> None:
+        self.port, self.target = free_port(), target
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            far.settimeout(None)
+            self.sockets += [near, far]
+            threading.Thread(target=self._pump, args=(near, far, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(far, near, self.flowing), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, gate: threading.Event | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                # Checked after the read: bytes read while held are never passed on.
+                while gate is not None and not gate.wait(0.5):
+                    if source.fileno() < 0:
+                        return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+
+    def hold(self) -> None:
+        """From now on, nothing the target sends reaches the connected side."""
+        self.flowing.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        for each in self.sockets:
+            each.close()
+
+
+class SentinelFailover:
+    """A master, a replica replicating through a :class:`Relay`, and one Sentinel (quorum
+    1), each a process of this test on free loopback ports.
+
+    :meth:`starve` holds the replication stream, so the replica misses every write made
+    afterwards; :meth:`fail_over` SIGKILLs the master and returns once Sentinel names the
+    replica as master and the replica says it is one.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.redis = require_module("redis")
+        for name in ("master", "replica"):
+            (tmp / name).mkdir(exist_ok=True)
+        self.master = redis_server(tmp / "master")
+        self.relay = Relay(self.master.port)
+        self.replica = redis_server(
+            tmp / "replica", "--replicaof", "127.0.0.1", str(self.relay.port)
+        )
+        # A long failover-timeout also keeps Sentinel from "fixing" the replica to follow
+        # the master directly, around the relay, while the test runs.
+        self.sentinel = redis_sentinel_process(
+            tmp,
+            self.master.port,
+            # Not less: on the shared test machine a promoted replica may take 0.5 s to
+            # answer Sentinel's first ping, which then calls it down and clients find no
+            # master.
+            "sentinel down-after-milliseconds mymaster 1500",
+            "sentinel failover-timeout mymaster 120000",
+        )
+
+    @property
+    def url(self) -> str:
+        return self.sentinel.url
+
+    def _client(self, port: int) -> Any:
+        return self.redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+
+    def _until(self, what: str, check: Any, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not within {timeout:g}s: {what}")
+            time.sleep(0.05)
+
+    def start(self) -> None:
+        """Start all three; return once the replica is in sync and Sentinel knows it."""
+        self.master.start()
+        self.replica.start()
+        with self._client(self.replica.port) as replica:
+            self._until(
+                "the replica is in sync",
+                lambda: replica.info("replication").get("master_link_status") == "up",
+            )
+        self.sentinel.start()
+        with self._client(self.sentinel.port) as sentinel:
+            self._until(
+                "Sentinel knows the replica",
+                lambda: any(
+                    int(known["port"]) == self.replica.port and "s_down" not in known["flags"]
+                    for known in sentinel.sentinel_slaves("mymaster")
+                ),
+            )
+
+    def starve(self) -> None:
+        """The replica misses every write the master takes from now on."""
+        self.relay.hold()
+
+    def replica_has(self, key: str) -> bool:
+        with self._client(self.replica.port) as replica:
+            return bool(replica.exists(key))
+
+    def fail_over(self) -> None:
+        """SIGKILL the master; return once Sentinel names the replica as master to clients
+        (as redis-py asks: ``SENTINEL MASTERS``, a master not down) and the replica says it
+        is one."""
+        self.master.stop(kill=True)
+        with (
+            self._client(self.sentinel.port) as sentinel,
+            self._client(self.replica.port) as replica,
+        ):
+
+            def promoted() -> bool:
+                state = sentinel.sentinel_masters()["mymaster"]
+                return (
+                    int(state["port"]) == self.replica.port
+                    and state["is_master"]
+                    and not (state["is_sdown"] or state["is_odown"])
+                    and replica.info("replication")["role"] == "master"
+                )
+
+            self._until("Sentinel promotes the replica", promoted)
+
+    def close(self) -> None:
+        for process in (self.sentinel, self.replica, self.master):
+            process.stop()
+        self.relay.close()
+
+
 class RabbitController(Controller):
     scheme = "amqp"
     options = {"heartbeat": 2, "connect_timeout": 5.0}
@@ -161,9 +311,10 @@ class RabbitController(Controller):
 class KafkaController(Controller):
     scheme = "kafka"
     drop_is_restart = True
-    # The layer notices that a restarted in-memory Tansu holds a new log only when its own
-    # writes stop showing up (2 s); sends made before that may be lost.
-    settle = 6.0
+    # Each process checks every ~log_check (1 s) that the log is still the one it read,
+    # and starts over once a restarted in-memory Tansu holds a new one: sends made before
+    # that may be lost.
+    settle = 2.0
 
     def __init__(self, tmp: Path) -> None:
         require_module("kafka")

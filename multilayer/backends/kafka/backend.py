@@ -1,0 +1,341 @@
+"""The Kafka backend class: ``kafka://`` and ``kafka+ssl://`` on kafka-python.
+
+Features: every contract point across processes, on Apache Kafka or any broker speaking
+its protocol (CI runs Tansu); see the package docstring for the design.
+
+URL format: ``kafka://[user:password@]host[:port][,host[:port]...][?option=value...]``
+(port 9092 by default; credentials select SASL over plaintext) and
+``kafka+ssl://[user:password@]host[:port][,...]?ssl_cafile=...`` (TLS, and SASL when
+credentials are given).
+
+Options (URL query or keyword arguments), besides the core ones:
+
+* ``fetch_wait_ms`` (int, 5): how long the broker may hold a fetch while this layer is
+  busy; bounds delivery latency.
+* ``idle_fetch_wait_ms`` (int, 100): the same after ``idle_after`` seconds without traffic;
+  bounds the CPU an idle layer burns on polling.
+* ``idle_after`` (float, 2.0): seconds without traffic before polling slows down.
+* ``claim_lease`` (float, 10.0): seconds a waiting receive's claim lives unless renewed; a
+  crashed receiver's claim stops taking messages after this.
+* ``prefetch`` (int, 500): messages one receive claim on a normal channel may take when
+  they are already waiting; those no receive here wants yet go back to the channel after
+  ``prefetch_hold`` seconds.
+* ``prefetch_hold`` (float, 1.0): see ``prefetch``.
+* ``retention_hours`` (float, ``group_expiry`` + 1 h): ``retention.ms`` of the operation log
+  topic when this layer creates it; at least ``group_expiry``.
+* ``acks`` (str, ``all``): producer acknowledgements (``all`` or ``1``).
+* ``linger_ms`` (int, 0): how long kafka-python may hold a write so that later ones share
+  its record batch; adds up to that much latency and caps the batches a process writes
+  at 1000/``linger_ms`` a second, for brokers that pay per stored batch (Tansu).
+* ``log_check`` (float, 1.0): seconds between checks that the log did not come back
+  empty (one ListOffsets request, each wait 50-100 % of this); a process that finds it
+  did starts over from the new log and re-asserts its memberships.
+* ``sasl_mechanism`` (str, ``PLAIN``): ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
+* ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_verify``, ``ssl_check_hostname``:
+  the shared TLS options (:func:`multilayer.toolkit.tls_options`), ``kafka+ssl://`` only;
+  ``ssl_verify=false`` turns certificate and host name checks off, for tests only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, ClassVar
+
+import kafka
+
+from ...backend import Backend, BrokerStats, Capabilities, Item, now
+from ...capacity import CapacityPolicy
+from ...exceptions import BrokerError, ChannelFull, ConfigurationError
+from ...names import non_local_name
+from ...options import Option
+from ...serialization import largest_payload
+from ...toolkit import check_tls, tls_context, tls_options
+from ...url import LayerURL
+from .client import client_config, tls_problem
+from .hub import HUBS, Hub
+from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, GROUP_SEND, RENEW, SEND
+from .writer import RECORD_OVERHEAD
+
+__all__ = ["KafkaBackend"]
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+class KafkaBackend(Backend):
+    """Channels as a replicated state machine over one Kafka topic per prefix."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        multiprocess=True,
+        native_expiry=False,
+        native_fanout=True,
+        restartable=False,
+        restores_memberships=True,
+        queue_depth=True,
+        group_sizes=True,
+    )
+    extra: ClassVar[str | None] = "kafka"
+    options: ClassVar[Mapping[str, Option]] = {
+        "fetch_wait_ms": Option(int, 5, "broker fetch wait while busy (ms)", minimum=0),
+        "idle_fetch_wait_ms": Option(int, 100, "broker fetch wait when idle (ms)", minimum=1),
+        "idle_after": Option(float, 2.0, "seconds without traffic before slow polling", minimum=0),
+        "claim_lease": Option(float, 10.0, "seconds a receive claim lives unrenewed", minimum=0.5),
+        "prefetch": Option(int, 500, "messages one claim may take at once", minimum=1),
+        "prefetch_hold": Option(
+            float, 1.0, "seconds prefetched messages wait here before going back", minimum=0
+        ),
+        "retention_hours": Option(
+            float, None, "retention of the log topic (default: group_expiry + 1 h)", check=_positive
+        ),
+        "acks": Option(str, "all", "producer acknowledgements", choices=("all", "1")),
+        "linger_ms": Option(
+            int, 0, "how long a write may wait to share a record batch (ms)", minimum=0
+        ),
+        "sasl_mechanism": Option(
+            str, "PLAIN", "SASL mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+        ),
+        "log_check": Option(
+            float,
+            1.0,
+            "seconds between checks that the log did not come back empty (jittered)",
+            minimum=0.1,
+        ),
+        **tls_options("kafka+ssl"),
+    }
+
+    #: This instance's share of the process's connection to the log (set by :meth:`open`).
+    hub: Hub
+
+    @classmethod
+    def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
+        if not url.hosts:
+            raise ConfigurationError(f"{url.sanitized()}: name at least one broker host")
+        if url.path:
+            raise ConfigurationError(f"{url.sanitized()}: Kafka URLs take no path")
+        check_tls(url.sanitized(), options)
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        return {"kafka-python": kafka.__version__}
+
+    async def broker_version(self) -> str:
+        """The protocol version kafka-python negotiated (brokers do not name themselves)."""
+        version = self.hub.replay.consumer.config["api_version"]
+        return "Kafka protocol " + ".".join(str(part) for part in version)
+
+    def _tls_problem(self) -> str | None:
+        if self.url.scheme != "kafka+ssl":
+            return None
+        return tls_problem(self.url, tls_context(self.config))
+
+    async def open(self) -> None:
+        topic = f"multilayer.{self.settings.prefix}"
+        retention = self.config["retention_hours"]
+        least = self.settings.group_expiry / 3600
+        if retention is None:
+            retention = least + 1
+        elif retention < least:
+            raise ConfigurationError(
+                f"{self.url.sanitized()}: retention_hours={retention:g} is shorter than "
+                f"group_expiry ({least:g} h): memberships would vanish from the log"
+            )
+        options = {
+            **self.config,
+            "retention_hours": retention,
+            # The topic, the producer and the fetches all take the largest record this
+            # layer can write: an encrypted payload at max_message_size, whether or not this
+            # process encrypts, since the topic is shared and made by whoever comes first.
+            "max_record": largest_payload(self.settings.max_message_size, encrypted=True)
+            + RECORD_OVERHEAD,
+        }
+        key = f"{self.url.without_query().render()}|{topic}|{sorted(options.items())}"
+        hub = HUBS.use(key, self, lambda: Hub(topic, client_config(self.url, self.config), options))
+        hub.backends.add(self)
+        self.hub = hub
+        self._lease = float(self.config["claim_lease"])
+        self._prefetch = int(self.config["prefetch"])
+        try:
+            await asyncio.to_thread(hub.ensure_started)
+        except BaseException as error:
+            await self.close()
+            if isinstance(error, Exception):
+                reason = await asyncio.to_thread(self._tls_problem) or error
+                raise BrokerError(f"cannot open {self.url.sanitized()}: {reason}") from error
+            raise
+
+    async def close(self) -> None:
+        self.hub.backends.discard(self)
+        for hub in HUBS.release(self):
+            await asyncio.to_thread(hub.stop)
+
+    async def declare_inbox(self, inbox: str) -> None:
+        """Nothing to create: the hub replays the log from its start, so no record is missed.
+
+        Every queue, inbox or not, lives in the one log topic created by :meth:`open`.
+        """
+
+    async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        hub = self.hub
+        view = hub.view
+        token = view.admit(non_local_name(channel), capacity, len(payload))
+        if token is not None:
+            # Room is certain as far as this process can see: the record goes out admitted
+            # and the send returns without a round trip (see "Sends" in the backend docs).
+            def done(error: BaseException | None) -> None:
+                if error is not None:
+                    view.lost(token, channel, error)
+
+            hub.write([SEND, token, now(), channel, None, payload], done=done)
+            return
+        outcome = await hub.call([SEND, view.token(), now(), channel, capacity, payload])
+        if not outcome.accepted:
+            raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    def pop_nowait(self, queue: str, limit: int) -> list[Item]:
+        """Messages already in this process: held by its claims, or replayed to its inbox."""
+        hub = self.hub
+        view = hub.view
+        if not queue.endswith("!"):
+            return view.held.take(queue, limit)
+        instant = now()
+        with view.lock:
+            taken, keys = view.take_inbox(queue, limit)
+        if keys:
+            hub.writer.take_later(queue, keys, instant)
+        return taken
+
+    async def pop(self, queue: str, limit: int) -> list[Item]:
+        if queue.endswith("!"):
+            return await self._pop_inbox(queue, limit)
+        return await self._pop_shared(queue, limit)
+
+    async def _pop_inbox(self, queue: str, limit: int) -> list[Item]:
+        # Only this process receives from its inbox, so it takes messages straight from its
+        # replayed state and tells the others afterwards (the take record frees capacity).
+        hub = self.hub
+        view = hub.view
+        while True:
+            instant = now()
+            with view.lock:
+                taken, keys = view.take_inbox(queue, limit)
+                if not keys:
+                    signal = view.waiters.add(queue)
+            if keys:
+                hub.writer.take_later(queue, keys, instant)
+                if taken:
+                    return taken
+                continue
+            try:
+                await signal
+            finally:
+                with view.lock:
+                    view.waiters.discard(queue, signal)
+
+    async def _pop_shared(self, queue: str, limit: int) -> list[Item]:
+        # A normal channel may have receivers in many processes: a claim record asks for up
+        # to ``prefetch`` messages and the log order decides which ones each claim gets.
+        hub = self.hub
+        view = hub.view
+        with view.lock:
+            held = view.held.take(queue, limit)
+            if held:
+                return held
+            cid = view.token()
+            signal = view.waiters.add(cid)
+
+        claim = [CLAIM, cid, now(), queue, max(limit, self._prefetch), now() + self._lease]
+        with view.lock:
+            view.open_claims[cid] = claim
+        hub.write(claim, done=partial(view.failed, cid))
+        try:
+            while not signal.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(signal), self._lease / 3)
+                except asyncio.TimeoutError:
+                    with view.lock:
+                        claim[2], claim[5] = now(), now() + self._lease
+                    hub.write([RENEW, None, now(), queue, cid, claim[5]])
+        except asyncio.CancelledError:
+            with view.lock:
+                del view.open_claims[cid]
+                view.waiters.discard(cid, signal)
+                view.hold(queue, view.claimed.pop(cid, []))
+                # Whatever the log gives this claim before the cancel record lands is held
+                # for the next receive here (or given back), never lost in between.
+                view.abandoned.add(cid)
+            hub.write([CANCEL, None, now(), queue, cid])
+            raise
+        with view.lock:
+            del view.open_claims[cid]
+            error = view.failures.pop(cid, None)
+            messages = view.claimed.pop(cid, [])
+            view.hold(queue, messages[limit:])
+        if error is not None:
+            raise BrokerError(f"kafka log {hub.topic}: claim failed: {error}") from error
+        return [(m.channel, m.payload) for m in messages[:limit]]
+
+    async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
+        hub = self.hub
+        # Acknowledged is enough: any group send written after this record sees it.
+        await hub.acked([GROUP_ADD, None, now(), group, channel, deadline])
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        hub = self.hub
+        await hub.acked([GROUP_DISCARD, None, now(), group, channel])
+
+    async def group_send(
+        self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
+    ) -> None:
+        hub = self.hub
+        view = hub.view
+        capacities: dict[str, int] = {}
+        if not capacity.uniform:
+            # Members this process has not seen yet get the default capacity.
+            with view.lock:
+                known = list(view.machine.groups.get(group, ()))
+            # Keyed by queue: the members of one process share one envelope in its inbox.
+            capacities = {non_local_name(member): capacity.for_channel(member) for member in known}
+        # The record decides the fan-out for every process; waiting for its replay here
+        # would only delay the warnings about full members, which the replay thread logs.
+        token = view.token()
+        with view.lock:
+            view.group_senders[token] = self
+        try:
+            await hub.acked(
+                [GROUP_SEND, token, now(), group, payload, capacity.default, capacities]
+            )
+        except BaseException:
+            with view.lock:
+                view.group_senders.pop(token, None)
+            raise
+
+    async def broker_stats(self) -> BrokerStats:
+        """The replayed state, once the replay has caught up with a no-op record written now
+        (discarding a membership of the group "", which no valid name reaches)."""
+        hub = self.hub
+        view = hub.view
+        await hub.call([GROUP_DISCARD, view.token(), now(), "", ""])
+        instant = now()
+        with view.lock:
+            machine = view.machine
+            # Counted without touching the state, which only log records may change.
+            queues = {
+                name: sum(1 for message in state.pending if message.deadline > instant)
+                for name, state in machine.queues.items()
+            }
+            groups = {
+                name: sum(1 for until in members.values() if until > instant)
+                for name, members in machine.groups.items()
+            }
+        return BrokerStats(
+            queues={name: count for name, count in queues.items() if count},
+            groups={name: count for name, count in groups.items() if count},
+        )
+
+    async def flush(self) -> None:
+        hub = self.hub
+        view = hub.view
+        await hub.call([FLUSH, view.token(), now()])

@@ -1,0 +1,163 @@
+"""One process's connection to one prefix's log, shared by every layer instance of the
+process: the :class:`~.view.View`, the :class:`~.writer.Writer` and the
+:class:`~.replay.Replay` put together, started once and stopped with the last user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import weakref
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from ...backend import Backend
+from ...exceptions import BrokerError
+from ...toolkit import ProcessWide
+from .log import Outcome
+from .replay import Replay
+from .view import View
+from .writer import REPLAY_TIMEOUT, Done, Writer
+
+__all__ = ["HUBS", "Hub"]
+
+logger = logging.getLogger(__name__.rpartition(".")[0])
+
+
+class Hub:
+    """One process's connection to one prefix's log.
+
+    kafka-python is threaded, so one producer and one replay thread serve every event
+    loop of the process; instances reach the shared state under ``view.lock``.
+    """
+
+    def __init__(self, topic: str, client_config: dict[str, Any], options: Mapping[str, Any]):
+        self.topic = topic
+        self.client_config = client_config
+        self.options = options
+        self.view = View(topic, options["idle_after"])
+        self.writer = Writer(topic, options, self.view.busy)
+        self.replay = Replay(
+            topic,
+            options,
+            self.view,
+            self.writer,
+            create_topic=self.create_topic,
+            reconnected=self._reconnected,
+            log_lost=self._log_lost,
+        )
+        self.writer.on_acked = self.replay.acked
+        #: The backends reading through this hub, told of each reconnection.
+        self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
+        self._start_lock = threading.Lock()
+        self._started = False
+
+    def ensure_started(self) -> None:
+        """Create the log topic if needed, connect, and replay what the log holds (once).
+
+        Returning only once the replay has reached the end the log had at start means a
+        new layer's view (capacity, groups) is the present, not a past state. Blocking.
+        """
+        with self._start_lock:
+            if not self._started:
+                self.create_topic()
+                self.writer.start(self.client_config)
+                self.replay.start(self.client_config)
+                self._started = True
+        if not self.replay.caught_up.wait(REPLAY_TIMEOUT):
+            logger.warning(
+                "kafka log %s: replay did not reach offset %d in %gs; going on",
+                self.topic,
+                self.replay.start_end,
+                REPLAY_TIMEOUT,
+            )
+
+    def create_topic(self) -> None:
+        """Create the log topic unless it exists (first use of a prefix, broker restart)."""
+        topic = NewTopic(
+            self.topic,
+            num_partitions=1,
+            replication_factor=-1,
+            topic_configs={
+                "cleanup.policy": "delete",
+                "retention.ms": str(int(self.options["retention_hours"] * 3_600_000)),
+                "max.message.bytes": str(self.options["max_record"]),
+            },
+        )
+        admin = KafkaAdminClient(**self.client_config)
+        try:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([topic])
+        finally:
+            admin.close()
+
+    def stop(self) -> None:
+        """Give back held messages, then stop both threads and the clients (blocking)."""
+        self.replay.stop()
+        for queue, items in self.view.held.release(0):
+            self.writer.give_back(queue, items)
+        self.writer.stop()
+
+    def _reconnected(self) -> None:
+        for backend in list(self.backends):
+            backend.reconnects += 1
+
+    def _log_lost(self) -> None:
+        # Each layer adds again the memberships it made (its ledger is shared by its
+        # backends in every event loop, so one of them does it), from a thread of its own:
+        # the replay thread must go on, to replay the records that re-assert them.
+        chosen: dict[int, Backend] = {}
+        for backend in list(self.backends):
+            if len(backend.membership_ledger):
+                chosen.setdefault(id(backend.membership_ledger), backend)
+        for backend in chosen.values():
+            threading.Thread(
+                target=_reassert, args=(backend,), name="multilayer kafka re-assert", daemon=True
+            ).start()
+
+    def write(self, record: list[Any], *, done: Done | None = None) -> None:
+        """Append ``record`` to the log (see :meth:`Writer.write`)."""
+        self.writer.write(record, done=done)
+
+    async def acked(self, record: list[Any]) -> None:
+        """Write ``record`` and wait until the broker has it (not for its replay)."""
+        await self.writer.acked(record)
+
+    async def call(self, record: list[Any]) -> Outcome:
+        """Write ``record`` and wait until the replay has applied it; its outcome."""
+        view, token = self.view, record[1]
+        with view.lock:
+            signal = view.wait_for(token)
+        try:
+            self.writer.write(record, done=partial(view.failed, token))
+            await asyncio.wait_for(asyncio.shield(signal), REPLAY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BrokerError(
+                f"kafka log {self.topic}: record not replayed within {REPLAY_TIMEOUT:g}s"
+            ) from None
+        finally:
+            with view.lock:
+                view.calls.pop(token, None)
+                view.waiters.discard(token, signal)
+                error = view.failures.pop(token, None)
+                outcome = view.results.pop(token, None)
+        if outcome is not None:
+            return outcome
+        raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error
+
+
+def _reassert(backend: Backend) -> None:
+    try:
+        asyncio.run(asyncio.wait_for(backend.reassert_memberships(), REPLAY_TIMEOUT))
+    except Exception as error:
+        logger.warning("kafka: memberships not re-asserted after the log was lost: %s", error)
+
+
+#: The hubs of this process, by broker, topic and options.
+HUBS: ProcessWide[Hub] = ProcessWide()

@@ -1,0 +1,219 @@
+"""Writing to the log: one thread per process hands operations to kafka-python's producer,
+packed many to a Kafka record, in the order they were written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from queue import Empty, SimpleQueue
+from typing import Any
+
+import msgpack
+from kafka import KafkaProducer
+
+from ...backend import Item, now
+from ...exceptions import BrokerError
+from .log import HOUSEKEEPING, OPERATIONS_PER_RECORD, RETURN, TAKE
+
+__all__ = ["RECORD_OVERHEAD", "REPLAY_TIMEOUT", "Done", "Writer"]
+
+logger = logging.getLogger(__name__.rpartition(".")[0])
+
+#: Bytes a log record may add around a payload (operation, channel name, numbers).
+RECORD_OVERHEAD = 4096
+#: Longest a caller waits for its own record to come back through the log.
+REPLAY_TIMEOUT = 60.0
+#: Longest a take record waits to ride along with the next record this process writes.
+#: Takes only free capacity in the other processes' view of an inbox (this process never
+#: hands a message out twice), so they need not cost a Kafka record of their own each:
+#: brokers pay per record batch (Tansu's in-memory storage, per batch in the topic).
+_TAKE_DELAY = 0.02
+
+#: Called once the broker answered a write: with None, or with the error.
+Done = Callable[[BaseException | None], None]
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class Writer:
+    """This process's producer for one log, and the thread that feeds it.
+
+    ``busy`` is called for each record someone will wait for (polling speeds up).
+    """
+
+    def __init__(self, topic: str, options: Mapping[str, Any], busy: Callable[[], None]):
+        self.topic = topic
+        self.options = options
+        self._busy = busy
+        self._outbox: SimpleQueue[tuple[bytes, Done | None] | None] = SimpleQueue()
+        # Inbox keys taken here and not written yet, per queue, and the instant of the first.
+        self._takes: dict[str, list[tuple[int, str]]] = {}
+        self._takes_at = 0.0
+        self._takes_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.producer: Any = None
+        #: Told the offset and bytes of each record the broker acknowledged.
+        self.on_acked: Callable[[int, bytes], None] = lambda _offset, _value: None
+
+    def start(self, client_config: Mapping[str, Any]) -> None:
+        """Connect the producer and start the writer thread (blocking)."""
+        self.producer = KafkaProducer(
+            **client_config,
+            acks=self.options["acks"] if self.options["acks"] == "all" else 1,
+            # One request in flight keeps this process's records in the order it wrote them.
+            max_in_flight_requests_per_connection=1,
+            max_request_size=self.options["max_record"],
+            linger_ms=self.options["linger_ms"],
+        )
+        self._thread = threading.Thread(
+            target=self._run, name=f"multilayer kafka {self.topic} writer", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what waits, then stop the thread and the producer (blocking)."""
+        self._outbox.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.producer is not None:
+            self.producer.close(10)
+
+    def give_back(self, queue: str, items: list[Item]) -> None:
+        """Return held ``items`` of ``queue`` to the head of the queue, for every process."""
+        """Return held ``items`` of ``queue`` to the head of the queue, for every process."""
+        instant = now()
+        chunks: list[list[list[Any]]] = [[]]
+        size = 0
+        for channel, payload in items:
+            if size + len(payload) > self.options["max_record"] - RECORD_OVERHEAD:
+                chunks.append([])
+                size = 0
+            chunks[-1].append([channel, payload])
+            size += len(payload)
+        # Each record puts its messages at the head of the queue: the newest go first.
+        for chunk in reversed(chunks):
+            if chunk:
+                self.write([RETURN, None, instant, queue, chunk])
+
+    def take_later(self, queue: str, keys: list[tuple[int, str]], instant: float) -> None:
+        """Record that this process took inbox messages, with the next write (or within
+        ``_TAKE_DELAY`` seconds), merged with the other takes waiting by then."""
+        with self._takes_lock:
+            if not self._takes:
+                self._takes_at = instant
+            self._takes.setdefault(queue, []).extend(keys)
+
+    def _pending_takes(self) -> list[tuple[bytes, Done | None]]:
+        with self._takes_lock:
+            takes, since, self._takes = self._takes, self._takes_at, {}
+        return [
+            (msgpack.packb([TAKE, None, since, queue, keys], use_bin_type=True), None)
+            for queue, keys in takes.items()
+        ]
+
+    def write(self, record: list[Any], *, done: Done | None = None) -> None:
+        """Append ``record`` to the log; ``done(error or None)`` runs once the broker answered.
+
+        No I/O here: the writer thread hands the record to the producer.
+        """
+        if record[0] not in HOUSEKEEPING:
+            self._busy()
+        self._outbox.put((msgpack.packb(record, use_bin_type=True), done))
+
+    def _run(self) -> None:
+        # producer.send() blocks while the topic's metadata is unknown (after a broker
+        # restart, for max_block_ms) or its buffer is full, so it never runs in an event
+        # loop; one thread keeps this process's records in the order they were written.
+        # Operations waiting together go out as one Kafka record (msgpack values back to
+        # back): kafka-python's cost is per record, so this is what makes sends cheap.
+        limit = self.options["max_record"] - RECORD_OVERHEAD
+        while True:
+            try:
+                # Waking every _TAKE_DELAY even when idle keeps a take from waiting for a
+                # write that never comes, at a cost too small to measure.
+                entry = self._outbox.get(timeout=_TAKE_DELAY)
+            except Empty:
+                if self._takes:
+                    self._produce_all(self._pending_takes(), limit)
+                continue
+            if entry is None:
+                self._produce_all(self._pending_takes(), limit)
+                return
+            batch = [entry]
+            while len(batch) < OPERATIONS_PER_RECORD:
+                try:
+                    entry = self._outbox.get_nowait()
+                except Empty:
+                    break
+                if entry is None:
+                    self._produce_all(self._pending_takes() + batch, limit)
+                    return
+                batch.append(entry)
+            # Takes first: they name messages replayed before anything in this batch, and
+            # whoever waits for a record of the batch (stats, a flush) then sees them applied.
+            self._produce_all(self._pending_takes() + batch, limit)
+
+    def _produce_all(self, entries: list[tuple[bytes, Done | None]], limit: int) -> None:
+        """Write ``entries`` in order, as few records of at most ``limit`` bytes (and
+        ``OPERATIONS_PER_RECORD`` operations) as fit."""
+        batch: list[tuple[bytes, Done | None]] = []
+        size = 0
+        for entry in entries:
+            if batch and (size + len(entry[0]) > limit or len(batch) == OPERATIONS_PER_RECORD):
+                self._produce(batch)
+                batch, size = [], 0
+            batch.append(entry)
+            size += len(entry[0])
+        if batch:
+            self._produce(batch)
+
+    def _produce(self, batch: list[tuple[bytes, Done | None]]) -> None:
+        dones = [done for _value, done in batch if done is not None]
+
+        def answer(error: BaseException | None) -> None:
+            for done in dones:
+                done(error)
+
+        record = b"".join(value for value, _done in batch)
+        try:
+            # Always partition 0: a topic auto-created by a broker (after a restart wiped
+            # it) may have more, and only partition 0 is replayed.
+            future = self.producer.send(self.topic, record, partition=0)
+        except Exception as error:
+            logger.warning("kafka log %s: write failed: %s", self.topic, error)
+            answer(error)
+            return
+        future.add_callback(lambda metadata: self.on_acked(metadata.offset, record))
+        if dones:
+            future.add_callback(lambda _metadata: answer(None))
+            future.add_errback(answer)
+
+    async def acked(self, record: list[Any]) -> None:
+        """Write ``record`` and wait until the broker has it (not for its replay)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
+                loop.call_soon_threadsafe(_settle, answer, error)
+
+        self.write(record, done=done)
+        try:
+            await asyncio.wait_for(answer, REPLAY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BrokerError(
+                f"kafka log {self.topic}: no answer from the broker in {REPLAY_TIMEOUT:g}s"
+            ) from None
+        except Exception as error:
+            raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error

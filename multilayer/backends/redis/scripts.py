@@ -1,0 +1,330 @@
+"""The Lua scripts that make each Redis operation one atomic round trip, and the packing
+of commands in the Redis protocol.
+
+Every queue element is ``suffix \\n payload``: the channel-name suffix after ``!`` (empty
+for a normal channel and for a group envelope) and the payload, which starts with its
+8-byte big-endian deadline, so a script can drop expired messages without decoding them.
+Scripts are sent by SHA1 and loaded again when a restarted server answers NOSCRIPT.
+
+Key layout (``P`` is the layer prefix; docs/backends/redis.md gives memory costs):
+``P:q:QUEUE`` list of messages of a normal channel or process inbox (a group envelope,
+see :mod:`multilayer.fanout`, has an empty suffix); ``P:g:GROUP`` sorted set of member
+channels scored by membership deadline, kept on the shard of each member;
+``P:f:CONSUMER:QUEUE`` and ``P:l1:``/``P:l2:CONSUMER:QUEUE`` the in-flight and landing
+lists of one receiving backend instance; ``P:m:TOKEN`` a layer's membership marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError
+
+__all__ = [
+    "CHECK_MARK",
+    "GROUP_ADD",
+    "GROUP_SEND",
+    "PUSH",
+    "RECOVER",
+    "RESTORE",
+    "SCRIPTS",
+    "TAKE",
+    "Script",
+    "evalsha",
+    "pack",
+    "ttl_ms",
+]
+
+#: Extra lifetime of keys beyond the deadline of what they hold, for clock skew.
+_GRACE_MS = 1000
+
+
+class Script:
+    """A Lua script sent by SHA1, loaded again when the server answers NOSCRIPT."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+# Elements are ``suffix \n payload``; payloads start with the 8-byte big-endian deadline.
+_LUA_HELPERS = """
+-- A malformed element (another client's write) counts as live: Python logs and drops it.
+local function expired(element, now)
+  local at = string.find(element, '\\n', 1, true)
+  if not at or #element < at + 8 then return false end
+  return struct.unpack('>d', element, at + 1) <= now
+end
+local function keep_alive(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+-- Drops the expired messages at the head of a queue (deadlines grow along a queue, so
+-- that is where they are) and returns its new length.
+local function trim_expired(key, now)
+  while true do
+    local head = redis.call('LINDEX', key, 0)
+    if not head or not expired(head, now) then break end
+    redis.call('LPOP', key)
+  end
+  return redis.call('LLEN', key)
+end
+local function push(key, element, capacity, now, ttl)
+  if redis.call('LLEN', key) >= capacity and trim_expired(key, now) >= capacity then
+    return 0
+  end
+  redis.call('RPUSH', key, element)
+  keep_alive(key, ttl)
+  return 1
+end
+local function requeue(key, elements, ttl)
+  if #elements == 0 then return end
+  for i = #elements, 1, -1 do redis.call('LPUSH', key, elements[i]) end
+  keep_alive(key, ttl)
+end
+-- What a consumer holds but has not handed out: an in-flight batch whose reply was lost
+-- (its marker is not the last confirmed one) and messages in its landing lists, except
+-- in the one (numbered ``delivered``, 0 for none) whose message was handed out.
+local function held(inflight, confirmed, landings, delivered)
+  local found = {}
+  local flight = redis.call('LRANGE', inflight, 0, -1)
+  if #flight > 0 and flight[1] ~= confirmed then
+    for i = 2, #flight do found[#found + 1] = flight[i] end
+  end
+  for index, landing in ipairs(landings) do
+    if index ~= delivered then
+      for _, element in ipairs(redis.call('LRANGE', landing, 0, -1)) do
+        found[#found + 1] = element
+      end
+    end
+  end
+  redis.call('DEL', inflight, unpack(landings))
+  return found
+end
+"""
+
+# KEYS: queue. ARGV: element, capacity, now, ttl_ms. Returns 1, or 0 when full.
+PUSH = Script(
+    "push",
+    _LUA_HELPERS
+    + "return push(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))",
+)
+
+# KEYS: queue, inflight, landing 1, landing 2. ARGV: now, limit, confirmed marker, new
+# marker, delivered landing (0, 1 or 2), ttl_ms. Takes up to ``limit`` live messages,
+# oldest first, records them as the new in-flight batch and returns them as one string
+# of (4-byte length, element) pairs: far cheaper to parse than a RESP array.
+TAKE = Script(
+    "take",
+    _LUA_HELPERS
+    + """
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+local found = held(KEYS[2], ARGV[3], {KEYS[3], KEYS[4]}, tonumber(ARGV[5]))
+for _, element in ipairs(found) do
+  if not expired(element, now) then out[#out + 1] = element end
+end
+if #out > limit then
+  local extra = {}
+  for i = limit + 1, #out do extra[#extra + 1] = out[i]; out[i] = nil end
+  requeue(KEYS[1], extra, tonumber(ARGV[6]))
+end
+while #out < limit do
+  local want = limit - #out
+  local batch = redis.call('LPOP', KEYS[1], want)
+  if not batch then break end
+  for _, element in ipairs(batch) do
+    if not expired(element, now) then out[#out + 1] = element end
+  end
+  if #batch < want then break end
+end
+if #out == 0 then return '' end
+redis.call('RPUSH', KEYS[2], ARGV[4], unpack(out))
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+local framed = {}
+for _, element in ipairs(out) do
+  framed[#framed + 1] = struct.pack('>I4', #element)
+  framed[#framed + 1] = element
+end
+return table.concat(framed)
+""",
+)
+
+# KEYS: queue, inflight, landing 1, landing 2. ARGV: confirmed marker, delivered landing,
+# ttl_ms. Puts what the consumer held back at the head of the queue; returns how many.
+RECOVER = Script(
+    "recover",
+    _LUA_HELPERS
+    + """
+local found = held(KEYS[2], ARGV[1], {KEYS[3], KEYS[4]}, tonumber(ARGV[2]))
+requeue(KEYS[1], found, tonumber(ARGV[3]))
+return #found
+""",
+)
+
+# KEYS: group. ARGV: channel, deadline, ttl_ms, now. Also drops expired memberships, so
+# that a group added to but never sent to stays small.
+GROUP_ADD = Script(
+    "group_add",
+    _LUA_HELPERS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+keep_alive(KEYS[1], tonumber(ARGV[3]))
+return 1
+""",
+)
+
+# KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, the payload's
+# deadline, capacity, then (with capacity '') queue/capacity pairs for a non-uniform
+# capacity policy; a member whose queue is not among them joined after they were
+# computed, and is left out as if it had joined after this send. Returns the members
+# skipped because they were full.
+#
+# The process-specific members of one inbox get one envelope between them (the format of
+# multilayer.fanout), counted once against the inbox's capacity; a normal member gets its
+# own copy. The header is packed here as msgpack-python packs it, so that an envelope is
+# byte for byte what fanout.seal makes: cmsgpack would pack a whole-number deadline as an
+# integer and a float that fits as float32, which decode alike but are not the same bytes.
+GROUP_SEND = Script(
+    "group_send",
+    _LUA_HELPERS
+    + """
+-- msgpack heads: the type byte (and length) in front of an array or a string.
+local function array_head(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
+  return struct.pack('>BI4', 0xdd, n)
+end
+local FIXSTR = {}
+for n = 0, 31 do FIXSTR[n] = string.char(0xa0 + n) end
+local function str_head(n)
+  if n < 32 then return FIXSTR[n] end
+  if n < 256 then return string.char(0xd9, n) end
+  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
+  return struct.pack('>BI4', 0xdb, n)
+end
+
+local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local prefix, group, expires, uniform = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local capacities = {}
+for i = 8, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local full, inboxes, order = {}, {}, {}
+-- Files a member under its inbox, with its packed deadline; a normal member gets its copy.
+local function add(member, deadline)
+  local bang = string.find(member, '!', 1, true)
+  local queue = bang and string.sub(member, 1, bang) or member
+  local capacity = uniform or capacities[queue]
+  if capacity and not bang then
+    if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
+      full[#full + 1] = member
+    end
+  elseif capacity then
+    local inbox = inboxes[queue]
+    if not inbox then
+      inbox = {capacity = capacity, names = {}, deadlines = {}}
+      inboxes[queue] = inbox
+      order[#order + 1] = queue
+    end
+    local suffix, names = string.sub(member, bang + 1), inbox.names
+    names[#names + 1] = str_head(#suffix)
+    names[#names + 1] = suffix
+    inbox.deadlines[#inbox.deadlines + 1] = deadline
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+-- A membership that outlives the message is sent as lasting forever (msgpack inf): the
+-- copy expires first, so the receiver's check cannot tell the difference, and reading,
+-- formatting and packing a score per member was most of this script's time. Only the
+-- memberships ending sooner carry their deadline (struct.pack converts the score).
+local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
+for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
+local forever = struct.pack('>Bd', 0xcb, math.huge)
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')) do
+  add(member, forever)
+end
+local body = string.sub(payload, 9)
+local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
+for _, queue in ipairs(order) do
+  local inbox = inboxes[queue]
+  local count = #inbox.deadlines
+  local header = table.concat({head, array_head(count), table.concat(inbox.names),
+    array_head(count), table.concat(inbox.deadlines)})
+  local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
+    struct.pack('>I4', #header), header, body})
+  if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
+    for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
+  end
+end
+return full
+""",
+)
+
+# KEYS: group. ARGV: now, then channel, deadline, ttl_ms for each membership to restore.
+# ZADD GT: a deadline another process renewed meanwhile is never shortened, and the key's
+# lifetime only grows, as in group_add.
+RESTORE = Script(
+    "restore",
+    _LUA_HELPERS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local longest = 1
+for i = 2, #ARGV, 3 do
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[i + 1], ARGV[i])
+  longest = math.max(longest, tonumber(ARGV[i + 2]))
+end
+keep_alive(KEYS[1], longest)
+return 1
+""",
+)
+
+# KEYS: a layer's membership marker. ARGV: ttl_ms. 0 when the marker is missing (the
+# server lost what the layer wrote, or it was never written); else 1, and the marker
+# lives at least ttl_ms more.
+CHECK_MARK = Script(
+    "check memberships",
+    _LUA_HELPERS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+keep_alive(KEYS[1], tonumber(ARGV[1]))
+return 1
+""",
+)
+
+SCRIPTS = {
+    script.sha: script
+    for script in (PUSH, TAKE, RECOVER, GROUP_ADD, GROUP_SEND, RESTORE, CHECK_MARK)
+}
+
+
+def pack(command: Sequence[Any]) -> bytes:
+    """``command`` in the Redis protocol; leaner than redis-py's general packer."""
+    parts = [b"*%d\r\n" % len(command)]
+    for argument in command:
+        if type(argument) is not bytes:
+            argument = (repr(argument) if type(argument) is float else str(argument)).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(argument), argument))
+    return b"".join(parts)
+
+
+def ttl_ms(deadline: float, current: float) -> int:
+    """The lifetime (ms) of a key holding something until ``deadline``, seen at ``current``;
+    a second longer, for clock skew between processes."""
+    return max(1, int((deadline - current) * 1000)) + _GRACE_MS
+
+
+async def evalsha(connection: AbstractConnection, script: Script, *args: Any) -> Any:
+    """Run ``script`` on ``connection``, loading it first if the server forgot it."""
+    command = ("EVALSHA", script.sha, *args)
+    try:
+        await connection.send_packed_command(pack(command), check_health=False)
+        return await connection.read_response()
+    except NoScriptError:
+        await connection.send_packed_command(
+            pack(("SCRIPT", "LOAD", script.source)) + pack(command), check_health=False
+        )
+        await connection.read_response()
+        return await connection.read_response()

@@ -1,0 +1,130 @@
+"""Memberships a server lost (a restart without persistence, a failover to a replica that
+missed writes) are found and made again by each layer that created them.
+
+Each layer keeps a marker key ``P:m:TOKEN`` on every server, living as long as the
+layer's latest membership. :class:`MembershipSentry` checks it every ``membership_check``
+seconds (jittered), soon after a connection is lost or made again, and every second or so
+while a server is away: one round trip per server when nothing was lost; else the layer's
+memberships on that server are re-asserted with their original deadlines
+(:meth:`multilayer.backend.Backend.reassert_memberships`). A layer without memberships
+sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+
+from ...backend import Backend, now
+from ...exceptions import BrokerError
+from ...names import non_local_name
+from .scripts import CHECK_MARK, ttl_ms
+from .shard import Shard
+
+__all__ = ["MembershipSentry"]
+
+logger = logging.getLogger(__name__)
+
+
+class MembershipSentry:
+    """The task that keeps one backend instance's memberships on its servers."""
+
+    def __init__(
+        self,
+        owner: Backend,
+        shards: Sequence[Shard],
+        shard_of: Callable[[str], Shard],
+        interval: float,
+    ) -> None:
+        self._owner = owner
+        self._shards = shards
+        self._shard_of = shard_of
+        self._interval = interval
+        self._recheck: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """Start checking, in the running event loop."""
+        self._recheck = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="multilayer redis membership check")
+
+    async def stop(self) -> None:
+        """Stop checking; returns once the task has ended."""
+        # Before Python 3.12, wait_for() drops a cancellation that arrives as the event it
+        # waits for is set (a connection lost on the way to close()): the flag still ends
+        # the loop.
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def wake(self, _shard: Shard) -> None:
+        """A connection to a server was lost, or made again: check its memberships soon."""
+        if self._recheck is not None:
+            self._recheck.set()
+
+    async def _run(self) -> None:
+        """Check every ``interval`` seconds, soon after a connection is lost or made again,
+        and every 0.5 to 1 s while a check fails (a server is away).
+
+        A server that comes back is thus checked within about 1 s of answering, even
+        when no receive is waiting to notice, and however long it was away (a Sentinel
+        failover takes the master's down-after time and more). Waits are jittered so that
+        processes started, or reconnected, together do not check in step.
+        """
+        assert self._recheck is not None
+        interval = self._interval
+        wait = interval * random.uniform(0.5, 1.5)
+        while not self._stopped:
+            try:
+                await asyncio.wait_for(self._recheck.wait(), wait)
+                # Every process that lost its connection reconnects at about the same
+                # moment: spread their checks over half a second.
+                await asyncio.sleep(random.uniform(0.0, min(0.5, interval / 2)))
+            except asyncio.TimeoutError:
+                pass
+            if self._stopped:
+                return
+            self._recheck.clear()
+            try:
+                await self.check()
+                wait = interval * random.uniform(0.5, 1.5)
+            except BrokerError as error:
+                logger.debug("membership check deferred: %s", error)
+                wait = random.uniform(0.5, 1.0)
+            except Exception:
+                # A bug here must not end the checks for good, nor go unseen.
+                logger.exception("membership check failed")
+                wait = interval * random.uniform(0.5, 1.5)
+
+    async def check(self) -> None:
+        """One round trip per server when nothing was lost (the layer's marker is there and
+        the master did not change); else re-assert the memberships that server holds, then
+        mark it again."""
+        owner = self._owner
+        latest = owner.membership_ledger.latest()
+        if latest is None:
+            return
+        marker = f"{owner.settings.prefix}:m:{owner.membership_ledger.token}"
+        ttl = ttl_ms(latest, now())
+
+        async def check(shard: Shard) -> None:
+            found = await shard.link.call("EVALSHA", CHECK_MARK.sha, 1, marker, ttl)
+            # Read after the call, which may itself have reached a new master: a replica
+            # promoted may hold the marker and still have missed later memberships.
+            moved, shard.moved = shard.moved, False
+            if found and not moved:
+                return
+            try:
+                await owner.reassert_memberships(
+                    lambda _group, channel: self._shard_of(non_local_name(channel)) is shard
+                )
+                await shard.link.call("SET", marker, 1, "PX", ttl)
+            except BaseException:
+                shard.moved = shard.moved or moved
+                raise
+
+        await asyncio.gather(*(check(shard) for shard in self._shards))

@@ -1,0 +1,376 @@
+"""The connections to one Redis server (a shard): how commands reach it and come back.
+
+:class:`Shard` makes connections (through Sentinel for ``redis+sentinel://``) and notices
+when a server answers again after a lost connection, or when Sentinel names a new master.
+:class:`Link` carries every send and group operation of one backend instance to that
+server on one connection, in pipelined batches; :class:`Watched` is what it shares with
+the receivers (:mod:`.receiver`): replies are bounded by a watchdog, not by a timer per
+command. :func:`make_shards` turns a URL and its options into shards, and is the one place
+the shared TLS options become redis-py's ``ssl_*`` arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ...exceptions import BrokerError
+from ...url import LayerURL
+from .scripts import SCRIPTS, pack
+
+__all__ = ["TRANSIENT", "Link", "Shard", "Watched", "discard", "make_shards"]
+
+#: Errors after which a connection is dropped and made again; anything else is a bug or
+#: a misconfigured server and surfaces as BrokerError.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+#: Most commands one pipelined batch carries; bounds the memory of one write.
+_MAX_BATCH = 512
+
+
+async def _closed_while_idle(connection: AbstractConnection) -> bool:
+    """Whether an idle connection is unfit for a new command: closed, reset or holding a
+    stray reply. Nothing has been written on it yet, so the caller may reconnect and send.
+    """
+    # redis-py 8 renamed can_read_destructive() (5.x to 7.x) back to can_read().
+    check = getattr(connection, "can_read", None) or connection.can_read_destructive
+    try:
+        return bool(await check())
+    except (RedisError, OSError):
+        # redis-py 5.x to 7.x answer True for the server's EOF; 8.x raises ConnectionError
+        # for it (and for a reset), and every version raises when the parser is already
+        # gone. Letting that escape would fail the command as if its reply had been lost.
+        return True
+
+
+async def discard(connection: AbstractConnection | None, *, wait: bool = False) -> None:
+    """Close ``connection``, if any; with ``wait``, until it is closed (bounded by
+    ``connect_timeout``).
+
+    A TLS connection closes only once its shutdown has gone both ways, in the event loop:
+    releasing it without waiting when the loop is about to end leaves its socket open.
+    """
+    if connection is not None:
+        await connection.disconnect(nowait=not wait)
+
+
+class Shard:
+    """One Redis server (or Sentinel-managed master) and this instance's connections to it."""
+
+    def __init__(
+        self,
+        label: str,
+        pool: ConnectionPool,
+        sentinel: Sentinel | None,
+        timeout: float,
+        connect_timeout: float,
+        on_change: Callable[[Shard], None],
+    ) -> None:
+        self.label = label
+        # Used only as a factory of configured connections (and, for Sentinel, of master
+        # discovery): every connection here has one owner, so none is pooled.
+        self.pool = pool
+        self.sentinel = sentinel
+        #: Seconds a reply may take before the connection counts as lost. Enforced here
+        #: rather than by redis-py, whose per-write timeout costs a task per command.
+        self.timeout = timeout
+        # redis-py bounds the TCP (and TLS) connect, but reads the handshake that follows
+        # (HELLO, AUTH, SELECT) with socket_timeout=None: a server that accepts and never
+        # answers would hang the caller. So a whole connect gets both bounds.
+        self._connect_within = connect_timeout + timeout
+        #: Told when a connection to this server is lost, and when one is made again
+        #: after a loss or to a new master (the server may have lost state meanwhile).
+        self._on_change = on_change
+        #: Set by :meth:`lose`; cleared by the next connect.
+        self.lost = False
+        #: The address of the server the last connection reached (Sentinel: the master).
+        self.address: tuple[str, int] | None = None
+        #: Set when the master address changed: a promoted replica may have missed writes.
+        self.moved = False
+        self.link = Link(self)
+
+    def error(self, doing: str, error: BaseException) -> BrokerError:
+        """A BrokerError naming this shard (never its credentials), caused by ``error``."""
+        broker_error = BrokerError(f"Redis {self.label}: {doing} failed: {error}")
+        broker_error.__cause__ = error
+        return broker_error
+
+    async def connect(self) -> AbstractConnection:
+        """A new, connected connection; the caller owns it and must discard it."""
+        connection: AbstractConnection = self.pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await asyncio.wait_for(connection.connect(), self._connect_within)  # type: ignore[no-untyped-call]
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        address = (str(getattr(connection, "host", "")), int(getattr(connection, "port", 0)))
+        if self.address is not None and address != self.address:
+            self.moved = True
+        self.address = address
+        if self.lost or self.moved:
+            self.lost = False
+            self._on_change(self)
+        return connection
+
+    def lose(self) -> None:
+        """A connection to this server was lost: the backend is told now, and again when
+        a connection is made."""
+        if not self.lost:
+            self.lost = True
+            self._on_change(self)
+
+
+class Watched:
+    """Something that waits for Redis replies under the backend's watchdog.
+
+    A timer per command would cost more than the command itself (``asyncio.timeout``
+    takes several microseconds), so a command only records by when it must be answered
+    and the backend's guard task closes the connection of whatever is overdue; the
+    waiting read then fails like any lost connection.
+    """
+
+    def __init__(self, shard: Shard) -> None:
+        self._shard = shard
+        self._connection: AbstractConnection | None = None
+        #: Loop time by which the command in flight must be answered; None when idle.
+        self._deadline: float | None = None
+        self._overdue = False
+
+    def _expect_reply(self, within: float) -> None:
+        self._deadline = asyncio.get_running_loop().time() + within
+        self._overdue = False
+
+    def overdue(self, current: float) -> AbstractConnection | None:
+        """The connection to close if its reply is late (guard task only)."""
+        if self._deadline is not None and current > self._deadline:
+            self._deadline = None
+            self._overdue = True
+            return self._connection
+        return None
+
+    def _explain(self, error: BaseException) -> BaseException:
+        if self._overdue:
+            return RedisTimeoutError(f"no reply within {self._shard.timeout:g}s")
+        return error
+
+
+class Link(Watched):
+    """One connection carrying the commands of every concurrent caller, in pipelined batches.
+
+    A caller finding the connection idle sends its command itself. Commands issued while
+    a batch is on the wire are queued, and a writer task sends everything queued in one
+    write and reads the replies in order, so concurrent sends cost one round trip per
+    batch. A command whose caller was cancelled before it was written is not sent at all.
+    """
+
+    def __init__(self, shard: Shard) -> None:
+        super().__init__(shard)
+        self._pending: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._busy = False
+        self._writer: asyncio.Task[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
+
+    async def call(self, *command: Any) -> Any:
+        """Send ``command`` and return its reply; BrokerError if Redis failed."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._busy or self._pending:
+            self._pending.append((command, future))
+            self._wake()
+            return await future
+        # The common case of one caller at a time: no hop through the writer task.
+        self._busy = True
+        try:
+            await self._send([(command, future)])
+        finally:
+            self._busy = False
+            if self._pending:
+                self._wake()
+        return await future
+
+    def _wake(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name="multilayer redis writer")
+        elif not self._busy and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def _write(self) -> None:
+        # Parked rather than ended when idle: waking a task is cheaper than making one.
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        try:
+            while True:
+                if self._busy or not self._pending:
+                    self._idle = asyncio.get_running_loop().create_future()
+                    await self._idle
+                    continue
+                batch = []
+                while self._pending and len(batch) < _MAX_BATCH:
+                    entry = self._pending.popleft()
+                    if not entry[1].done():
+                        batch.append(entry)
+                self._busy = True
+                try:
+                    await self._send(batch)
+                finally:
+                    self._busy = False
+        finally:
+            for _, future in batch:
+                future.cancel()
+            self._writer = None
+            # Also reached when the event loop ends without close(): leave no socket open.
+            connection, self._connection = self._connection, None
+            await discard(connection, wait=True)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        self._expect_reply(self._shard.timeout)
+        try:
+            if self._connection is not None and await _closed_while_idle(self._connection):
+                # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
+                # nothing was sent on it, so reconnecting is safe.
+                stale, self._connection = self._connection, None
+                self._shard.lose()
+                await discard(stale)
+            if self._connection is None:
+                self._connection = await self._shard.connect()
+            connection = self._connection
+            await connection.send_packed_command(
+                b"".join(pack(command) for command, _ in batch), check_health=False
+            )
+            forgotten: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+            for command, future in batch:
+                try:
+                    reply = await connection.read_response()
+                except NoScriptError:
+                    # Not run: the server restarted and forgot its scripts. Safe to resend.
+                    forgotten.append((command, future))
+                    continue
+                except RedisError as error:
+                    if isinstance(error, TRANSIENT):
+                        raise
+                    _settle(future, error=self._shard.error(_describe(command), error))
+                    continue
+                _settle(future, reply)
+            for sha in {command[1] for command, _ in forgotten}:
+                await connection.send_packed_command(
+                    pack(("SCRIPT", "LOAD", SCRIPTS[sha].source)), check_health=False
+                )
+                await connection.read_response()
+            self._pending.extendleft(reversed(forgotten))
+        except TRANSIENT as error:
+            # Replies not read are unknown: the commands may have run, so they are not
+            # retried (a push retried could be delivered twice). The next call reconnects.
+            lost, self._connection = self._connection, None
+            self._shard.lose()
+            await discard(lost)
+            cause = self._explain(error)
+            for command, future in batch:
+                _settle(future, error=self._shard.error(_describe(command), cause))
+        except RedisError as error:
+            # A script the server refuses to load: every command still waiting fails.
+            for command, future in batch:
+                _settle(future, error=self._shard.error(_describe(command), error))
+        except BaseException:
+            # Cancelled mid-command: redis-py has closed the connection under us.
+            lost, self._connection = self._connection, None
+            await discard(lost)
+            raise
+        finally:
+            self._deadline = None
+
+    async def close(self) -> None:
+        """Stop the writer task; commands it had not sent are cancelled."""
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        connection, self._connection = self._connection, None
+        await discard(connection, wait=True)
+
+
+def _describe(command: tuple[Any, ...]) -> str:
+    if command[0] == "EVALSHA":
+        return f"{SCRIPTS[command[1]].name} script"
+    return str(command[0])
+
+
+def _settle(
+    future: asyncio.Future[Any], result: Any = None, *, error: BaseException | None = None
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def make_shards(
+    url: LayerURL,
+    config: Mapping[str, Any],
+    labels: list[str],
+    on_change: Callable[[Shard], None],
+) -> list[Shard]:
+    """One shard per label: a Sentinel service name, or ``host:port`` from the URL."""
+    timeout, connect_timeout = config["socket_timeout"], config["connect_timeout"]
+    common: dict[str, Any] = {
+        "db": int(url.path or 0),
+        "username": url.username,
+        "password": url.password,
+        "socket_timeout": None,
+        "socket_connect_timeout": connect_timeout,
+        # Never retry behind our back: a push retried after a lost reply could be
+        # delivered twice. Receivers reconnect themselves.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.scheme != "redis+sentinel":
+        if url.scheme == "rediss":
+            common.update(_redis_py_tls(config))
+        shards = []
+        for label in labels:
+            host, _, port = label.rpartition(":")
+            pool = ConnectionPool(host=host, port=int(port), **common)
+            shards.append(Shard(label, pool, None, timeout, connect_timeout, on_change))
+        return shards
+    # Typed from redis-py 8.2 on; untyped in the older releases pyproject admits.
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+        [(host, port or 26379) for host, port in url.hosts],
+        sentinel_kwargs={
+            "password": config["sentinel_password"],
+            "socket_timeout": timeout,
+            "socket_connect_timeout": connect_timeout,
+        },
+    )
+    return [
+        Shard(
+            f"sentinel service {service!r}",
+            SentinelConnectionPool(service, sentinel, **common),  # type: ignore[no-untyped-call]
+            sentinel,
+            timeout,
+            connect_timeout,
+            on_change,
+        )
+        for service in labels
+    ]
+
+
+def _redis_py_tls(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared TLS options (:func:`multilayer.toolkit.tls_options`) as redis-py spells
+    them. A client treats CERT_OPTIONAL as CERT_REQUIRED, so the old
+    ``ssl_cert_reqs=optional``, now ``ssl_verify=true``, verifies as it always did."""
+    verify = bool(config["ssl_verify"])
+    return {
+        "connection_class": SSLConnection,
+        "ssl_ca_certs": config["ssl_cafile"],
+        "ssl_certfile": config["ssl_certfile"],
+        "ssl_keyfile": config["ssl_keyfile"],
+        "ssl_cert_reqs": "required" if verify else "none",
+        "ssl_check_hostname": verify and config["ssl_check_hostname"],
+    }

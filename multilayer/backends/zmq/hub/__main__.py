@@ -1,0 +1,7 @@
+"""``python -m multilayer.backends.zmq.hub``: the same as ``multilayer hub``."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
