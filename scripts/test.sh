@@ -5,9 +5,10 @@
 # --multilayer-url) runs against, from: memory redis sentinel amqp kafka zmq (default: all
 # but sentinel). Their URLs: REDIS_URL, SENTINEL_URL, AMQP_URL, KAFKA_URL, ZMQ_URL.
 # Redis and RabbitMQ are reused when they answer on their usual loopback ports and started
-# otherwise (only when their URL points there); KAFKA_URL='kafka://{tansu}',
+# otherwise (only when their URL points there); KAFKA_URL='{kafka}',
 # ZMQ_URL='zmq://{hub}' and SENTINEL_URL='{redis-sentinel}' (the defaults) make the test
-# session start a Tansu, a ZeroMQ hub, a Redis and its Sentinel of its own on free ports,
+# session start an Apache Kafka node (from its Maven jars, resolved once into the local
+# Maven repository), a ZeroMQ hub, a Redis and its Sentinel of its own on free ports,
 # with the code of scripts/broker.sh (any URL '{KIND}' starts a broker of that kind, see
 # conftest.py). With CI=true a broker that cannot be started is a failure, never a skip.
 # MULTILAYER_SKIP_INSTALL=1 skips the pip install (the Docker test image has everything).
@@ -21,7 +22,7 @@ BACKENDS=${BACKENDS:-memory redis amqp kafka zmq}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/15}
 SENTINEL_URL=${SENTINEL_URL:-\{redis-sentinel\}}
 AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}
-KAFKA_URL=${KAFKA_URL:-kafka://\{tansu\}}
+KAFKA_URL=${KAFKA_URL:-\{kafka\}}
 ZMQ_URL=${ZMQ_URL:-zmq://\{hub\}}
 
 urls=()

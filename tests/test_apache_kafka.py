@@ -5,38 +5,24 @@ and no open port. Without Java or Maven these skip, and fail under ``CI=true``."
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
-
 from multilayer import ChannelLayer
-from tests.support.apache_kafka import ApacheKafka, listening, missing_tools, registered_brokers
+from tests.support.apache_kafka import ApacheKafka, missing_tools, registered_brokers
+from tests.support.brokers import listening, require, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def require_tools() -> None:
     """Skip without Java, Maven or kafka-python; fail instead under CI."""
     reason = missing_tools()
-    try:
-        importlib.import_module("kafka")
-    except ImportError:
-        reason = reason or "kafka-python is not installed"
-    if reason is None:
-        return
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: a missing broker or tool is a failure, not a skip)")
-    pytest.skip(reason)
+    require(reason is None, reason or "")
+    require_module("kafka")
 
 
 def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
@@ -94,32 +80,3 @@ def test_a_node_serves_a_layer_survives_a_kill_and_stops_clean() -> None:
     assert not any(alive(pid) for pid in pids)
     assert not any(listening(port) for port in (*node.ports, *node.controller_ports))
     assert not node.workdir.exists(), "the temporary working directory is removed"
-
-
-def test_the_command_prints_the_url_last_and_stops_on_sigterm(tmp_path: Path) -> None:
-    require_tools()
-    with subprocess.Popen(
-        [sys.executable, "-m", "tests.support.apache_kafka", "--workdir", str(tmp_path)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as process:
-        try:
-            assert process.stdout is not None
-            # Ready means printed: nothing follows the URL until the broker is stopped.
-            url = process.stdout.readline().strip()
-            assert url.startswith("kafka://127.0.0.1:"), url
-            port = int(url.rsplit(":", 1)[1])
-            assert registered_brokers(port) == 1
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(60) == 0
-            assert process.stdout.read() == ""
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-    deadline = time.monotonic() + 10
-    while listening(port) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not listening(port)

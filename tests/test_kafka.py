@@ -1,8 +1,9 @@
 """Kafka backend tests beyond the conformance suite: URLs and client settings, the replayed
 state machine's rules, the topic layout, a joining receiver, latency and idle CPU (broker
-restarts are in tests/test_faults.py). Every broker here is a Tansu started by the test on
-a free loopback port (tests/kafka_broker.py); the conformance suite runs against one with
-``--multilayer-url kafka://127.0.0.1:PORT``.
+restarts are in tests/test_faults.py). The broker here is an Apache Kafka node started by
+the module on free loopback ports (``KINDS["kafka"]`` in tests/support/brokers.py, as
+``scripts/broker.sh kafka`` starts it); the conformance suite runs against one with
+``--multilayer-url '{kafka}'``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from multilayer.backends.kafka.client import client_config
 from multilayer.backends.kafka.log import Machine
 from multilayer.fanout import open_envelope
 from multilayer.serialization import deadline_of, largest_payload, pack
-from tests.support.brokers import certificates, require_module
-from tests.support.kafka_broker import tansu
+from tests.support.brokers import KINDS, certificates, require_module, started
 
 kafka = require_module("kafka")
 
@@ -42,8 +42,8 @@ def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
 
 @pytest.fixture(scope="module")
 def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with tansu(tmp_path_factory.mktemp("tansu")) as process:
-        yield f"kafka://127.0.0.1:{process.port}"
+    with started(KINDS["kafka"](tmp_path_factory.mktemp("kafka"))) as broker:
+        yield broker.url
 
 
 def topics_on(url: str) -> set[str]:

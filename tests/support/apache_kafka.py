@@ -9,29 +9,27 @@ Every node is a combined broker and controller with its own ports and data direc
 One node, or a cluster of several (a controller quorum of all of them, replication factor
 the node count, ``min.insync.replicas=2``). Logs stay in each node's directory.
 
-``python -m tests.support.apache_kafka [--nodes 3]`` starts one in the foreground, prints
-its layer URL as the last line of stdout once every broker answers, and stops it on
-SIGTERM or SIGINT.
+``scripts/broker.sh kafka`` (one node) and ``scripts/broker.sh kafka-cluster`` (three)
+run one in the foreground, as every other kind of test broker.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
+
+from .brokers import free_ports, listening
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 CACHE = (
@@ -116,25 +114,6 @@ def classpath(timeout: float = 900.0) -> str:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
     os.replace(partial, cached)
     return cached.read_text().strip()
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def listening(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def registered_brokers(port: int) -> int | None:
@@ -361,14 +340,22 @@ class ApacheKafka:
         self._spawn(index, classpath())
         self._wait_ready()
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Stop every node (SIGTERM, then SIGKILL after ``grace`` seconds), wait until its
-        ports are closed, and remove the working directory if this object made it."""
+    def running(self) -> bool:
+        """Whether every node is alive."""
+        return all(process is not None and process.poll() is None for process in self._processes)
+
+    def stop(self, *, kill: bool = False, grace: float = 20.0) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after ``grace`` seconds; SIGKILL at once
+        with ``kill``), wait until its ports are closed, and remove the working directory
+        if this object made it."""
         live = [process for process in self._processes if process is not None]
         self._processes[:] = [None] * len(self._processes)
         # All at once: a node stopping alone waits on a quorum the others already left.
         for process in live:
-            process.terminate()
+            if kill:
+                process.kill()
+            else:
+                process.terminate()
         deadline = time.monotonic() + grace
         for process in live:
             try:
@@ -394,43 +381,3 @@ class ApacheKafka:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _exit_on_signal(_number: int, _frame: FrameType | None) -> None:
-    # Being told to stop is the normal end of a foreground broker: exit status 0.
-    raise SystemExit(0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run Apache Kafka in the foreground; print its layer URL last once it is ready."""
-    parser = argparse.ArgumentParser(prog="python -m tests.support.apache_kafka")
-    parser.add_argument("--nodes", type=int, default=1, help="combined broker-controllers")
-    parser.add_argument(
-        "--workdir", type=Path, help="keep data and logs here (default: a temp dir)"
-    )
-    args = parser.parse_args(argv)
-    reason = missing_tools()
-    if reason is not None:
-        print(reason, file=sys.stderr)
-        return 1
-    cluster = ApacheKafka(args.nodes, args.workdir)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    signal.signal(signal.SIGINT, _exit_on_signal)
-    try:
-        print(
-            f"Apache Kafka {kafka_version()}, {args.nodes} node(s) in {cluster.workdir}",
-            file=sys.stderr,
-        )
-        cluster.start()
-        print(cluster.url, flush=True)
-        while True:
-            signal.pause()
-    finally:
-        # A second signal must not cut the shutdown short and leave JVMs behind.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        cluster.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

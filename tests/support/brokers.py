@@ -59,10 +59,19 @@ def require_binary(name: str) -> str:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -451,6 +460,15 @@ def tansu_broker(directory: Path) -> BrokerProcess:
     )
 
 
+def apache_kafka(directory: Path, nodes: int) -> Broker:
+    """Apache Kafka from its Maven jars: one node, or a cluster of ``nodes``."""
+    from .apache_kafka import ApacheKafka, missing_tools
+
+    reason = missing_tools()
+    require(reason is None, reason or "")
+    return ApacheKafka(nodes, directory / "apache-kafka")
+
+
 def zmq_hub(directory: Path, *options: str) -> BrokerProcess:
     """A multilayer ZeroMQ hub; ``options`` are more of its command-line options."""
     port = free_port()
@@ -465,6 +483,8 @@ KINDS: dict[str, Callable[[Path], Broker]] = {
     "redis": redis_server,
     "redis-sentinel": redis_sentinel,
     "rabbitmq": rabbitmq_node,
-    "kafka": tansu_broker,
+    "kafka": lambda directory: apache_kafka(directory, 1),
+    "kafka-cluster": lambda directory: apache_kafka(directory, 3),
+    "tansu": tansu_broker,
     "zmq": zmq_hub,
 }
