@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -36,7 +37,7 @@ from multilayer.capacity import CapacityPolicy
 
 pika = require_module("pika")
 
-from multilayer.backends.rabbitmq import RabbitMQBackend  # noqa: E402
+from multilayer.backends.rabbitmq import RabbitMQBackend, consumer, frames, groups  # noqa: E402
 
 T = TypeVar("T")
 SHARED = "amqp://127.0.0.1:5672/"
@@ -83,11 +84,30 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
 # -- the frame short path -----------------------------------------------------------------
 
 
-def _bare_connection() -> Any:
-    """A _Connection with the state its frame short path uses, and no socket."""
-    from multilayer.backends.rabbitmq import _Connection
+def test_pika_internals_the_frame_short_path_relies_on_are_there() -> None:
+    """frames.py reaches into pika's private parts; a pika release that changes them must
+    fail here, by name, rather than corrupt traffic."""
+    problems = frames.missing_internals()
+    assert not problems, (
+        f"pika {pika.__version__} changed internals that multilayer/backends/rabbitmq/"
+        f"frames.py relies on: {'; '.join(problems)}"
+    )
 
-    connection: Any = object.__new__(_Connection)
+
+def test_the_pika_internals_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    connection_class = pika.connection.Connection
+    methods, attributes = frames.INTERNALS[connection_class]
+    changed = {**methods, "_on_data_available": ("data",), "_gone": ()}
+    monkeypatch.setitem(frames.INTERNALS, connection_class, (changed, (*attributes, "_never_set")))
+    problems = "\n".join(frames.missing_internals())
+    assert "Connection._on_data_available takes ('data_in',), not ('data',)" in problems
+    assert "Connection._gone is gone" in problems
+    assert "no longer sets self._never_set" in problems
+
+
+def _bare_connection() -> Any:
+    """A FastConnection with the state its frame short path uses, and no socket."""
+    connection: Any = object.__new__(frames.FastConnection)
     connection.deliveries, connection.confirms, connection._incoming = {}, {}, {}
     connection._publish_methods = {}
     connection._frame_buffer = b""
@@ -195,7 +215,7 @@ def test_url_and_options_reach_pika() -> None:
         "amqp://alice:s%40cret@rabbit.example:5673/tenant"
         "?heartbeat=15&connection_name=web-1&prefetch=8"
     )
-    parameters = backend._parameters("rabbit.example", 5673)
+    parameters = backend.link.parameters("rabbit.example", 5673)
     assert (parameters.host, parameters.port, parameters.virtual_host) == (
         "rabbit.example",
         5673,
@@ -209,32 +229,46 @@ def test_url_and_options_reach_pika() -> None:
     assert parameters.client_properties == {"connection_name": "web-1"}
     assert parameters.ssl_options is None
     assert backend.prefetch == 8
-    defaults = _backend("amqp://")._parameters("localhost", None)
+    defaults = _backend("amqp://").link.parameters("localhost", None)
     assert (defaults.port, defaults.virtual_host, defaults.credentials.username) == (
         5672,
         "/",
         "guest",
     )
-    assert _backend("amqp://h/%2F")._parameters("h", None).virtual_host == "/"
+    assert _backend("amqp://h/%2F").link.parameters("h", None).virtual_host == "/"
 
 
 def test_tls_options(tmp_path: Path) -> None:
     certs = certificates(tmp_path)
     ca, cert, key = certs / "ca.pem", certs / "client.pem", certs / "client.key"
-    backend = _backend(f"amqps://h?ca_file={ca}&cert_file={cert}&key_file={key}")
-    parameters = backend._parameters("h", None)
-    assert parameters.port == 5671
-    assert parameters.ssl_options.server_hostname == "h"
-    assert parameters.ssl_options.context.check_hostname
-    unverified = _backend("amqps://h?verify=false")._parameters("h", None)
-    assert not unverified.ssl_options.context.check_hostname
+    for query in (
+        f"ssl_cafile={ca}&ssl_certfile={cert}&ssl_keyfile={key}",
+        f"ca_file={ca}&cert_file={cert}&key_file={key}",  # the documented aliases
+    ):
+        parameters = _backend(f"amqps://h?{query}").link.parameters("h", None)
+        assert parameters.port == 5671
+        assert parameters.ssl_options.server_hostname == "h"
+        context = parameters.ssl_options.context
+        assert context.check_hostname
+        assert context.verify_mode == ssl.CERT_REQUIRED
+    for query in ("verify=false", "ssl_verify=false"):
+        # As before the shared vocabulary: no certificate check means no host-name check.
+        context = _backend(f"amqps://h?{query}").link.parameters("h", None).ssl_options.context
+        assert (context.check_hostname, context.verify_mode) == (False, ssl.CERT_NONE)
+    context = _backend("amqps://h?ssl_check_hostname=false").link.parameters("h", None)
+    assert not context.ssl_options.context.check_hostname
+    assert context.ssl_options.context.verify_mode == ssl.CERT_REQUIRED
 
 
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
         ("amqp://h?ca_file=/ca.pem", "amqps://"),
-        ("amqps://h?key_file=/k.pem", "cert_file"),
+        ("amqp://h?ssl_cafile=/ca.pem", "amqps://"),
+        ("amqp://h?verify=false", "amqps://"),
+        ("amqps://h?key_file=/k.pem", "ssl_keyfile needs ssl_certfile"),
+        ("amqps://h?ssl_keyfile=/k.pem", "ssl_keyfile needs ssl_certfile"),
+        ("amqps://h?ca_file=/a.pem&ssl_cafile=/b.pem", "same thing"),
         ("amqp://h?prefetch=0", "prefetch"),
         ("amqp://h?nonsense=1", "unknown option"),
     ],
@@ -344,9 +378,7 @@ def test_process_wide_queue_state_is_dropped_with_the_last_layer_using_it(shared
     """What this process remembers per consumed queue (handed-out ids, inbox memberships)
     lives while a layer using it is open: a process that consumes many channels over its
     life, or opens and closes layers, does not keep an entry for each one for good."""
-    from multilayer.backends import rabbitmq
-
-    baseline = (len(rabbitmq._handed), len(rabbitmq._owned))
+    baseline = (len(consumer.handed_ids), len(groups.inbox_members))
 
     async def body() -> None:
         first = _layer(shared)
@@ -360,16 +392,16 @@ def test_process_wide_queue_state_is_dropped_with_the_last_layer_using_it(shared
                 assert await recv_or_none(second, f"rmq.state{n}") is None
             await second.group_send("rmq.state", {"to": "group"})
             assert await recv(first, inbox) == {"to": "group"}
-            assert len(rabbitmq._handed) >= baseline[0] + 21
-            assert len(rabbitmq._owned) == baseline[1] + 1
+            assert len(consumer.handed_ids) >= baseline[0] + 21
+            assert len(groups.inbox_members) == baseline[1] + 1
             await second.close()  # it consumed the same channels: the first still uses them
-            assert len(rabbitmq._handed) >= baseline[0] + 21
-            assert len(rabbitmq._owned) == baseline[1] + 1
+            assert len(consumer.handed_ids) >= baseline[0] + 21
+            assert len(groups.inbox_members) == baseline[1] + 1
         finally:
             await first.flush()
             await first.close()
             await second.close()
-        assert (len(rabbitmq._handed), len(rabbitmq._owned)) == baseline
+        assert (len(consumer.handed_ids), len(groups.inbox_members)) == baseline
 
     run(body)
 
@@ -600,7 +632,7 @@ def test_heartbeats_detect_a_frozen_broker(node: RabbitNode) -> None:
         waiting = asyncio.ensure_future(receiver.receive(channel))
         await asyncio.sleep(0.2)
         backend = await receiver._backend()
-        frozen_connection = backend._connection  # type: ignore[attr-defined]
+        frozen_connection = backend.link.connection  # type: ignore[attr-defined]
         node.signal(signal.SIGSTOP)
         try:
             # pika checks for silence every heartbeat + 5 seconds.

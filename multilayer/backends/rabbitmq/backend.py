@@ -1,0 +1,193 @@
+"""The backend class: options, and the Backend contract on top of the package's parts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import pika
+
+from ...backend import Backend, Capabilities, Item, LayerSettings, now
+from ...capacity import CapacityPolicy
+from ...exceptions import BrokerError, ChannelFull
+from ...names import non_local_name
+from ...options import Option
+from ...serialization import deadline_of
+from ...toolkit import check_tls, tls_options
+from ...url import LayerURL
+from .connection import Link
+from .consumer import Consumer, Handed, handed_ids
+from .groups import Groups, inbox_members
+from .topology import Topology, idle_lifetime
+
+__all__ = ["RabbitMQBackend"]
+
+logger = logging.getLogger(__package__)
+
+
+class RabbitMQBackend(Backend):
+    """Channels as RabbitMQ queues, groups as bindings; see the package docstring."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        multiprocess=True, native_expiry=True, native_fanout=True, restartable=False
+    )
+    extra: ClassVar[str | None] = "rabbitmq"
+    options: ClassVar[Mapping[str, Option]] = {
+        "heartbeat": Option(int, 60, "seconds between AMQP heartbeats (0: none)", minimum=0),
+        "connection_name": Option(str, "multilayer", "connection name shown by RabbitMQ"),
+        "connect_timeout": Option(
+            float, 10.0, "seconds to (re)connect before an operation fails", minimum=0.1
+        ),
+        "prefetch": Option(int, 64, "unacknowledged messages per inbox consumer", minimum=1),
+        "queue_expiry": Option(
+            float, 300.0, "seconds an unused queue lives (at least 2 x expiry)", minimum=1.0
+        ),
+        **tls_options(
+            "amqps",
+            aliases={
+                "ca_file": "ssl_cafile",
+                "cert_file": "ssl_certfile",
+                "key_file": "ssl_keyfile",
+                "verify": "ssl_verify",
+            },
+        ),
+    }
+
+    def __init__(self, url: LayerURL, settings: LayerSettings, options: Mapping[str, Any]) -> None:
+        super().__init__(url, settings, options)
+        self.prefetch: int = self.config["prefetch"]
+        lifetime = idle_lifetime(settings, self.config["queue_expiry"])
+        #: The connection, kept.
+        self.link = Link(
+            url,
+            self.config,
+            prepare=lambda connection: self.topology.declare_topology(connection),
+            restore=self._restore,
+            lost=self._lost,
+            reconnected=self._reconnected,
+            stopping=self._stop_consumers,
+            renew_every=lifetime / 2,
+        )
+        self.topology = Topology(self.link, settings, self.config["queue_expiry"])
+        self.groups = Groups(self.link, self.topology, self, self._refused_copy)
+        self._key = (url.hosts, self.link.vhost)
+        self._consumers: dict[str, Consumer] = {}
+        self._inboxes: set[str] = set()
+
+    @classmethod
+    def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
+        check_tls(url.sanitized(), options)
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        return {"pika": pika.__version__}
+
+    async def broker_version(self) -> str | None:
+        properties = getattr(self.link.connection, "server_properties", None) or {}
+        version = properties.get("version")
+        return version.decode() if isinstance(version, bytes) else version
+
+    # -- the connection's life ----------------------------------------------------------
+
+    async def open(self) -> None:
+        await self.link.open()
+
+    async def close(self) -> None:
+        await self.groups.close()
+        await self.link.close()
+        inbox_members.release(self)
+        handed_ids.release(self)
+
+    async def _restore(self) -> None:
+        """After a (re)connection: re-make the inboxes and memberships a restart lost."""
+        for name in self._inboxes:
+            await self.topology.declare(self.topology.queue(name), name)
+        await self.groups.restore(self._inboxes)
+
+    def _lost(self) -> None:
+        # A restarted broker has lost its transient queues and the catalog listing them.
+        self.topology.forget_all()
+        for consumer in self._consumers.values():
+            consumer.reset()
+
+    def _reconnected(self) -> None:
+        self.reconnects += 1
+
+    def _stop_consumers(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.cancel_pause()
+            # Acknowledges what was handed out, which RabbitMQ would otherwise deliver again.
+            consumer.stop(closing=True)
+
+    # -- channels -----------------------------------------------------------------------
+
+    async def declare_inbox(self, inbox: str) -> None:
+        queue = self.topology.queue(inbox)
+        self.groups.members(queue)  # this process owns it
+        self._inboxes.add(inbox)
+        await self.topology.declare(queue, inbox)
+
+    async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        name = non_local_name(channel)
+        queue = self.topology.queue(name)
+        kind = channel if name != channel else None
+        topology, link = self.topology, self.link
+        if topology.stale(queue):
+            await topology.declare(queue, name)
+        outcome = await link.publish("", queue, payload, kind, mandatory=True)
+        if outcome == "returned":
+            # The queue went away (idle expiry, flush, broker restart): make it again.
+            topology.forget(queue)
+            await topology.declare(queue, name)
+            outcome = await link.publish("", queue, payload, kind, mandatory=True)
+        if outcome == "nack":
+            raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+        if outcome == "returned":
+            raise BrokerError(f"RabbitMQ at {self.url.sanitized()} did not route to {queue!r}")
+
+    async def pop(self, queue: str, limit: int) -> list[Item]:
+        consumer = self._consumers.get(queue)
+        if consumer is None:
+            consumer = self._consumers[queue] = self._consumer(queue)
+        return await consumer.pop(limit)
+
+    def _consumer(self, name: str) -> Consumer:
+        queue = self.topology.queue(name)
+        size = max(256, 4 * self.prefetch)
+        handed = handed_ids.use((*self._key, queue), self, lambda: Handed(size))
+
+        def normal(_routing_key: str, _kind: str | None, body: bytes) -> list[Item]:
+            return [(name, body)] if deadline_of(body) > now() else []
+
+        return Consumer(
+            queue,
+            name,
+            link=self.link,
+            topology=self.topology,
+            prefetch=self.prefetch,
+            handed=handed,
+            open=self.groups.opener(queue, name) if name.endswith("!") else normal,
+        )
+
+    # -- groups -------------------------------------------------------------------------
+
+    async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
+        await self.groups.add(group, channel, deadline)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        await self.groups.discard(group, channel)
+
+    async def group_send(
+        self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
+    ) -> None:
+        await self.groups.send(group, payload)
+
+    def _refused_copy(self, group: str) -> None:
+        self.skip_full_members(group, 1, exact=False)
+
+    async def flush(self) -> None:
+        await self.topology.flush()
+        self.groups.clear()
+        for consumer in self._consumers.values():
+            consumer.buffer.clear()
