@@ -9,6 +9,7 @@ Broker restarts and dropped connections are in tests/test_faults.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
@@ -16,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +48,16 @@ SHARED = "amqp://127.0.0.1:5672/"
 def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
     """Run ``body()`` in a fresh event loop, bounded by ``timeout`` seconds."""
     return asyncio.run(asyncio.wait_for(body(), timeout))
+
+
+def run_quietly(body: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """:func:`run`, without the backend's warnings about the connection losses it causes."""
+    backend_logs = logging.getLogger("multilayer.backends.rabbitmq")
+    backend_logs.disabled = True
+    try:
+        return run(body, timeout)
+    finally:
+        backend_logs.disabled = False
 
 
 async def recv(layer: ChannelLayer, channel: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -610,12 +622,7 @@ def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) ->
         await sender.close()
         await receiver.close()
 
-    with_logs = logging.getLogger("multilayer.backends.rabbitmq")
-    with_logs.disabled = True
-    try:
-        run(body, timeout=120)
-    finally:
-        with_logs.disabled = False
+    run_quietly(body, timeout=120)
 
 
 # -- behaviour on our own node ----------------------------------------------------------
@@ -648,11 +655,39 @@ def test_heartbeats_detect_a_frozen_broker(node: RabbitNode) -> None:
         await sender.close()
         await receiver.close()
 
-    logging.getLogger("multilayer.backends.rabbitmq").disabled = True
-    try:
-        run(body, timeout=90)
-    finally:
-        logging.getLogger("multilayer.backends.rabbitmq").disabled = False
+    run_quietly(body, timeout=90)
+
+
+@pytest.mark.slow
+def test_a_restart_restores_normal_channel_memberships_without_extending_them(
+    node: RabbitNode,
+) -> None:
+    """The node is SIGKILLed and started again empty: the layer makes its normal-channel
+    membership again from the core's ledger, for what it had left of group_expiry only."""
+    layer = _layer(node.url, group_expiry=25, heartbeat=2, connect_timeout=5)
+
+    async def body() -> None:
+        await layer.group_add("rmq-back", "rmq.back")
+        joined = time.time()
+        await asyncio.to_thread(node.restart, kill=True)
+        got: list[int] = []
+        number = 0
+        while not got:
+            assert time.time() - joined < 20, "the membership never came back"
+            number += 1
+            with contextlib.suppress(BrokerError):
+                await layer.group_send("rmq-back", {"n": number})
+            with contextlib.suppress(asyncio.TimeoutError):
+                got.append((await asyncio.wait_for(layer.receive("rmq.back"), 0.5))["n"])
+        backend = await layer._backend()
+        assert backend.reasserted >= 1
+        await asyncio.sleep(joined + 25.5 - time.time())
+        await layer.group_send("rmq-back", {"n": 0})
+        await nothing(layer, "rmq.back")  # gone at its original deadline
+        await layer.flush()
+        await layer.close()
+
+    run_quietly(body, timeout=90)
 
 
 def test_tls_listener(node: RabbitNode) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -11,6 +13,7 @@ import pika
 from ...backend import Backend, Capabilities, Item, LayerSettings, now
 from ...capacity import CapacityPolicy
 from ...exceptions import BrokerError, ChannelFull
+from ...memberships import Membership
 from ...names import non_local_name
 from ...options import Option
 from ...serialization import deadline_of
@@ -25,12 +28,19 @@ __all__ = ["RabbitMQBackend"]
 
 logger = logging.getLogger(__package__)
 
+#: Most seconds a backend waits, after reconnecting, before re-asserting memberships.
+_RESTORE_SPREAD = 0.5
+
 
 class RabbitMQBackend(Backend):
     """Channels as RabbitMQ queues, groups as bindings; see the package docstring."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
-        multiprocess=True, native_expiry=True, native_fanout=True, restartable=False
+        multiprocess=True,
+        native_expiry=True,
+        native_fanout=True,
+        restartable=False,
+        restores_memberships=True,
     )
     extra: ClassVar[str | None] = "rabbitmq"
     options: ClassVar[Mapping[str, Option]] = {
@@ -74,6 +84,7 @@ class RabbitMQBackend(Backend):
         self._key = (url.hosts, self.link.vhost)
         self._consumers: dict[str, Consumer] = {}
         self._inboxes: set[str] = set()
+        self._opened = False
 
     @classmethod
     def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
@@ -92,6 +103,7 @@ class RabbitMQBackend(Backend):
 
     async def open(self) -> None:
         await self.link.open()
+        self._opened = True
 
     async def close(self) -> None:
         await self.groups.close()
@@ -100,10 +112,42 @@ class RabbitMQBackend(Backend):
         handed_ids.release(self)
 
     async def _restore(self) -> None:
-        """After a (re)connection: re-make the inboxes and memberships a restart lost."""
+        """After a reconnection: re-make what a restarted broker lost.
+
+        A restart always drops the connection, so every reconnection restores (a dropped
+        connection alone makes this a few idempotent declares): the inboxes made here and
+        the bindings of their groups (whoever made the memberships: the owner keeps the
+        list), then the layer's other memberships from its ledger, with the time each
+        has left.
+        """
+        if not self._opened:
+            return  # the first connection: nothing was lost
         for name in self._inboxes:
             await self.topology.declare(self.topology.queue(name), name)
-        await self.groups.restore(self._inboxes)
+        await self.groups.rebind(self._inboxes)
+        # Every process of a prefix reconnects at about the same moment after a restart:
+        # spread what they re-assert for others (normal channels, other processes'
+        # inboxes) over a moment rather than send it all at once.
+        await asyncio.sleep(random.uniform(0.0, _RESTORE_SPREAD))
+        await self.reassert_memberships(lambda _group, channel: not self.groups.owned_here(channel))
+
+    async def restore_memberships(self, entries: list[Membership]) -> None:
+        """Make each membership again with the time it has left (a normal channel's queue
+        expires then; an inbox's owner is told its original deadline)."""
+        results = await asyncio.gather(
+            *(
+                self.groups.add(group, channel, deadline, again=True)
+                for group, channel, deadline in entries
+            ),
+            return_exceptions=True,
+        )
+        for (group, channel, _deadline), result in zip(entries, results, strict=True):
+            if isinstance(result, ChannelFull):
+                # Its owner's inbox is full, so the owner is alive, and it binds again
+                # the groups it lists itself; only a join lost unread is missed.
+                logger.warning("could not re-add %r to group %r: %s", channel, group, result)
+            elif isinstance(result, BaseException):
+                raise result
 
     def _lost(self) -> None:
         # A restarted broker has lost its transient queues and the catalog listing them.

@@ -117,8 +117,6 @@ class Groups:
         self._key = (link.url.hosts, link.vhost)
         self._window = ConfirmWindow(_GROUP_WINDOW)
         self._background: set[asyncio.Task[Any]] = set()
-        #: (group, channel) -> deadline of the normal-channel memberships made here.
-        self._memberships: dict[tuple[str, str], float] = {}
 
     def members(self, queue: str) -> InboxMembers:
         """The memberships of inbox ``queue``, owned by this process."""
@@ -126,6 +124,11 @@ class Groups:
 
     def _owner_here(self, queue: str) -> InboxMembers | None:
         return inbox_members.get((*self._key, queue))
+
+    def owned_here(self, channel: str) -> bool:
+        """Whether ``channel`` is process-specific and its inbox is owned by this process."""
+        name = non_local_name(channel)
+        return name != channel and self._owner_here(self.topology.queue(name)) is not None
 
     # -- the owner's side ---------------------------------------------------------------
 
@@ -197,14 +200,14 @@ class Groups:
 
     # -- the operations -----------------------------------------------------------------
 
-    async def add(self, group: str, channel: str, deadline: float) -> None:
-        """``group_add``."""
+    async def add(self, group: str, channel: str, deadline: float, *, again: bool = False) -> None:
+        """``group_add``; ``again`` re-makes a membership a broker lost (never extending it)."""
         name = non_local_name(channel)
         queue = self.topology.queue(name)
         try:
             if name == channel:
-                await self.topology.add_member_queue(group, channel)
-                self._memberships[group, channel] = deadline
+                lifetime = deadline - now() if again else None
+                await self.topology.add_member_queue(group, channel, lifetime=lifetime)
                 return
             members = self._owner_here(queue)
             if members is not None:
@@ -227,7 +230,6 @@ class Groups:
         name = non_local_name(channel)
         queue = self.topology.queue(name)
         if name == channel:
-            self._memberships.pop((group, channel), None)
             try:
                 await self.topology.delete_member_queue(group, channel)
             except pika.exceptions.AMQPError as error:
@@ -275,22 +277,18 @@ class Groups:
 
     # -- after a reconnect, flush and close ---------------------------------------------
 
-    async def restore(self, inboxes: set[str]) -> None:
-        """Bind again the groups of ``inboxes`` and re-make the normal-channel memberships
-        made here (a restarted broker lost them)."""
+    async def rebind(self, inboxes: set[str]) -> None:
+        """Bind again the groups with a live member in ``inboxes`` (owned here, whoever
+        made the membership: a restarted broker lost the bindings, not the owner's list)."""
         for name in inboxes:
             queue = self.topology.queue(name)
-            for group in self.members(queue).groups():
-                await self.topology.bind(queue, group)
-        for (group, channel), deadline in list(self._memberships.items()):
-            if deadline > now():
-                await self.topology.add_member_queue(group, channel)
-            else:
-                del self._memberships[group, channel]
+            members = self.members(queue)
+            for group in members.groups():
+                if members.live(group):
+                    await self.topology.bind(queue, group)
 
     def clear(self) -> None:
-        """Forget every membership of the prefix known here (flush)."""
-        self._memberships.clear()
+        """Forget every inbox membership of the prefix known here (flush)."""
         for members in inbox_members.under(self._key):
             members.clear()
 

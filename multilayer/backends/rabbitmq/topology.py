@@ -163,13 +163,21 @@ class Topology:
         channel = await self.link.channel()
         await channel.call(channel.channel.queue_unbind, queue, self.exchange, routing_key=group)
 
-    async def add_member_queue(self, group: str, channel: str) -> None:
-        """Make normal ``channel`` a member: its queue must exist to receive dead letters."""
+    async def add_member_queue(
+        self, group: str, channel: str, *, lifetime: float | None = None
+    ) -> None:
+        """Make normal ``channel`` a member: its queue must exist to receive dead letters.
+
+        The membership lasts ``group_expiry`` unless renewed; with ``lifetime`` (a
+        membership made again after a restart), only what it had left, and one that
+        exists already (made again elsewhere meanwhile) is kept as it is.
+        """
         await self.declare(self.queue(channel), channel)
         member = self.member_queue(group, channel)
         admin = await self.link.channel()
+        expires = self.settings.group_expiry if lifetime is None else lifetime
         arguments = {
-            "x-expires": max(1, math.ceil(self.settings.group_expiry * 1000)),
+            "x-expires": max(1, math.ceil(expires * 1000)),
             "x-message-ttl": 0,
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.queue(channel),
@@ -179,10 +187,12 @@ class Topology:
         except pika.exceptions.AMQPError as error:
             if reply_code(error) != PRECONDITION_FAILED:
                 raise
-            # Made by a layer with another group_expiry; it holds no message, so replace it.
             admin = await self.link.channel()
-            await admin.call(admin.channel.queue_delete, member)
-            await admin.call(admin.channel.queue_declare, member, arguments=arguments)
+            if lifetime is None:
+                # Made by a layer with another group_expiry, or made again after a restart
+                # with what it had left: it holds no message, so replace it.
+                await admin.call(admin.channel.queue_delete, member)
+                await admin.call(admin.channel.queue_declare, member, arguments=arguments)
         # Listed so that flush() deletes it rather than leave it for group_expiry.
         await self._list(member)
         await admin.call(admin.channel.queue_bind, member, self.exchange, routing_key=group)
