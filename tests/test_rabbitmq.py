@@ -40,6 +40,7 @@ from multilayer.capacity import CapacityPolicy
 pika = require_module("pika")
 
 from multilayer.backends.rabbitmq import RabbitMQBackend, consumer, frames, groups  # noqa: E402
+from multilayer.backends.rabbitmq.backend import check_quorum_support  # noqa: E402
 
 T = TypeVar("T")
 SHARED = "amqp://127.0.0.1:5672/"
@@ -283,6 +284,7 @@ def test_tls_options(tmp_path: Path) -> None:
         ("amqps://h?ca_file=/a.pem&ssl_cafile=/b.pem", "same thing"),
         ("amqp://h?prefetch=0", "prefetch"),
         ("amqp://h?nonsense=1", "unknown option"),
+        ("amqp://h?queue_type=mirrored", "classic, quorum"),
     ],
 )
 def test_bad_configuration_is_refused_without_io(url: str, problem: str) -> None:
@@ -573,15 +575,106 @@ def test_other_settings_on_the_same_queue_are_a_clear_error(shared: str) -> None
     run(body)
 
 
-def _connection_pids(name: str) -> list[str]:
+# -- quorum normal channels (queue_type=quorum) ----------------------------------------
+
+
+def _rabbitmqctl_rows(*argv: str) -> list[list[str]]:
+    """The tab-separated rows ``rabbitmqctl -q ARGV`` prints about the shared node."""
     listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+        ["rabbitmqctl", "-q", *argv], capture_output=True, text=True, timeout=60, check=True
     ).stdout
-    return [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
+    return [line.split("\t") for line in listing.splitlines()]
+
+
+def _queue_types(prefix: str) -> dict[str, str]:
+    rows = _rabbitmqctl_rows("list_queues", "name", "type")
+    return {name: kind for name, kind in rows if name.startswith(prefix + ":")}
+
+
+def test_quorum_normal_channels_classic_inboxes_and_gates(shared: str) -> None:
+    require_binary("rabbitmqctl")
+    layer = _layer(shared, queue_type="quorum")
+
+    async def body() -> None:
+        inbox = await layer.new_channel()
+        await layer.send("rmq.qq", {"n": 1})
+        await layer.send(inbox, {"n": 2})
+        assert await recv(layer, "rmq.qq") == {"n": 1}
+        assert await recv(layer, inbox) == {"n": 2}
+        types = await asyncio.to_thread(_queue_types, layer.prefix)
+        assert types[f"{layer.prefix}:rmq.qq"] == "quorum"
+        assert types[f"{layer.prefix}::gate:rmq.qq"] == "classic"
+        assert types[f"{layer.prefix}:{inbox[:-12]}"] == "classic"
+        await layer.flush()
+        assert not set(await asyncio.to_thread(_queue_types, layer.prefix)) - {
+            f"{layer.prefix}::catalog"
+        }
+        await layer.close()
+
+    run(body)
+
+
+def test_quorum_capacity_is_exact_under_concurrent_senders(shared: str) -> None:
+    """RabbitMQ 3.10's quorum queues let in-flight publishes past x-max-length (measured:
+    20 of 60 concurrent sends into capacity 5); the classic gate keeps it exact."""
+    senders = [_layer(shared, queue_type="quorum", capacity=5)]
+
+    async def body() -> None:
+        senders.extend(
+            _layer(shared, queue_type="quorum", capacity=5, prefix=senders[0].prefix)
+            for _ in range(2)
+        )
+
+        async def attempt(layer: ChannelLayer, n: int) -> bool:
+            try:
+                await layer.send("rmq.qcap", {"n": n})
+            except ChannelFull:
+                return False
+            return True
+
+        accepted = await asyncio.gather(*(attempt(senders[n % 3], n) for n in range(60)))
+        assert sum(accepted) == 5
+        got = [(await recv(senders[0], "rmq.qcap"))["n"] for _ in range(5)]
+        assert sorted(got) == [n for n, ok in enumerate(accepted) if ok]
+        await asyncio.sleep(0.3)  # the receiver gives the places back in the background
+        assert await attempt(senders[1], 100)
+        await senders[0].flush()
+        for sender in senders:
+            await sender.close()
+
+    run(body)
+
+
+def test_quorum_messages_left_by_a_paused_receiver_reach_another_in_order(shared: str) -> None:
+    """On 3.10 a quorum queue puts a requeued (nacked) message behind the others, so a
+    quorum consumer never requeues: it returns unread messages by closing its channel."""
+    first = _layer(shared, queue_type="quorum")
+    second = _layer(shared, queue_type="quorum", prefix=first.prefix)
+
+    async def body() -> None:
+        for n in range(4):
+            await first.send("rmq.qorder", {"n": n})
+        assert await recv(first, "rmq.qorder") == {"n": 0}
+        await asyncio.sleep(0.2)  # the first receiver's consumer pauses
+        assert [(await recv(second, "rmq.qorder"))["n"] for _ in range(3)] == [1, 2, 3]
+        await first.flush()
+        await first.close()
+        await second.close()
+
+    run(body)
+
+
+def test_quorum_needs_rabbitmq_3_10() -> None:
+    check_quorum_support("3.10.8", "amqp://h")
+    check_quorum_support("4.0.2", "amqp://h")
+    check_quorum_support(None, "amqp://h")  # a broker that does not tell is tried
+    with pytest.raises(ConfigurationError, match=r"needs RabbitMQ 3\.10.*runs 3\.9\.29"):
+        check_quorum_support("3.9.29", "amqp://h")
+
+
+def _connection_pids(name: str) -> list[str]:
+    rows = _rabbitmqctl_rows("list_connections", "pid", "client_properties")
+    return [row[0] for row in rows if f'"{name}"' in "\t".join(row)]
 
 
 async def _close_connections(rabbitmqctl: str, name: str) -> None:

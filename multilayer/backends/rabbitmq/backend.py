@@ -6,13 +6,14 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, ClassVar
 
 import pika
 
 from ...backend import Backend, Capabilities, Item, LayerSettings, now
 from ...capacity import CapacityPolicy
-from ...exceptions import BrokerError, ChannelFull
+from ...exceptions import BrokerError, ChannelFull, ConfigurationError
 from ...memberships import Membership
 from ...names import non_local_name
 from ...options import Option
@@ -21,6 +22,7 @@ from ...toolkit import check_tls, tls_options
 from ...url import LayerURL
 from .connection import Link
 from .consumer import Consumer, Handed, handed_ids
+from .gates import GATED, Gates
 from .groups import Groups, inbox_members
 from .topology import Topology, idle_lifetime
 
@@ -30,6 +32,17 @@ logger = logging.getLogger(__package__)
 
 #: Most seconds a backend waits, after reconnecting, before re-asserting memberships.
 _RESTORE_SPREAD = 0.5
+
+
+def check_quorum_support(version: str | None, where: str) -> None:
+    """Refuse ``queue_type=quorum`` on a RabbitMQ older than 3.10, whose quorum queues
+    have no message TTL (expiry), rather than declare queues that never expire."""
+    numbers = [int(part) for part in (version or "").split(".")[:2] if part.isdigit()]
+    if len(numbers) == 2 and tuple(numbers) < (3, 10):
+        raise ConfigurationError(
+            f"{where}: queue_type=quorum needs RabbitMQ 3.10 or later (message TTL on quorum "
+            f"queues, for expiry); this broker runs {version}"
+        )
 
 
 class RabbitMQBackend(Backend):
@@ -52,6 +65,12 @@ class RabbitMQBackend(Backend):
         "prefetch": Option(int, 64, "unacknowledged messages per inbox consumer", minimum=1),
         "queue_expiry": Option(
             float, 300.0, "seconds an unused queue lives (at least 2 x expiry)", minimum=1.0
+        ),
+        "queue_type": Option(
+            str,
+            "classic",
+            "normal channels' queues: classic, or quorum (replicated; RabbitMQ 3.10 or later)",
+            choices=("classic", "quorum"),
         ),
         **tls_options(
             "amqps",
@@ -79,8 +98,11 @@ class RabbitMQBackend(Backend):
             stopping=self._stop_consumers,
             renew_every=lifetime / 2,
         )
-        self.topology = Topology(self.link, settings, self.config["queue_expiry"])
+        self.topology = Topology(
+            self.link, settings, self.config["queue_expiry"], self.config["queue_type"]
+        )
         self.groups = Groups(self.link, self.topology, self, self._refused_copy)
+        self.gates = Gates(self.link, self.topology)
         self._key = (url.hosts, self.link.vhost)
         self._consumers: dict[str, Consumer] = {}
         self._inboxes: set[str] = set()
@@ -104,9 +126,16 @@ class RabbitMQBackend(Backend):
     async def open(self) -> None:
         await self.link.open()
         self._opened = True
+        if self.topology.quorum:
+            try:
+                check_quorum_support(await self.broker_version(), self.url.sanitized())
+            except ConfigurationError:
+                await self.close()
+                raise
 
     async def close(self) -> None:
         await self.groups.close()
+        await self.gates.close()
         await self.link.close()
         inbox_members.release(self)
         handed_ids.release(self)
@@ -179,6 +208,10 @@ class RabbitMQBackend(Backend):
         topology, link = self.topology, self.link
         if topology.stale(queue):
             await topology.declare(queue, name)
+        gated = topology.replicated(name)
+        if gated:
+            await self.gates.admit(name, capacity)
+            kind = GATED
         outcome = await link.publish("", queue, payload, kind, mandatory=True)
         if outcome == "returned":
             # The queue went away (idle expiry, flush, broker restart): make it again.
@@ -186,6 +219,9 @@ class RabbitMQBackend(Backend):
             await topology.declare(queue, name)
             outcome = await link.publish("", queue, payload, kind, mandatory=True)
         if outcome == "nack":
+            if gated:
+                # The quorum queue's own soft limit: group copies filled it.
+                self.gates.release(name, 1)
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
         if outcome == "returned":
             raise BrokerError(f"RabbitMQ at {self.url.sanitized()} did not route to {queue!r}")
@@ -212,6 +248,7 @@ class RabbitMQBackend(Backend):
             prefetch=self.prefetch,
             handed=handed,
             open=self.groups.opener(queue, name) if name.endswith("!") else normal,
+            release=partial(self.gates.release, name) if self.topology.replicated(name) else None,
         )
 
     # -- groups -------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from typing import Any
 
 import pika.channel
 import pika.exceptions
+import pika.frame
+import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from .frames import FastConnection
@@ -48,6 +50,9 @@ class Channel:
         self.closed: BaseException | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         self._on_close: list[Callable[[BaseException], None]] = []
+        #: the basic.get waiting for its reply; get-empty is watched once one was made.
+        self._getting: asyncio.Future[Any] | None = None
+        self._watching_empty = False
         channel.add_on_close_callback(self._closed)
 
     @classmethod
@@ -82,6 +87,28 @@ class Channel:
         if not future.done():
             method(*args, callback=lambda frame: settle(future, frame), **kwargs)
         return await future
+
+    async def get(self, queue: str) -> bytes | None:
+        """Take the oldest message of ``queue`` (acknowledged at once); None if it is empty.
+        One at a time per channel (AMQP's basic.get)."""
+        future: asyncio.Future[bytes | None] = self.future()
+        if future.done():
+            return await future
+        if not self._watching_empty:
+            self.channel.add_callback(self._empty, [pika.spec.Basic.GetEmpty], one_shot=False)
+            self._watching_empty = True
+        self._getting = future
+        try:
+            self.channel.basic_get(
+                queue, lambda _ch, _method, _props, body: settle(future, body), auto_ack=True
+            )
+            return await future
+        finally:
+            self._getting = None
+
+    def _empty(self, _frame: pika.frame.Method) -> None:
+        if self._getting is not None:
+            settle(self._getting, None)
 
     def close(self) -> None:
         """Close the channel (no wait)."""

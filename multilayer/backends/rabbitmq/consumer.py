@@ -30,6 +30,7 @@ from ...toolkit import ProcessWide
 from .channel import NOT_FOUND, Channel, reply_code, settle
 from .connection import Link
 from .frames import Delivery
+from .gates import GATED
 from .topology import Topology
 
 __all__ = ["PAUSE_AFTER", "Consumer", "Handed", "Opener", "handed_ids"]
@@ -98,8 +99,13 @@ class Consumer:
         prefetch: int,
         handed: Handed,
         open: Opener,
+        release: Callable[[int], None] | None = None,
     ) -> None:
         self.link = link
+        #: A quorum queue's consumer gives back the gate places of what it takes; it
+        #: returns unread messages by closing its channel, as a requeue would put them
+        #: behind the others there (RabbitMQ 3.10).
+        self._release = release
         self.topology = topology
         self.queue = queue
         self._open = open
@@ -186,8 +192,15 @@ class Consumer:
         # After the cancel: acknowledging first could let RabbitMQ send one more message.
         self.acknowledge()
         if self.buffer:
-            channel.basic_nack(self.buffer[-1][0], multiple=True, requeue=True)
+            self._return_unread(self.buffer[-1][0], multiple=True)
             self.buffer.clear()
+
+    def _return_unread(self, delivery_tag: int, *, multiple: bool) -> None:
+        assert self.channel is not None
+        if self._release is None:
+            self.channel.channel.basic_nack(delivery_tag, multiple=multiple, requeue=True)
+        else:
+            self.channel.close()  # everything unacknowledged goes back in its place
 
     def cancel_pause(self) -> None:
         self._idle_since = None
@@ -263,7 +276,7 @@ class Consumer:
         if consumer_tag != self.tag:
             # Sent before RabbitMQ processed our cancel: back to the queue, unread.
             if self.channel is not None and self.channel.channel.is_open:
-                self.channel.channel.basic_nack(delivery[0], requeue=True)
+                self._return_unread(delivery[0], multiple=False)
             return
         self.buffer.append(delivery)
         self._wake()
@@ -283,6 +296,7 @@ class Consumer:
         taken: list[Item] = []
         handed, ids = self.handed, []
         buffer = self.buffer
+        gated = 0
         while buffer and len(taken) < limit:
             tag, redelivered, routing_key, kind, message_id, body = buffer.popleft()
             self.unacked_tag = tag
@@ -291,6 +305,8 @@ class Consumer:
                 if redelivered and message_id in handed:
                     continue  # handed out here before the connection dropped
                 ids.append(message_id)
+            if kind == GATED:
+                gated += 1
             # A group message comes back as one envelope for the core to hand to members.
             try:
                 taken.extend(self._open(routing_key, kind, body))
@@ -298,6 +314,8 @@ class Consumer:
                 log_malformed(self.queue, len(body), f"bad envelope ({type(error).__name__})")
         if ids:
             handed.add(ids)
+        if gated and self._release is not None:
+            self._release(gated)
         # Acknowledged no earlier than the return: the caller has these messages before
         # anything else can run, and a cancelled pop loses nothing (an unacknowledged
         # message goes back to the queue with its channel).

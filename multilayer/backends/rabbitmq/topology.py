@@ -20,13 +20,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pika.exceptions
-import pika.frame
-import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from ...backend import LayerSettings
 from ...exceptions import BrokerError
-from .channel import PRECONDITION_FAILED, Channel, reply_code, settle
+from .channel import PRECONDITION_FAILED, Channel, reply_code
 from .connection import Link
 
 __all__ = ["Topology", "idle_lifetime"]
@@ -48,9 +46,14 @@ class Topology:
     again (renewing its ``x-expires``) only every half of its idle lifetime.
     """
 
-    def __init__(self, link: Link, settings: LayerSettings, queue_expiry: float) -> None:
+    def __init__(
+        self, link: Link, settings: LayerSettings, queue_expiry: float, queue_type: str
+    ) -> None:
         self.link = link
         self.settings = settings
+        #: Normal channels' queues are quorum queues (replicated, durable): inboxes and
+        #: membership queues stay classic.
+        self.quorum = queue_type == "quorum"
         prefix = settings.prefix
         self.prefix = prefix + ":"
         self.exchange = f"{prefix}::groups"
@@ -79,25 +82,55 @@ class Topology:
         """The membership queue of normal ``channel`` in ``group``."""
         return f"{self.prefix}:member:{group}:{channel}"
 
+    def gate(self, name: str) -> str:
+        """The gate queue of normal channel ``name`` when it is a quorum queue."""
+        return f"{self.prefix}:gate:{name}"
+
     def arguments(self, name: str) -> dict[str, Any]:
         """The queue arguments of normal channel or inbox ``name``."""
-        return {**self._queue_args, "x-max-length": self.settings.capacity.for_channel(name)}
+        arguments = {**self._queue_args, "x-max-length": self.settings.capacity.for_channel(name)}
+        if self.replicated(name):
+            arguments["x-queue-type"] = "quorum"
+        return arguments
+
+    def replicated(self, name: str) -> bool:
+        """Whether the queue of ``name`` is a quorum queue (durable by rule), which has a
+        gate: an inbox stays classic, as it dies with its process anyway."""
+        return self.quorum and not name.endswith("!")
 
     async def declare(self, queue: str, name: str, *, channel: Channel | None = None) -> None:
         """Declare the queue of channel or inbox ``name`` and list it in the catalog."""
         channel = channel or await self.link.channel()
+        replicated = self.replicated(name)
         try:
-            await channel.call(channel.channel.queue_declare, queue, arguments=self.arguments(name))
+            await channel.call(
+                channel.channel.queue_declare,
+                queue,
+                durable=replicated,
+                arguments=self.arguments(name),
+            )
+            if replicated:
+                # The classic queue whose tokens count the quorum queue's messages (its
+                # own x-max-length is a soft limit): same capacity, expiry and lifetime.
+                gate_arguments = {
+                    **self._queue_args,
+                    "x-max-length": self.settings.capacity.for_channel(name),
+                }
+                await channel.call(
+                    channel.channel.queue_declare, self.gate(name), arguments=gate_arguments
+                )
         except pika.exceptions.AMQPError as error:
             if reply_code(error) == PRECONDITION_FAILED:
                 raise BrokerError(
                     f"queue {queue!r} on {self.link.url.sanitized()} exists with other "
-                    "arguments (every layer sharing a prefix needs the same expiry, capacity "
-                    f"and queue_expiry): {error}"
+                    "arguments (every layer sharing a prefix needs the same expiry, capacity, "
+                    f"queue_expiry and queue_type): {error}"
                 ) from error
             raise self.link.error(f"declaring queue {queue!r}", error) from error
         self._declared[queue] = asyncio.get_running_loop().time()
         await self._list(queue)
+        if replicated:
+            await self._list(self.gate(name))
 
     async def _list(self, queue: str) -> None:
         """List ``queue`` in the catalog, unless this backend did since it last went missing."""
@@ -229,19 +262,6 @@ class Topology:
     async def _drain_catalog(self, channel: Channel) -> set[str]:
         """Every queue name in the catalog, emptying it."""
         queues: set[str] = set()
-        current: list[asyncio.Future[bytes | None]] = []
-
-        def empty(_frame: pika.frame.Method) -> None:
-            settle(current[0], None)
-
-        def got(_ch: Any, _method: Any, _properties: Any, body: bytes) -> None:
-            settle(current[0], body)
-
-        channel.channel.add_callback(empty, [pika.spec.Basic.GetEmpty], one_shot=False)
-        while True:
-            current[:] = [channel.future()]
-            channel.channel.basic_get(self.catalog, got, auto_ack=True)
-            body = await current[0]
-            if body is None:
-                return queues
+        while (body := await channel.get(self.catalog)) is not None:
             queues.add(body.decode())
+        return queues
