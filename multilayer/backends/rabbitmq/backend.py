@@ -220,8 +220,16 @@ class RabbitMQBackend(Backend):
             outcome = await link.publish("", queue, payload, kind, mandatory=True)
         if outcome == "nack":
             if gated:
-                # The quorum queue's own soft limit: group copies filled it.
                 self.gates.release(name, 1)
+                if await topology.ready(queue) < capacity:
+                    # Not full (by its own soft limit, group copies): on RabbitMQ 3.10 a
+                    # channel that used a quorum queue while it had no leader refuses it
+                    # from then on; a new channel does not.
+                    link.drop_publisher()
+                    raise BrokerError(
+                        f"RabbitMQ at {self.url.sanitized()} refused a message for {queue!r} "
+                        "(its quorum queue had no leader; a later send uses a new channel)"
+                    )
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
         if outcome == "returned":
             raise BrokerError(f"RabbitMQ at {self.url.sanitized()} did not route to {queue!r}")

@@ -151,6 +151,13 @@ class Link:
         except pika.exceptions.AMQPError as error:
             raise self.error(f"publishing to {routing_key!r}", error) from error
 
+    def drop_publisher(self) -> None:
+        """Close the publisher (its unconfirmed publishes fail); the next publish opens
+        a new one."""
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            publisher.channel.close()
+
     def error(self, what: str, error: BaseException) -> BrokerError:
         """A BrokerError saying what failed where, caused by ``error``."""
         broker_error = BrokerError(f"RabbitMQ at {self.url.sanitized()}: {what}: {error!r}")

@@ -11,6 +11,7 @@ connection is recognised by its ``message_id`` (:class:`Handed`) and dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -41,6 +42,10 @@ logger = logging.getLogger(__package__)
 #: a receive loop that sends a reply in between to keep it, short because meanwhile the
 #: consumer takes messages that max-length no longer counts (only ready ones count).
 PAUSE_AFTER = 0.005
+
+#: Seconds a quorum queue's consumer may get nothing while messages are ready (see
+#: Consumer._watch).
+STUCK_AFTER = 2.0
 
 #: Turns a delivery (routing key, ``type``, body) into what pop returns.
 Opener = Callable[[str, "str | None", bytes], list[Item]]
@@ -153,7 +158,10 @@ class Consumer:
                     continue
                 self._wakeup = asyncio.get_running_loop().create_future()
                 try:
-                    await self._wakeup
+                    if self._release is None:
+                        await self._wakeup
+                    else:
+                        await self._watch(self._wakeup)
                 finally:
                     self._wakeup = None
         finally:
@@ -164,6 +172,25 @@ class Consumer:
                 # One timer for a run of pops, not one armed and cancelled per pop.
                 if self._pause is None:
                     self._pause = loop.call_later(PAUSE_AFTER, self._pause_if_idle)
+
+    async def _watch(self, wakeup: asyncio.Future[None]) -> None:
+        """Wait for ``wakeup``; meanwhile, every STUCK_AFTER seconds, restart a quorum
+        queue's consumer that gets nothing while messages are ready.
+
+        On RabbitMQ 3.10 a channel that used a quorum queue while it had no leader (its
+        node had just died) keeps talking to the dead one: the consumer hears nothing
+        more, though a new channel would.
+        """
+        while not wakeup.done():
+            await asyncio.wait([wakeup], timeout=STUCK_AFTER)
+            channel = self.channel
+            if wakeup.done() or self.buffer or channel is None or channel.closed is not None:
+                continue
+            with contextlib.suppress(pika.exceptions.AMQPError, BrokerError):
+                if await self.topology.ready(self.queue) and not self.buffer:
+                    logger.info("restarting the consumer of %s, which got nothing", self.queue)
+                    channel.close()
+                    return  # closed: reset() wakes the pop, which starts a new consumer
 
     def _pause_if_idle(self) -> None:
         self._pause = None

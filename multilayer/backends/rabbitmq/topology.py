@@ -132,6 +132,13 @@ class Topology:
         if replicated:
             await self._list(self.gate(name))
 
+    async def ready(self, queue: str) -> int:
+        """How many messages wait in ``queue``, not handed to a consumer (a passive declare)."""
+        channel = await self.link.channel()
+        frame = await channel.call(channel.channel.queue_declare, queue, passive=True)
+        count: int = frame.method.message_count
+        return count
+
     async def _list(self, queue: str) -> None:
         """List ``queue`` in the catalog, unless this backend did since it last went missing."""
         if queue not in self._cataloged:
