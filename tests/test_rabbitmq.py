@@ -9,12 +9,16 @@ Broker restarts and dropped connections are in tests/test_faults.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +40,8 @@ from tests.support.brokers import (
 
 pika = require_module("pika")
 
-from multilayer.backends.rabbitmq import RabbitMQBackend  # noqa: E402
+from multilayer.backends.rabbitmq import RabbitMQBackend, consumer, frames, groups  # noqa: E402
+from multilayer.backends.rabbitmq.backend import check_quorum_support  # noqa: E402
 
 T = TypeVar("T")
 SHARED = "amqp://127.0.0.1:5672/"
@@ -45,6 +50,16 @@ SHARED = "amqp://127.0.0.1:5672/"
 def run(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
     """Run ``body()`` in a fresh event loop, bounded by ``timeout`` seconds."""
     return asyncio.run(asyncio.wait_for(body(), timeout))
+
+
+def run_quietly(body: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """:func:`run`, without the backend's warnings about the connection losses it causes."""
+    backend_logs = logging.getLogger("multilayer.backends.rabbitmq")
+    backend_logs.disabled = True
+    try:
+        return run(body, timeout)
+    finally:
+        backend_logs.disabled = False
 
 
 async def recv(layer: ChannelLayer, channel: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -83,11 +98,30 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
 # -- the frame short path -----------------------------------------------------------------
 
 
-def _bare_connection() -> Any:
-    """A _Connection with the state its frame short path uses, and no socket."""
-    from multilayer.backends.rabbitmq import _Connection
+def test_pika_internals_the_frame_short_path_relies_on_are_there() -> None:
+    """frames.py reaches into pika's private parts; a pika release that changes them must
+    fail here, by name, rather than corrupt traffic."""
+    problems = frames.missing_internals()
+    assert not problems, (
+        f"pika {pika.__version__} changed internals that multilayer/backends/rabbitmq/"
+        f"frames.py relies on: {'; '.join(problems)}"
+    )
 
-    connection: Any = object.__new__(_Connection)
+
+def test_the_pika_internals_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    connection_class = pika.connection.Connection
+    methods, attributes = frames.INTERNALS[connection_class]
+    changed = {**methods, "_on_data_available": ("data",), "_gone": ()}
+    monkeypatch.setitem(frames.INTERNALS, connection_class, (changed, (*attributes, "_never_set")))
+    problems = "\n".join(frames.missing_internals())
+    assert "Connection._on_data_available takes ('data_in',), not ('data',)" in problems
+    assert "Connection._gone is gone" in problems
+    assert "no longer sets self._never_set" in problems
+
+
+def _bare_connection() -> Any:
+    """A FastConnection with the state its frame short path uses, and no socket."""
+    connection: Any = object.__new__(frames.FastConnection)
     connection.deliveries, connection.confirms, connection._incoming = {}, {}, {}
     connection._publish_methods = {}
     connection._frame_buffer = b""
@@ -195,7 +229,7 @@ def test_url_and_options_reach_pika() -> None:
         "amqp://alice:s%40cret@rabbit.example:5673/tenant"
         "?heartbeat=15&connection_name=web-1&prefetch=8"
     )
-    parameters = backend._parameters("rabbit.example", 5673)
+    parameters = backend.link.parameters("rabbit.example", 5673)
     assert (parameters.host, parameters.port, parameters.virtual_host) == (
         "rabbit.example",
         5673,
@@ -209,34 +243,49 @@ def test_url_and_options_reach_pika() -> None:
     assert parameters.client_properties == {"connection_name": "web-1"}
     assert parameters.ssl_options is None
     assert backend.prefetch == 8
-    defaults = _backend("amqp://")._parameters("localhost", None)
+    defaults = _backend("amqp://").link.parameters("localhost", None)
     assert (defaults.port, defaults.virtual_host, defaults.credentials.username) == (
         5672,
         "/",
         "guest",
     )
-    assert _backend("amqp://h/%2F")._parameters("h", None).virtual_host == "/"
+    assert _backend("amqp://h/%2F").link.parameters("h", None).virtual_host == "/"
 
 
 def test_tls_options(tmp_path: Path) -> None:
     certs = certificates(tmp_path)
     ca, cert, key = certs / "ca.pem", certs / "client.pem", certs / "client.key"
-    backend = _backend(f"amqps://h?ca_file={ca}&cert_file={cert}&key_file={key}")
-    parameters = backend._parameters("h", None)
-    assert parameters.port == 5671
-    assert parameters.ssl_options.server_hostname == "h"
-    assert parameters.ssl_options.context.check_hostname
-    unverified = _backend("amqps://h?verify=false")._parameters("h", None)
-    assert not unverified.ssl_options.context.check_hostname
+    for query in (
+        f"ssl_cafile={ca}&ssl_certfile={cert}&ssl_keyfile={key}",
+        f"ca_file={ca}&cert_file={cert}&key_file={key}",  # the documented aliases
+    ):
+        parameters = _backend(f"amqps://h?{query}").link.parameters("h", None)
+        assert parameters.port == 5671
+        assert parameters.ssl_options.server_hostname == "h"
+        context = parameters.ssl_options.context
+        assert context.check_hostname
+        assert context.verify_mode == ssl.CERT_REQUIRED
+    for query in ("verify=false", "ssl_verify=false"):
+        # As before the shared vocabulary: no certificate check means no host-name check.
+        context = _backend(f"amqps://h?{query}").link.parameters("h", None).ssl_options.context
+        assert (context.check_hostname, context.verify_mode) == (False, ssl.CERT_NONE)
+    context = _backend("amqps://h?ssl_check_hostname=false").link.parameters("h", None)
+    assert not context.ssl_options.context.check_hostname
+    assert context.ssl_options.context.verify_mode == ssl.CERT_REQUIRED
 
 
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
         ("amqp://h?ca_file=/ca.pem", "amqps://"),
-        ("amqps://h?key_file=/k.pem", "cert_file"),
+        ("amqp://h?ssl_cafile=/ca.pem", "amqps://"),
+        ("amqp://h?verify=false", "amqps://"),
+        ("amqps://h?key_file=/k.pem", "ssl_keyfile needs ssl_certfile"),
+        ("amqps://h?ssl_keyfile=/k.pem", "ssl_keyfile needs ssl_certfile"),
+        ("amqps://h?ca_file=/a.pem&ssl_cafile=/b.pem", "same thing"),
         ("amqp://h?prefetch=0", "prefetch"),
         ("amqp://h?nonsense=1", "unknown option"),
+        ("amqp://h?queue_type=mirrored", "classic, quorum"),
     ],
 )
 def test_bad_configuration_is_refused_without_io(url: str, problem: str) -> None:
@@ -344,9 +393,7 @@ def test_process_wide_queue_state_is_dropped_with_the_last_layer_using_it(shared
     """What this process remembers per consumed queue (handed-out ids, inbox memberships)
     lives while a layer using it is open: a process that consumes many channels over its
     life, or opens and closes layers, does not keep an entry for each one for good."""
-    from multilayer.backends import rabbitmq
-
-    baseline = (len(rabbitmq._handed), len(rabbitmq._owned))
+    baseline = (len(consumer.handed_ids), len(groups.inbox_members))
 
     async def body() -> None:
         first = _layer(shared)
@@ -360,16 +407,16 @@ def test_process_wide_queue_state_is_dropped_with_the_last_layer_using_it(shared
                 assert await recv_or_none(second, f"rmq.state{n}") is None
             await second.group_send("rmq.state", {"to": "group"})
             assert await recv(first, inbox) == {"to": "group"}
-            assert len(rabbitmq._handed) >= baseline[0] + 21
-            assert len(rabbitmq._owned) == baseline[1] + 1
+            assert len(consumer.handed_ids) >= baseline[0] + 21
+            assert len(groups.inbox_members) == baseline[1] + 1
             await second.close()  # it consumed the same channels: the first still uses them
-            assert len(rabbitmq._handed) >= baseline[0] + 21
-            assert len(rabbitmq._owned) == baseline[1] + 1
+            assert len(consumer.handed_ids) >= baseline[0] + 21
+            assert len(groups.inbox_members) == baseline[1] + 1
         finally:
             await first.flush()
             await first.close()
             await second.close()
-        assert (len(rabbitmq._handed), len(rabbitmq._owned)) == baseline
+        assert (len(consumer.handed_ids), len(groups.inbox_members)) == baseline
 
     run(body)
 
@@ -529,15 +576,175 @@ def test_other_settings_on_the_same_queue_are_a_clear_error(shared: str) -> None
     run(body)
 
 
-def _connection_pids(name: str) -> list[str]:
+# -- quorum normal channels (queue_type=quorum) ----------------------------------------
+
+
+def _rabbitmqctl_rows(*argv: str) -> list[list[str]]:
+    """The tab-separated rows ``rabbitmqctl -q ARGV`` prints about the shared node."""
     listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+        ["rabbitmqctl", "-q", *argv], capture_output=True, text=True, timeout=60, check=True
     ).stdout
-    return [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
+    return [line.split("\t") for line in listing.splitlines()]
+
+
+def _queue_types(prefix: str) -> dict[str, str]:
+    rows = _rabbitmqctl_rows("list_queues", "name", "type")
+    return {name: kind for name, kind in rows if name.startswith(prefix + ":")}
+
+
+def test_quorum_normal_channels_classic_inboxes_and_gates(shared: str) -> None:
+    require_binary("rabbitmqctl")
+    layer = _layer(shared, queue_type="quorum")
+
+    async def body() -> None:
+        inbox = await layer.new_channel()
+        await layer.send("rmq.qq", {"n": 1})
+        await layer.send(inbox, {"n": 2})
+        assert await recv(layer, "rmq.qq") == {"n": 1}
+        assert await recv(layer, inbox) == {"n": 2}
+        types = await asyncio.to_thread(_queue_types, layer.prefix)
+        assert types[f"{layer.prefix}:rmq.qq"] == "quorum"
+        assert types[f"{layer.prefix}::gate:rmq.qq"] == "classic"
+        assert types[f"{layer.prefix}:{inbox[:-12]}"] == "classic"
+        await layer.flush()
+        assert not set(await asyncio.to_thread(_queue_types, layer.prefix)) - {
+            f"{layer.prefix}::catalog"
+        }
+        await layer.close()
+
+    run(body)
+
+
+def test_quorum_capacity_is_exact_under_concurrent_senders(shared: str) -> None:
+    """RabbitMQ 3.10's quorum queues let in-flight publishes past x-max-length (measured:
+    20 of 60 concurrent sends into capacity 5); the classic gate keeps it exact."""
+    senders = [_layer(shared, queue_type="quorum", capacity=5)]
+
+    async def body() -> None:
+        senders.extend(
+            _layer(shared, queue_type="quorum", capacity=5, prefix=senders[0].prefix)
+            for _ in range(2)
+        )
+
+        async def attempt(layer: ChannelLayer, n: int) -> bool:
+            try:
+                await layer.send("rmq.qcap", {"n": n})
+            except ChannelFull:
+                return False
+            return True
+
+        accepted = await asyncio.gather(*(attempt(senders[n % 3], n) for n in range(60)))
+        assert sum(accepted) == 5
+        got = [(await recv(senders[0], "rmq.qcap"))["n"] for _ in range(5)]
+        assert sorted(got) == [n for n, ok in enumerate(accepted) if ok]
+        await asyncio.sleep(0.3)  # the receiver gives the places back in the background
+        assert await attempt(senders[1], 100)
+        await senders[0].flush()
+        for sender in senders:
+            await sender.close()
+
+    run(body)
+
+
+def test_quorum_messages_left_by_a_paused_receiver_reach_another_in_order(shared: str) -> None:
+    """On 3.10 a quorum queue puts a requeued (nacked) message behind the others, so a
+    quorum consumer never requeues: it returns unread messages by closing its channel."""
+    first = _layer(shared, queue_type="quorum")
+    second = _layer(shared, queue_type="quorum", prefix=first.prefix)
+
+    async def body() -> None:
+        for n in range(4):
+            await first.send("rmq.qorder", {"n": n})
+        assert await recv(first, "rmq.qorder") == {"n": 0}
+        await asyncio.sleep(0.2)  # the first receiver's consumer pauses
+        assert [(await recv(second, "rmq.qorder"))["n"] for _ in range(3)] == [1, 2, 3]
+        await first.flush()
+        await first.close()
+        await second.close()
+
+    run(body)
+
+
+@pytest.mark.slow
+def test_a_quorum_normal_channel_survives_losing_its_node(tmp_path: Path) -> None:
+    """SIGKILL the node both layers are connected to (the first of three), mid-traffic:
+    they reconnect to another, receives resume within 30 s, no send hangs, and every
+    send that returned is received once; the queue's leader is on a surviving node, and
+    the killed node's return changes nothing."""
+    from rabbitmq_cluster import RabbitCluster
+
+    cluster = RabbitCluster(tmp_path)
+    cluster.start()
+    url = f"{cluster.url}?queue_type=quorum&heartbeat=2&connect_timeout=5"
+    sender, receiver = _layer(url), None
+    accepted: list[int] = []
+    got: list[int] = []
+
+    async def send_forever() -> None:
+        for n in range(1, 1_000_000):
+            # Bounded: a send never hangs; one that raised is never sent again.
+            with contextlib.suppress(BrokerError):
+                await asyncio.wait_for(sender.send("rmq.nodeloss", {"n": n}), 15)
+                accepted.append(n)
+            await asyncio.sleep(0.01)
+
+    async def receive_forever() -> None:
+        assert receiver is not None
+        while True:
+            got.append((await receiver.receive("rmq.nodeloss"))["n"])
+
+    async def until(condition: Callable[[], bool], within: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not condition():
+            assert loop.time() < deadline, f"{what} not within {within}s"
+            await asyncio.sleep(0.05)
+
+    async def body() -> None:
+        nonlocal receiver
+        receiver = _layer(url, prefix=sender.prefix)
+        tasks = [asyncio.ensure_future(send_forever()), asyncio.ensure_future(receive_forever())]
+        try:
+            await until(lambda: len(got) > 40, 20, "traffic")
+            await asyncio.to_thread(cluster.nodes[0].stop, kill=True)
+            dead_at = len(accepted) and accepted[-1]
+            await until(lambda: bool(got) and got[-1] > dead_at + 20, 30, "receives resuming")
+            leaders = await asyncio.to_thread(cluster.nodes[1].ctl, "list_queues", "name", "leader")
+            assert f"{sender.prefix}:rmq.nodeloss\t" in leaders
+            assert cluster.nodes[0].name not in leaders, leaders
+            await asyncio.to_thread(cluster.nodes[0].start)
+            after = accepted[-1]
+            await until(lambda: bool(got) and got[-1] > after + 20, 30, "traffic after the return")
+        finally:
+            tasks[0].cancel()
+            await asyncio.gather(tasks[0], return_exceptions=True)
+            with contextlib.suppress(AssertionError):
+                await until(lambda: set(accepted) <= set(got), 10, "the last messages")
+            tasks[1].cancel()
+            await asyncio.gather(tasks[1], return_exceptions=True)
+        assert not [n for n, count in Counter(got).items() if count > 1], "delivered twice"
+        assert not sorted(set(accepted) - set(got)), "accepted, never delivered"
+        await sender.flush()
+        await sender.close()
+        await receiver.close()
+
+    try:
+        run_quietly(body, timeout=150)
+    finally:
+        cluster.stop()
+
+
+def test_quorum_needs_rabbitmq_3_10() -> None:
+    check_quorum_support("3.10.8", "amqp://h")
+    check_quorum_support("4.0.2", "amqp://h")
+    check_quorum_support(None, "amqp://h")  # a broker that does not tell is tried
+    with pytest.raises(ConfigurationError, match=r"needs RabbitMQ 3\.10.*runs 3\.9\.29"):
+        check_quorum_support("3.9.29", "amqp://h")
+
+
+def _connection_pids(name: str) -> list[str]:
+    rows = _rabbitmqctl_rows("list_connections", "pid", "client_properties")
+    return [row[0] for row in rows if f'"{name}"' in "\t".join(row)]
 
 
 async def _close_connections(rabbitmqctl: str, name: str) -> None:
@@ -578,12 +785,7 @@ def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) ->
         await sender.close()
         await receiver.close()
 
-    with_logs = logging.getLogger("multilayer.backends.rabbitmq")
-    with_logs.disabled = True
-    try:
-        run(body, timeout=120)
-    finally:
-        with_logs.disabled = False
+    run_quietly(body, timeout=120)
 
 
 # -- behaviour on our own node ----------------------------------------------------------
@@ -600,7 +802,7 @@ def test_heartbeats_detect_a_frozen_broker(node: RabbitNode) -> None:
         waiting = asyncio.ensure_future(receiver.receive(channel))
         await asyncio.sleep(0.2)
         backend = await receiver._backend()
-        frozen_connection = backend._connection  # type: ignore[attr-defined]
+        frozen_connection = backend.link.connection  # type: ignore[attr-defined]
         node.signal(signal.SIGSTOP)
         try:
             # pika checks for silence every heartbeat + 5 seconds.
@@ -616,11 +818,39 @@ def test_heartbeats_detect_a_frozen_broker(node: RabbitNode) -> None:
         await sender.close()
         await receiver.close()
 
-    logging.getLogger("multilayer.backends.rabbitmq").disabled = True
-    try:
-        run(body, timeout=90)
-    finally:
-        logging.getLogger("multilayer.backends.rabbitmq").disabled = False
+    run_quietly(body, timeout=90)
+
+
+@pytest.mark.slow
+def test_a_restart_restores_normal_channel_memberships_without_extending_them(
+    node: RabbitNode,
+) -> None:
+    """The node is SIGKILLed and started again empty: the layer makes its normal-channel
+    membership again from the core's ledger, for what it had left of group_expiry only."""
+    layer = _layer(node.url, group_expiry=25, heartbeat=2, connect_timeout=5)
+
+    async def body() -> None:
+        await layer.group_add("rmq-back", "rmq.back")
+        joined = time.time()
+        await asyncio.to_thread(node.restart, kill=True)
+        got: list[int] = []
+        number = 0
+        while not got:
+            assert time.time() - joined < 20, "the membership never came back"
+            number += 1
+            with contextlib.suppress(BrokerError):
+                await layer.group_send("rmq-back", {"n": number})
+            with contextlib.suppress(asyncio.TimeoutError):
+                got.append((await asyncio.wait_for(layer.receive("rmq.back"), 0.5))["n"])
+        backend = await layer._backend()
+        assert backend.reasserted >= 1
+        await asyncio.sleep(joined + 25.5 - time.time())
+        await layer.group_send("rmq-back", {"n": 0})
+        await nothing(layer, "rmq.back")  # gone at its original deadline
+        await layer.flush()
+        await layer.close()
+
+    run_quietly(body, timeout=90)
 
 
 def test_tls_listener(node: RabbitNode) -> None:

@@ -145,7 +145,7 @@ def tls_server(scheme: str, certs: Path, tmp: Path, *, client_certs: bool = Fals
 #: per scheme: the option naming the CA file, and the options turning verification off
 OPTIONS = {
     "rediss": ("ssl_cafile", {"ssl_verify": False}),
-    "amqps": ("ca_file", {"verify": False}),
+    "amqps": ("ssl_cafile", {"ssl_verify": False}),
     "kafka+ssl": ("ssl_cafile", {"ssl_verify": False}),
 }
 

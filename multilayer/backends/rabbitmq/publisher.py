@@ -1,0 +1,165 @@
+"""Publishing: the confirm-mode channel every publish goes through, and the window of
+group publishes whose confirms nobody waits for.
+
+A send waits for its publisher confirm, because a negative confirm is how RabbitMQ
+reports a full queue (``x-overflow=reject-publish``); a publish that finds no queue
+(``mandatory``) is returned before its confirm. ``group_send`` does not wait: a full
+member is logged, never reported to its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections import deque
+from collections.abc import Callable
+
+import pika
+import pika.channel
+import pika.exceptions
+import pika.frame
+import pika.spec
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from .channel import Channel, fail, settle
+
+__all__ = ["ConfirmWindow", "Publisher"]
+
+
+class _Confirm:
+    """A publish waiting for RabbitMQ's confirm."""
+
+    __slots__ = ("exchange", "future", "returned", "routing_key")
+
+    def __init__(self, future: asyncio.Future[str] | None, exchange: str, routing_key: str):
+        self.future = future
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.returned = False
+
+
+class Publisher:
+    """The confirm-mode channel every publish goes through, in publish order.
+
+    Every publish carries a ``message_id`` unique to this publisher, by which a consumer
+    recognises a redelivery of a message it handed out already.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._sent = 0
+        self._waiting: dict[int, _Confirm] = {}
+        self._id_prefix = secrets.token_hex(8) + "."
+        channel.on_close(self._closed)
+
+    @classmethod
+    async def open(cls, connection: AsyncioConnection) -> Publisher:
+        """A publisher on a new channel of ``connection``, in confirm mode."""
+        channel = await Channel.open(connection)
+        publisher = cls(channel)
+        channel.channel.add_on_return_callback(publisher._returned)
+        await channel.call(channel.channel.confirm_delivery, publisher._confirmed)
+        channel.connection.confirms[channel.number] = publisher._confirm
+        return publisher
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        kind: str | None,
+        *,
+        mandatory: bool,
+        wait: bool = True,
+    ) -> asyncio.Future[str] | None:
+        """Publish with ``type`` = ``kind``; the future gives ``"ack"``, ``"nack"`` or
+        ``"returned"`` (unroutable). Without ``wait``, no future."""
+        channel = self.channel
+        if channel.closed is not None:
+            raise channel.closed
+        if not channel.channel.is_open:
+            raise pika.exceptions.ChannelWrongStateError("the publishing channel is closing")
+        # Failed by _closed() if the channel closes first.
+        future = asyncio.get_running_loop().create_future() if wait else None
+        sequence = self._sent + 1
+        channel.connection.publish(
+            channel.number,
+            exchange,
+            routing_key,
+            body,
+            kind,
+            self._id_prefix + str(sequence),
+            mandatory=mandatory,
+        )
+        self._sent = sequence
+        self._waiting[sequence] = _Confirm(future, exchange, routing_key)
+        return future
+
+    def _returned(
+        self,
+        _channel: pika.channel.Channel,
+        method: pika.spec.Basic.Return,
+        _properties: pika.BasicProperties,
+        _body: bytes,
+    ) -> None:
+        # RabbitMQ sends a message's return before its confirm, and both in publish
+        # order, so the oldest unmatched publish to that destination is the one returned.
+        for confirm in self._waiting.values():
+            if (
+                not confirm.returned
+                and confirm.exchange == method.exchange
+                and confirm.routing_key == method.routing_key
+            ):
+                confirm.returned = True
+                return
+
+    def _confirmed(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        self._confirm(isinstance(method, pika.spec.Basic.Ack), method.delivery_tag, method.multiple)
+
+    def _confirm(self, positive: bool, delivery_tag: int, multiple: bool) -> None:
+        tags = [delivery_tag]
+        if multiple:
+            tags = [tag for tag in self._waiting if tag <= delivery_tag]
+        for tag in tags:
+            confirm = self._waiting.pop(tag, None)
+            if confirm is not None and confirm.future is not None:
+                outcome = "returned" if confirm.returned else "ack" if positive else "nack"
+                settle(confirm.future, outcome)
+
+    def _closed(self, reason: BaseException) -> None:
+        for confirm in self._waiting.values():
+            if confirm.future is not None:
+                fail(confirm.future, reason)
+        self._waiting.clear()
+
+
+class ConfirmWindow:
+    """Confirms of publishes nobody waits for, at most ``size`` outstanding.
+
+    ``on_confirm(confirm)`` runs as each arrives; :meth:`add` waits for the oldest once
+    the window is full (backpressure), raising what it failed with.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._confirms: deque[asyncio.Future[str]] = deque()
+
+    async def add(
+        self, confirm: asyncio.Future[str], on_confirm: Callable[[asyncio.Future[str]], None]
+    ) -> None:
+        """Track ``confirm``; returns once at most ``size`` are outstanding."""
+        confirm.add_done_callback(lambda done: self._done(done, on_confirm))
+        window = self._confirms
+        window.append(confirm)
+        while len(window) > self._size:
+            await window.popleft()
+
+    def _done(
+        self, confirm: asyncio.Future[str], on_confirm: Callable[[asyncio.Future[str]], None]
+    ) -> None:
+        with contextlib.suppress(ValueError):
+            self._confirms.remove(confirm)
+        if not confirm.cancelled():
+            on_confirm(confirm)
