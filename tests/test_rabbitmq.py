@@ -671,7 +671,7 @@ def test_a_quorum_normal_channel_survives_losing_its_node(tmp_path: Path) -> Non
     they reconnect to another, receives resume within 30 s, no send hangs, and every
     send that returned is received once; the queue's leader is on a surviving node, and
     the killed node's return changes nothing."""
-    from rabbitmq_cluster import RabbitCluster
+    from tests.support.rabbitmq_cluster import RabbitCluster
 
     cluster = RabbitCluster(tmp_path)
     cluster.start()

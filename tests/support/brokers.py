@@ -460,6 +460,13 @@ def tansu_broker(directory: Path) -> BrokerProcess:
     )
 
 
+def rabbitmq_cluster(directory: Path) -> Broker:
+    """Three private RabbitMQ nodes clustered together."""
+    from .rabbitmq_cluster import RabbitCluster
+
+    return RabbitCluster(directory / "rabbitmq-cluster")
+
+
 def apache_kafka(directory: Path, nodes: int) -> Broker:
     """Apache Kafka from its Maven jars: one node, or a cluster of ``nodes``."""
     from .apache_kafka import ApacheKafka, missing_tools
@@ -483,6 +490,7 @@ KINDS: dict[str, Callable[[Path], Broker]] = {
     "redis": redis_server,
     "redis-sentinel": redis_sentinel,
     "rabbitmq": rabbitmq_node,
+    "rabbitmq-cluster": rabbitmq_cluster,
     "kafka": lambda directory: apache_kafka(directory, 1),
     "kafka-cluster": lambda directory: apache_kafka(directory, 3),
     "tansu": tansu_broker,

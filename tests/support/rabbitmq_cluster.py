@@ -1,24 +1,20 @@
 """A private 3-node RabbitMQ cluster on free loopback ports, for tests and by hand.
 
-Each node is a :class:`brokers.RabbitNode` (its own name, data directory and ports); the
-nodes share one Erlang cookie of their own, written into each node's private HOME before
-it boots, and nodes 2 and 3 join node 1. Nothing touches the machine's shared node.
+Each node is a :class:`~tests.support.brokers.RabbitNode` (its own name, data directory
+and ports); the nodes share one Erlang cookie of their own, written into each node's
+private HOME before it boots, and nodes 2 and 3 join node 1. Nothing touches the
+machine's shared node.
 
-``python tests/rabbitmq_cluster.py [DIR]`` starts one, prints a layer URL listing the
-three nodes as the last line of stdout once the cluster answers, and stops it on SIGTERM
-or SIGINT.
+``scripts/broker.sh rabbitmq-cluster`` runs one in the foreground and prints a layer URL
+listing the three nodes.
 """
 
 from __future__ import annotations
 
 import secrets
-import signal
-import sys
-import tempfile
-import threading
 from pathlib import Path
 
-from brokers import RabbitNode, certificates
+from .brokers import RabbitNode, certificates
 
 
 class RabbitCluster:
@@ -63,25 +59,11 @@ class RabbitCluster:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        """Kill every node."""
+    def stop(self, *, kill: bool = True) -> None:
+        """Kill every node (a cluster being thrown away need not leave it politely)."""
         for node in self.nodes:
-            node.stop(kill=True)
+            node.stop(kill=kill)
 
-
-def main() -> None:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="rmqc-"))
-    cluster = RabbitCluster(root)
-    stopping = threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stopping.set())
-    cluster.start()
-    try:
-        print(cluster.url, flush=True)
-        stopping.wait()
-    finally:
-        cluster.stop()
-
-
-if __name__ == "__main__":
-    main()
+    def running(self) -> bool:
+        """Whether every node is alive."""
+        return all(node.running() for node in self.nodes)
