@@ -180,6 +180,11 @@ class ChannelLayer:
 
     One layer object may be used from several event loops in turn; each loop gets its
     own broker connections.
+
+    This class is longer than the house's ~300 lines on purpose: it is the whole Channels
+    contract (eleven methods with their documented edge cases) in the one place
+    applications read; what is not contract lives in ``local``, ``fanout``,
+    ``memberships``, ``counters`` and the backends.
     """
 
     extensions = ["groups", "flush"]
