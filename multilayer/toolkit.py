@@ -7,6 +7,7 @@
 * :func:`tls_options`, :func:`tls_context`, :func:`check_tls`: one TLS option vocabulary
   (``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_verify``,
   ``ssl_check_hostname``) and one way to turn it into an :class:`ssl.SSLContext`.
+* :func:`jitter`: a random wait, from a generator of the library's own.
 * Options valid only under some URL schemes are declared, not checked by hand: set
   :attr:`multilayer.options.Option.schemes`, and the core refuses them elsewhere.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import ssl
 import threading
 from collections.abc import Callable, Hashable, Mapping
@@ -29,6 +31,7 @@ __all__ = [
     "ProcessWide",
     "Waiters",
     "check_tls",
+    "jitter",
     "tls_context",
     "tls_options",
     "wake",
@@ -60,6 +63,18 @@ def wake(future: asyncio.Future[None], here: asyncio.AbstractEventLoop | None = 
         return
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(_set_if_pending, future)
+
+
+#: Never the ``random`` module's global generator: an application seeding it would make
+#: every process jitter alike, and drawing from it in a background thread disturbs
+#: anything that relies on its sequence (Hypothesis checks that strategies leave it alone).
+_RANDOM = random.Random()
+
+
+def jitter(low: float, high: float) -> float:
+    """A uniformly random number of seconds in [low, high], to spread retries and checks
+    that many processes would otherwise make at the same moment."""
+    return _RANDOM.uniform(low, high)
 
 
 def _set_if_pending(future: asyncio.Future[None]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, ClassVar
@@ -18,7 +17,7 @@ from ...memberships import Membership
 from ...names import non_local_name
 from ...options import Option
 from ...serialization import deadline_of
-from ...toolkit import check_tls, tls_options
+from ...toolkit import check_tls, jitter, tls_options
 from ...url import LayerURL
 from .connection import Link
 from .consumer import Consumer, Handed, handed_ids
@@ -157,7 +156,7 @@ class RabbitMQBackend(Backend):
         # Every process of a prefix reconnects at about the same moment after a restart:
         # spread what they re-assert for others (normal channels, other processes'
         # inboxes) over a moment rather than send it all at once.
-        await asyncio.sleep(random.uniform(0.0, _RESTORE_SPREAD))
+        await asyncio.sleep(jitter(0.0, _RESTORE_SPREAD))
         await self.reassert_memberships(lambda _group, channel: not self.groups.owned_here(channel))
 
     async def restore_memberships(self, entries: list[Membership]) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable, Sequence
 
 from ...backend import Backend, now
 from ...exceptions import BrokerError
 from ...names import non_local_name
+from ...toolkit import jitter
 from .scripts import CHECK_MARK, ttl_ms
 from .shard import Shard
 
@@ -77,13 +77,13 @@ class MembershipSentry:
         """
         assert self._recheck is not None
         interval = self._interval
-        wait = interval * random.uniform(0.5, 1.5)
+        wait = interval * jitter(0.5, 1.5)
         while not self._stopped:
             try:
                 await asyncio.wait_for(self._recheck.wait(), wait)
                 # Every process that lost its connection reconnects at about the same
                 # moment: spread their checks over half a second.
-                await asyncio.sleep(random.uniform(0.0, min(0.5, interval / 2)))
+                await asyncio.sleep(jitter(0.0, min(0.5, interval / 2)))
             except asyncio.TimeoutError:
                 pass
             if self._stopped:
@@ -91,14 +91,14 @@ class MembershipSentry:
             self._recheck.clear()
             try:
                 await self.check()
-                wait = interval * random.uniform(0.5, 1.5)
+                wait = interval * jitter(0.5, 1.5)
             except BrokerError as error:
                 logger.debug("membership check deferred: %s", error)
-                wait = random.uniform(0.5, 1.0)
+                wait = jitter(0.5, 1.0)
             except Exception:
                 # A bug here must not end the checks for good, nor go unseen.
                 logger.exception("membership check failed")
-                wait = interval * random.uniform(0.5, 1.5)
+                wait = interval * jitter(0.5, 1.5)
 
     async def check(self) -> None:
         """One round trip per server when nothing was lost (the layer's marker is there and

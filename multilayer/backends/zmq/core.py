@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import random
 import secrets
 import socket
 import weakref
@@ -19,6 +18,7 @@ from ...backend import Backend, Capabilities, LayerSettings
 from ...exceptions import BrokerError, ConfigurationError
 from ...options import Option
 from ...serialization import largest_payload
+from ...toolkit import jitter
 from ...url import LayerURL
 from .link import Link
 from .node import Node, NodeConfig, start_node
@@ -233,7 +233,7 @@ class ZmqCore(Backend):
         """Re-add the memberships of the groups ``link``'s hub holds; False if it failed."""
         # Every process notices a restarted hub within one heartbeat: spread their
         # re-assertions over that heartbeat rather than sending them all at once.
-        await asyncio.sleep(random.uniform(0.0, min(self._heartbeat, 0.5)))
+        await asyncio.sleep(jitter(0.0, min(self._heartbeat, 0.5)))
         try:
             await self.reassert_memberships(lambda group, _channel: self._link(group) is link)
         except BrokerError as error:

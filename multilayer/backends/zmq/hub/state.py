@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -96,7 +96,7 @@ class HubState:
         self.peer_timeout = peer_timeout
         self.max_queue = max_queue
         self.max_message_size = max_message_size
-        self.epoch = random.getrandbits(62)
+        self.epoch = secrets.randbits(62)
         self.queues: dict[str, deque[tuple[str, bytes]]] = {}
         self.waiters: dict[str, deque[Waiter]] = {}
         self.groups: dict[str, dict[str, float]] = {}
