@@ -103,6 +103,43 @@ class Traffic:
             + f"; next number {self.next}, {self.failures} failed sends"
         )
 
+    def start(self) -> list[asyncio.Future[None]]:
+        """The sending task, then one receiving task per channel."""
+        return [
+            asyncio.ensure_future(self.send_forever()),
+            *(asyncio.ensure_future(self.receive_forever(c)) for c in self.channels),
+        ]
+
+    async def stop(self, tasks: list[asyncio.Future[None]]) -> None:
+        """Stop sending, once the send in progress (bounded) returned."""
+        self.running = False
+        await asyncio.wait_for(tasks[0], SEND_BOUND)
+
+    @staticmethod
+    async def cancel(tasks: list[asyncio.Future[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def delivered(self, must: dict[str, set[int]]) -> None:
+        """Wait (bounded) until every number in ``must`` arrived on its channel; what
+        did not is for :meth:`check` to report."""
+        with contextlib.suppress(AssertionError):
+            await self.until(
+                lambda: all(must[c] <= set(self.got[c]) for c in self.got),
+                10,
+                "delivery of every message that must arrive",
+            )
+
+    def check(self, must: dict[str, set[int]]) -> None:
+        """Nothing arrived twice or unsent, and everything in ``must`` arrived."""
+        for channel, got in self.got.items():
+            twice = sorted(n for n, count in Counter(got).items() if count > 1)
+            assert not twice, f"{channel}: delivered twice: {twice[:20]}; {self}"
+            assert set(got) <= set(range(1, self.next + 1))
+            missing = sorted(must[channel] - set(got))
+            assert not missing, f"{channel}: must arrive, never delivered: {missing[:20]}"
+
     async def until(self, condition: Any, timeout: float, what: str) -> float:
         started = time.monotonic()
         while not condition():
@@ -130,10 +167,7 @@ def test_traffic_recovers_from_a_broker_fault(controller: Controller, fault: str
             inbox = await receiver.new_channel()
             await receiver.group_add("fault-room", inbox)
             traffic = Traffic(sender, receiver, ["fault.work", inbox])
-            tasks = [
-                asyncio.ensure_future(traffic.send_forever()),
-                *(asyncio.ensure_future(traffic.receive_forever(c)) for c in traffic.channels),
-            ]
+            tasks = traffic.start()
             try:
                 await traffic.until(lambda: all(len(traffic.got[c]) > 20 for c in traffic.got),
                                     10, "traffic before the fault")  # fmt: skip
@@ -157,29 +191,16 @@ def test_traffic_recovers_from_a_broker_fault(controller: Controller, fault: str
                     await asyncio.sleep(controller.settle)
                 settled = traffic.next
                 await asyncio.sleep(1)
-                traffic.running = False
-                await asyncio.wait_for(tasks[0], SEND_BOUND)
+                await traffic.stop(tasks)
                 # Everything sent once settled arrives; before the fault, what the broker kept.
                 must = {c: {n for n in traffic.sent[c] if n > settled} for c in traffic.got}
                 if not is_restart or controller.restart_keeps_messages:
                     for channel in traffic.got:
                         must[channel] |= set(sent_before[channel])
-                with contextlib.suppress(AssertionError):
-                    await traffic.until(
-                        lambda: all(must[c] <= set(traffic.got[c]) for c in traffic.got),
-                        10,
-                        "delivery of every message the broker accepted",
-                    )
+                await traffic.delivered(must)
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            for channel, got in traffic.got.items():
-                twice = sorted(n for n, count in Counter(got).items() if count > 1)
-                assert not twice, f"{channel}: delivered twice: {twice[:20]}; {traffic}"
-                assert set(got) <= set(range(1, traffic.next + 1))
-                missing = sorted(must[channel] - set(got))
-                assert not missing, f"{channel}: accepted, never delivered: {missing[:20]}"
+                await traffic.cancel(tasks)
+            traffic.check(must)
             print(
                 f"{controller.scheme} {fault}: receives resumed {recovered:.2f}s after the "
                 f"broker was back; {traffic.failures} sends failed; "
@@ -488,10 +509,7 @@ def test_traffic_survives_losing_a_cluster_node(
             inbox = await receiver.new_channel()
             await receiver.group_add("fault-room", inbox)
             traffic = Traffic(sender, receiver, ["fault.work", inbox])
-            tasks = [
-                asyncio.ensure_future(traffic.send_forever()),
-                *(asyncio.ensure_future(traffic.receive_forever(c)) for c in traffic.channels),
-            ]
+            tasks = traffic.start()
             try:
                 await traffic.until(lambda: all(len(traffic.got[c]) > 20 for c in traffic.got),
                                     10, "traffic before the loss")  # fmt: skip
@@ -529,28 +547,16 @@ def test_traffic_survives_losing_a_cluster_node(
                 assert traffic.failures == failed, (
                     f"sends failed after the node's return: {traffic}"
                 )
-                traffic.running = False
-                await asyncio.wait_for(tasks[0], SEND_BOUND)
+                await traffic.stop(tasks)
                 # A classic queue and the inbox died with the node, and what they held;
                 # a quorum queue keeps everything a send returned for.
                 must = {c: {n for n in traffic.sent[c] if n > settled} for c in traffic.got}
                 if queue_type == "quorum":
                     must["fault.work"] = set(traffic.sent["fault.work"])
-                with contextlib.suppress(AssertionError):
-                    await traffic.until(
-                        lambda: all(must[c] <= set(traffic.got[c]) for c in traffic.got),
-                        10,
-                        "delivery of every message that must arrive",
-                    )
+                await traffic.delivered(must)
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            for channel, got in traffic.got.items():
-                twice = sorted(n for n, count in Counter(got).items() if count > 1)
-                assert not twice, f"{channel}: delivered twice: {twice[:20]}; {traffic}"
-                missing = sorted(must[channel] - set(got))
-                assert not missing, f"{channel}: must arrive, never delivered: {missing[:20]}"
+                await traffic.cancel(tasks)
+            traffic.check(must)
             print(
                 f"amqp cluster ({queue_type}) node loss: receives resumed {recovered:.2f}s "
                 f"after the kill; {failed} sends failed; the node was back in {returned:.0f}s "

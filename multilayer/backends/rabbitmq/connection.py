@@ -138,14 +138,23 @@ class Link:
         return self.publisher
 
     async def publish(
-        self, exchange: str, routing_key: str, payload: bytes, kind: str | None, *, mandatory: bool
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: bytes,
+        kind: str | None,
+        *,
+        mandatory: bool,
+        message_id: str | None = None,
     ) -> str:
         """Publish and wait for RabbitMQ's verdict: ``"ack"``, ``"nack"`` or ``"returned"``."""
         try:
             publisher = self.publisher
             if publisher is None or publisher.channel.closed is not None:
                 publisher = await self.publishing()
-            future = publisher.publish(exchange, routing_key, payload, kind, mandatory=mandatory)
+            future = publisher.publish(
+                exchange, routing_key, payload, kind, mandatory=mandatory, message_id=message_id
+            )
             assert future is not None
             return await future
         except pika.exceptions.AMQPError as error:
