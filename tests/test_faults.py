@@ -24,13 +24,16 @@ from typing import Any
 import pytest
 
 from multilayer import BrokerError, ChannelLayer
+from tests.support.brokers import RabbitNode, require_module
 from tests.support.faults import (
     CONTROLLERS,
     Controller,
+    RabbitController,
     RedisController,
     SentinelFailover,
     controlled,
 )
+from tests.support.rabbitmq_cluster import RabbitCluster
 
 #: seconds a layer may take to work again after the broker is back
 RECOVERY = 30.0
@@ -100,6 +103,43 @@ class Traffic:
             + f"; next number {self.next}, {self.failures} failed sends"
         )
 
+    def start(self) -> list[asyncio.Future[None]]:
+        """The sending task, then one receiving task per channel."""
+        return [
+            asyncio.ensure_future(self.send_forever()),
+            *(asyncio.ensure_future(self.receive_forever(c)) for c in self.channels),
+        ]
+
+    async def stop(self, tasks: list[asyncio.Future[None]]) -> None:
+        """Stop sending, once the send in progress (bounded) returned."""
+        self.running = False
+        await asyncio.wait_for(tasks[0], SEND_BOUND)
+
+    @staticmethod
+    async def cancel(tasks: list[asyncio.Future[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def delivered(self, must: dict[str, set[int]]) -> None:
+        """Wait (bounded) until every number in ``must`` arrived on its channel; what
+        did not is for :meth:`check` to report."""
+        with contextlib.suppress(AssertionError):
+            await self.until(
+                lambda: all(must[c] <= set(self.got[c]) for c in self.got),
+                10,
+                "delivery of every message that must arrive",
+            )
+
+    def check(self, must: dict[str, set[int]]) -> None:
+        """Nothing arrived twice or unsent, and everything in ``must`` arrived."""
+        for channel, got in self.got.items():
+            twice = sorted(n for n, count in Counter(got).items() if count > 1)
+            assert not twice, f"{channel}: delivered twice: {twice[:20]}; {self}"
+            assert set(got) <= set(range(1, self.next + 1))
+            missing = sorted(must[channel] - set(got))
+            assert not missing, f"{channel}: must arrive, never delivered: {missing[:20]}"
+
     async def until(self, condition: Any, timeout: float, what: str) -> float:
         started = time.monotonic()
         while not condition():
@@ -127,10 +167,7 @@ def test_traffic_recovers_from_a_broker_fault(controller: Controller, fault: str
             inbox = await receiver.new_channel()
             await receiver.group_add("fault-room", inbox)
             traffic = Traffic(sender, receiver, ["fault.work", inbox])
-            tasks = [
-                asyncio.ensure_future(traffic.send_forever()),
-                *(asyncio.ensure_future(traffic.receive_forever(c)) for c in traffic.channels),
-            ]
+            tasks = traffic.start()
             try:
                 await traffic.until(lambda: all(len(traffic.got[c]) > 20 for c in traffic.got),
                                     10, "traffic before the fault")  # fmt: skip
@@ -154,29 +191,16 @@ def test_traffic_recovers_from_a_broker_fault(controller: Controller, fault: str
                     await asyncio.sleep(controller.settle)
                 settled = traffic.next
                 await asyncio.sleep(1)
-                traffic.running = False
-                await asyncio.wait_for(tasks[0], SEND_BOUND)
+                await traffic.stop(tasks)
                 # Everything sent once settled arrives; before the fault, what the broker kept.
                 must = {c: {n for n in traffic.sent[c] if n > settled} for c in traffic.got}
                 if not is_restart or controller.restart_keeps_messages:
                     for channel in traffic.got:
                         must[channel] |= set(sent_before[channel])
-                with contextlib.suppress(AssertionError):
-                    await traffic.until(
-                        lambda: all(must[c] <= set(traffic.got[c]) for c in traffic.got),
-                        10,
-                        "delivery of every message the broker accepted",
-                    )
+                await traffic.delivered(must)
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            for channel, got in traffic.got.items():
-                twice = sorted(n for n, count in Counter(got).items() if count > 1)
-                assert not twice, f"{channel}: delivered twice: {twice[:20]}; {traffic}"
-                assert set(got) <= set(range(1, traffic.next + 1))
-                missing = sorted(must[channel] - set(got))
-                assert not missing, f"{channel}: accepted, never delivered: {missing[:20]}"
+                await traffic.cancel(tasks)
+            traffic.check(must)
             print(
                 f"{controller.scheme} {fault}: receives resumed {recovered:.2f}s after the "
                 f"broker was back; {traffic.failures} sends failed; "
@@ -444,3 +468,103 @@ class _Rooms:
             f"succeeded; group messages sent before {members_back:g}s that arrived: "
             f"{len(set(early) & set(got))} of {len(early)}"
         )
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """Three private RabbitMQ nodes clustered together (tests/support/rabbitmq_cluster.py)."""
+    require_module("pika")
+    cluster = RabbitCluster(tmp_path_factory.mktemp("rabbitmq-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _connections(node: RabbitNode) -> int:
+    return len(node.ctl("list_connections", "pid").split())
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_traffic_survives_losing_a_cluster_node(
+    rabbit_cluster: RabbitCluster, queue_type: str
+) -> None:
+    """SIGKILL the RabbitMQ node both layers are connected to (the URL's first of three)
+    in the middle of sends and waiting receives. The layers reconnect to another node,
+    waiting receives resume within RECOVERY, no send hangs, nothing is delivered twice,
+    the inbox and its membership are declared again (a group send reaches it); with
+    quorum normal channels every send that returned is delivered and the queue's leader
+    is on a surviving node. The killed node's return then changes nothing: no send fails
+    and traffic goes on."""
+    dead, survivor = rabbit_cluster.nodes[0], rabbit_cluster.nodes[1]
+    url = f"{rabbit_cluster.url}?queue_type={queue_type}"
+    options = {**RabbitController.options, "prefix": "c" + secrets.token_hex(4)}
+    options["capacity"] = 10_000
+
+    async def body() -> None:
+        sender = ChannelLayer(url, **options)
+        receiver = ChannelLayer(url, **options)
+        try:
+            inbox = await receiver.new_channel()
+            await receiver.group_add("fault-room", inbox)
+            traffic = Traffic(sender, receiver, ["fault.work", inbox])
+            tasks = traffic.start()
+            try:
+                await traffic.until(lambda: all(len(traffic.got[c]) > 20 for c in traffic.got),
+                                    10, "traffic before the loss")  # fmt: skip
+                assert await asyncio.to_thread(_connections, dead) >= 2, "not on the first node"
+                killed = time.monotonic()
+                await asyncio.to_thread(dead.stop, kill=True)
+                loss_over = traffic.next
+                await traffic.until(
+                    lambda: all(any(n > loss_over for n in traffic.got[c]) for c in traffic.got),
+                    RECOVERY,
+                    "receives resuming after the node loss",
+                )
+                recovered = time.monotonic() - killed
+                assert (
+                    await asyncio.to_thread(_connections, survivor)
+                    + await asyncio.to_thread(_connections, rabbit_cluster.nodes[2])
+                    >= 2
+                ), "the layers are not connected to a surviving node"
+                await sender.group_send("fault-room", {"group": 1})
+                await traffic.until(lambda: traffic.group_got == [1], 10, "the group message")
+                settled = traffic.next
+                if queue_type == "quorum":
+                    leaders = await asyncio.to_thread(survivor.ctl, "list_queues", "name", "leader")
+                    assert f"{options['prefix']}:fault.work\t" in leaders, leaders
+                    assert dead.name not in leaders, f"a leader on the dead node: {leaders}"
+                failed, back = traffic.failures, traffic.next
+                started = time.monotonic()
+                await asyncio.to_thread(dead.start)
+                returned = time.monotonic() - started
+                await traffic.until(
+                    lambda: all(any(n > back + 40 for n in traffic.got[c]) for c in traffic.got),
+                    RECOVERY,
+                    "traffic after the node's return",
+                )
+                assert traffic.failures == failed, (
+                    f"sends failed after the node's return: {traffic}"
+                )
+                await traffic.stop(tasks)
+                # A classic queue and the inbox died with the node, and what they held;
+                # a quorum queue keeps everything a send returned for.
+                must = {c: {n for n in traffic.sent[c] if n > settled} for c in traffic.got}
+                if queue_type == "quorum":
+                    must["fault.work"] = set(traffic.sent["fault.work"])
+                await traffic.delivered(must)
+            finally:
+                await traffic.cancel(tasks)
+            traffic.check(must)
+            print(
+                f"amqp cluster ({queue_type}) node loss: receives resumed {recovered:.2f}s "
+                f"after the kill; {failed} sends failed; the node was back in {returned:.0f}s "
+                f"and no send failed after; {sum(map(len, traffic.got.values()))} received"
+            )
+        finally:
+            await sender.flush()
+            await sender.close()
+            await receiver.close()
+
+    run_closed(body(), 180)

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -663,75 +662,6 @@ def test_quorum_messages_left_by_a_paused_receiver_reach_another_in_order(shared
         await second.close()
 
     run(body)
-
-
-@pytest.mark.slow
-def test_a_quorum_normal_channel_survives_losing_its_node(tmp_path: Path) -> None:
-    """SIGKILL the node both layers are connected to (the first of three), mid-traffic:
-    they reconnect to another, receives resume within 30 s, no send hangs, and every
-    send that returned is received once; the queue's leader is on a surviving node, and
-    the killed node's return changes nothing."""
-    from tests.support.rabbitmq_cluster import RabbitCluster
-
-    cluster = RabbitCluster(tmp_path)
-    cluster.start()
-    url = f"{cluster.url}?queue_type=quorum&heartbeat=2&connect_timeout=5"
-    sender, receiver = _layer(url), None
-    accepted: list[int] = []
-    got: list[int] = []
-
-    async def send_forever() -> None:
-        for n in range(1, 1_000_000):
-            # Bounded: a send never hangs; one that raised is never sent again.
-            with contextlib.suppress(BrokerError):
-                await asyncio.wait_for(sender.send("rmq.nodeloss", {"n": n}), 15)
-                accepted.append(n)
-            await asyncio.sleep(0.01)
-
-    async def receive_forever() -> None:
-        assert receiver is not None
-        while True:
-            got.append((await receiver.receive("rmq.nodeloss"))["n"])
-
-    async def until(condition: Callable[[], bool], within: float, what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while not condition():
-            assert loop.time() < deadline, f"{what} not within {within}s"
-            await asyncio.sleep(0.05)
-
-    async def body() -> None:
-        nonlocal receiver
-        receiver = _layer(url, prefix=sender.prefix)
-        tasks = [asyncio.ensure_future(send_forever()), asyncio.ensure_future(receive_forever())]
-        try:
-            await until(lambda: len(got) > 40, 20, "traffic")
-            await asyncio.to_thread(cluster.nodes[0].stop, kill=True)
-            dead_at = len(accepted) and accepted[-1]
-            await until(lambda: bool(got) and got[-1] > dead_at + 20, 30, "receives resuming")
-            leaders = await asyncio.to_thread(cluster.nodes[1].ctl, "list_queues", "name", "leader")
-            assert f"{sender.prefix}:rmq.nodeloss\t" in leaders
-            assert cluster.nodes[0].name not in leaders, leaders
-            await asyncio.to_thread(cluster.nodes[0].start)
-            after = accepted[-1]
-            await until(lambda: bool(got) and got[-1] > after + 20, 30, "traffic after the return")
-        finally:
-            tasks[0].cancel()
-            await asyncio.gather(tasks[0], return_exceptions=True)
-            with contextlib.suppress(AssertionError):
-                await until(lambda: set(accepted) <= set(got), 10, "the last messages")
-            tasks[1].cancel()
-            await asyncio.gather(tasks[1], return_exceptions=True)
-        assert not [n for n, count in Counter(got).items() if count > 1], "delivered twice"
-        assert not sorted(set(accepted) - set(got)), "accepted, never delivered"
-        await sender.flush()
-        await sender.close()
-        await receiver.close()
-
-    try:
-        run_quietly(body, timeout=150)
-    finally:
-        cluster.stop()
 
 
 def test_quorum_needs_rabbitmq_3_10() -> None:

@@ -10,7 +10,9 @@ The design in a screenful (every name below is under ``<prefix>:``):
   channel name in the AMQP ``type``. Expiry, capacity (``x-max-length`` with
   reject-publish) and idle expiry are queue arguments: no plugin, no policy.
 * **Sends** (:mod:`.backend` ``push``, :mod:`.publisher`): one publish on the
-  confirm-mode channel, waiting for the confirm; a negative one is ChannelFull. With
+  confirm-mode channel, waiting for the confirm; a negative one is ChannelFull. A send to
+  a process inbox does not wait while the inbox has room this process knows is free
+  (:mod:`.credit`: counted by a passive declare, exact for one sender). With
   ``queue_type=quorum`` a normal channel is a quorum queue, whose capacity a classic
   gate queue keeps exact (:mod:`.gates`).
 * **Receives** (:mod:`.consumer`): a consumer per queue, running only while pops want

@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 import pika
+import pika.exceptions
 
 from ...backend import Backend, Capabilities, Item, LayerSettings, now
 from ...capacity import CapacityPolicy
@@ -21,6 +22,7 @@ from ...toolkit import check_tls, jitter, tls_options
 from ...url import LayerURL
 from .connection import Link
 from .consumer import Consumer, Handed, handed_ids
+from .credit import Credits
 from .gates import GATED, Gates
 from .groups import Groups, inbox_members
 from .topology import Topology, idle_lifetime
@@ -102,6 +104,7 @@ class RabbitMQBackend(Backend):
         )
         self.groups = Groups(self.link, self.topology, self, self._refused_copy)
         self.gates = Gates(self.link, self.topology)
+        self.credits = Credits(self.topology.ready, self._resend)
         self._key = (url.hosts, self.link.vhost)
         self._consumers: dict[str, Consumer] = {}
         self._inboxes: set[str] = set()
@@ -135,6 +138,7 @@ class RabbitMQBackend(Backend):
     async def close(self) -> None:
         await self.groups.close()
         await self.gates.close()
+        await self.credits.close(self.config["connect_timeout"])
         await self.link.close()
         inbox_members.release(self)
         handed_ids.release(self)
@@ -180,6 +184,7 @@ class RabbitMQBackend(Backend):
     def _lost(self) -> None:
         # A restarted broker has lost its transient queues and the catalog listing them.
         self.topology.forget_all()
+        self.credits.reset()
         for consumer in self._consumers.values():
             consumer.reset()
 
@@ -207,18 +212,25 @@ class RabbitMQBackend(Backend):
         topology, link = self.topology, self.link
         if topology.stale(queue):
             await topology.declare(queue, name)
-        gated = topology.replicated(name)
-        if gated:
-            await self.gates.admit(name, capacity)
-            kind = GATED
-        outcome = await link.publish("", queue, payload, kind, mandatory=True)
-        if outcome == "returned":
-            # The queue went away (idle expiry, flush, broker restart): make it again.
-            topology.forget(queue)
-            await topology.declare(queue, name)
-            outcome = await link.publish("", queue, payload, kind, mandatory=True)
-        if outcome == "nack":
+        if name.endswith("!"):
+            # A process inbox: pipelined while it has room known to be free (credit.py).
+            await self.credits.in_order()
+            publisher = link.publisher
+            if (
+                publisher is not None
+                and publisher.channel.closed is None
+                and publisher.channel.channel.is_open
+                and self.credits.send(self._publish_now, queue, channel, payload, kind, capacity)
+            ):
+                return
+            outcome = await self._counted(queue, name, payload, kind, None)
+        else:
+            gated = topology.replicated(name)
             if gated:
+                await self.gates.admit(name, capacity)
+                kind = GATED
+            outcome = await self._deliver(queue, name, payload, kind, None)
+            if outcome == "nack" and gated:
                 self.gates.release(name, 1)
                 if await topology.ready(queue) < capacity:
                     # Not full (by its own soft limit, group copies): on RabbitMQ 3.10 a
@@ -229,9 +241,60 @@ class RabbitMQBackend(Backend):
                         f"RabbitMQ at {self.url.sanitized()} refused a message for {queue!r} "
                         "(its quorum queue had no leader; a later send uses a new channel)"
                     )
+        if outcome == "nack":
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    async def _deliver(
+        self, queue: str, name: str, payload: bytes, kind: str | None, message_id: str | None
+    ) -> str:
+        """Publish and wait for the verdict, making the queue again if it went away
+        (idle expiry, flush, a lost node): ``"ack"`` or ``"nack"`` (full)."""
+        link = self.link
+        outcome = await link.publish(
+            "", queue, payload, kind, mandatory=True, message_id=message_id
+        )
+        if outcome == "returned":
+            self.topology.forget(queue)
+            await self.topology.declare(queue, name)
+            outcome = await link.publish(
+                "", queue, payload, kind, mandatory=True, message_id=message_id
+            )
         if outcome == "returned":
             raise BrokerError(f"RabbitMQ at {self.url.sanitized()} did not route to {queue!r}")
+        return outcome
+
+    async def _counted(
+        self, queue: str, name: str, payload: bytes, kind: str | None, message_id: str | None
+    ) -> str:
+        """:meth:`_deliver` to an inbox, counted among its publishes (credit.py)."""
+        room = self.credits.room(queue)
+        room.published += 1
+        try:
+            return await self._deliver(queue, name, payload, kind, message_id)
+        finally:
+            room.settled += 1
+
+    def _publish_now(
+        self, queue: str, _channel: str, payload: bytes, kind: str | None, message_id: str
+    ) -> asyncio.Future[str]:
+        """Publish to an inbox without waiting; the future gives the verdict."""
+        publisher = self.link.publisher
+        assert publisher is not None  # push checked it
+        try:
+            future = publisher.publish(
+                "", queue, payload, kind, mandatory=True, message_id=message_id
+            )
+        except pika.exceptions.AMQPError as error:
+            raise self.link.error(f"publishing to {queue!r}", error) from error
+        assert future is not None
+        return future
+
+    async def _resend(
+        self, queue: str, channel: str, payload: bytes, kind: str | None, message_id: str
+    ) -> None:
+        """Publish again a pipelined send lost with its connection (credit.py)."""
+        if await self._counted(queue, non_local_name(channel), payload, kind, message_id) == "nack":
+            raise ChannelFull(f"channel {channel!r} is full")
 
     async def pop(self, queue: str, limit: int) -> list[Item]:
         consumer = self._consumers.get(queue)

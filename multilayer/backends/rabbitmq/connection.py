@@ -46,8 +46,8 @@ class Link:
     The hooks: ``prepare(connection)`` runs on each new connection before it is offered,
     and every ``renew_every`` seconds while it lasts (keeping leases alive); ``restore()``
     runs once it is offered (re-create what the broker may have lost); ``lost()`` runs
-    when it drops, ``reconnected()`` once it is made again; ``stopping()`` before it is
-    closed on purpose.
+    when it drops, ``reconnected()`` once it is made again (before ``restore()``);
+    ``stopping()`` before it is closed on purpose.
     """
 
     def __init__(
@@ -138,14 +138,23 @@ class Link:
         return self.publisher
 
     async def publish(
-        self, exchange: str, routing_key: str, payload: bytes, kind: str | None, *, mandatory: bool
+        self,
+        exchange: str,
+        routing_key: str,
+        payload: bytes,
+        kind: str | None,
+        *,
+        mandatory: bool,
+        message_id: str | None = None,
     ) -> str:
         """Publish and wait for RabbitMQ's verdict: ``"ack"``, ``"nack"`` or ``"returned"``."""
         try:
             publisher = self.publisher
             if publisher is None or publisher.channel.closed is not None:
                 publisher = await self.publishing()
-            future = publisher.publish(exchange, routing_key, payload, kind, mandatory=mandatory)
+            future = publisher.publish(
+                exchange, routing_key, payload, kind, mandatory=mandatory, message_id=message_id
+            )
             assert future is not None
             return await future
         except pika.exceptions.AMQPError as error:
@@ -176,7 +185,7 @@ class Link:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(closed, self.config["connect_timeout"])
 
-    async def _connect(self) -> None:
+    async def _connect(self, *, again: bool = False) -> None:
         errors: list[BaseException] = []
         for host, port in self.url.hosts or (("localhost", None),):
             try:
@@ -185,7 +194,7 @@ class Link:
                 errors.append(error)
                 continue
             try:
-                await self._setup(connection)
+                await self._setup(connection, again=again)
             except (pika.exceptions.AMQPError, BrokerError) as error:
                 self._closed(connection, error)
                 connection.close()
@@ -215,12 +224,16 @@ class Link:
                 connection.close()
             raise
 
-    async def _setup(self, connection: AsyncioConnection) -> None:
+    async def _setup(self, connection: AsyncioConnection, *, again: bool) -> None:
         admin = await Channel.open(connection)
         publisher = await Publisher.open(connection)
         await self._prepare(connection)
         self.connection, self.admin, self.publisher = connection, admin, publisher
         self._ready.set()
+        if again:
+            # Counted once the connection serves, not after restore(), which may pause
+            # (spreading re-declarations): a receive resumed is a reconnection counted.
+            self._reconnected()
         await self._restore()
 
     def _closed(self, connection: AsyncioConnection, reason: BaseException) -> None:
@@ -258,8 +271,7 @@ class Link:
                 delay = 0.1
                 continue
             try:
-                await self._connect()
-                self._reconnected()
+                await self._connect(again=True)
                 logger.info("reconnected to RabbitMQ at %s", self.url.sanitized())
             except BrokerError as error:
                 logger.debug("%s", error)

@@ -325,12 +325,14 @@ class Consumer:
         buffer = self.buffer
         gated = 0
         while buffer and len(taken) < limit:
-            tag, redelivered, routing_key, kind, message_id, body = buffer.popleft()
+            tag, _redelivered, routing_key, kind, message_id, body = buffer.popleft()
             self.unacked_tag = tag
             self.unacked += 1
             if message_id is not None:
-                if redelivered and message_id in handed:
-                    continue  # handed out here before the connection dropped
+                if message_id in handed:
+                    # Handed out here before the connection dropped: delivered again
+                    # (redelivered), or published again by a sender (credit.py).
+                    continue
                 ids.append(message_id)
             if kind == GATED:
                 gated += 1

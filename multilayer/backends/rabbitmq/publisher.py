@@ -72,9 +72,11 @@ class Publisher:
         *,
         mandatory: bool,
         wait: bool = True,
+        message_id: str | None = None,
     ) -> asyncio.Future[str] | None:
         """Publish with ``type`` = ``kind``; the future gives ``"ack"``, ``"nack"`` or
-        ``"returned"`` (unroutable). Without ``wait``, no future."""
+        ``"returned"`` (unroutable). Without ``wait``, no future. ``message_id`` (a
+        message published again keeps its own) defaults to a new one."""
         channel = self.channel
         if channel.closed is not None:
             raise channel.closed
@@ -89,7 +91,7 @@ class Publisher:
             routing_key,
             body,
             kind,
-            self._id_prefix + str(sequence),
+            message_id or self._id_prefix + str(sequence),
             mandatory=mandatory,
         )
         self._sent = sequence
