@@ -330,8 +330,11 @@ def test_inbox_takes_ride_along_with_the_next_record(broker_url: str) -> None:
     Kafka record of its own each time: one-at-a-time traffic costs about a record per
     message, not two."""
 
+    # A prefix of its own: the count must not include an earlier run's records.
+    prefix = f"takes{time.time_ns()}"
+
     async def body() -> None:
-        layer = ChannelLayer(broker_url, prefix="takes")
+        layer = ChannelLayer(broker_url, prefix=prefix)
         try:
             inbox = await layer.new_channel()
             for i in range(100):
@@ -345,7 +348,7 @@ def test_inbox_takes_ride_along_with_the_next_record(broker_url: str) -> None:
             await layer.close()
 
     run(body)
-    records = records_in(broker_url, "multilayer.takes")
+    records = records_in(broker_url, f"multilayer.{prefix}")
     assert records < 130, f"{records} Kafka records for 100 sends and their takes"
 
 
@@ -373,12 +376,15 @@ def test_linger_reaches_the_producer_and_paced_traffic_flows(broker_url: str) ->
 
 def test_a_new_process_sees_the_present_before_it_sends(broker_url: str) -> None:
     # A send returns without a round trip only when the sender's replayed view has room;
-    # a layer that had not caught up with the log would see an empty channel instead.
+    # a layer that had not caught up with the log would see an empty channel instead. A
+    # send returns before the broker has its record (docs/backends/kafka.md, "A send"), so
+    # the new process is opened once the broker has them: stats() waits for their replay.
     async def body() -> None:
         first = ChannelLayer(broker_url, prefix="present", capacity=5)
         try:
             for i in range(5):
                 await first.send("present.q", {"i": i})
+            assert (await first.stats()).queues == {"present.q": 5}
             # Different options give the late layer a hub of its own, like a new process.
             late = ChannelLayer(broker_url, prefix="present", capacity=5, claim_lease=9.0)
             try:

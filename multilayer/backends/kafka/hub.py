@@ -57,6 +57,7 @@ class Hub:
         self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
         self._start_lock = threading.Lock()
         self._started = False
+        self._stopped = False
 
     def ensure_started(self) -> None:
         """Create the log topic if needed, connect, and replay what the log holds (once).
@@ -65,6 +66,8 @@ class Hub:
         new layer's view (capacity, groups) is the present, not a past state. Blocking.
         """
         with self._start_lock:
+            if self._stopped:
+                raise BrokerError(f"kafka log {self.topic}: closed while opening")
             if not self._started:
                 self.create_topic()
                 self.writer.start(self.client_config)
@@ -77,6 +80,8 @@ class Hub:
                 self.replay.start_end,
                 REPLAY_TIMEOUT,
             )
+        if self._stopped:
+            raise BrokerError(f"kafka log {self.topic}: closed while opening")
 
     def create_topic(self) -> None:
         """Create the log topic unless it exists (first use of a prefix, broker restart)."""
@@ -98,7 +103,15 @@ class Hub:
             admin.close()
 
     def stop(self) -> None:
-        """Give back held messages, then stop both threads and the clients (blocking)."""
+        """Give back held messages, then stop both threads and the clients (blocking).
+
+        A start under way (another thread in :meth:`ensure_started`) is told to end and
+        waited for, so that no client or thread outlives the hub.
+        """
+        self._stopped = True
+        self.replay.abort_start()
+        with self._start_lock:
+            pass
         self.replay.stop()
         for queue, items in self.view.held.release(0):
             self.writer.give_back(queue, items)

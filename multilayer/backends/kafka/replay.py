@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 
+from ...exceptions import BrokerError
 from .log import decode
 from .view import View
 from .writer import Writer
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 _STALL = 2.0
 #: Longest one check of the log's identity waits for the broker (ms).
 _CHECK_TIMEOUT_MS = 1000
+#: Longest opening waits for the log's end offset (a new topic's leader) (s).
+_OPEN_TIMEOUT = 60.0
 #: records whose digests are kept to skip re-reading them after a log reset (~1 MiB)
 _REMEMBERED = 16_384
 
@@ -97,7 +101,7 @@ class Replay:
         )
         self.consumer.assign([self.partition])
         self.consumer.seek_to_beginning(self.partition)
-        self.start_end = self.consumer.end_offsets([self.partition])[self.partition]
+        self.start_end = self._end_offset()
         if self.start_end == 0:
             self.caught_up.set()
         with contextlib.suppress(Exception):  # the first check in the thread tries again
@@ -108,8 +112,31 @@ class Replay:
         )
         self._thread.start()
 
+    def _end_offset(self) -> int:
+        """The log's end offset now, asked in bounded steps (blocking).
+
+        kafka-python's public end_offsets() retries without end while a new topic has no
+        leader yet (seconds on a cluster); a close() meanwhile must not leave this thread
+        behind, so each step waits at most a second and :meth:`stop` ends the loop.
+        """
+        give_up = time.monotonic() + _OPEN_TIMEOUT
+        while True:
+            if self._stopping.is_set():
+                raise BrokerError(f"kafka log {self.topic}: closed while opening")
+            try:
+                found = self.consumer._fetcher.end_offsets([self.partition], _CHECK_TIMEOUT_MS)
+                return int(found[self.partition])
+            except KafkaTimeoutError:
+                if time.monotonic() > give_up:
+                    raise
+
+    def abort_start(self) -> None:
+        """End a :meth:`start`, or a wait for ``caught_up``, under way in another thread."""
+        self._stopping.set()
+        self.caught_up.set()
+
     def stop(self) -> None:
-        """Stop the thread and the consumer (blocking)."""
+        """Stop the thread and the consumer (blocking); ends a :meth:`start` under way."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(10)
