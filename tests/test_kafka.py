@@ -254,7 +254,8 @@ def test_given_back_messages_serve_open_claims_then_return_to_the_head() -> None
 # -- against a Tansu broker ----------------------------------------------------------------
 
 
-def test_one_topic_per_prefix_whatever_the_traffic(broker_url: str) -> None:
+def test_two_topics_per_prefix_whatever_the_traffic(broker_url: str) -> None:
+    # The log and its snapshots; none per channel, process or group.
     async def body() -> None:
         sender, receiver = (
             ChannelLayer(broker_url, prefix="layout"),
@@ -274,7 +275,10 @@ def test_one_topic_per_prefix_whatever_the_traffic(broker_url: str) -> None:
             await receiver.close()
 
     run(body)
-    assert {topic for topic in topics_on(broker_url) if "layout" in topic} == {"multilayer.layout"}
+    assert {topic for topic in topics_on(broker_url) if "layout" in topic} == {
+        "multilayer.layout",
+        "multilayer-state.layout",
+    }
 
 
 def test_size_limits_admit_the_largest_encrypted_message(broker_url: str) -> None:

@@ -63,6 +63,8 @@ def test_stop_during_a_slow_open_ends_the_opening_thread(monkeypatch: pytest.Mon
         "max_record": 1_000_000,
         "acks": "all",
         "linger_ms": 0,
+        "snapshot_every": 100_000,
+        "snapshot_interval": 60.0,
     }
     hub = hub_module.Hub("multilayer.leaderless", {}, options)
     monkeypatch.setattr(hub.writer, "start", lambda _config: None)

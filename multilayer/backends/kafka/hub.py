@@ -22,6 +22,7 @@ from ...exceptions import BrokerError
 from ...toolkit import ProcessWide
 from .log import Outcome
 from .replay import Replay
+from .snapshot import SNAPSHOT_LIMIT, state_topic
 from .view import View
 from .writer import REPLAY_TIMEOUT, Done, Writer
 
@@ -84,21 +85,39 @@ class Hub:
             raise BrokerError(f"kafka log {self.topic}: closed while opening")
 
     def create_topic(self) -> None:
-        """Create the log topic unless it exists (first use of a prefix, broker restart)."""
-        topic = NewTopic(
+        """Create the log topic and its snapshot topic unless they exist (first use of a
+        prefix, broker restart)."""
+        retention = str(int(self.options["retention_hours"] * 3_600_000))
+        log = NewTopic(
             self.topic,
             num_partitions=1,
             replication_factor=-1,
             topic_configs={
                 "cleanup.policy": "delete",
-                "retention.ms": str(int(self.options["retention_hours"] * 3_600_000)),
+                "retention.ms": retention,
                 "max.message.bytes": str(self.options["max_record"]),
+            },
+        )
+        snapshots = NewTopic(
+            state_topic(self.topic),
+            num_partitions=1,
+            replication_factor=-1,
+            topic_configs={
+                # Compaction keeps the newest snapshot; retention drops one older than the
+                # log could still hold, which no process could use.
+                "cleanup.policy": "compact,delete",
+                "retention.ms": retention,
+                "max.message.bytes": str(SNAPSHOT_LIMIT + 1024),
+                # Segments roll often so that compaction, which skips the active segment,
+                # keeps the topic at a few snapshots.
+                "segment.ms": "600000",
             },
         )
         admin = KafkaAdminClient(**self.client_config)
         try:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics([topic])
+            for topic in (log, snapshots):
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    admin.create_topics([topic])
         finally:
             admin.close()
 
