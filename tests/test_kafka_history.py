@@ -203,3 +203,35 @@ def test_a_snapshot_replays_like_the_state_it_was_taken_from() -> None:
     assert snapshot.machine.queues == replayed.queues
     assert snapshot.machine.groups == replayed.groups
     assert decode_snapshot(b"\x93garbage") is None
+
+
+def test_a_principal_without_the_snapshot_topic_still_gets_a_layer(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ACLs written before snapshots allow only multilayer.*: the layer works on, and its
+    # processes replay the whole log.
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import TopicAuthorizationFailedError
+
+    create = KafkaAdminClient.create_topics
+
+    def refuse_snapshots(admin: Any, topics: list[Any], *args: Any, **kwargs: Any) -> Any:
+        if any(topic.name.startswith("multilayer-state.") for topic in topics):
+            raise TopicAuthorizationFailedError("not allowed")
+        return create(admin, topics, *args, **kwargs)
+
+    monkeypatch.setattr(KafkaAdminClient, "create_topics", refuse_snapshots)
+
+    async def body() -> bool:
+        layer = ChannelLayer(url, prefix="nosnapshots", snapshot_interval=0.1)
+        try:
+            await layer.send("nosnapshots.q", {"n": 1})
+            assert await asyncio.wait_for(layer.receive("nosnapshots.q"), 10) == {"n": 1}
+            await asyncio.sleep(0.5)  # past snapshot_interval: nothing to write to
+            hub = layer._state().backend.hub  # type: ignore[attr-defined]
+            return bool(hub.replay.snapshots.enabled)
+        finally:
+            await layer.close()
+
+    assert run(body) is False
+    assert end_of(url.removeprefix("kafka://"), "multilayer.nosnapshots") > 0

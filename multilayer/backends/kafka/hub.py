@@ -115,9 +115,21 @@ class Hub:
         )
         admin = KafkaAdminClient(**self.client_config)
         try:
-            for topic in (log, snapshots):
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    admin.create_topics([topic])
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics([log])
+            try:
+                admin.create_topics([snapshots])
+            except TopicAlreadyExistsError:
+                pass
+            except Exception as error:
+                # A principal allowed only the log's topics (ACLs from before snapshots)
+                # still gets a working layer; its processes replay the whole log.
+                logger.warning(
+                    "kafka: no snapshot topic %s (%s); joining processes replay the log",
+                    snapshots.name,
+                    error,
+                )
+                self.replay.snapshots.enabled = False
         finally:
             admin.close()
 

@@ -153,7 +153,8 @@ class Replay:
         """
         snapshot = None
         try:
-            snapshot = self.snapshots.newest(self.consumer, self._end_offset, self._stopping)
+            if self.snapshots.enabled:
+                snapshot = self.snapshots.newest(self.consumer, self._end_offset, self._stopping)
         except (KafkaTimeoutError, BrokerError):
             raise
         except Exception as error:
@@ -238,7 +239,7 @@ class Replay:
                     self.caught_up.set()
             if time.monotonic() >= self._check_at or self._anchor is not None:
                 self._check()
-            if self.snapshots.schedule.due():
+            if self.snapshots.enabled and self.snapshots.schedule.due():
                 self.snapshots.write(self.consumer, self._state)
 
     def _back(self) -> None:

@@ -162,6 +162,8 @@ class Snapshots:
         self.partition = TopicPartition(self.topic, 0)
         self.schedule = Schedule(options["snapshot_every"], options["snapshot_interval"])
         self.acks = options["acks"]
+        #: False when the snapshot topic could not be made: no snapshot is read or written.
+        self.enabled = True
         #: kafka-python settings for the producer, made on the first write.
         self.client_config: Mapping[str, Any] = {}
         self._producer: Any = None
