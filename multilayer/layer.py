@@ -118,9 +118,16 @@ class _LoopState:
             return self.backend
         if self._opened is None:
             self._opened = asyncio.ensure_future(self.backend.open())
+        opened = self._opened
         # A failed open is retried by the next call rather than cached forever.
         try:
-            await asyncio.shield(self._opened)
+            await asyncio.shield(opened)
+        except asyncio.CancelledError:
+            # close() cancels an open under way: whoever waited for it learns why, as a
+            # receive already waiting would, instead of looking cancelled itself.
+            if opened.cancelled():
+                raise LayerClosed("the channel layer was closed") from None
+            raise
         except Exception:
             if self._opened is not None and self._opened.done():
                 self._opened = None

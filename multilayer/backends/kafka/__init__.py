@@ -20,10 +20,14 @@ Where things live:
   state every process computes alike (queues, claims, groups, capacity).
 * :mod:`.view`: this process's :class:`~.view.View` of that state, with who waits for
   what, messages its claims hold (prefetch), and sends not replayed yet.
-* :mod:`.replay`: the thread reading the log into the view. **Reconnects** are
-  kafka-python's own; a log that came back empty (an in-memory broker restarted, a topic
-  made again) is noticed there by a periodic check of its first record, the state
-  starts over from the new log, and the hub has each layer re-assert its memberships.
+* :mod:`.replay`: the thread reading the log into the view, from the newest snapshot.
+  **Reconnects** are kafka-python's own; a log that came back empty (an in-memory
+  broker restarted, a topic made again) is noticed there by a periodic check of its
+  first record, the state starts over from the new log, and the hub has each layer
+  re-assert its memberships.
+* :mod:`.snapshot`: snapshots of the state in the compacted topic
+  ``multilayer-state.<prefix>``, which a process joining starts from instead of the
+  log's start, and when a process writes one.
 * :mod:`.writer`: the thread packing operations into Kafka records for the producer.
 * :mod:`.hub`: one process's :class:`~.hub.Hub` per log (view, writer, replay), shared
   through :class:`multilayer.toolkit.ProcessWide`.

@@ -22,6 +22,7 @@ from ...exceptions import BrokerError
 from ...toolkit import ProcessWide
 from .log import Outcome
 from .replay import Replay
+from .snapshot import SNAPSHOT_LIMIT, state_topic
 from .view import View
 from .writer import REPLAY_TIMEOUT, Done, Writer
 
@@ -57,6 +58,7 @@ class Hub:
         self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
         self._start_lock = threading.Lock()
         self._started = False
+        self._stopped = False
 
     def ensure_started(self) -> None:
         """Create the log topic if needed, connect, and replay what the log holds (once).
@@ -65,6 +67,8 @@ class Hub:
         new layer's view (capacity, groups) is the present, not a past state. Blocking.
         """
         with self._start_lock:
+            if self._stopped:
+                raise BrokerError(f"kafka log {self.topic}: closed while opening")
             if not self._started:
                 self.create_topic()
                 self.writer.start(self.client_config)
@@ -77,28 +81,68 @@ class Hub:
                 self.replay.start_end,
                 REPLAY_TIMEOUT,
             )
+        if self._stopped:
+            raise BrokerError(f"kafka log {self.topic}: closed while opening")
 
     def create_topic(self) -> None:
-        """Create the log topic unless it exists (first use of a prefix, broker restart)."""
-        topic = NewTopic(
+        """Create the log topic and its snapshot topic unless they exist (first use of a
+        prefix, broker restart)."""
+        retention = str(int(self.options["retention_hours"] * 3_600_000))
+        log = NewTopic(
             self.topic,
             num_partitions=1,
             replication_factor=-1,
             topic_configs={
                 "cleanup.policy": "delete",
-                "retention.ms": str(int(self.options["retention_hours"] * 3_600_000)),
+                "retention.ms": retention,
                 "max.message.bytes": str(self.options["max_record"]),
+            },
+        )
+        snapshots = NewTopic(
+            state_topic(self.topic),
+            num_partitions=1,
+            replication_factor=-1,
+            topic_configs={
+                # Compaction keeps the newest snapshot; retention drops one older than the
+                # log could still hold, which no process could use.
+                "cleanup.policy": "compact,delete",
+                "retention.ms": retention,
+                "max.message.bytes": str(SNAPSHOT_LIMIT + 1024),
+                # Segments roll often so that compaction, which skips the active segment,
+                # keeps the topic at a few snapshots.
+                "segment.ms": "600000",
             },
         )
         admin = KafkaAdminClient(**self.client_config)
         try:
             with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics([topic])
+                admin.create_topics([log])
+            try:
+                admin.create_topics([snapshots])
+            except TopicAlreadyExistsError:
+                pass
+            except Exception as error:
+                # A principal allowed only the log's topics (ACLs from before snapshots)
+                # still gets a working layer; its processes replay the whole log.
+                logger.warning(
+                    "kafka: no snapshot topic %s (%s); joining processes replay the log",
+                    snapshots.name,
+                    error,
+                )
+                self.replay.snapshots.enabled = False
         finally:
             admin.close()
 
     def stop(self) -> None:
-        """Give back held messages, then stop both threads and the clients (blocking)."""
+        """Give back held messages, then stop both threads and the clients (blocking).
+
+        A start under way (another thread in :meth:`ensure_started`) is told to end and
+        waited for, so that no client or thread outlives the hub.
+        """
+        self._stopped = True
+        self.replay.abort_start()
+        with self._start_lock:
+            pass
         self.replay.stop()
         for queue, items in self.view.held.release(0):
             self.writer.give_back(queue, items)

@@ -15,8 +15,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 
+from ...exceptions import BrokerError
 from .log import decode
+from .snapshot import SNAPSHOT_LIMIT, Snapshot, Snapshots, encode_snapshot
 from .view import View
 from .writer import Writer
 
@@ -28,8 +31,15 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 _STALL = 2.0
 #: Longest one check of the log's identity waits for the broker (ms).
 _CHECK_TIMEOUT_MS = 1000
-#: records whose digests are kept to skip re-reading them after a log reset (~1 MiB)
-_REMEMBERED = 16_384
+#: The most one fetch may return: a backlog catches up in few round trips.
+_FETCH_MAX_BYTES = 52_428_800
+#: Longest opening waits for the log's end offset (a new topic's leader) (s).
+_OPEN_TIMEOUT = 60.0
+#: Records whose digests are kept, to apply once a record met again: after a log reset,
+#: or written twice by a producer retrying across a leader change (both within seconds).
+#: 4,096 (seconds of traffic at the soak's ~250 records/s, records packing up to 1,024
+#: operations under load) costs about 0.6 MiB; 16,384 cost 2.5 MiB of the soak's RSS.
+_REMEMBERED = 4_096
 
 
 def _digest(value: bytes) -> bytes:
@@ -84,21 +94,30 @@ class Replay:
         # new log already applied before that are not applied (delivered) again.
         self._applied: deque[bytes] = deque(maxlen=_REMEMBERED)
         self._applied_set: set[bytes] = set()
+        # The last record applied (offset, digest): what a snapshot written now names.
+        self._last: tuple[int, bytes] | None = None
+        self.snapshots = Snapshots(topic, options)
+        #: The snapshot this process started from, if any (for tests and logs).
+        self.started_from: int | None = None
 
     def start(self, client_config: Mapping[str, Any]) -> None:
         """Connect the consumer at the log's start and start the replay thread (blocking)."""
+        fetch_max = max(self.options["max_record"], _FETCH_MAX_BYTES)
         self.consumer = KafkaConsumer(
             **client_config,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.options["fetch_wait_ms"],
             max_partition_fetch_bytes=self.options["max_record"],
-            fetch_max_bytes=max(self.options["max_record"], 52_428_800),
+            fetch_max_bytes=fetch_max,
+            # kafka-python refuses any response frame over 1,000,000 bytes by default,
+            # so a fetch of one large record, or of a backlog, failed and was retried.
+            receive_message_max_bytes=fetch_max + SNAPSHOT_LIMIT + 1024 * 1024,
         )
-        self.consumer.assign([self.partition])
-        self.consumer.seek_to_beginning(self.partition)
-        self.start_end = self.consumer.end_offsets([self.partition])[self.partition]
-        if self.start_end == 0:
+        self.snapshots.client_config = client_config
+        self._resume()
+        self.start_end = self._end_offset(self.partition)
+        if self.next_offset >= self.start_end:
             self.caught_up.set()
         with contextlib.suppress(Exception):  # the first check in the thread tries again
             self._origin = self._identity()
@@ -108,13 +127,84 @@ class Replay:
         )
         self._thread.start()
 
+    def _end_offset(self, partition: TopicPartition) -> int:
+        """The end offset of ``partition`` now, asked in bounded steps (blocking).
+
+        kafka-python's public end_offsets() retries without end while a new topic has no
+        leader yet (seconds on a cluster); a close() meanwhile must not leave this thread
+        behind, so each step waits at most a second and :meth:`stop` ends the loop.
+        """
+        give_up = time.monotonic() + _OPEN_TIMEOUT
+        while True:
+            if self._stopping.is_set():
+                raise BrokerError(f"kafka log {self.topic}: closed while opening")
+            try:
+                found = self.consumer._fetcher.end_offsets([partition], _CHECK_TIMEOUT_MS)
+                return int(found[partition])
+            except KafkaTimeoutError:
+                if time.monotonic() > give_up:
+                    raise
+
+    def _resume(self) -> None:
+        """Start from the newest snapshot if it belongs to this log, else from the start.
+
+        The snapshot names the last record it applied; the log must still hold that very
+        record (a log made again, or a snapshot older than the retention, does not).
+        """
+        snapshot = None
+        try:
+            if self.snapshots.enabled:
+                snapshot = self.snapshots.newest(self.consumer, self._end_offset, self._stopping)
+        except (KafkaTimeoutError, BrokerError):
+            raise
+        except Exception as error:
+            logger.warning("kafka log %s: no snapshot read (%s)", self.topic, error)
+        self.consumer.assign([self.partition])
+        if snapshot is not None:
+            self.next_offset = snapshot.resume
+            if self._holds(snapshot.anchor):
+                self._install(snapshot)
+                return
+            logger.info("kafka log %s: snapshot of another log; replaying it all", self.topic)
+        self.next_offset = 0
+        self.consumer.seek_to_beginning(self.partition)
+
+    def _install(self, snapshot: Snapshot) -> None:
+        with self.view.lock:
+            self.view.machine = snapshot.machine
+            for digest in snapshot.digests:
+                self._remember(digest)
+        self._last = snapshot.anchor
+        self.started_from = snapshot.resume
+        self.consumer.seek(self.partition, snapshot.resume)
+        logger.info("kafka log %s: resumed from a snapshot at %d", self.topic, snapshot.resume)
+
+    def _remember(self, digest: bytes) -> None:
+        if len(self._applied) == _REMEMBERED:
+            self._applied_set.discard(self._applied[0])
+        self._applied.append(digest)
+        self._applied_set.add(digest)
+
+    def _state(self) -> bytes | None:
+        """The state as a snapshot record's value; None before any record was applied."""
+        if self._last is None:
+            return None
+        with self.view.lock:
+            return encode_snapshot(self.view.machine, self.next_offset, self._last, self._applied)
+
+    def abort_start(self) -> None:
+        """End a :meth:`start`, or a wait for ``caught_up``, under way in another thread."""
+        self._stopping.set()
+        self.caught_up.set()
+
     def stop(self) -> None:
-        """Stop the thread and the consumer (blocking)."""
+        """Stop the thread and the consumer (blocking); ends a :meth:`start` under way."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(10)
         if self.consumer is not None:
             self.consumer.close()
+        self.snapshots.close()
 
     def _run(self) -> None:
         # Tansu (and Kafka, when no new record arrives) holds a fetch for the whole
@@ -149,6 +239,8 @@ class Replay:
                     self.caught_up.set()
             if time.monotonic() >= self._check_at or self._anchor is not None:
                 self._check()
+            if self.snapshots.enabled and self.snapshots.schedule.due():
+                self.snapshots.write(self.consumer, self._state)
 
     def _back(self) -> None:
         self._lost = False
@@ -240,6 +332,7 @@ class Replay:
     def _start_over(self, why: str) -> None:
         # Under the view's lock: what the old log held is gone for every process alike.
         logger.warning("kafka log %s %s; state restarts from the new log", self.topic, why)
+        self._last = None
         # The broker went away and came back: kafka-python reconnects on its own, and
         # this is the only sign of it an in-memory broker gives.
         self._back()
@@ -265,9 +358,8 @@ class Replay:
             self._anchor = (offset, digest)
         if digest in self._applied_set:
             return
-        if len(self._applied) == _REMEMBERED:
-            self._applied_set.discard(self._applied[0])
-        self._applied.append(digest)
-        self._applied_set.add(digest)
+        self._remember(digest)
+        self._last = (offset, digest)
+        self.snapshots.schedule.applied(len(applicable))
         for position, operation in applicable:
             self.view.apply(position, operation)

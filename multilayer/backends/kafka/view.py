@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 #: either, a send waits for its record's replay, which paces a sender to the broker.
 _MAX_UNREPLAYED = 10_000
 _MAX_UNREPLAYED_BYTES = 32 * 1024 * 1024
+#: Group sends in flight without waiting for the broker, per process; beyond, a group
+#: send waits for its acknowledgement, which paces a sender to the broker.
+_MAX_UNREPLAYED_GROUP_SENDS = 1_000
 #: Seconds after a failed write during which every send waits for its replay, so that a
 #: broker outage surfaces as BrokerError instead of sends lost after returning.
 _DISTRUST = 5.0
@@ -159,6 +162,30 @@ class View:
             self.unreplayed_bytes += size
             return token
 
+    def admit_group_send(self, token: str, sender: Backend) -> bool:
+        """Count a group send of ``sender`` as unreplayed (under ``lock``); whether it may
+        skip waiting for the broker's acknowledgement (see :meth:`admit`)."""
+        self.group_senders[token] = sender
+        return (
+            time.monotonic() >= self.distrust_until
+            and len(self.group_senders) <= _MAX_UNREPLAYED_GROUP_SENDS
+        )
+
+    def group_lost(self, token: str, group: str, error: BaseException | None) -> None:
+        """An admitted group send's write failed (``error``): say so, and make the next
+        sends wait. Called with None once the broker has it."""
+        if error is None:
+            return
+        logger.warning(
+            "kafka log %s: a group send to %r was lost after it returned: %s",
+            self.topic,
+            group,
+            error,
+        )
+        with self.lock:
+            self.group_senders.pop(token, None)
+            self.distrust_until = time.monotonic() + _DISTRUST
+
     def replayed(self, token: str) -> None:
         """Forget an admitted send: replayed, or lost (under ``lock``)."""
         entry = self.unreplayed.pop(token, None)
@@ -183,9 +210,10 @@ class View:
         still waiting here, which died with the old log and must be written again."""
         self.machine = Machine()
         self.handed_out.clear()
-        # Sends written before the reset are in the new log or nowhere.
+        # Sends and group sends written before the reset are in the new log or nowhere.
         for pending in list(self.unreplayed):
             self.replayed(pending)
+        self.group_senders.clear()
         for claim in self.open_claims.values():
             claim[2] = now()
         return list(self.open_claims.values())
