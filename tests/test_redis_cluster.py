@@ -361,3 +361,45 @@ def test_slots_moved_mid_traffic_lose_and_double_nothing(own_cluster: RedisClust
     assert not errors, errors[:3]
     numbers = [number for number, _ in received]
     assert numbers == sorted(sent), "a message was lost, doubled or reordered"
+
+
+def test_memberships_come_back_after_a_failover_to_a_replica_that_missed_them(
+    own_cluster: RedisCluster,
+) -> None:
+    """A master is killed and its replica promoted without the layer's memberships and
+    markers (deleted there, as if never replicated): the layer's per-bucket marker check
+    adds them again, and a group_send reaches every member once."""
+    members = [f"member.{number}" for number in range(40)]
+    port, _ = slot_owner(own_cluster, bucket_slot(members[0]))
+
+    async def body() -> None:
+        layer = ChannelLayer(own_cluster.url, prefix="kept", membership_check=1.0,
+                             socket_timeout=1.0, connect_timeout=1.0)  # fmt: skip
+        try:
+            for member in members:
+                await layer.group_add("room", member)
+            own_cluster.kill(own_cluster.ports.index(port))
+            deadline = time.monotonic() + 30
+            while (new := slot_owner(own_cluster, bucket_slot(members[0]))[0]) == port:
+                assert time.monotonic() < deadline, "no replica was promoted within 30 s"
+                await asyncio.sleep(0.1)
+            with client(new) as node:
+                lost = [key for key in node.scan_iter(match="kept:*") if b":g:" in key
+                        or b":m:" in key]  # fmt: skip
+                assert lost
+                for key in lost:
+                    node.delete(key)
+                missed_at = time.monotonic()
+                # Back within 1.5 x membership_check (plus a check's round trips).
+                while not all(node.exists(key) for key in lost if b":g:" in key):
+                    assert time.monotonic() < missed_at + 10, "memberships did not come back"
+                    await asyncio.sleep(0.1)
+            await layer.group_send("room", {"type": "back"})
+            for member in members:
+                assert await asyncio.wait_for(layer.receive(member), 5) == {"type": "back"}
+            assert (await layer.stats()).queues == {}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body)
