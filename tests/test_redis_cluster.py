@@ -13,16 +13,16 @@ import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import redis
-from brokers import require_binary
+from brokers import certificates, require_binary
 
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
 from multilayer.backends.redis.cluster import SLOTS, bucket_tags
-from multilayer.backends.redis.shard import Link, connection_options
-from multilayer.url import LayerURL
+from multilayer.backends.redis.shard import Link
 from tests.support.redis_cluster import RedisCluster
 
 T = TypeVar("T")
@@ -100,14 +100,31 @@ def test_bad_cluster_urls_are_refused_without_io(url: str, problem: str) -> None
         ChannelLayer(url)
 
 
-def test_rediss_cluster_connects_with_the_shared_tls_options() -> None:
-    url = LayerURL.parse("rediss+cluster://h1:7000?ssl_cafile=/ca.pem")
-    config = {"connect_timeout": 5.0, "ssl_cafile": "/ca.pem", "ssl_certfile": None,
-              "ssl_keyfile": None, "ssl_verify": True, "ssl_check_hostname": True}  # fmt: skip
-    options = connection_options(url, config)
-    assert options["connection_class"].__name__ == "SSLConnection"
-    assert options["ssl_ca_certs"] == "/ca.pem"
-    assert options["ssl_cert_reqs"] == "required"
+def test_rediss_cluster_speaks_mutual_tls(tmp_path: Path) -> None:
+    """``rediss+cluster://`` with the shared TLS options: discovery, sends, receives and a
+    group_send over a cluster whose every node accepts only TLS with a client certificate."""
+    require_binary("redis-server")
+    require_binary("redis-cli")
+
+    async def body(url: str) -> None:
+        layer = ChannelLayer(url, prefix="tls")
+        try:
+            inbox = await layer.new_channel()
+            names = [f"room.{number}" for number in range(20)]
+            for name in [*names, inbox]:
+                await layer.group_add("lobby", name)
+            await layer.group_send("lobby", {"type": "hello"})
+            for name in [*names, inbox]:
+                assert await asyncio.wait_for(layer.receive(name), 5) == {"type": "hello"}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    with RedisCluster(certs=certificates(tmp_path)) as tls:
+        run(lambda: body(tls.url))
+        # Without the CA the handshake fails: TLS is really verified.
+        with pytest.raises(BrokerError):
+            run(lambda: body(tls.url.partition("?")[0]), timeout=30)
 
 
 @pytest.mark.parametrize("buckets", [1, 3, 16, 64])
@@ -228,7 +245,8 @@ async def traffic(
 ) -> tuple[dict[int, float], list[tuple[float, BrokerError]], list[tuple[int, float]]]:
     """Send numbered messages to ``channel`` every ``interval`` s while ``during()`` runs
     and ``after`` s more, and receive them in another layer, pausing ``pause`` s after
-    each (so that a backlog waits in Redis).
+    each (so that a backlog waits in Redis). Every other message goes by group_send to a
+    group of which the channel is the one member.
 
     Returns the numbers whose send succeeded (with when), the send errors (with when),
     and the numbers received (with when), once the receiver has been idle for 2 s.
@@ -244,9 +262,13 @@ async def traffic(
 
     async def send() -> None:
         number = 0
+        await sender.group_add("watchers", channel)
         while not stop.is_set():
             try:
-                await sender.send(channel, {"type": "n", "n": number})
+                if number % 2:
+                    await sender.group_send("watchers", {"type": "n", "n": number})
+                else:
+                    await sender.send(channel, {"type": "n", "n": number})
                 sent[number] = time.monotonic()
             except BrokerError as error:
                 errors.append((time.monotonic(), error))
@@ -286,7 +308,8 @@ def test_a_master_killed_mid_traffic_fails_over(own_cluster: RedisCluster) -> No
     until then, the waiting receive resumes, and nothing arrives twice.
 
     What the killed master had acknowledged but not yet replicated is lost; on loopback
-    that is at most the last few messages before the kill.
+    that is at most the last few messages before the kill. Group messages sent right
+    after the promotion may miss the member until its membership is re-added.
     """
     channel = "failover.room"
     port, _ = slot_owner(own_cluster, bucket_slot(channel))
@@ -318,11 +341,15 @@ def test_a_master_killed_mid_traffic_fails_over(own_cluster: RedisCluster) -> No
     assert late and late <= set(numbers)
     resumed = min(at for number, at in received if number in late)
     assert resumed - killed_at[0] < 30
-    lost = [number for number, at in sent.items() if number not in set(numbers)]
+    lost = [number for number in sent if number not in set(numbers)]
     print(f"failover: {len(sent)} sent, {len(errors)} send errors, {len(lost)} lost "
           f"{lost[:10]}, promoted after {promoted_at[0] - killed_at[0]:.1f}s, receive "
           f"resumed after {resumed - killed_at[0]:.1f}s")  # fmt: skip
-    assert all(sent[number] < promoted_at[0] for number in lost)
+    # A direct send is lost only if the master acknowledged it and died before its
+    # replica had it. A group message may also miss a membership the promoted replica
+    # lacks, until the layer's membership check adds it again: about 1 s at most.
+    assert all(sent[number] < promoted_at[0] for number in lost if number % 2 == 0)
+    assert all(sent[number] < promoted_at[0] + 1.5 for number in lost)
 
 
 def test_slots_moved_mid_traffic_lose_and_double_nothing(own_cluster: RedisCluster) -> None:
@@ -346,6 +373,14 @@ def test_slots_moved_mid_traffic_lose_and_double_nothing(own_cluster: RedisClust
     slot = bucket_slot(channel)
     first, source = first_of_owner(slot)
     target = next(node_id for _, _, node_id in ranges if node_id != source)
+    # Keys enough in the slot that migrating it takes a while (redis-cli moves 10 keys a
+    # MIGRATE): sends meet the slot half moved, and must follow ASK and TRYAGAIN.
+    tag = bucket_tags(16)[zlib.crc32(channel.encode()) % 16]
+    with client(slot_owner(own_cluster, slot)[0]) as node:
+        filler = node.pipeline(transaction=False)
+        for number in range(20_000):
+            filler.set(f"filler:{{{tag}}}{number}", number)
+        filler.execute()
 
     async def reshard() -> None:
         await asyncio.to_thread(
@@ -383,15 +418,17 @@ def test_memberships_come_back_after_a_failover_to_a_replica_that_missed_them(
             while (new := slot_owner(own_cluster, bucket_slot(members[0]))[0]) == port:
                 assert time.monotonic() < deadline, "no replica was promoted within 30 s"
                 await asyncio.sleep(0.1)
+            tags = bucket_tags(16)
+            held = [(f"kept:g:{{{tags[zlib.crc32(member.encode()) % 16]}}}room", member)
+                    for member in members
+                    if slot_owner(own_cluster, bucket_slot(member))[0] == new]  # fmt: skip
             with client(new) as node:
-                lost = [key for key in node.scan_iter(match="kept:*") if b":g:" in key
-                        or b":m:" in key]  # fmt: skip
-                assert lost
-                for key in lost:
+                # What the replica has of them (it may already lack some) is deleted.
+                for key in [*(key for key, _ in held), *node.scan_iter(match="kept:m:*")]:
                     node.delete(key)
                 missed_at = time.monotonic()
                 # Back within 1.5 x membership_check (plus a check's round trips).
-                while not all(node.exists(key) for key in lost if b":g:" in key):
+                while not all(node.zscore(key, member) for key, member in held):
                     assert time.monotonic() < missed_at + 10, "memberships did not come back"
                     await asyncio.sleep(0.1)
             await layer.group_send("room", {"type": "back"})

@@ -3,6 +3,8 @@
 Every node is a ``redis-server --cluster-enabled yes`` without persistence, with its own
 directory under one temporary directory; ``redis-cli --cluster create`` joins them. The
 node timeout is short (2 s) so that a killed master's replica takes over within seconds.
+Given a directory of TLS files (``ca.pem``, ``server.pem``/``.key``, ``client.pem``/
+``.key``), every node speaks only TLS, to clients, to its replicas and on the cluster bus.
 
 ``python -m tests.support.redis_cluster [--masters 3] [--replicas 1]`` starts one in the
 foreground, prints its layer URL as the last line of stdout once every node says the
@@ -49,22 +51,35 @@ def _free_ports(count: int) -> list[int]:
 class RedisCluster:
     """``masters`` masters with ``replicas`` replicas each, started by :meth:`start`."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 1, certs: Path | None = None) -> None:
         self.masters = masters
         self.replicas = replicas
+        self.certs = certs
         self.ports = _free_ports(masters * (1 + replicas))
         self.directory = Path(tempfile.mkdtemp(prefix="multilayer-redis-cluster-"))
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * len(self.ports)
 
     @property
     def url(self) -> str:
-        """The layer URL naming every node as a seed."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        """The layer URL naming every node as a seed (with TLS: the CA and the client
+        certificate in its query)."""
+        nodes = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        if self.certs is None:
+            return f"redis+cluster://{nodes}"
+        return (
+            f"rediss+cluster://{nodes}?ssl_cafile={self.certs / 'ca.pem'}"
+            f"&ssl_certfile={self.certs / 'client.pem'}&ssl_keyfile={self.certs / 'client.key'}"
+        )
 
     def cli(self, *args: str, port: int | None = None, timeout: float = 60.0) -> str:
         """Run ``redis-cli`` (against node ``port``, the first by default); its stdout."""
+        tls = []
+        if self.certs is not None:
+            tls = ["--tls", "--cacert", str(self.certs / "ca.pem"),
+                   "--cert", str(self.certs / "client.pem"),
+                   "--key", str(self.certs / "client.key")]  # fmt: skip
         done = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(port or self.ports[0]), *args],
+            ["redis-cli", *tls, "-h", "127.0.0.1", "-p", str(port or self.ports[0]), *args],
             capture_output=True,
             check=True,
             timeout=timeout,
@@ -84,10 +99,17 @@ class RedisCluster:
         port = self.ports[index]
         node = self.directory / str(port)
         node.mkdir(exist_ok=True)
+        listen = ["--port", str(port)]
+        if self.certs is not None:
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes",
+                      "--tls-replication", "yes",
+                      "--tls-cert-file", str(self.certs / "server.pem"),
+                      "--tls-key-file", str(self.certs / "server.key"),
+                      "--tls-ca-cert-file", str(self.certs / "ca.pem")]  # fmt: skip
         with open(node / "server.log", "ab") as log:
             self.processes[index] = subprocess.Popen(
                 [
-                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                    "redis-server", *listen, "--bind", "127.0.0.1",
                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                     "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                     "--save", "", "--appendonly", "no", "--dir", str(node),

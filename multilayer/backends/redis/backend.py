@@ -205,9 +205,9 @@ class RedisBackend(Backend):
         """Every server this instance has a link to (a cluster's masters of old too)."""
         return self._shards if self._cluster is None else self._cluster.known()
 
-    def _masters(self) -> list[Shard]:
+    async def _masters(self) -> list[Shard]:
         """Every server holding keys: the shards, or every master of the cluster."""
-        return self._shards if self._cluster is None else self._cluster.masters()
+        return self._shards if self._cluster is None else await self._cluster.masters()
 
     async def _guard_loop(self) -> None:
         """Close the connections of overdue replies until close(), then release them all.
@@ -391,7 +391,7 @@ class RedisBackend(Backend):
         queues: dict[str, int] = {}
         groups: dict[str, int] = {}
         current = now()
-        for shard in self._masters():
+        for shard in await self._masters():
             for prefix, table in ((self._queue_prefix, queues), (self._group_prefix, groups)):
                 async for keys in _scan(shard, prefix + "*"):
                     counts = await asyncio.gather(
@@ -414,7 +414,7 @@ class RedisBackend(Backend):
     async def flush(self) -> None:
         """Delete every key under this prefix on every master (SCAN, then UNLINK a page;
         on a cluster, one UNLINK per slot of the page, since a command spans one slot)."""
-        for shard in self._masters():
+        for shard in await self._masters():
             async for keys in _scan(shard, f"{self.settings.prefix}:*"):
                 if self._cluster is None:
                     await shard.link.call("UNLINK", *keys)
