@@ -262,7 +262,6 @@ async def traffic(
 
     async def send() -> None:
         number = 0
-        await sender.group_add("watchers", channel)
         while not stop.is_set():
             try:
                 if number % 2:
@@ -281,6 +280,8 @@ async def traffic(
             received.append((message["n"], time.monotonic()))
             await asyncio.sleep(pause)
 
+    # Before the clock starts, so that the replicas have it when a master is killed.
+    await sender.group_add("watchers", channel)
     sending = asyncio.create_task(send())
     receiving = asyncio.create_task(receive())
     try:
