@@ -224,21 +224,28 @@ class Cluster:
         by_shard: dict[Shard, list[int]] = {}
         for index, (place, _) in enumerate(calls):
             by_shard.setdefault(place.shard(), []).append(index)
+        waiting: list[tuple[int, asyncio.Future[Any]]] = []
+        for shard, indexes in by_shard.items():
+            futures = shard.link.enqueue([calls[index][1] for index in indexes])
+            waiting += zip(indexes, futures, strict=True)
         results: list[Any] = [None] * len(calls)
-
-        async def send(shard: Shard, indexes: list[int]) -> None:
-            replies = await shard.link.call_many([calls[index][1] for index in indexes])
-            for index, reply in zip(indexes, replies, strict=True):
-                if isinstance(reply, BrokerError) and isinstance(
-                    reply.__cause__, (AskError, TryAgainError)
-                ):
-                    place, command = calls[index]
-                    reply = await place.call(*command)
-                elif isinstance(reply, BaseException):
-                    raise reply
-                results[index] = reply
-
-        await asyncio.gather(*(send(shard, indexes) for shard, indexes in by_shard.items()))
+        failed: BrokerError | None = None
+        try:
+            for index, future in waiting:
+                try:
+                    results[index] = await future
+                except BrokerError as error:
+                    if isinstance(error.__cause__, (AskError, TryAgainError)):
+                        place, command = calls[index]
+                        results[index] = await place.call(*command)
+                    else:
+                        failed = failed or error
+        finally:
+            # Cancelled: what is not written yet is not sent at all.
+            for _, future in waiting:
+                future.cancel()
+        if failed is not None:
+            raise failed
         return results
 
     async def follow(self, slot: int, error: BaseException) -> bool:

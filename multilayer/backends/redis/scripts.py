@@ -192,7 +192,10 @@ return 1
 # integer and a float that fits as float32, which decode alike but are not the same bytes.
 GROUP_SEND = Script(
     "group_send",
-    _LUA_HELPERS
+    # Most buckets of a cluster hold no member of a given group: they answer before the
+    # helpers are even defined.
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return {} end\n"
+    + _LUA_HELPERS
     + """
 -- msgpack heads: the type byte (and length) in front of an array or a string.
 local function array_head(n)

@@ -244,12 +244,15 @@ class Link(Watched):
         await self._submit([(command, future)])
         return await future
 
-    async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write; their replies, or the BrokerError of each."""
+    def enqueue(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        """Queue ``commands`` for the writer task, which sends them in one write: the
+        future of each reply (BrokerError if Redis failed). For a caller with commands
+        for several servers, which awaits them all without a task per server."""
         loop = asyncio.get_running_loop()
         entries = [(command, loop.create_future()) for command in commands]
-        await self._submit(entries)
-        return await asyncio.gather(*(future for _, future in entries), return_exceptions=True)
+        self._pending.extend(entries)
+        self._wake()
+        return [future for _, future in entries]
 
     async def _submit(self, entries: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         if self._busy or self._pending:
