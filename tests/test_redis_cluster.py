@@ -71,7 +71,7 @@ def keys_by_master(cluster: RedisCluster, pattern: str) -> dict[int, list[bytes]
 
 def slot_owner(cluster: RedisCluster, slot: int) -> tuple[int, str]:
     """The port and node id of the master of ``slot``, as the cluster says now."""
-    with client(cluster.running()[0]) as node:
+    with client(cluster.live_ports()[0]) as node:
         for start, end, master, *_ in node.execute_command("CLUSTER SLOTS"):
             if start <= slot <= end:
                 return int(master[1]), master[2].decode()

@@ -51,12 +51,21 @@ def _free_ports(count: int) -> list[int]:
 class RedisCluster:
     """``masters`` masters with ``replicas`` replicas each, started by :meth:`start`."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1, certs: Path | None = None) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        certs: Path | None = None,
+        directory: Path | None = None,
+    ) -> None:
         self.masters = masters
         self.replicas = replicas
         self.certs = certs
         self.ports = _free_ports(masters * (1 + replicas))
-        self.directory = Path(tempfile.mkdtemp(prefix="multilayer-redis-cluster-"))
+        #: Removed by stop() only when made here.
+        self._owned = directory is None
+        self.directory = directory or Path(tempfile.mkdtemp(prefix="multilayer-redis-cluster-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * len(self.ports)
 
     @property
@@ -130,7 +139,11 @@ class RedisCluster:
                     raise RuntimeError(f"redis-server on {port} did not start") from None
                 time.sleep(0.05)
 
-    def running(self) -> list[int]:
+    def running(self) -> bool:
+        """Whether every node's process runs (the test brokers' common question)."""
+        return len(self.live_ports()) == len(self.ports)
+
+    def live_ports(self) -> list[int]:
         """The ports of the nodes whose process runs."""
         return [
             port
@@ -145,8 +158,8 @@ class RedisCluster:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                states = [self.cli("cluster", "info", port=port) for port in self.running()]
-                links = [self.cli("info", "replication", port=port) for port in self.running()]
+                states = [self.cli("cluster", "info", port=port) for port in self.live_ports()]
+                links = [self.cli("info", "replication", port=port) for port in self.live_ports()]
                 if all("cluster_state:ok" in state for state in states) and all(
                     "role:master" in link or "master_link_status:up" in link for link in links
                 ):
@@ -163,7 +176,7 @@ class RedisCluster:
 
     def master_ports(self) -> list[int]:
         """The running nodes that are masters now."""
-        return [port for port in self.running() if self.role(port) == "master"]
+        return [port for port in self.live_ports() if self.role(port) == "master"]
 
     def kill(self, index: int) -> None:
         """SIGKILL node ``index`` (its data is gone: no persistence)."""
@@ -177,11 +190,11 @@ class RedisCluster:
         self.kill(index)
         self._spawn(index)
 
-    def stop(self) -> None:
-        """Stop every node and remove the directory."""
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop (SIGKILL with ``kill``) every node, and remove the directory if made here."""
         for process in self.processes:
             if process is not None:
-                process.terminate()
+                (process.kill if kill else process.terminate)()
         for index, process in enumerate(self.processes):
             if process is not None:
                 try:
@@ -190,7 +203,8 @@ class RedisCluster:
                     process.kill()
                     process.wait(10)
                 self.processes[index] = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self._owned:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> RedisCluster:
         try:
