@@ -114,6 +114,7 @@ class Cluster:
         self._options = connection_options(url, config)
         self._timeout = config["socket_timeout"]
         self._connect_timeout = config["connect_timeout"]
+        #: The backend's own callback (the membership check), told after a refresh is asked.
         self._told = on_change
         discovery = {
             key: value
@@ -123,7 +124,9 @@ class Cluster:
         # Only asked for the topology (CLUSTER SLOTS); every command goes through the
         # shards' links, whose retries are ours to decide.
         self._client = RedisCluster(
-            startup_nodes=[ClusterNode(host, port or 6379) for host, port in url.hosts],
+            startup_nodes=[
+                ClusterNode(host, port or 6379) for host, port in url.hosts or [("localhost", 6379)]
+            ],
             require_full_coverage=False,
             ssl=url.scheme == "rediss+cluster",
             socket_timeout=self._timeout,
@@ -302,7 +305,6 @@ class Bucket:
         self._cluster = cluster
         self.tag = "{" + tag + "}"
         self.slot = _slot(tag)
-        self.label = f"slot {self.slot}"
         self._checked: tuple[str, int] | None = None
 
     async def call(self, *command: Any) -> Any:

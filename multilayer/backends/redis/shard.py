@@ -80,7 +80,6 @@ class Place(Protocol):
     on a cluster), so that one script only ever touches keys of one slot.
     """
 
-    label: str
     tag: str
 
     async def call(self, *command: Any) -> Any:
