@@ -25,6 +25,12 @@ __all__ = ["channels_redis", "channels_redis_hosts", "channels_redis_pubsub", "r
 def _host_urls(url: str) -> list[str]:
     """One plain ``redis://`` URL per host of a layer URL, credentials and db kept."""
     parsed = LayerURL.parse(url)
+    if parsed.scheme.endswith("+cluster"):
+        # Given a cluster's nodes as shards, its keys would land on nodes that answer
+        # MOVED: the peers' own users report exactly that.
+        raise NotApplicable(
+            "channels_redis does not support Redis Cluster (channels_redis issues 381, 420)"
+        )
     scheme = "rediss" if parsed.scheme == "rediss" else "redis"
     hosts = parsed.hosts or (("localhost", 6379),)
     return [

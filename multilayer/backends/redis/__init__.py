@@ -1,4 +1,5 @@
-"""Redis backend: ``redis://``, ``rediss://`` (TLS) and ``redis+sentinel://``.
+"""Redis backend: ``redis://``, ``rediss://`` (TLS), ``redis+sentinel://`` and Redis
+Cluster (``redis+cluster://``, ``rediss+cluster://``).
 
 Queues are Redis lists: a message waits for its receiver until it expires, and reaches
 exactly one receiver in whichever process. Groups are sorted sets of member channels
@@ -27,10 +28,15 @@ Where things live:
 * :mod:`.ring`: sharding. Several ``redis://`` hosts, or several Sentinel services, are
   shards; a channel goes to the shard its name up to ``!`` hashes to, so a process's
   inbox and its memberships meet on one server.
+* :mod:`.cluster`: Redis Cluster. Keys carry a hash tag naming one of a few fixed slots
+  (buckets), so each script touches one slot; :class:`~.cluster.Cluster` learns the
+  topology through redis-py's ``RedisCluster``, keeps one shard per master, and follows
+  MOVED, ASK and TRYAGAIN; a ``group_send`` is one script per bucket, one write per master.
+  Shards and buckets are both :class:`~.shard.Place`: where a queue's keys live.
 * :mod:`.sentry`: the membership check. After a lost connection (every second or so
   until the server answers), a reconnect, a master change, and every ``membership_check``
-  seconds, each layer checks its marker key on each server and re-asserts the
-  memberships a server lost, with their original deadlines.
+  seconds, each layer checks its marker key on each server (each bucket on a cluster) and
+  re-asserts the memberships a server lost, with their original deadlines.
 """
 
 from .backend import RedisBackend

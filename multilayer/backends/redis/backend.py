@@ -5,12 +5,16 @@ URL format::
     redis://[[user]:password@]host[:port][,host[:port]...][/db][?option=value...]
     rediss://[[user]:password@]host[:port][,host[:port]...][/db][?ssl_cafile=...]
     redis+sentinel://[[user]:password@]sentinel[:port][,sentinel[:port]...][/db][?service=NAME]
+    redis+cluster://[[user]:password@]host[:port][,host[:port]...][?buckets=16]
+    rediss+cluster://[[user]:password@]host[:port][,host[:port]...][?ssl_cafile=...]
 
 ``redis://`` and ``rediss://`` default to ``localhost:6379``; several hosts are several
 shards (not replicas), and every process must list the same hosts, spelt the same way.
 ``redis+sentinel://`` lists the Sentinel processes (port 26379 by default); ``service``
 names the monitored master, or several masters separated by commas, one shard each. The
 URL's credentials and ``/db`` apply to the Redis servers, not to the Sentinels.
+``redis+cluster://`` lists seed nodes of one Redis Cluster (the topology is asked of
+them), and has no database; :mod:`.cluster` places the keys.
 
 Options (besides the core ones):
 
@@ -21,11 +25,15 @@ Options (besides the core ones):
     seconds to wait for a TCP (and TLS) connection.
 ``membership_check`` (10.0)
     seconds (jittered) between checks that each server still holds this layer's groups.
+``buckets`` (16)
+    ``redis+cluster://`` only: how many hash slots the layer's keys are spread over; the
+    same in every process.
 ``service`` (``mymaster``), ``sentinel_password``
     ``redis+sentinel://`` only: the master name(s), and the Sentinels' own password.
 ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_verify`` (true),
 ``ssl_check_hostname`` (true)
-    ``rediss://`` only, the shared TLS vocabulary (:func:`multilayer.toolkit.tls_options`):
+    ``rediss://`` and ``rediss+cluster://`` only, the shared TLS vocabulary
+    (:func:`multilayer.toolkit.tls_options`):
     CA bundle, client certificate and key (mutual TLS), whether to verify the server
     certificate, and whether to check its host name (never when not verifying). The
     older ``ssl_ca_certs`` (``ssl_cafile``) and ``ssl_cert_reqs`` (``none`` is
@@ -36,10 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
 import redis
+from redis.crc import key_slot
 
 from ...backend import Backend, BrokerStats, Capabilities, LayerSettings, now
 from ...capacity import CapacityPolicy
@@ -49,15 +59,17 @@ from ...names import non_local_name
 from ...options import Option
 from ...toolkit import check_tls, tls_options
 from ...url import LayerURL
+from .cluster import Bucket, Cluster, bucket_tags
 from .receiver import Receiver
 from .ring import Ring
 from .scripts import GROUP_ADD, GROUP_SEND, PUSH, RESTORE, ttl_ms
 from .sentry import MembershipSentry
-from .shard import Shard, Watched, discard, make_shards
+from .shard import Place, Shard, Watched, discard, make_shards
 
 __all__ = ["RedisBackend"]
 
 _SENTINEL = ("redis+sentinel",)
+_CLUSTER = ("redis+cluster", "rediss+cluster")
 
 _OPTIONS: dict[str, Option] = {
     "socket_timeout": Option(
@@ -74,6 +86,15 @@ _OPTIONS: dict[str, Option] = {
         "group memberships",
         minimum=0.5,
     ),
+    "buckets": Option(
+        int,
+        16,
+        "redis+cluster: hash slots the layer's keys are spread over (the same in every "
+        "process); group_send runs one script per bucket",
+        minimum=1,
+        check=lambda value: None if value <= 1024 else "at most 1024",
+        schemes=_CLUSTER,
+    ),
     "service": Option(
         str,
         "mymaster",
@@ -88,12 +109,17 @@ _OPTIONS: dict[str, Option] = {
         schemes=_SENTINEL,
     ),
     # The names this backend documented before the shared vocabulary keep working.
-    **tls_options("rediss", aliases={"ssl_ca_certs": "ssl_cafile", "ssl_cert_reqs": "ssl_verify"}),
+    **tls_options(
+        "rediss",
+        "rediss+cluster",
+        aliases={"ssl_ca_certs": "ssl_cafile", "ssl_cert_reqs": "ssl_verify"},
+    ),
 }
 
 
 class RedisBackend(Backend):
-    """Channels as Redis lists, groups as sorted sets, sharded over one or more servers."""
+    """Channels as Redis lists, groups as sorted sets, sharded over one or more servers
+    or the slots of a Redis Cluster."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         multiprocess=True,
@@ -110,6 +136,8 @@ class RedisBackend(Backend):
     @classmethod
     def check_url(cls, url: LayerURL, options: Mapping[str, Any]) -> None:
         where = url.without_query().sanitized()
+        if url.scheme in _CLUSTER and url.path not in ("", "0"):
+            raise ConfigurationError(f"{where}: a Redis Cluster has only database 0")
         if url.path and not url.path.isdigit():
             raise ConfigurationError(
                 f"{where}: the path must be a database number like /0, not {url.path!r}"
@@ -134,27 +162,52 @@ class RedisBackend(Backend):
         super().__init__(url, settings, options)
         #: Names this instance's landing and in-flight lists; unique per instance.
         self.consumer = secrets.token_hex(8)
+        self._shards: list[Shard] = []
+        self._receivers: dict[str, Receiver] = {}
+        self._cluster: Cluster | None = None
+        self._buckets: list[Bucket] = []
+        self._labels: list[str] = []
+        #: Where queues live: the shards, or a cluster's buckets (see :class:`.shard.Place`).
+        self._places: list[Place] = []
+        self._sentry = MembershipSentry(
+            self, self._places, self._place, self.config["membership_check"]
+        )
+        if url.scheme in _CLUSTER:
+            # The prefix cannot hold a brace (the core allows none), so the first brace
+            # of every key opens its hash tag.
+            self._cluster = Cluster(url, self.config, self._sentry.wake)
+            self._buckets = [
+                Bucket(self._cluster, tag) for tag in bucket_tags(self.config["buckets"])
+            ]
+            self._places += self._buckets
         # Shards are named by the URL, never by a resolved address, so that every
         # process given the same URL hashes every name to the same shard.
-        if url.scheme == "redis+sentinel":
+        elif url.scheme == "redis+sentinel":
             self._labels = [name.strip() for name in self.config["service"].split(",")]
         else:
             hosts = [(host, port or 6379) for host, port in url.hosts] or [("localhost", 6379)]
             self._labels = [f"{host}:{port}" for host, port in hosts]
         self._ring = Ring(self._labels)
-        self._shards: list[Shard] = []
-        self._receivers: dict[str, Receiver] = {}
-        self._sentry = MembershipSentry(
-            self, self._shards, self._shard, self.config["membership_check"]
-        )
         self._guard: asyncio.Task[None] | None = None
         self._queue_prefix = f"{settings.prefix}:q:"
         self._group_prefix = f"{settings.prefix}:g:"
 
     async def open(self) -> None:
-        self._shards += make_shards(self.url, self.config, self._labels, self._sentry.wake)
+        if self._cluster is not None:
+            await self._cluster.open([bucket.slot for bucket in self._buckets])
+        else:
+            self._shards += make_shards(self.url, self.config, self._labels, self._sentry.wake)
+            self._places += self._shards
         self._guard = asyncio.create_task(self._guard_loop(), name="multilayer redis guard")
         self._sentry.start()
+
+    def _servers(self) -> list[Shard]:
+        """Every server this instance has a link to (a cluster's masters of old too)."""
+        return self._shards if self._cluster is None else self._cluster.known()
+
+    async def _masters(self) -> list[Shard]:
+        """Every server holding keys: the shards, or every master of the cluster."""
+        return self._shards if self._cluster is None else await self._cluster.masters()
 
     async def _guard_loop(self) -> None:
         """Close the connections of overdue replies until close(), then release them all.
@@ -168,7 +221,7 @@ class RedisBackend(Backend):
             while True:
                 await asyncio.sleep(period)
                 current = loop.time()
-                watched: list[Watched] = [shard.link for shard in self._shards]
+                watched: list[Watched] = [shard.link for shard in self._servers()]
                 for late in (*watched, *self._receivers.values()):
                     connection = late.overdue(current)
                     if connection is not None:
@@ -177,13 +230,15 @@ class RedisBackend(Backend):
             for receiver in self._receivers.values():
                 await receiver.drop(wait=True)
             sentinels = {}
-            for shard in self._shards:
+            for shard in self._servers():
                 await shard.link.close()
                 if shard.sentinel is not None:
                     sentinels[id(shard.sentinel)] = shard.sentinel
             for sentinel in sentinels.values():
                 for client in sentinel.sentinels:
                     await client.aclose()
+            if self._cluster is not None:
+                await self._cluster.close()
 
     async def close(self) -> None:
         # The sentry first: it sends through the links the guard releases.
@@ -193,55 +248,67 @@ class RedisBackend(Backend):
             await asyncio.gather(self._guard, return_exceptions=True)
 
     async def restore_memberships(self, entries: list[Membership]) -> None:
-        """One script per group and server, run concurrently (pipelined on each link)."""
+        """One script per group and place, run concurrently (pipelined on each link)."""
         by_key: dict[tuple[int, str], list[Any]] = {}
         current = now()
         for group, channel, deadline in entries:
-            shard = self._shards.index(self._shard(non_local_name(channel)))
-            by_key.setdefault((shard, group), []).extend(
+            place = self._places.index(self._place(non_local_name(channel)))
+            by_key.setdefault((place, group), []).extend(
                 (channel, deadline, ttl_ms(deadline, current))
             )
         await asyncio.gather(
             *(
-                self._shards[shard].link.call(
-                    "EVALSHA", RESTORE.sha, 1, self._group_prefix + group, current, *arguments
+                self._places[place].call(
+                    "EVALSHA",
+                    RESTORE.sha,
+                    1,
+                    self._group_key(self._places[place], group),
+                    current,
+                    *arguments,
                 )
-                for (shard, group), arguments in by_key.items()
+                for (place, group), arguments in by_key.items()
             )
         )
 
     async def broker_version(self) -> str | None:
-        info: bytes = await self._shards[0].link.call("INFO", "server")
+        info: bytes = await self._places[0].call("INFO", "server")
         for line in info.decode().splitlines():
             if line.startswith("redis_version:"):
                 return line.partition(":")[2]
         return None
 
-    def _shard(self, name: str) -> Shard:
-        if len(self._shards) == 1:
-            return self._shards[0]
-        return self._shards[self._ring.owner(name)]
+    def _place(self, name: str) -> Place:
+        """Where the queue ``name`` (and the memberships of its channels) lives."""
+        if len(self._places) == 1:
+            return self._places[0]
+        if self._cluster is not None:
+            return self._places[zlib.crc32(name.encode()) % len(self._places)]
+        return self._places[self._ring.owner(name)]
+
+    def _group_key(self, place: Place, group: str) -> str:
+        return self._group_prefix + place.tag + group
 
     def _receiver(self, queue: str) -> Receiver:
         receiver = self._receivers.get(queue)
         if receiver is None:
-            receiver = Receiver(self, self.consumer, self._shard(queue), queue)
+            receiver = Receiver(self, self.consumer, self._place(queue), queue)
             self._receivers[queue] = receiver
         return receiver
 
     async def declare_inbox(self, inbox: str) -> None:
         """Check that the inbox's shard answers: a Redis list needs no declaration, since
         a message sent to a missing list creates it and waits there."""
-        await self._shard(inbox).link.call("PING")
+        await self._place(inbox).call("PING")
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
         queue = non_local_name(channel)
         current = now()
-        accepted = await self._shard(queue).link.call(
+        place = self._place(queue)
+        accepted = await place.call(
             "EVALSHA",
             PUSH.sha,
             1,
-            self._queue_prefix + queue,
+            self._queue_prefix + place.tag + queue,
             channel[len(queue) :].encode() + b"\n" + payload,
             capacity,
             current,
@@ -255,11 +322,12 @@ class RedisBackend(Backend):
 
     async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
         current = now()
-        await self._shard(non_local_name(channel)).link.call(
+        place = self._place(non_local_name(channel))
+        await place.call(
             "EVALSHA",
             GROUP_ADD.sha,
             1,
-            self._group_prefix + group,
+            self._group_key(place, group),
             channel,
             deadline,
             ttl_ms(deadline, current),
@@ -267,54 +335,63 @@ class RedisBackend(Backend):
         )
 
     async def group_discard(self, group: str, channel: str) -> None:
-        await self._shard(non_local_name(channel)).link.call(
-            "ZREM", self._group_prefix + group, channel
-        )
+        place = self._place(non_local_name(channel))
+        await place.call("ZREM", self._group_key(place, group), channel)
 
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
-        """One script per shard, run concurrently: each delivers to the members it holds.
+        """One script per place, run concurrently: each delivers to the members it holds.
 
-        A membership lives on its member's shard, so each script finds there the inboxes
-        of its process-specific members and seals one envelope per inbox in place.
+        A membership lives in its member's place, so each script finds there the inboxes
+        of its process-specific members and seals one envelope per inbox in place. The
+        scripts bound for one server share its link, so they go out in one write.
         """
-        key = self._group_prefix + group
         current = now()
         ttl = ttl_ms(deadline, current)
-
-        async def fan_out(shard: Shard) -> list[bytes]:
-            if capacity.uniform:
-                targets: list[Any] = [capacity.default]
-            else:
-                members = await shard.link.call("ZRANGEBYSCORE", key, f"({current!r}", "+inf")
-                if not members:
-                    return []
-                targets = [""]
-                for queue in dict.fromkeys(non_local_name(member.decode()) for member in members):
-                    targets += [queue, capacity.for_channel(queue)]
-            full: list[bytes] = await shard.link.call(
-                "EVALSHA", GROUP_SEND.sha, 1, key, current, payload, ttl,
-                self._queue_prefix, group, deadline, *targets,
-            )  # fmt: skip
-            return full
-
-        if len(self._shards) == 1:
-            results = [await fan_out(self._shards[0])]
-        else:
-            results = await asyncio.gather(*(fan_out(shard) for shard in self._shards))
+        places = self._places
+        targets: list[list[Any]] = [[capacity.default]] * len(places)
+        if not capacity.uniform:
+            # The capacity of each member's queue, computed here: first read the members.
+            live = (f"({current!r}", "+inf")
+            asks = [(place, ("ZRANGEBYSCORE", self._group_key(place, group), *live))
+                    for place in places]  # fmt: skip
+            targets, places = [], []
+            for (place, _), members in zip(asks, await self._each(asks), strict=True):
+                if members:
+                    queues = dict.fromkeys(non_local_name(member.decode()) for member in members)
+                    targets.append([""])
+                    for queue in queues:
+                        targets[-1] += [queue, capacity.for_channel(queue)]
+                    places.append(place)
+        sends = [
+            (place, ("EVALSHA", GROUP_SEND.sha, 1, self._group_key(place, group), current,
+                     payload, ttl, self._queue_prefix + place.tag, group, deadline, *extra))
+            for place, extra in zip(places, targets, strict=True)
+        ]  # fmt: skip
+        results: list[list[bytes]] = await self._each(sends)
         # The script returns the full members only: how many it reached stays on Redis.
         self.skip_full_members(group, sum(len(full) for full in results))
 
+    async def _each(self, calls: list[tuple[Place, tuple[Any, ...]]]) -> list[Any]:
+        """Run each command at its place, concurrently: on a cluster, the commands for one
+        node in one write (:meth:`.cluster.Cluster.call_each`)."""
+        if len(calls) == 1:
+            place, command = calls[0]
+            return [await place.call(*command)]
+        if self._cluster is not None:
+            return await self._cluster.call_each(calls)
+        return list(await asyncio.gather(*(place.call(*command) for place, command in calls)))
+
     async def broker_stats(self) -> BrokerStats:
-        """LLEN of every queue and ZCOUNT of live members of every group, on every shard.
+        """LLEN of every queue and ZCOUNT of live members of every group, on every master.
 
         A queue's length may include expired messages its next receive will drop.
         """
         queues: dict[str, int] = {}
         groups: dict[str, int] = {}
         current = now()
-        for shard in self._shards:
+        for shard in await self._masters():
             for prefix, table in ((self._queue_prefix, queues), (self._group_prefix, groups)):
                 async for keys in _scan(shard, prefix + "*"):
                     counts = await asyncio.gather(
@@ -326,7 +403,8 @@ class RedisBackend(Backend):
                         )
                     )
                     for key, count in zip(keys, counts, strict=True):
-                        name = key.decode()[len(prefix) :]
+                        # Past a cluster's hash tag: channel names have no braces.
+                        name = key.decode()[len(prefix) :].rpartition("}")[2]
                         table[name] = table.get(name, 0) + int(count)
         return BrokerStats(
             queues={name: count for name, count in queues.items() if count},
@@ -334,10 +412,17 @@ class RedisBackend(Backend):
         )
 
     async def flush(self) -> None:
-        """Delete every key under this prefix on every shard (SCAN, then UNLINK a page)."""
-        for shard in self._shards:
+        """Delete every key under this prefix on every master (SCAN, then UNLINK a page;
+        on a cluster, one UNLINK per slot of the page, since a command spans one slot)."""
+        for shard in await self._masters():
             async for keys in _scan(shard, f"{self.settings.prefix}:*"):
-                await shard.link.call("UNLINK", *keys)
+                if self._cluster is None:
+                    await shard.link.call("UNLINK", *keys)
+                    continue
+                slots: dict[int, list[bytes]] = {}
+                for key in keys:
+                    slots.setdefault(key_slot(key), []).append(key)
+                await asyncio.gather(*(shard.link.call("UNLINK", *page) for page in slots.values()))
 
 
 async def _scan(shard: Shard, pattern: str) -> AsyncIterator[list[bytes]]:

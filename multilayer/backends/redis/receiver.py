@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from ...backend import Backend, now
 from ...serialization import log_malformed
 from .scripts import RECOVER, TAKE, evalsha, pack, ttl_ms
-from .shard import TRANSIENT, Shard, Watched, discard
+from .shard import TRANSIENT, Place, Watched, discard
 
 __all__ = ["Receiver"]
 
@@ -41,20 +41,22 @@ class Receiver(Watched):
     it; a reply lost to cancellation is put back at the head of the queue.
     """
 
-    def __init__(self, owner: Backend, consumer: str, shard: Shard, queue: str) -> None:
-        super().__init__(shard)
+    def __init__(self, owner: Backend, consumer: str, place: Place, queue: str) -> None:
+        super().__init__(place.shard())
         #: The backend instance, whose ``reconnects`` count this receiver's outages.
         self._owner = owner
-        prefix = owner.settings.prefix
+        #: Where the queue lives; on a cluster, its server is looked up at each connect.
+        self._place = place
+        prefix, tag = owner.settings.prefix, place.tag
         self._queue = queue
         self._keys = (
-            f"{prefix}:q:{queue}",
-            f"{prefix}:f:{consumer}:{queue}",
-            f"{prefix}:l1:{consumer}:{queue}",
-            f"{prefix}:l2:{consumer}:{queue}",
+            f"{prefix}:q:{tag}{queue}",
+            f"{prefix}:f:{tag}{consumer}:{queue}",
+            f"{prefix}:l1:{tag}{consumer}:{queue}",
+            f"{prefix}:l2:{tag}{consumer}:{queue}",
         )
         self._ttl = ttl_ms(owner.settings.expiry, 0.0)
-        self._block = shard.timeout / 2
+        self._block = self._shard.timeout / 2
         # What a blocking wait writes never changes: packed once, per landing list. The
         # server runs a client's commands in order, so the PEXPIRE follows the moment a
         # message lands: a process that dies then leaves nothing behind for good.
@@ -75,6 +77,7 @@ class Receiver(Watched):
 
     async def _connect(self) -> AbstractConnection:
         if self._connection is None:
+            self._shard = self._place.shard()
             self._connection = connection = await self._shard.connect()
             self._expect_reply(self._shard.timeout)
             try:
@@ -112,6 +115,8 @@ class Receiver(Watched):
                 await self.drop()
                 self._holding = True
                 self._shard.lose()
+                # On a cluster the slot may have a new master by now: have it looked up.
+                await self._place.follow(error)
                 # One warning per outage; the retries that follow are debug noise.
                 if delay == 0.05:
                     self._owner.reconnects += 1
@@ -126,7 +131,12 @@ class Receiver(Watched):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except RedisError as error:
-                raise self._shard.error(f"receive from {self._queue!r}", error) from error
+                if not await self._place.follow(error):
+                    raise self._shard.error(f"receive from {self._queue!r}", error) from error
+                # Redirected (a cluster slot moved, or is moving): nothing was taken, but
+                # the landing list handed out may not have been emptied yet.
+                await self.drop()
+                self._holding = True
 
     async def _take(self, connection: AbstractConnection, limit: int) -> list[tuple[str, bytes]]:
         self._sequence += 1

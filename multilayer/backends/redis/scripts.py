@@ -182,7 +182,8 @@ return 1
 # deadline, capacity, then (with capacity '') queue/capacity pairs for a non-uniform
 # capacity policy; a member whose queue is not among them joined after they were
 # computed, and is left out as if it had joined after this send. Returns the members
-# skipped because they were full.
+# skipped because they were full; TRYAGAIN, having sent nothing, when a member queue is
+# on another node mid-migration (a cluster).
 #
 # The process-specific members of one inbox get one envelope between them (the format of
 # multilayer.fanout), counted once against the inbox's capacity; a normal member gets its
@@ -191,7 +192,10 @@ return 1
 # integer and a float that fits as float32, which decode alike but are not the same bytes.
 GROUP_SEND = Script(
     "group_send",
-    _LUA_HELPERS
+    # Most buckets of a cluster hold no member of a given group: they answer before the
+    # helpers are even defined.
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return {} end\n"
+    + _LUA_HELPERS
     + """
 -- msgpack heads: the type byte (and length) in front of an array or a string.
 local function array_head(n)
@@ -241,11 +245,29 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 -- formatting and packing a score per member was most of this script's time. Only the
 -- memberships ending sooner carry their deadline (struct.pack converts the score).
 local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')
+-- On a cluster, while the slot migrates, a member queue may already be on the other
+-- node, and touching it fails the script where it stands: every queue is touched before
+-- anything is written, so a send is whole or not at all (and then tried again).
+local probed = {}
+local function local_queue(member)
+  local bang = string.find(member, '!', 1, true)
+  local key = prefix .. (bang and string.sub(member, 1, bang) or member)
+  if not probed[key] then
+    probed[key] = true
+    if type(redis.pcall('EXISTS', key)) == 'table' then return false end
+  end
+  return true
+end
+for i = 1, #soon, 2 do
+  if not local_queue(soon[i]) then return redis.error_reply('TRYAGAIN queue migrating') end
+end
+for _, member in ipairs(later) do
+  if not local_queue(member) then return redis.error_reply('TRYAGAIN queue migrating') end
+end
 for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
 local forever = struct.pack('>Bd', 0xcb, math.huge)
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')) do
-  add(member, forever)
-end
+for _, member in ipairs(later) do add(member, forever) end
 local body = string.sub(payload, 9)
 local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
 for _, queue in ipairs(order) do

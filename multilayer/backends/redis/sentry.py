@@ -1,11 +1,12 @@
 """Memberships a server lost (a restart without persistence, a failover to a replica that
 missed writes) are found and made again by each layer that created them.
 
-Each layer keeps a marker key ``P:m:TOKEN`` on every server, living as long as the
-layer's latest membership. :class:`MembershipSentry` checks it every ``membership_check``
-seconds (jittered), soon after a connection is lost or made again, and every second or so
-while a server is away: one round trip per server when nothing was lost; else the layer's
-memberships on that server are re-asserted with their original deadlines
+Each layer keeps a marker key ``P:m:TOKEN`` on every server (on a cluster, one per
+bucket: ``P:m:{TAG}TOKEN``), living as long as the layer's latest membership.
+:class:`MembershipSentry` checks it every ``membership_check`` seconds (jittered), soon
+after a connection is lost or made again, and every second or so while a server is away:
+one round trip per server when nothing was lost; else the layer's memberships there are
+re-asserted with their original deadlines
 (:meth:`multilayer.backend.Backend.reassert_memberships`). A layer without memberships
 sends nothing.
 """
@@ -21,7 +22,7 @@ from ...exceptions import BrokerError
 from ...names import non_local_name
 from ...toolkit import jitter
 from .scripts import CHECK_MARK, ttl_ms
-from .shard import Shard
+from .shard import Place, Shard
 
 __all__ = ["MembershipSentry"]
 
@@ -34,13 +35,15 @@ class MembershipSentry:
     def __init__(
         self,
         owner: Backend,
-        shards: Sequence[Shard],
-        shard_of: Callable[[str], Shard],
+        places: Sequence[Place],
+        place_of: Callable[[str], Place],
         interval: float,
     ) -> None:
         self._owner = owner
-        self._shards = shards
-        self._shard_of = shard_of
+        self._places = places
+        self._place_of = place_of
+        #: Places whose server changed and whose memberships are not re-asserted yet.
+        self._relocated: set[int] = set()
         self._interval = interval
         self._recheck: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -102,29 +105,28 @@ class MembershipSentry:
 
     async def check(self) -> None:
         """One round trip per server when nothing was lost (the layer's marker is there and
-        the master did not change); else re-assert the memberships that server holds, then
+        the master did not change); else re-assert the memberships that place holds, then
         mark it again."""
         owner = self._owner
         latest = owner.membership_ledger.latest()
         if latest is None:
             return
-        marker = f"{owner.settings.prefix}:m:{owner.membership_ledger.token}"
+        token = owner.membership_ledger.token
         ttl = ttl_ms(latest, now())
 
-        async def check(shard: Shard) -> None:
-            found = await shard.link.call("EVALSHA", CHECK_MARK.sha, 1, marker, ttl)
+        async def check(index: int, place: Place) -> None:
+            marker = f"{owner.settings.prefix}:m:{place.tag}{token}"
+            found = await place.call("EVALSHA", CHECK_MARK.sha, 1, marker, ttl)
             # Read after the call, which may itself have reached a new master: a replica
             # promoted may hold the marker and still have missed later memberships.
-            moved, shard.moved = shard.moved, False
-            if found and not moved:
+            if place.relocated():
+                self._relocated.add(index)
+            if found and index not in self._relocated:
                 return
-            try:
-                await owner.reassert_memberships(
-                    lambda _group, channel: self._shard_of(non_local_name(channel)) is shard
-                )
-                await shard.link.call("SET", marker, 1, "PX", ttl)
-            except BaseException:
-                shard.moved = shard.moved or moved
-                raise
+            await owner.reassert_memberships(
+                lambda _group, channel: self._place_of(non_local_name(channel)) is place
+            )
+            await place.call("SET", marker, 1, "PX", ttl)
+            self._relocated.discard(index)
 
-        await asyncio.gather(*(check(shard) for shard in self._shards))
+        await asyncio.gather(*(check(index, place) for index, place in enumerate(self._places)))

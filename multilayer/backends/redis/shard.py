@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection
 from redis.asyncio.retry import Retry
@@ -28,7 +28,16 @@ from ...exceptions import BrokerError
 from ...url import LayerURL
 from .scripts import SCRIPTS, pack
 
-__all__ = ["TRANSIENT", "Link", "Shard", "Watched", "discard", "make_shards"]
+__all__ = [
+    "TRANSIENT",
+    "Link",
+    "Place",
+    "Shard",
+    "Watched",
+    "connection_options",
+    "discard",
+    "make_shards",
+]
 
 #: Errors after which a connection is dropped and made again; anything else is a bug or
 #: a misconfigured server and surfaces as BrokerError.
@@ -63,8 +72,38 @@ async def discard(connection: AbstractConnection | None, *, wait: bool = False) 
         await connection.disconnect(nowait=not wait)
 
 
+class Place(Protocol):
+    """Where a queue's keys live: a whole server (:class:`Shard`), or one hash slot of a
+    Redis Cluster (:class:`.cluster.Bucket`), whose server may change under it.
+
+    ``tag`` goes into every key name of the place (``""`` for a server, a ``{hash tag}``
+    on a cluster), so that one script only ever touches keys of one slot.
+    """
+
+    tag: str
+
+    async def call(self, *command: Any) -> Any:
+        """Run ``command`` where the place lives now; BrokerError if Redis failed."""
+
+    def shard(self) -> Shard:
+        """The server that holds the place now (for a receiver's own connection)."""
+
+    async def follow(self, error: BaseException) -> bool:
+        """Whether ``error`` (a receiver's) only says the place moved: it is then
+        followed, and the receive is tried again."""
+
+    def relocated(self) -> bool:
+        """Whether the place's server changed since last asked: a promoted replica may
+        have missed writes (read by the membership check)."""
+
+
 class Shard:
-    """One Redis server (or Sentinel-managed master) and this instance's connections to it."""
+    """One Redis server (or Sentinel-managed master) and this instance's connections to it.
+
+    A shard is also a :class:`Place`: everything it holds lives on it.
+    """
+
+    tag = ""
 
     def __init__(
         self,
@@ -128,6 +167,23 @@ class Shard:
             self.lost = True
             self._on_change(self)
 
+    async def call(self, *command: Any) -> Any:
+        """Run ``command`` on this server (see :meth:`Link.call`)."""
+        return await self.link.call(*command)
+
+    def shard(self) -> Shard:
+        """This shard: a server never moves."""
+        return self
+
+    async def follow(self, error: BaseException) -> bool:
+        """Never: only a cluster's slots move (see :class:`Place`)."""
+        return False
+
+    def relocated(self) -> bool:
+        """Whether Sentinel named a new master since last asked."""
+        moved, self.moved = self.moved, False
+        return moved
+
 
 class Watched:
     """Something that waits for Redis replies under the backend's watchdog.
@@ -170,6 +226,8 @@ class Link(Watched):
     a batch is on the wire are queued, and a writer task sends everything queued in one
     write and reads the replies in order, so concurrent sends cost one round trip per
     batch. A command whose caller was cancelled before it was written is not sent at all.
+    A command starting with ``ASKING`` (a cluster's redirect during a slot migration) is
+    sent right behind its own ``ASKING``, as the server requires.
     """
 
     def __init__(self, shard: Shard) -> None:
@@ -182,19 +240,32 @@ class Link(Watched):
     async def call(self, *command: Any) -> Any:
         """Send ``command`` and return its reply; BrokerError if Redis failed."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._submit([(command, future)])
+        return await future
+
+    def enqueue(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        """Queue ``commands`` for the writer task, which sends them in one write: the
+        future of each reply (BrokerError if Redis failed). For a caller with commands
+        for several servers, which awaits them all without a task per server."""
+        loop = asyncio.get_running_loop()
+        entries = [(command, loop.create_future()) for command in commands]
+        self._pending.extend(entries)
+        self._wake()
+        return [future for _, future in entries]
+
+    async def _submit(self, entries: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         if self._busy or self._pending:
-            self._pending.append((command, future))
+            self._pending.extend(entries)
             self._wake()
-            return await future
+            return
         # The common case of one caller at a time: no hop through the writer task.
         self._busy = True
         try:
-            await self._send([(command, future)])
+            await self._send(entries)
         finally:
             self._busy = False
             if self._pending:
                 self._wake()
-        return await future
 
     def _wake(self) -> None:
         if self._writer is None:
@@ -242,11 +313,13 @@ class Link(Watched):
                 self._connection = await self._shard.connect()
             connection = self._connection
             await connection.send_packed_command(
-                b"".join(pack(command) for command, _ in batch), check_health=False
+                b"".join(_pack_asking(command) for command, _ in batch), check_health=False
             )
             forgotten: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
             for command, future in batch:
                 try:
+                    if command[0] == "ASKING":
+                        await connection.read_response()
                     reply = await connection.read_response()
                 except NoScriptError:
                     # Not run: the server restarted and forgot its scripts. Safe to resend.
@@ -258,7 +331,7 @@ class Link(Watched):
                     _settle(future, error=self._shard.error(_describe(command), error))
                     continue
                 _settle(future, reply)
-            for sha in {command[1] for command, _ in forgotten}:
+            for sha in {_script_of(command) for command, _ in forgotten}:
                 await connection.send_packed_command(
                     pack(("SCRIPT", "LOAD", SCRIPTS[sha].source)), check_health=False
                 )
@@ -295,7 +368,20 @@ class Link(Watched):
         await discard(connection, wait=True)
 
 
+def _pack_asking(command: tuple[Any, ...]) -> bytes:
+    if command[0] == "ASKING":
+        return pack(("ASKING",)) + pack(command[1:])
+    return pack(command)
+
+
+def _script_of(command: tuple[Any, ...]) -> str:
+    """The SHA1 of an EVALSHA command, behind its ASKING if any."""
+    return str(command[2] if command[0] == "ASKING" else command[1])
+
+
 def _describe(command: tuple[Any, ...]) -> str:
+    if command[0] == "ASKING":
+        command = command[1:]
     if command[0] == "EVALSHA":
         return f"{SCRIPTS[command[1]].name} script"
     return str(command[0])
@@ -320,19 +406,8 @@ def make_shards(
 ) -> list[Shard]:
     """One shard per label: a Sentinel service name, or ``host:port`` from the URL."""
     timeout, connect_timeout = config["socket_timeout"], config["connect_timeout"]
-    common: dict[str, Any] = {
-        "db": int(url.path or 0),
-        "username": url.username,
-        "password": url.password,
-        "socket_timeout": None,
-        "socket_connect_timeout": connect_timeout,
-        # Never retry behind our back: a push retried after a lost reply could be
-        # delivered twice. Receivers reconnect themselves.
-        "retry": Retry(NoBackoff(), 0),
-    }
+    common = connection_options(url, config)
     if url.scheme != "redis+sentinel":
-        if url.scheme == "rediss":
-            common.update(_redis_py_tls(config))
         shards = []
         for label in labels:
             host, _, port = label.rpartition(":")
@@ -359,6 +434,24 @@ def make_shards(
         )
         for service in labels
     ]
+
+
+def connection_options(url: LayerURL, config: Mapping[str, Any]) -> dict[str, Any]:
+    """redis-py's connection arguments for ``url``: credentials, database, timeouts, no
+    retries, and TLS for the ``rediss`` schemes."""
+    options: dict[str, Any] = {
+        "db": int(url.path or 0),
+        "username": url.username,
+        "password": url.password,
+        "socket_timeout": None,
+        "socket_connect_timeout": config["connect_timeout"],
+        # Never retry behind our back: a push retried after a lost reply could be
+        # delivered twice. Receivers reconnect themselves.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.scheme.startswith("rediss"):
+        options.update(_redis_py_tls(config))
+    return options
 
 
 def _redis_py_tls(config: Mapping[str, Any]) -> dict[str, Any]:
