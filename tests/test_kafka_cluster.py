@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import pytest
-from brokers import require_module
 
 from multilayer.exceptions import BrokerError
+from tests.support.brokers import require_module
 
 require_module("kafka")
 

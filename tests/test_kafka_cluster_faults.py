@@ -16,11 +16,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
-from brokers import require_module
 
 from multilayer import ChannelLayer
 from multilayer.exceptions import BrokerError, ChannelFull
 from tests.support.apache_kafka import ApacheKafka, missing_tools
+from tests.support.brokers import require, require_module
 
 kafka = require_module("kafka")
 
@@ -34,8 +34,7 @@ RESUME_WITHIN = 30.0
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ApacheKafka]:
     reason = missing_tools()
-    if reason is not None:
-        pytest.skip(reason)
+    require(reason is None, reason or "")
     with ApacheKafka(3) as nodes:
         yield nodes
 

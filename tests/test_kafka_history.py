@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 
 import msgpack
 import pytest
-from brokers import require_module
 
 from multilayer import ChannelLayer
 from multilayer.serialization import pack
 from tests.support.apache_kafka import ApacheKafka, missing_tools
+from tests.support.brokers import require, require_module
 
 kafka = require_module("kafka")
 
@@ -47,8 +47,7 @@ def run(body: Callable[[], Awaitable[T]], timeout: float = 120.0) -> T:
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     reason = missing_tools()
-    if reason is not None:
-        pytest.skip(reason)
+    require(reason is None, reason or "")
     with ApacheKafka(1) as node:
         yield node.url
 

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from brokers import certificates, require_binary
 
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
 from multilayer.backends.redis.cluster import SLOTS, bucket_tags
 from multilayer.backends.redis.shard import Link
+from tests.support.brokers import certificates, require_binary
 from tests.support.redis_cluster import RedisCluster
 
 T = TypeVar("T")

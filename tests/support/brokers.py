@@ -460,6 +460,15 @@ def tansu_broker(directory: Path) -> BrokerProcess:
     )
 
 
+def redis_cluster(directory: Path) -> Broker:
+    """Three Redis masters with a replica each, in cluster mode."""
+    from .redis_cluster import RedisCluster
+
+    require_binary("redis-server")
+    require_binary("redis-cli")
+    return RedisCluster(directory=directory / "redis-cluster")
+
+
 def rabbitmq_cluster(directory: Path) -> Broker:
     """Three private RabbitMQ nodes clustered together."""
     from .rabbitmq_cluster import RabbitCluster
@@ -489,6 +498,7 @@ def zmq_hub(directory: Path, *options: str) -> BrokerProcess:
 KINDS: dict[str, Callable[[Path], Broker]] = {
     "redis": redis_server,
     "redis-sentinel": redis_sentinel,
+    "redis-cluster": redis_cluster,
     "rabbitmq": rabbitmq_node,
     "rabbitmq-cluster": rabbitmq_cluster,
     "kafka": lambda directory: apache_kafka(directory, 1),

@@ -6,25 +6,21 @@ node timeout is short (2 s) so that a killed master's replica takes over within 
 Given a directory of TLS files (``ca.pem``, ``server.pem``/``.key``, ``client.pem``/
 ``.key``), every node speaks only TLS, to clients, to its replicas and on the cluster bus.
 
-``python -m tests.support.redis_cluster [--masters 3] [--replicas 1]`` starts one in the
-foreground, prints its layer URL as the last line of stdout once every node says the
-cluster is ok, and stops it on SIGTERM or SIGINT.
+``scripts/broker.sh redis-cluster`` runs one (3 masters, a replica each) in the
+foreground, as every other kind of test broker.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 
-__all__ = ["RedisCluster", "main"]
+__all__ = ["RedisCluster"]
 
 #: Milliseconds a master may be unreachable before its replica is promoted.
 NODE_TIMEOUT_MS = 2000
@@ -221,28 +217,3 @@ class RedisCluster:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run a cluster in the foreground; print its URL last once ready; stop on a signal."""
-    parser = argparse.ArgumentParser(prog="python -m tests.support.redis_cluster")
-    parser.add_argument("--masters", type=int, default=3)
-    parser.add_argument("--replicas", type=int, default=1)
-    arguments = parser.parse_args(argv)
-    stopping = False
-
-    def stop(_number: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    with RedisCluster(arguments.masters, arguments.replicas) as cluster:
-        print(cluster.url, flush=True)
-        while not stopping:
-            time.sleep(0.2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -18,6 +17,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
 from ...exceptions import BrokerError
+from ...toolkit import jitter
 from .log import decode
 from .snapshot import SNAPSHOT_LIMIT, Snapshot, Snapshots, encode_snapshot
 from .view import View
@@ -121,7 +121,7 @@ class Replay:
             self.caught_up.set()
         with contextlib.suppress(Exception):  # the first check in the thread tries again
             self._origin = self._identity()
-        self._check_at = time.monotonic() + self._check_every * random.uniform(0.5, 1.0)
+        self._check_at = time.monotonic() + self._check_every * jitter(0.5, 1.0)
         self._thread = threading.Thread(
             target=self._run, name=f"multilayer kafka {self.topic} replay", daemon=True
         )
@@ -266,7 +266,7 @@ class Replay:
         """Start over if the log is not the one this process knew (see :meth:`_identity`)."""
         # Drawn anew each time, so that processes which saw the broker come back together
         # spread their checks, and what follows a reset, over the interval.
-        self._check_at = time.monotonic() + self._check_every * random.uniform(0.5, 1.0)
+        self._check_at = time.monotonic() + self._check_every * jitter(0.5, 1.0)
         try:
             identity = self._identity()
         except Exception as error:
@@ -275,7 +275,7 @@ class Replay:
             self._lost = True
             self._recreate_if_stalled()
             # Again soon: the first answer after the broker is back decides.
-            self._check_at = time.monotonic() + random.uniform(0.1, 0.2)
+            self._check_at = time.monotonic() + jitter(0.1, 0.2)
             return
         origin, anchor = self._origin, self._anchor
         lost: bool | None  # None: cannot tell yet

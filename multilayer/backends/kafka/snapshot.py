@@ -19,7 +19,6 @@ ListOffsets request tells). Processes replaying alike therefore mostly share the
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from typing import Any
 import msgpack
 from kafka import KafkaProducer, TopicPartition
 
+from ...toolkit import jitter
 from .log import Claim, Machine, Message, Queue
 
 __all__ = [
@@ -140,7 +140,7 @@ class Schedule:
             many = self._operations >= self.every
             stale = self._operations and instant - self._since >= self.interval
             if many or stale:
-                self._due = instant + random.uniform(0, _JITTER)
+                self._due = instant + jitter(0, _JITTER)
                 self.triggered_at = time.time()
             return False
         return instant >= self._due
