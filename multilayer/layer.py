@@ -16,7 +16,7 @@ from typing import Any
 
 from .backend import Backend, LayerSettings
 from .capacity import CapacityPolicy
-from .counters import Counters, Tally, timing, track
+from .counters import SEND_SAMPLE, Counters, Tally, timing, track
 from .exceptions import ChannelFull, ForeignChannel, LayerClosed
 from .fanout import Departures
 from .local import LocalQueue
@@ -344,7 +344,8 @@ class ChannelLayer:
         deadline = time.time() + self.expiry
         payload = self._codec.encode(message, deadline)
         state = self._state()
-        started = time.perf_counter() if timing.on else 0.0
+        # One send in SEND_SAMPLE is timed: timing them all cost 5 % of a memory:// send.
+        started = time.perf_counter() if timing.on and not self._tally.sent % SEND_SAMPLE else 0.0
         backend = state.backend if state.is_open else await state.ready()
         try:
             await backend.push(
