@@ -120,7 +120,7 @@ class Waiters:
             if not futures:
                 del self._futures[key]
             if not future.done():
-                wake(future, asyncio._get_running_loop() if here is _UNKNOWN else here)
+                wake(future, here)
                 return True
         return False
 

@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import TypeVar
 
 from multilayer import ChannelLayer
-from tests.support.apache_kafka import ApacheKafka, missing_tools, registered_brokers
-from tests.support.brokers import listening, require, require_module
+from tests.support.apache_kafka import ApacheKafka, registered_brokers, require_tools
+from tests.support.brokers import listening, require_module, started
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
-def require_tools() -> None:
+def require_kafka() -> None:
     """Skip without Java, Maven or kafka-python; fail instead under CI."""
-    reason = missing_tools()
-    require(reason is None, reason or "")
+    require_tools()
     require_module("kafka")
 
 
@@ -59,9 +58,9 @@ async def receive(url: str, channel: str) -> dict[str, int]:
 
 
 def test_a_node_serves_a_layer_survives_a_kill_and_stops_clean() -> None:
-    require_tools()
+    require_kafka()
     node = ApacheKafka(1)
-    with node:
+    with started(node):
         (port,) = node.ports
         assert node.url == f"kafka://127.0.0.1:{port}"
         assert registered_brokers(port) == 1

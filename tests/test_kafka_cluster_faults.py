@@ -19,8 +19,8 @@ import pytest
 
 from multilayer import ChannelLayer
 from multilayer.exceptions import BrokerError, ChannelFull
-from tests.support.apache_kafka import ApacheKafka, missing_tools
-from tests.support.brokers import require, require_module
+from tests.support.apache_kafka import ApacheKafka, require_tools
+from tests.support.brokers import require_module, started
 
 kafka = require_module("kafka")
 
@@ -33,9 +33,8 @@ RESUME_WITHIN = 30.0
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ApacheKafka]:
-    reason = missing_tools()
-    require(reason is None, reason or "")
-    with ApacheKafka(3) as nodes:
+    require_tools()
+    with started(ApacheKafka(3)) as nodes:
         yield nodes
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from multilayer import ChannelLayer
 from multilayer.serialization import pack
-from tests.support.apache_kafka import ApacheKafka, missing_tools
-from tests.support.brokers import require, require_module
+from tests.support.apache_kafka import ApacheKafka, require_tools
+from tests.support.brokers import require_module, started
 
 kafka = require_module("kafka")
 
@@ -46,9 +46,8 @@ def run(body: Callable[[], Awaitable[T]], timeout: float = 120.0) -> T:
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    reason = missing_tools()
-    require(reason is None, reason or "")
-    with ApacheKafka(1) as node:
+    require_tools()
+    with started(ApacheKafka(1)) as node:
         yield node.url
 
 

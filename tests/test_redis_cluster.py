@@ -22,7 +22,7 @@ import redis
 from multilayer import BrokerError, ChannelLayer, ConfigurationError
 from multilayer.backends.redis.cluster import SLOTS, bucket_tags
 from multilayer.backends.redis.shard import Link
-from tests.support.brokers import certificates, require_binary
+from tests.support.brokers import certificates, require_binary, started
 from tests.support.redis_cluster import RedisCluster
 
 T = TypeVar("T")
@@ -45,15 +45,15 @@ def fresh_cluster() -> RedisCluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
-    with fresh_cluster() as started:
-        yield started
+    with started(fresh_cluster()) as running:
+        yield running
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[RedisCluster]:
     """A cluster of this test alone, for one it kills or reshapes."""
-    with fresh_cluster() as started:
-        yield started
+    with started(fresh_cluster()) as running:
+        yield running
 
 
 def client(port: int) -> redis.Redis:
@@ -120,7 +120,7 @@ def test_rediss_cluster_speaks_mutual_tls(tmp_path: Path) -> None:
             await layer.flush()
             await layer.close()
 
-    with RedisCluster(certs=certificates(tmp_path)) as tls:
+    with started(RedisCluster(certs=certificates(tmp_path))) as tls:
         run(lambda: body(tls.url))
         # Without the CA the handshake fails: TLS is really verified.
         with pytest.raises(BrokerError):

@@ -27,9 +27,8 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from types import TracebackType
 
-from .brokers import free_ports, listening
+from .brokers import free_ports, listening, require
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 CACHE = (
@@ -85,6 +84,12 @@ def _usable(cached: Path) -> str | None:
         return None
     jars = cached.read_text().strip()
     return jars if jars and all(Path(jar).exists() for jar in jars.split(os.pathsep)) else None
+
+
+def require_tools() -> None:
+    """Skip (fail under CI) when no Apache Kafka can start here."""
+    reason = missing_tools()
+    require(reason is None, reason or "")
 
 
 def missing_tools() -> str | None:
@@ -369,15 +374,3 @@ class ApacheKafka:
             time.sleep(0.1)
         if self._owned:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> ApacheKafka:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -478,10 +478,9 @@ def rabbitmq_cluster(directory: Path) -> Broker:
 
 def apache_kafka(directory: Path, nodes: int) -> Broker:
     """Apache Kafka from its Maven jars: one node, or a cluster of ``nodes``."""
-    from .apache_kafka import ApacheKafka, missing_tools
+    from .apache_kafka import ApacheKafka, require_tools
 
-    reason = missing_tools()
-    require(reason is None, reason or "")
+    require_tools()
     return ApacheKafka(nodes, directory / "apache-kafka")
 
 

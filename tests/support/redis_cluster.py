@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 __all__ = ["RedisCluster"]
 
@@ -201,19 +200,3 @@ class RedisCluster:
                 self.processes[index] = None
         if self._owned:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RedisCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
