@@ -166,9 +166,11 @@ class GroupSends(Sends):
         # The hub fans out on its own; waiting for its answer (which comes once the members'
         # nodes have the message) would only delay the log lines about full members.
         link = self._links[0]
+        # The send time goes with the request: this call returns before the hub seals the
+        # envelopes, and a discard made after it returns must drop this message's copies.
         request_id, future = link.start_batched(
             "gsend",
-            (self._prefix + group, self.settings.prefix, capacity.default, overrides),
+            (self._prefix + group, self.settings.prefix, capacity.default, overrides, time.time()),
             (payload,),
         )
         timer = asyncio.get_running_loop().call_later(

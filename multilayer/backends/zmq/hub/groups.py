@@ -91,6 +91,9 @@ class GroupCommands(HubState):
         payload = payload_frame(frames, 1)
         job = Job(client, rid, "gsend")
         current = time.time()
+        # Envelopes carry the time the caller sent (nodes older than that field: now), so a
+        # member its layer discarded after group_send returned gets none of this message.
+        sent_at = number(args[4]) if len(args) > 4 else current
         members = self.groups.get(group, {})
         inboxes, normal = split(
             (channel, until) for channel, until in members.items() if until > current
@@ -106,7 +109,7 @@ class GroupCommands(HubState):
         for inbox, local in inboxes.items():
             key = f"{prefix}:{inbox}"
             capacity = overrides.get(inbox, default)
-            data = seal(payload, name, current, inbox, local)
+            data = seal(payload, name, sent_at, inbox, local)
             if len(data) <= DEFAULT_MAX_MESSAGE:
                 channels = [inbox]
                 job.named[inbox] = [member for member, _until in local]
