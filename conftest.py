@@ -11,16 +11,28 @@ run under ``CI=true``.
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.brokers import IN_CI, KINDS, Broker, BrokerProcess, tansu_broker, zmq_hub
 
 _STARTED: list[Broker] = []
+#: how to restart the one broker a session URL stands on, by URL
+_RESTARTS: dict[str, Callable[[], None]] = {}
+#: Brokers the conformance restart test may restart, by placeholder: the hub loses every
+#: membership (its state lives in memory), Apache Kafka keeps its log (as in production).
+#: Tansu is left out: an in-memory log that comes back empty loses the sends made before
+#: the layer noticed, which the test's first send after a restart must not meet.
+_RESTARTERS: dict[str, Callable[[Any], None]] = {
+    "hub": lambda hub: hub.restart(kill=True),
+    "kafka": lambda kafka: kafka.restart(0),
+}
 #: placeholders for the ``host:port`` of a broker rather than its whole URL
 _ADDRESSES: dict[str, Callable[[Path], BrokerProcess]] = {"tansu": tansu_broker, "hub": zmq_hub}
 
@@ -31,9 +43,9 @@ def _placeholders(url: str) -> set[str]:
     }
 
 
-def _serve(name: str, logs: Path) -> str | None:
-    """Start the broker ``{name}`` stands for; what replaces the placeholder, or None
-    when it cannot run here."""
+def _serve(name: str, logs: Path) -> tuple[str, Broker] | None:
+    """Start the broker ``{name}`` stands for; what replaces the placeholder and the
+    broker, or None when it cannot run here."""
     try:
         if name in _ADDRESSES:
             process = _ADDRESSES[name](logs)
@@ -48,7 +60,7 @@ def _serve(name: str, logs: Path) -> str | None:
         return None
     broker.start()
     _STARTED.append(broker)
-    return replacement
+    return replacement, broker
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,12 +69,23 @@ def pytest_configure(config: pytest.Config) -> None:
     if not names:
         return
     logs = Path(tempfile.mkdtemp(prefix="multilayer-brokers-"))
-    replacements = {name: _serve(name, logs) for name in sorted(names)}
-    config.option.multilayer_url = [
-        url.format(**replacements)
-        for url in urls
-        if all(replacements[name] is not None for name in _placeholders(url))
-    ]
+    served = {name: _serve(name, logs) for name in sorted(names)}
+    replacements = {name: found[0] for name, found in served.items() if found is not None}
+    config.option.multilayer_url = []
+    for url in urls:
+        used = _placeholders(url)
+        if not used <= replacements.keys():
+            continue
+        formatted = url.format(**replacements)
+        config.option.multilayer_url.append(formatted)
+        if len(used) == 1 and (name := used.pop()) in _RESTARTERS:
+            broker = served[name]
+            assert broker is not None
+            _RESTARTS[formatted] = functools.partial(_RESTARTERS[name], broker[1])
+
+
+def pytest_multilayer_restarter(config: pytest.Config, url: str) -> Callable[[], None] | None:
+    return _RESTARTS.get(url)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -45,6 +45,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+class RestartHooks:
+    """The hook a test session implements to restart brokers it started itself."""
+
+    @pytest.hookspec(firstresult=True)
+    def pytest_multilayer_restarter(
+        self, config: pytest.Config, url: str
+    ) -> Callable[[], None] | None:
+        """A blocking callable that kills the broker behind ``url`` and starts it again
+        with empty state, returning once it accepts connections; None when this
+        implementation does not own that broker. ``--multilayer-restart-command``, when
+        given, comes first."""
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(RestartHooks)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "multiprocess: runs layers in separate OS processes")
     config.addinivalue_line("markers", "slow: waits for expiry timers")
@@ -73,9 +90,9 @@ class Harness:
     other's messages, and each is flushed and closed when the test's run ends.
     """
 
-    def __init__(self, url: str, restart_command: str | None = None) -> None:
+    def __init__(self, url: str, restart: Callable[[], None] | None = None) -> None:
         self.url = url
-        self._restart_command = restart_command
+        self._restart = restart
         self.prefix = "conf" + secrets.token_hex(4)
         self._layers: list[ChannelLayer] = []
         probe = ChannelLayer(url, prefix=self.prefix)
@@ -95,23 +112,24 @@ class Harness:
             pytest.skip(f"{self.scheme}: capabilities.{capability} is false ({why})")
 
     def require_restart(self) -> None:
-        """Skip, with the reason recorded, when no restart command was given.
+        """Skip, with the reason recorded, when nobody said how to restart the broker.
 
         The suite cannot kill a broker it did not start: whoever runs it says how, with
-        ``--multilayer-restart-command`` (multilayer's own brokers are restarted by its
-        fault tests, ``tests/test_faults.py``).
+        ``--multilayer-restart-command``, or the test session restarts brokers it started
+        itself (the ``pytest_multilayer_restarter`` hook; multilayer's own shared brokers
+        are restarted by its fault tests, ``tests/test_faults.py``, on private copies).
         """
-        if not self._restart_command:
+        if self._restart is None:
             pytest.skip(
                 f"{self.scheme}: capabilities.restores_memberships is true, but no "
-                "--multilayer-restart-command was given (the suite cannot restart a broker "
-                "it did not start)"
+                "--multilayer-restart-command was given and the session did not start "
+                "this broker (the suite cannot restart a broker it did not start)"
             )
 
     def restart_broker(self) -> None:
-        """Run the restart command (blocking; call it through ``asyncio.to_thread``)."""
-        assert self._restart_command, "call require_restart() first"
-        subprocess.run(shlex.split(self._restart_command), check=True, timeout=RESTART_TIMEOUT)
+        """Restart the broker (blocking; call it through ``asyncio.to_thread``)."""
+        assert self._restart is not None, "call require_restart() first"
+        self._restart()
 
     def run(self, body: Callable[[], Awaitable[T]], timeout: float = RUN_TIMEOUT) -> T:
         """Run ``body()`` in a new event loop, bounded by ``timeout`` seconds."""
@@ -137,4 +155,15 @@ class Harness:
 @pytest.fixture
 def harness(layer_url: str, request: pytest.FixtureRequest) -> Iterator[Harness]:
     """A :class:`Harness` on the URL this test runs against."""
-    yield Harness(layer_url, request.config.getoption("--multilayer-restart-command"))
+    command: str | None = request.config.getoption("--multilayer-restart-command")
+    restart: Callable[[], None] | None
+    if command:
+
+        def restart() -> None:
+            subprocess.run(shlex.split(command), check=True, timeout=RESTART_TIMEOUT)
+
+    else:
+        restart = request.config.hook.pytest_multilayer_restarter(
+            config=request.config, url=layer_url
+        )
+    yield Harness(layer_url, restart)
