@@ -209,6 +209,8 @@ class ZmqCore(Backend):
         # re-asserted, so that a hub lost again meanwhile is retried on the next ping.
         restore = False
         while True:
+            # Requests up to this id were written before the ping that may find a new hub.
+            issued = max(link.pending, default=0)
             try:
                 reply = await link.call("ping", (), (), self._heartbeat * 3)
             except BrokerError:
@@ -219,6 +221,7 @@ class ZmqCore(Backend):
             if restarted:
                 logger.warning("hub %s restarted; its queues and groups are gone", link.endpoint)
                 link.fail_pops()
+                self._give_up_group_sends(link, issued)
                 self._invalidate(None)
                 restore = True
             if lost or restarted:
@@ -228,6 +231,17 @@ class ZmqCore(Backend):
             if restore:
                 restore = not await self._reassert_on(link)
             await asyncio.sleep(self._heartbeat)
+
+    def _give_up_group_sends(self, link: Link, issued: int) -> None:
+        """Stop waiting for answers to group sends written before the hub restarted.
+
+        The old hub died with them or the new one took them; either way waiting the whole
+        ``timeout`` held up direct sends ordered after them, and ``close()``.
+        """
+        gone = BrokerError(f"hub {link.endpoint} restarted before answering")
+        for request_id, future in list(link.pending.items()):
+            if request_id <= issued and future in self._group_sends and not future.done():
+                future.set_exception(gone)
 
     async def _reassert_on(self, link: Link) -> bool:
         """Re-add the memberships of the groups ``link``'s hub holds; False if it failed."""
