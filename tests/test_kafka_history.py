@@ -79,11 +79,11 @@ def history(prefix: str) -> Iterator[bytes]:
         yield b"".join(operations)
 
 
-def end_of(bootstrap: str, topic: str) -> int:
-    """The end offset of ``topic``'s one partition."""
+def end_of(bootstrap: str, topic: str, number: int = 0) -> int:
+    """The end offset of partition ``number`` (control by default) of ``topic``."""
     consumer = kafka.KafkaConsumer(bootstrap_servers=bootstrap)
     try:
-        partition = kafka.TopicPartition(topic, 0)
+        partition = kafka.TopicPartition(topic, number)
         return int(consumer.end_offsets([partition])[partition])
     finally:
         consumer.close()
@@ -232,4 +232,8 @@ def test_a_principal_without_the_snapshot_topic_still_gets_a_layer(
             await layer.close()
 
     assert run(body) is False
-    assert end_of(url.removeprefix("kafka://"), "multilayer.nosnapshots") > 0
+    # The channel's records are in its partition of the log (queue_partition).
+    from multilayer.backends.kafka.log import queue_partition
+
+    partition = queue_partition("nosnapshots.q", 8)
+    assert end_of(url.removeprefix("kafka://"), "multilayer.nosnapshots", partition) > 0

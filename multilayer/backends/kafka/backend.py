@@ -10,6 +10,10 @@ credentials are given).
 
 Options (URL query or keyword arguments), besides the core ones:
 
+* ``partitions`` (int, 8): partitions of the log topic (and its snapshot topic) when
+  this layer creates it: partition 0 is control, normal channels and process inboxes
+  spread over the others. An existing topic's own count is used; one made with one
+  partition keeps everything in partition 0.
 * ``fetch_wait_ms`` (int, 5): how long the broker may hold a fetch while this layer is
   busy; bounds delivery latency.
 * ``idle_fetch_wait_ms`` (int, 100): the same after ``idle_after`` seconds without traffic;
@@ -63,7 +67,7 @@ from .client import client_config, tls_problem
 from .hub import HUBS, Hub
 from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, INBOX, RENEW, SEND
 from .replay import INBOX_LEASE
-from .writer import RECORD_OVERHEAD
+from .writer import RECORD_OVERHEAD, Done
 
 __all__ = ["KafkaBackend"]
 
@@ -75,7 +79,7 @@ def _positive(value: Any) -> str | None:
 
 
 class KafkaBackend(Backend):
-    """Channels as a replicated state machine over one Kafka topic per prefix."""
+    """Channels as a replicated state machine over one partitioned Kafka topic per prefix."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         multiprocess=True,
@@ -258,8 +262,10 @@ class KafkaBackend(Backend):
         with view.lock:
             admitted = view.admit_remote(queue, capacity)
         if admitted:
+            answered = view.unanswered_write()
 
             def done(error: BaseException | None) -> None:
+                answered(error)
                 with view.lock:
                     view.remote_acked(queue)
                 if error is not None:
@@ -414,8 +420,14 @@ class KafkaBackend(Backend):
         with view.lock:
             admitted = view.admit_group_send(token, self)
         if admitted:
-            done = partial(view.group_lost, token, group)
+            lost = partial(view.group_lost, token, group)
             for record in records:
+                answered = view.unanswered_write()
+
+                def done(error: BaseException | None, answered: Done = answered) -> None:
+                    answered(error)
+                    lost(error)
+
                 hub.write(record, done=done)
             return
         try:

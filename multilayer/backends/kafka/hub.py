@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from functools import partial
@@ -243,6 +244,11 @@ class Hub:
         raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error
 
 
+#: Seconds a group send's fence asks for the control partition's end before it goes on
+#: without (a broker outage).
+_FENCE_PATIENCE = 2.0
+
+
 class _Fence:
     """The thread that answers :meth:`Hub.fence`: it asks the control partition's end
     offset (one ListOffsets request, with a consumer of its own) for every caller that
@@ -281,6 +287,30 @@ class _Fence:
         if self._consumer is not None:
             self._consumer.close()
 
+    def _end_offset(self) -> int | None:
+        """The control partition's end offset now, asked again for up to _FENCE_PATIENCE
+        seconds; None when the broker does not answer (an outage: the callers then go on
+        with this process's replay as it is, logged)."""
+        control = self._hub.replay.control
+        give_up = time.monotonic() + _FENCE_PATIENCE
+        while True:
+            try:
+                if self._consumer is None:
+                    self._consumer = KafkaConsumer(
+                        **self._hub.client_config, allow_auto_create_topics=False
+                    )
+                return int(self._consumer._fetcher.end_offsets([control], 500)[control])
+            except Exception as error:
+                if time.monotonic() > give_up or self._stopping.is_set():
+                    logger.warning(
+                        "kafka log %s: control end offset unknown (%s); a group send goes "
+                        "by this process's replay as it is",
+                        self._hub.topic,
+                        error,
+                    )
+                    return None
+                self._stopping.wait(0.05)
+
     def _run(self) -> None:
         replay = self._hub.replay
         while not self._stopping.is_set():
@@ -291,15 +321,9 @@ class _Fence:
             if not batch:
                 continue
             error: BaseException | None = None
-            try:
-                if self._consumer is None:
-                    self._consumer = KafkaConsumer(**self._hub.client_config)
-                control = replay.control
-                end = int(self._consumer._fetcher.end_offsets([control], 1000)[control])
-                if not replay.wait_control(end, REPLAY_TIMEOUT):
-                    error = BrokerError(f"kafka log {self._hub.topic}: control replay stalled")
-            except Exception as failure:
-                error = failure
+            end = self._end_offset()
+            if end is not None and not replay.wait_control(end, REPLAY_TIMEOUT):
+                error = BrokerError(f"kafka log {self._hub.topic}: control replay stalled")
             for loop, answer in batch:
                 with contextlib.suppress(RuntimeError):  # the loop may have closed
                     loop.call_soon_threadsafe(_settle, answer, error)

@@ -145,6 +145,9 @@ class Replay:
         fetch_max = max(self.options["max_record"], _FETCH_MAX_BYTES)
         return KafkaConsumer(
             **client_config,
+            # A topic a broker lost is made again by the layer, with its partitions; one
+            # a metadata request auto-created would have the broker's default count.
+            allow_auto_create_topics=False,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.options["fetch_wait_ms"],

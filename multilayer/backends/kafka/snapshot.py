@@ -249,6 +249,7 @@ class Snapshots:
             if self._producer is None:
                 self._producer = KafkaProducer(
                     **self.client_config,
+                    allow_auto_create_topics=False,
                     acks=self.acks if self.acks == "all" else 1,
                     max_request_size=SNAPSHOT_LIMIT + 1024,
                 )

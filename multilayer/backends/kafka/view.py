@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ...backend import Backend, Item, log_full_members, now
@@ -82,6 +83,11 @@ class View:
         self.reports: list[list[Any]] = []
         # Admitted sends to queues this process does not replay, per queue, until acked.
         self.unacked_per_queue: Counter[str] = Counter()
+        # Writes whose broker answer nobody awaits and no replay here will show (sends
+        # to other processes' inboxes, group sends) -> when written (monotonic): a
+        # topic a broker lost is made again when one waits too long.
+        self.unanswered: dict[int, float] = {}
+        self._writes = itertools.count()
         #: Keyed by a record's token (its writer waits for its outcome), a claim id, or an
         #: inbox (a receive waits for messages).
         self.waiters = Waiters()
@@ -189,11 +195,23 @@ class View:
         """Whether traffic flowed, or this process waited for the log, lately."""
         return time.monotonic() < self._busy_until
 
+    def unanswered_write(self) -> Callable[[BaseException | None], None]:
+        """Count a write as unanswered until the callback returned is called (its done)."""
+        number = next(self._writes)
+        with self.lock:
+            self.unanswered[number] = time.monotonic()
+
+        def answered(_error: BaseException | None) -> None:
+            with self.lock:
+                self.unanswered.pop(number, None)
+
+        return answered
+
     def oldest_wait(self) -> float | None:
         """Since when (monotonic) the longest-waiting write of this process waits for its
-        replay; None when none waits."""
+        replay or answer; None when none waits."""
         with self.lock:
-            oldest = min(self.calls.values(), default=None)
+            oldest = min([*self.calls.values(), *self.unanswered.values()], default=None)
             if self.unreplayed:
                 # Admitted sends are written in order: the first one is the oldest.
                 since = next(iter(self.unreplayed.values()))[2]

@@ -85,6 +85,8 @@ class Writer:
         """Connect the producer and start the writer thread (blocking)."""
         self.producer = KafkaProducer(
             **client_config,
+            # See Replay: only the layer makes its topics, with their partitions.
+            allow_auto_create_topics=False,
             acks=self.options["acks"] if self.options["acks"] == "all" else 1,
             # One request in flight keeps this process's records in the order it wrote them.
             max_in_flight_requests_per_connection=1,
