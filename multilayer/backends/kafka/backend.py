@@ -47,6 +47,7 @@ Options (URL query or keyword arguments), besides the core ones:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from functools import partial
@@ -67,7 +68,7 @@ from .client import client_config, tls_problem
 from .hub import HUBS, Hub
 from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, INBOX, RENEW, SEND
 from .replay import INBOX_LEASE
-from .writer import RECORD_OVERHEAD, Done
+from .writer import RECORD_OVERHEAD, REPLAY_TIMEOUT, Done
 
 __all__ = ["KafkaBackend"]
 
@@ -376,15 +377,70 @@ class KafkaBackend(Backend):
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
         # The members come from this process's replay of the control partition, brought up
-        # to the partition's end as of this call: every membership any process had
-        # acknowledged before is in it. Then one checked send per normal member, in its
-        # channel's partition, and one envelope per process inbox with members
-        # (multilayer.fanout), in that inbox's partition: only the processes reading
-        # those decode it. A full queue refuses its copy where it is replayed.
+        # to the partition's end after this call: every membership any process had
+        # acknowledged before is in it. The writer thread does that fence (one for all the
+        # group sends waiting in its queue) and writes, in this call's place among this
+        # process's writes, one checked send per normal member, in its channel's
+        # partition, and one envelope per process inbox with members (multilayer.fanout),
+        # in that inbox's partition: only the processes reading those decode it. A full
+        # queue refuses its copy where it is replayed.
         hub = self.hub
         view = hub.view
-        await hub.fence()
+        # The send time is the call's (envelopes carry it: a member this process discards
+        # after it must not get the copy), whenever the records are written.
         instant = now()
+        token = view.token()
+        with view.lock:
+            admitted = view.admit_group_send(token, self)
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[None] | None = None if admitted else loop.create_future()
+
+        def answer(error: BaseException | None) -> None:
+            if acked is not None:
+                with contextlib.suppress(RuntimeError):  # the loop may have closed
+                    loop.call_soon_threadsafe(_settle, acked, error)
+
+        def expand() -> list[tuple[list[Any], Done | None]]:
+            records = self._group_records(group, payload, capacity, instant)
+            if not records:
+                view.group_lost(token, group, None)
+                answer(None)
+                return []
+            left = [len(records)]
+            lost = partial(view.group_lost, token, group)
+
+            def one(error: BaseException | None, answered: Done) -> None:
+                answered(error)
+                lost(error)
+                left[0] -= 1
+                if error is not None or not left[0]:
+                    answer(error)
+
+            return [(record, partial(one, answered=view.unanswered_write())) for record in records]
+
+        # Like a send, it returns without waiting while this process has fewer than
+        # 1,000 group sends unacknowledged and no write failed lately.
+        hub.writer.defer(expand)
+        if acked is None:
+            return
+        try:
+            await asyncio.wait_for(acked, REPLAY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BrokerError(f"kafka log {hub.topic}: group send not acknowledged") from None
+        except Exception as error:
+            raise BrokerError(f"kafka log {hub.topic}: write failed: {error}") from error
+        finally:
+            with view.lock:
+                view.group_senders.pop(token, None)
+
+    def _group_records(
+        self, group: str, payload: bytes, capacity: CapacityPolicy, instant: float
+    ) -> list[list[Any]]:
+        """The records of a group send made at ``instant``, once fenced (in the writer
+        thread); counts and logs the members skipped as full in queues this process
+        replays."""
+        hub = self.hub
+        view = hub.view
         with view.lock:
             members = view.machine.groups.get(group, {})
             live = [(name, until) for name, until in members.items() if until > instant]
@@ -392,15 +448,14 @@ class KafkaBackend(Backend):
             unrouted = [inbox for inbox in inboxes if view.part_of(inbox) < 0]
         for inbox in unrouted:
             # Members whose process has not received yet: their inbox gets its partition.
-            await hub.call([INBOX, view.token(), now(), inbox, now() + INBOX_LEASE])
-        unrouted = [inbox for inbox in unrouted if view.part_of(inbox) < 0]
+            hub.assign_now(inbox)
         targets = [(channel, payload, 1) for channel, _until in normal]
         targets += [
             (inbox, seal(payload, group, instant, inbox, local), len(local))
             for inbox, local in inboxes.items()
-            if inbox not in unrouted
+            if view.part_of(inbox) >= 0
         ]
-        skipped = sum(len(inboxes[inbox]) for inbox in unrouted)
+        skipped = sum(len(local) for inbox, local in inboxes.items() if view.part_of(inbox) < 0)
         records = []
         with view.lock:
             for target, data, count in targets:
@@ -412,29 +467,7 @@ class KafkaBackend(Backend):
                 else:
                     records.append([SEND, None, instant, target, limit, data])
         self.skip_full_members(group, skipped, len(live))
-        if not records:
-            return
-        # Like a send, it returns without waiting for the broker while this process has
-        # fewer than 1,000 group sends unacknowledged and no write failed lately.
-        token = view.token()
-        with view.lock:
-            admitted = view.admit_group_send(token, self)
-        if admitted:
-            lost = partial(view.group_lost, token, group)
-            for record in records:
-                answered = view.unanswered_write()
-
-                def done(error: BaseException | None, answered: Done = answered) -> None:
-                    answered(error)
-                    lost(error)
-
-                hub.write(record, done=done)
-            return
-        try:
-            await asyncio.gather(*(hub.acked(record) for record in records))
-        finally:
-            with view.lock:
-                view.group_senders.pop(token, None)
+        return records
 
     async def broker_stats(self) -> BrokerStats:
         """The replayed state (the queues of the partitions this process reads, and the
@@ -478,3 +511,12 @@ class KafkaBackend(Backend):
                 for partition in range(view.partitions)
             )
         )
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

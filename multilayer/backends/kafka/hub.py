@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+import msgpack
 from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -56,6 +57,7 @@ class Hub:
             log_lost=self._log_lost,
         )
         self.writer.on_acked = self.replay.acked
+        self.writer.fence = self._fence_now
         #: The backends reading through this hub, told of each reconnection.
         self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
         self._start_lock = threading.Lock()
@@ -203,6 +205,22 @@ class Hub:
                 f"{REPLAY_TIMEOUT:g}s"
             ) from None
 
+    def _fence_now(self) -> None:
+        with self._start_lock:
+            if self._fence is None:
+                self._fence = _Fence(self)
+        self._fence.now()
+
+    def assign_now(self, inbox: str) -> None:
+        """Write an assignment of ``inbox`` (of a process that has not received yet) and
+        wait until control's replay applied it (blocking; from the writer thread, whose
+        own queue it cannot wait on)."""
+        record = [INBOX, None, now(), inbox, now() + INBOX_LEASE]
+        value = msgpack.packb(record, use_bin_type=True)
+        future = self.writer.producer.send(self.topic, value, partition=0)
+        metadata = future.get(timeout=REPLAY_TIMEOUT)
+        self.replay.wait_control(metadata.offset + 1, REPLAY_TIMEOUT)
+
     async def fence(self) -> None:
         """Return once the control partition is replayed up to its end as of this call:
         every group change any process had acknowledged before is then applied here.
@@ -245,8 +263,8 @@ class Hub:
 
 
 #: Seconds a group send's fence asks for the control partition's end before it goes on
-#: without (a broker outage).
-_FENCE_PATIENCE = 2.0
+#: without (a broker outage); none while the replay knows the broker unreachable.
+_FENCE_PATIENCE = 1.0
 
 
 class _Fence:
@@ -261,6 +279,8 @@ class _Fence:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._consumer: Any = None
+        # The consumer serves this thread and the writer's (:meth:`now`).
+        self._consumer_lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._run, name=f"multilayer kafka {hub.topic} fence", daemon=True
         )
@@ -287,6 +307,13 @@ class _Fence:
         if self._consumer is not None:
             self._consumer.close()
 
+    def now(self) -> None:
+        """Bring the control replay to the partition's end as of this call (blocking)."""
+        with self._consumer_lock:
+            end = self._end_offset()
+        if end is not None and not self._hub.replay.wait_control(end, REPLAY_TIMEOUT):
+            raise BrokerError(f"kafka log {self._hub.topic}: control replay stalled")
+
     def _end_offset(self) -> int | None:
         """The control partition's end offset now, asked again for up to _FENCE_PATIENCE
         seconds; None when the broker does not answer (an outage: the callers then go on
@@ -301,7 +328,11 @@ class _Fence:
                     )
                 return int(self._consumer._fetcher.end_offsets([control], 500)[control])
             except Exception as error:
-                if time.monotonic() > give_up or self._stopping.is_set():
+                if (
+                    time.monotonic() > give_up
+                    or self._stopping.is_set()
+                    or self._hub.replay.unreachable
+                ):
                     logger.warning(
                         "kafka log %s: control end offset unknown (%s); a group send goes "
                         "by this process's replay as it is",
@@ -312,7 +343,6 @@ class _Fence:
                 self._stopping.wait(0.05)
 
     def _run(self) -> None:
-        replay = self._hub.replay
         while not self._stopping.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
@@ -321,9 +351,10 @@ class _Fence:
             if not batch:
                 continue
             error: BaseException | None = None
-            end = self._end_offset()
-            if end is not None and not replay.wait_control(end, REPLAY_TIMEOUT):
-                error = BrokerError(f"kafka log {self._hub.topic}: control replay stalled")
+            try:
+                self.now()
+            except BrokerError as failure:
+                error = failure
             for loop, answer in batch:
                 with contextlib.suppress(RuntimeError):  # the loop may have closed
                     loop.call_soon_threadsafe(_settle, answer, error)

@@ -463,6 +463,11 @@ class Replay:
                 self.progress.wait(min(left, 0.1))
         return True
 
+    @property
+    def unreachable(self) -> bool:
+        """Whether the broker was found unreachable since records last arrived."""
+        return self._lost
+
     def _back(self) -> None:
         self._lost = False
         self._reconnected()
@@ -539,9 +544,12 @@ class Replay:
 
     def _recreate_if_stalled(self) -> None:
         # An in-memory broker may come back without the topic, which producers wait for
-        # but nobody recreates: a write of ours unreplayed for long says so.
+        # but nobody recreates: the metadata of a broker that answers and does not know
+        # the topic says so, or else a write of ours unreplayed for long.
+        cluster = self._side._client.cluster
+        missing = bool(cluster.brokers()) and self.topic not in cluster.topics()
         oldest = self.view.oldest_wait()
-        if oldest is not None and time.monotonic() - oldest > _STALL:
+        if missing or (oldest is not None and time.monotonic() - oldest > _STALL):
             try:
                 self._create_topic()
             except Exception as error:

@@ -20,7 +20,7 @@ from ...backend import Item, now
 from ...exceptions import BrokerError
 from .log import HOUSEKEEPING, OPERATIONS_PER_RECORD, RETURN, TAKE
 
-__all__ = ["RECORD_OVERHEAD", "REPLAY_TIMEOUT", "Done", "Writer"]
+__all__ = ["RECORD_OVERHEAD", "REPLAY_TIMEOUT", "Deferred", "Done", "Writer"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -40,6 +40,9 @@ Done = Callable[[BaseException | None], None]
 Route = tuple[int, bytes | None]
 #: A packed operation waiting to be produced, and where it goes.
 _Entry = tuple[bytes, Done | None, Route]
+#: A group send waiting for the control fence: called in the writer thread once the
+#: fence is done, it returns the records to write in its place, with their callbacks.
+Deferred = Callable[[], list[tuple[list[Any], Done | None]]]
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -69,7 +72,10 @@ class Writer:
         self.options = options
         self._busy = busy
         self._route = route
-        self._outbox: SimpleQueue[_Entry | None] = SimpleQueue()
+        self._outbox: SimpleQueue[_Entry | Deferred | None] = SimpleQueue()
+        #: Brings the control replay to the control partition's end as of the call
+        #: (blocking; set by the hub): what deferred group sends wait for.
+        self.fence: Callable[[], None] = lambda: None
         # Inbox keys taken here and not written yet, per queue, and the instant of the first.
         self._takes: dict[str, list[tuple[int, str]]] = {}
         self._takes_at = 0.0
@@ -153,6 +159,33 @@ class Writer:
         where = self._route(record) if partition is None else (partition, None)
         self._outbox.put((msgpack.packb(record, use_bin_type=True), done, where))
 
+    def defer(self, expand: Deferred) -> None:
+        """Write, in this place among this process's writes, the records ``expand()``
+        returns once the control fence that follows this call is done (a group send)."""
+        self._busy()
+        self._outbox.put(expand)
+
+    def _expand(self, batch: list[_Entry | Deferred]) -> list[_Entry]:
+        """``batch`` with its deferred group sends expanded, after one fence for all: each
+        was called before the fence began."""
+        if all(isinstance(entry, tuple) for entry in batch):
+            return batch  # type: ignore[return-value]
+        self.fence()
+        entries: list[_Entry] = []
+        for entry in batch:
+            if isinstance(entry, tuple):
+                entries.append(entry)
+                continue
+            try:
+                produced = entry()
+            except Exception:
+                logger.exception("kafka log %s: a group send failed", self.topic)
+                continue
+            for record, done in produced:
+                packed = msgpack.packb(record, use_bin_type=True)
+                entries.append((packed, done, self._route(record)))
+        return entries
+
     def _run(self) -> None:
         # producer.send() blocks while the topic's metadata is unknown (after a broker
         # restart, for max_block_ms) or its buffer is full, so it never runs in an event
@@ -176,19 +209,20 @@ class Writer:
             if entry is None:
                 self._produce_all(self._pending_takes(), limit)
                 return
-            batch = [entry]
+            batch: list[_Entry | Deferred] = [entry]
             while len(batch) < OPERATIONS_PER_RECORD:
                 try:
                     entry = self._outbox.get_nowait()
                 except Empty:
                     break
                 if entry is None:
-                    self._produce_all(self._pending_takes() + batch, limit)
+                    self._produce_all(self._pending_takes() + self._expand(batch), limit)
                     return
                 batch.append(entry)
             # Takes first: they name messages replayed before anything in this batch, and
             # whoever waits for a record of the batch (stats, a flush) then sees them applied.
-            self._produce_all(self._pending_takes() + batch, limit)
+            expanded = self._expand(batch)
+            self._produce_all(self._pending_takes() + expanded, limit)
 
     def _produce_all(self, entries: list[_Entry], limit: int) -> None:
         """Write ``entries`` in order per partition and key, as few records of at most
