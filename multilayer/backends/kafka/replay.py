@@ -33,6 +33,8 @@ __all__ = ["Replay"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
+#: Longest one poll of the replay waits when no record comes (ms).
+_POLL_MS = 20
 #: Seconds an inbox stays counted for the assignment of partitions to new inboxes without
 #: its owner renewing it (every third of it; one control record per inbox).
 INBOX_LEASE = 60.0
@@ -399,7 +401,10 @@ class Replay:
             self._serve_requests()
             fetch_config["fetch_max_wait_ms"] = fast if self.view.is_busy() else slow
             try:
-                batches = self.consumer.poll(timeout_ms=100)
+                # Short: kafka-python's poll() waits its whole timeout when no record
+                # comes (a wakeup() does not end it), and a partition to start reading
+                # (a first send to a channel there) waits for the poll to end.
+                batches = self.consumer.poll(timeout_ms=_POLL_MS)
             except Exception as error:
                 logger.warning("kafka log %s: fetch failed (%s); retrying", self.topic, error)
                 self._lost = True
