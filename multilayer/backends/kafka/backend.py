@@ -47,7 +47,6 @@ Options (URL query or keyword arguments), besides the core ones:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from functools import partial
@@ -68,7 +67,7 @@ from .client import client_config, tls_problem
 from .hub import HUBS, Hub
 from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, INBOX, RENEW, SEND
 from .replay import INBOX_LEASE
-from .writer import RECORD_OVERHEAD, REPLAY_TIMEOUT, Done
+from .writer import RECORD_OVERHEAD, Done, answer_from_thread, answered
 
 __all__ = ["KafkaBackend"]
 
@@ -392,13 +391,11 @@ class KafkaBackend(Backend):
         token = view.token()
         with view.lock:
             admitted = view.admit_group_send(token, self)
-        loop = asyncio.get_running_loop()
-        acked: asyncio.Future[None] | None = None if admitted else loop.create_future()
+        acked, settle = answer_from_thread()
 
         def answer(error: BaseException | None) -> None:
-            if acked is not None:
-                with contextlib.suppress(RuntimeError):  # the loop may have closed
-                    loop.call_soon_threadsafe(_settle, acked, error)
+            if not admitted:
+                settle(error)
 
         def expand() -> list[tuple[list[Any], Done | None]]:
             records = self._group_records(group, payload, capacity, instant)
@@ -421,12 +418,12 @@ class KafkaBackend(Backend):
         # Like a send, it returns without waiting while this process has fewer than
         # 1,000 group sends unacknowledged and no write failed lately.
         hub.writer.defer(expand)
-        if acked is None:
+        if admitted:
             return
         try:
-            await asyncio.wait_for(acked, REPLAY_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise BrokerError(f"kafka log {hub.topic}: group send not acknowledged") from None
+            await answered(acked, f"kafka log {hub.topic}: group send not acknowledged")
+        except BrokerError:
+            raise
         except Exception as error:
             raise BrokerError(f"kafka log {hub.topic}: write failed: {error}") from error
         finally:
@@ -511,12 +508,3 @@ class KafkaBackend(Backend):
                 for partition in range(view.partitions)
             )
         )
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)

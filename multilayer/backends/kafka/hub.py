@@ -27,7 +27,7 @@ from .log import INBOX, Outcome
 from .replay import INBOX_LEASE, Replay
 from .snapshot import SNAPSHOT_LIMIT, state_topic
 from .view import VERDICT_TIMEOUT, View
-from .writer import REPLAY_TIMEOUT, Done, Writer
+from .writer import REPLAY_TIMEOUT, Done, Writer, answer_from_thread, answered
 
 __all__ = ["HUBS", "Hub"]
 
@@ -189,21 +189,9 @@ class Hub:
     async def subscribe(self, partition: int, catch_up: tuple[str, float] | None = None) -> None:
         """Read ``partition`` from now on; returns once its replay reached the end it had
         when this was called (at once when it is read already and caught up)."""
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-
-        def done() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
-                loop.call_soon_threadsafe(_settle, ready, None)
-
-        self.replay.subscribe(partition, done, catch_up)
-        try:
-            await asyncio.wait_for(ready, REPLAY_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise BrokerError(
-                f"kafka log {self.topic}: partition {partition} not replayed within "
-                f"{REPLAY_TIMEOUT:g}s"
-            ) from None
+        ready, done = answer_from_thread()
+        self.replay.subscribe(partition, partial(done, None), catch_up)
+        await answered(ready, f"kafka log {self.topic}: partition {partition} not replayed")
 
     def _fence_now(self) -> None:
         with self._start_lock:
@@ -275,7 +263,7 @@ class _Fence:
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
         self._lock = threading.Lock()
-        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._waiting: list[Done] = []
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._consumer: Any = None
@@ -287,18 +275,11 @@ class _Fence:
         self._thread.start()
 
     async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[None] = loop.create_future()
+        answer, done = answer_from_thread()
         with self._lock:
-            self._waiting.append((loop, answer))
+            self._waiting.append(done)
         self._wake.set()
-        try:
-            await asyncio.wait_for(answer, REPLAY_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise BrokerError(
-                f"kafka log {self._hub.topic}: control partition not replayed within "
-                f"{REPLAY_TIMEOUT:g}s"
-            ) from None
+        await answered(answer, f"kafka log {self._hub.topic}: control partition not replayed")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -355,18 +336,8 @@ class _Fence:
                 self.now()
             except BrokerError as failure:
                 error = failure
-            for loop, answer in batch:
-                with contextlib.suppress(RuntimeError):  # the loop may have closed
-                    loop.call_soon_threadsafe(_settle, answer, error)
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+            for done in batch:
+                done(error)
 
 
 def _reassert(backend: Backend) -> None:

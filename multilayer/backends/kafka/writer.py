@@ -20,7 +20,15 @@ from ...backend import Item, now
 from ...exceptions import BrokerError
 from .log import HOUSEKEEPING, OPERATIONS_PER_RECORD, RETURN, TAKE
 
-__all__ = ["RECORD_OVERHEAD", "REPLAY_TIMEOUT", "Deferred", "Done", "Writer"]
+__all__ = [
+    "RECORD_OVERHEAD",
+    "REPLAY_TIMEOUT",
+    "Deferred",
+    "Done",
+    "Writer",
+    "answer_from_thread",
+    "answered",
+]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -52,6 +60,27 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def answer_from_thread() -> tuple[asyncio.Future[None], Done]:
+    """A future of the running loop, and a callback any thread may call with None or an
+    error to settle it (nothing happens once the loop closed)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def done(error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
+            loop.call_soon_threadsafe(_settle, future, error)
+
+    return future, done
+
+
+async def answered(future: asyncio.Future[None], late: str) -> None:
+    """Wait for ``future`` up to REPLAY_TIMEOUT; BrokerError(``late`` ...) after that."""
+    try:
+        await asyncio.wait_for(future, REPLAY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise BrokerError(f"{late} within {REPLAY_TIMEOUT:g}s") from None
 
 
 class Writer:
@@ -267,19 +296,11 @@ class Writer:
 
     async def acked(self, record: list[Any], partition: int | None = None) -> None:
         """Write ``record`` and wait until the broker has it (not for its replay)."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[None] = loop.create_future()
-
-        def done(error: BaseException | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
-                loop.call_soon_threadsafe(_settle, answer, error)
-
+        answer, done = answer_from_thread()
         self.write(record, done=done, partition=partition)
         try:
-            await asyncio.wait_for(answer, REPLAY_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise BrokerError(
-                f"kafka log {self.topic}: no answer from the broker in {REPLAY_TIMEOUT:g}s"
-            ) from None
+            await answered(answer, f"kafka log {self.topic}: no answer from the broker")
+        except BrokerError:
+            raise
         except Exception as error:
             raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error
