@@ -543,3 +543,36 @@ def test_a_full_inbox_of_another_process_refuses_sends(broker_url: str) -> None:
     # the rest, logged): the cost of sending without a round trip (see the docs).
     assert 10 <= accepted <= 40, accepted
     assert delivered == min(accepted, 10), (accepted, delivered)
+
+
+def test_a_topic_of_one_partition_keeps_everything_in_it(broker_url: str) -> None:
+    # Topics made before issue 14 have one partition: a layer uses the topic's own count
+    # (partitions applies when it creates the topic), so everything stays in partition 0.
+    async def body() -> None:
+        old = ChannelLayer(broker_url, prefix="onepart", partitions=1)
+        new = ChannelLayer(broker_url, prefix="onepart", claim_lease=9.0)
+        try:
+            inbox = await old.new_channel()
+            other = await new.new_channel()
+            hub = new._state().backend.hub  # type: ignore[attr-defined]
+            assert hub.view.partitions == 1 and hub.view.part_of(other) == 0
+            await new.send(inbox, {"n": 1})
+            assert await asyncio.wait_for(old.receive(inbox), 10) == {"n": 1}
+            await old.send("onepart.q", {"n": 2})
+            assert await asyncio.wait_for(new.receive("onepart.q"), 10) == {"n": 2}
+            await old.group_add("onepart-g", inbox)
+            await new.group_add("onepart-g", other)
+            await new.group_send("onepart-g", {"n": 3})
+            assert await asyncio.wait_for(old.receive(inbox), 10) == {"n": 3}
+            assert await asyncio.wait_for(new.receive(other), 10) == {"n": 3}
+        finally:
+            await old.flush()
+            await old.close()
+            await new.close()
+
+    run(body)
+    consumer = kafka.KafkaConsumer(bootstrap_servers=broker_url.removeprefix("kafka://"))
+    try:
+        assert consumer.partitions_for_topic("multilayer.onepart") == {0}
+    finally:
+        consumer.close()
