@@ -234,28 +234,28 @@ def test_kafka_junk_records(
         topic = f"multilayer.{fuzz.prefix}"
         producer = kafka.KafkaProducer(bootstrap_servers=f"127.0.0.1:{process.port}")
 
-        def produce(value: bytes) -> None:
-            producer.send(topic, value).get(timeout=10)
+        async def hub_of() -> Any:
+            return fuzz.layer._state().backend.hub  # type: ignore[attr-defined]
+
+        hub = thread.run(hub_of())
+
+        def produce(channel: str, value: bytes) -> None:
+            # Where the layer writes the channel's records (its partition, and an inbox's
+            # key), so that the receiving process reads the junk.
+            partition, key = hub.view.route(["S", None, 0.0, channel, None, b""])
+            producer.send(topic, value, key=key, partition=partition).get(timeout=10)
 
         def envelopes(channel: str, payload: bytes) -> list[Injection]:
             # Operations that do not fit their shapes, and a well-formed send of junk.
+            def junk(value: bytes) -> Callable[[], None]:
+                return lambda: produce(channel, value)
+
             return [
-                (lambda: produce(payload), bool(payload)),  # an empty record holds nothing
-                (
-                    lambda: produce(msgpack.packb(["S", None, time.time(), channel, 100, payload])),
-                    True,
-                ),
-                (lambda: produce(msgpack.packb(["S", 7, "now", channel, None, payload])), True),
-                (
-                    lambda: produce(msgpack.packb(["A", None, time.time(), ["g"], channel, "x"])),
-                    True,
-                ),
-                (
-                    lambda: produce(
-                        msgpack.packb(["S", None, time.time(), channel, None, payload])
-                    ),
-                    True,
-                ),
+                (junk(payload), bool(payload)),  # an empty record holds nothing
+                (junk(msgpack.packb(["S", None, time.time(), channel, 100, payload])), True),
+                (junk(msgpack.packb(["S", 7, "now", channel, None, payload])), True),
+                (junk(msgpack.packb(["A", None, time.time(), ["g"], channel, "x"])), True),
+                (junk(msgpack.packb(["S", None, time.time(), channel, None, payload])), True),
             ]
 
         try:

@@ -501,3 +501,78 @@ def test_an_idle_layer_does_not_spin(broker_url: str) -> None:
     idle_share = run(body)
     # Busy polling would take most of a core; the design takes about 2.5 %.
     assert idle_share < 0.2, f"an idle layer used {100 * idle_share:.1f}% of a core"
+
+
+def test_a_full_inbox_of_another_process_refuses_sends(broker_url: str) -> None:
+    # The sender does not replay the receiver's inbox (a hub of its own, as in another
+    # process): the owner reports it near capacity in control, and from then on sends
+    # are checked and answered by the owner's verdict (docs/backends/kafka.md,
+    # "Capacity of another process's inbox").
+    async def body() -> tuple[int, int]:
+        receiver = ChannelLayer(broker_url, prefix="verdict", capacity=10)
+        sender = ChannelLayer(broker_url, prefix="verdict", capacity=10, claim_lease=9.0)
+        try:
+            channel = await receiver.new_channel()
+            accepted = 0
+            with pytest.raises(ChannelFull):
+                for n in range(200):
+                    await sender.send(channel, {"n": n})
+                    accepted += 1
+                    await asyncio.sleep(0.002)
+            got = [(await asyncio.wait_for(receiver.receive(channel), 10))["n"] for _ in range(10)]
+            assert got == list(range(10)), "FIFO, from the first message on"
+            rest = 0
+            while True:
+                try:
+                    await asyncio.wait_for(receiver.receive(channel), 0.5)
+                    rest += 1
+                except asyncio.TimeoutError:
+                    break
+            # Drained: the owner says so, and sends go again.
+            await sender.send(channel, {"n": "again"})
+            assert await asyncio.wait_for(receiver.receive(channel), 10) == {"n": "again"}
+            return accepted, 10 + rest
+        finally:
+            await receiver.flush()
+            await receiver.close()
+            await sender.close()
+
+    accepted, delivered = run(body)
+    # Overshoot: what the sender wrote while the owner's report was on its way. The
+    # receiving process keeps at most a channel's capacity of it (multilayer.local drops
+    # the rest, logged): the cost of sending without a round trip (see the docs).
+    assert 10 <= accepted <= 40, accepted
+    assert delivered == min(accepted, 10), (accepted, delivered)
+
+
+def test_a_topic_of_one_partition_keeps_everything_in_it(broker_url: str) -> None:
+    # Topics made before issue 14 have one partition: a layer uses the topic's own count
+    # (partitions applies when it creates the topic), so everything stays in partition 0.
+    async def body() -> None:
+        old = ChannelLayer(broker_url, prefix="onepart", partitions=1)
+        new = ChannelLayer(broker_url, prefix="onepart", claim_lease=9.0)
+        try:
+            inbox = await old.new_channel()
+            other = await new.new_channel()
+            hub = new._state().backend.hub  # type: ignore[attr-defined]
+            assert hub.view.partitions == 1 and hub.view.part_of(other) == 0
+            await new.send(inbox, {"n": 1})
+            assert await asyncio.wait_for(old.receive(inbox), 10) == {"n": 1}
+            await old.send("onepart.q", {"n": 2})
+            assert await asyncio.wait_for(new.receive("onepart.q"), 10) == {"n": 2}
+            await old.group_add("onepart-g", inbox)
+            await new.group_add("onepart-g", other)
+            await new.group_send("onepart-g", {"n": 3})
+            assert await asyncio.wait_for(old.receive(inbox), 10) == {"n": 3}
+            assert await asyncio.wait_for(new.receive(other), 10) == {"n": 3}
+        finally:
+            await old.flush()
+            await old.close()
+            await new.close()
+
+    run(body)
+    consumer = kafka.KafkaConsumer(bootstrap_servers=broker_url.removeprefix("kafka://"))
+    try:
+        assert consumer.partitions_for_topic("multilayer.onepart") == {0}
+    finally:
+        consumer.close()

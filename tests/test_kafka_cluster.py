@@ -40,6 +40,9 @@ class _LeaderlessConsumer:
     def assign(self, _partitions: Any) -> None:
         pass
 
+    def partitions_for_topic(self, _topic: str) -> set[int]:
+        return set(range(8))
+
     def seek_to_beginning(self, *_partitions: Any) -> None:
         pass
 
@@ -65,6 +68,7 @@ def test_stop_during_a_slow_open_ends_the_opening_thread(monkeypatch: pytest.Mon
         "linger_ms": 0,
         "snapshot_every": 100_000,
         "snapshot_interval": 60.0,
+        "partitions": 8,
     }
     hub = hub_module.Hub("multilayer.leaderless", {}, options)
     monkeypatch.setattr(hub.writer, "start", lambda _config: None)

@@ -23,7 +23,12 @@ from tests.support.brokers import require_module, started
 
 kafka = require_module("kafka")
 
-from multilayer.backends.kafka.log import GROUP_ADD, OPERATIONS_PER_RECORD, SEND  # noqa: E402
+from multilayer.backends.kafka.log import (  # noqa: E402
+    GROUP_ADD,
+    OPERATIONS_PER_RECORD,
+    SEND,
+    queue_partition,
+)
 from multilayer.backends.kafka.snapshot import decode_snapshot, state_topic  # noqa: E402
 
 T = TypeVar("T")
@@ -31,6 +36,8 @@ T = TypeVar("T")
 #: Operations in the history, and the live memberships among them.
 HISTORY = 1_000_000
 MEMBERSHIPS = 2_000
+#: Partitions of the log (the layer's default).
+PARTITIONS = 8
 #: The promise: ready within this many seconds, whatever the history.
 READY_WITHIN = 2.0
 
@@ -51,13 +58,15 @@ def url() -> Iterator[str]:
         yield node.url
 
 
-def history(prefix: str) -> Iterator[bytes]:
-    """Kafka record values holding ``HISTORY`` operations: sends of messages that expired
-    long ago to 100 channels, and ``MEMBERSHIPS`` group memberships that stay live."""
+def history(prefix: str) -> Iterator[tuple[int, bytes]]:
+    """Kafka records (partition, value) holding ``HISTORY`` operations where the layer
+    puts them: sends of messages that expired long ago to 100 channels, in their
+    channels' partitions, and ``MEMBERSHIPS`` group memberships that stay live, in
+    control (partition 0)."""
     expired = pack({"n": 0}, time.time() - 3600, max_size=1000)
     sent_at = time.time() - 1800
     every = HISTORY // MEMBERSHIPS
-    operations: list[bytes] = []
+    operations: dict[int, list[bytes]] = {}
     for n in range(HISTORY):
         if n % every == 0:
             member = n // every
@@ -69,33 +78,39 @@ def history(prefix: str) -> Iterator[bytes]:
                 f"{prefix}.m{member}",
                 4e9,
             ]
+            partition = 0
         else:
-            operation = [SEND, f"h:{n}", sent_at, f"{prefix}.c{n % 100}", None, expired]
-        operations.append(msgpack.packb(operation, use_bin_type=True))
-        if len(operations) == OPERATIONS_PER_RECORD:
-            yield b"".join(operations)
-            operations = []
-    if operations:
-        yield b"".join(operations)
+            channel = f"{prefix}.c{n % 100}"
+            operation = [SEND, f"h:{n}", sent_at, channel, None, expired]
+            partition = queue_partition(channel, PARTITIONS)
+        waiting = operations.setdefault(partition, [])
+        waiting.append(msgpack.packb(operation, use_bin_type=True))
+        if len(waiting) == OPERATIONS_PER_RECORD:
+            yield partition, b"".join(waiting)
+            waiting.clear()
+    for partition, waiting in operations.items():
+        if waiting:
+            yield partition, b"".join(waiting)
 
 
-def end_of(bootstrap: str, topic: str) -> int:
-    """The end offset of ``topic``'s one partition."""
+def end_of(bootstrap: str, topic: str, number: int = 0) -> int:
+    """The end offset of partition ``number`` (control by default) of ``topic``."""
     consumer = kafka.KafkaConsumer(bootstrap_servers=bootstrap)
     try:
-        partition = kafka.TopicPartition(topic, 0)
+        partition = kafka.TopicPartition(topic, number)
         return int(consumer.end_offsets([partition])[partition])
     finally:
         consumer.close()
 
 
-def newest_snapshot_at(bootstrap: str, prefix: str) -> int:
-    """The log offset the newest snapshot of ``prefix`` resumes from; -1 without one."""
+def newest_snapshot_at(bootstrap: str, prefix: str, number: int = 0) -> int:
+    """The offset the newest snapshot of log partition ``number`` of ``prefix`` resumes
+    from; -1 without one."""
     consumer = kafka.KafkaConsumer(
         bootstrap_servers=bootstrap, receive_message_max_bytes=100_000_000
     )
     try:
-        partition = kafka.TopicPartition(state_topic(f"multilayer.{prefix}"), 0)
+        partition = kafka.TopicPartition(state_topic(f"multilayer.{prefix}"), number)
         consumer.assign([partition])
         end = int(consumer.end_offsets([partition])[partition])
         if end == 0:
@@ -121,13 +136,18 @@ def test_a_process_joining_a_long_history_is_ready_in_two_seconds(url: str) -> N
             bootstrap_servers=bootstrap, max_request_size=8_000_000, linger_ms=50
         )
         try:
-            for value in history(prefix):
-                producer.send(f"multilayer.{prefix}", value, partition=0)
+            for partition, value in history(prefix):
+                producer.send(f"multilayer.{prefix}", value, partition=partition)
             producer.flush(60)
         finally:
             producer.close()
-        # The running process has replayed the history once its stats see the groups.
+        # The running process uses a channel of every partition, as a deployment's
+        # processes do: it replays and snapshots them all.
         started = time.monotonic()
+        for n in range(100):
+            await running.send(f"{prefix}.c{n}", {"n": n})
+            assert await running.receive(f"{prefix}.c{n}") == {"n": n}
+        # The running process has replayed the history once its stats see the groups.
         stats = await running.stats()
         assert stats.groups is not None
         assert len(stats.groups) == 100 and sum(stats.groups.values()) == MEMBERSHIPS
@@ -153,11 +173,12 @@ def test_a_process_joining_a_long_history_is_ready_in_two_seconds(url: str) -> N
         try:
             replayed = await replay_history()
             # The running process snapshots the state it reached within 1.5 s.
-            end = await asyncio.to_thread(end_of, bootstrap, f"multilayer.{prefix}")
             give_up = time.monotonic() + 30
-            while await asyncio.to_thread(newest_snapshot_at, bootstrap, prefix) < end:
-                assert time.monotonic() < give_up, "no snapshot of the whole history in 30 s"
-                await asyncio.sleep(0.2)
+            for number in range(PARTITIONS):
+                end = await asyncio.to_thread(end_of, bootstrap, f"multilayer.{prefix}", number)
+                while await asyncio.to_thread(newest_snapshot_at, bootstrap, prefix, number) < end:
+                    assert time.monotonic() < give_up, f"no snapshot of partition {number} in 30 s"
+                    await asyncio.sleep(0.2)
             return (replayed, *await join())
         finally:
             await running.close()
@@ -232,4 +253,8 @@ def test_a_principal_without_the_snapshot_topic_still_gets_a_layer(
             await layer.close()
 
     assert run(body) is False
-    assert end_of(url.removeprefix("kafka://"), "multilayer.nosnapshots") > 0
+    # The channel's records are in its partition of the log (queue_partition).
+    from multilayer.backends.kafka.log import queue_partition
+
+    partition = queue_partition("nosnapshots.q", 8)
+    assert end_of(url.removeprefix("kafka://"), "multilayer.nosnapshots", partition) > 0

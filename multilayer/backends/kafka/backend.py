@@ -10,6 +10,10 @@ credentials are given).
 
 Options (URL query or keyword arguments), besides the core ones:
 
+* ``partitions`` (int, 8): partitions of the log topic (and its snapshot topic) when
+  this layer creates it: partition 0 is control, normal channels and process inboxes
+  spread over the others. An existing topic's own count is used; one made with one
+  partition keeps everything in partition 0.
 * ``fetch_wait_ms`` (int, 5): how long the broker may hold a fetch while this layer is
   busy; bounds delivery latency.
 * ``idle_fetch_wait_ms`` (int, 100): the same after ``idle_after`` seconds without traffic;
@@ -43,6 +47,7 @@ Options (URL query or keyword arguments), besides the core ones:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, ClassVar
@@ -52,6 +57,7 @@ import kafka
 from ...backend import Backend, BrokerStats, Capabilities, Item, now
 from ...capacity import CapacityPolicy
 from ...exceptions import BrokerError, ChannelFull, ConfigurationError
+from ...fanout import seal, split
 from ...names import non_local_name
 from ...options import Option
 from ...serialization import largest_payload
@@ -59,10 +65,13 @@ from ...toolkit import check_tls, tls_context, tls_options
 from ...url import LayerURL
 from .client import client_config, tls_problem
 from .hub import HUBS, Hub
-from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, GROUP_SEND, RENEW, SEND
-from .writer import RECORD_OVERHEAD
+from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, INBOX, RENEW, SEND
+from .replay import INBOX_LEASE
+from .writer import RECORD_OVERHEAD, Done, answer_from_thread, answered
 
 __all__ = ["KafkaBackend"]
+
+logger = logging.getLogger(__name__.rpartition(".")[0])
 
 
 def _positive(value: Any) -> str | None:
@@ -70,7 +79,7 @@ def _positive(value: Any) -> str | None:
 
 
 class KafkaBackend(Backend):
-    """Channels as a replicated state machine over one Kafka topic per prefix."""
+    """Channels as a replicated state machine over one partitioned Kafka topic per prefix."""
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         multiprocess=True,
@@ -83,6 +92,9 @@ class KafkaBackend(Backend):
     )
     extra: ClassVar[str | None] = "kafka"
     options: ClassVar[Mapping[str, Option]] = {
+        "partitions": Option(
+            int, 8, "partitions of the log topic when this layer creates it", minimum=1
+        ),
         "fetch_wait_ms": Option(int, 5, "broker fetch wait while busy (ms)", minimum=0),
         "idle_fetch_wait_ms": Option(int, 100, "broker fetch wait when idle (ms)", minimum=1),
         "idle_after": Option(float, 2.0, "seconds without traffic before slow polling", minimum=0),
@@ -182,15 +194,44 @@ class KafkaBackend(Backend):
             await asyncio.to_thread(hub.stop)
 
     async def declare_inbox(self, inbox: str) -> None:
-        """Nothing to create: the hub replays the log from its start, so no record is missed.
+        """Have the control partition assign ``inbox`` a partition, and read it.
 
-        Every queue, inbox or not, lives in the one log topic created by :meth:`open`.
+        The assignment is decided where the record lands in the control partition (the
+        least-loaded partition among live inboxes), so every process agrees on it; the
+        inbox is new, so reading its partition needs no history before now.
         """
+        hub = self.hub
+        view = hub.view
+        with view.lock:
+            known = inbox in view.own_inboxes
+            view.own_inboxes[inbox] = self.settings.capacity.for_channel(inbox)
+            entry = view.machine.inboxes.get(inbox) if view.partitions > 1 else None
+        catch_up = None
+        if entry is None:
+            await hub.call([INBOX, view.token(), now(), inbox, now() + INBOX_LEASE])
+        elif not known:
+            # A sender assigned it before this process received: read what came since.
+            catch_up = (inbox, float(entry[2]))
+        await hub.subscribe(max(view.part_of(inbox), 0), catch_up)
+
+    async def _read(self, queue: str) -> None:
+        """Read the partition of the normal channel ``queue`` if not done yet: its state
+        decides capacity and claims (see "Partitions" in the backend docs)."""
+        view = self.hub.view
+        partition = view.part_of(queue)
+        if partition not in view.subscribed:
+            await self.hub.subscribe(partition)
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
         hub = self.hub
         view = hub.view
-        token = view.admit(non_local_name(channel), capacity, len(payload))
+        queue = non_local_name(channel)
+        if queue.endswith("!") and queue not in view.own_inboxes:
+            await self._push_elsewhere(queue, channel, payload, capacity)
+            return
+        if not queue.endswith("!"):
+            await self._read(queue)
+        token = view.admit(queue, capacity, len(payload))
         if token is not None:
             # Room is certain as far as this process can see: the record goes out admitted
             # and the send returns without a round trip (see "Sends" in the backend docs).
@@ -203,6 +244,40 @@ class KafkaBackend(Backend):
         outcome = await hub.call([SEND, view.token(), now(), channel, capacity, payload])
         if not outcome.accepted:
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    async def _push_elsewhere(
+        self, queue: str, channel: str, payload: bytes, capacity: int
+    ) -> None:
+        # Another process's inbox: only its owner replays it. Sends go without a round
+        # trip while the owner has not reported it near capacity; near it, a checked send
+        # waits for the owner's verdict (a refusal if none comes in VERDICT_TIMEOUT).
+        hub = self.hub
+        view = hub.view
+        if view.part_of(queue) < 0:
+            # Its owner wrote the assignment before new_channel() returned there; if it
+            # has not received yet, this assigns it (decided where the record lands).
+            await hub.fence()
+            if view.part_of(queue) < 0:
+                await hub.call([INBOX, view.token(), now(), queue, now() + INBOX_LEASE])
+        with view.lock:
+            admitted = view.admit_remote(queue, capacity)
+        if admitted:
+            answered = view.unanswered_write()
+
+            def done(error: BaseException | None) -> None:
+                answered(error)
+                with view.lock:
+                    view.remote_acked(queue)
+                if error is not None:
+                    view.lost("", channel, error)
+
+            hub.write([SEND, None, now(), channel, None, payload], done=done)
+            return
+        outcome = await hub.call(
+            [SEND, view.token(), now(), channel, capacity, payload], verdict=True
+        )
+        if not outcome.accepted:
+            raise ChannelFull(f"channel {channel!r} is full (its process refused it)")
 
     def pop_nowait(self, queue: str, limit: int) -> list[Item]:
         """Messages already in this process: held by its claims, or replayed to its inbox."""
@@ -249,6 +324,7 @@ class KafkaBackend(Backend):
         # to ``prefetch`` messages and the log order decides which ones each claim gets.
         hub = self.hub
         view = hub.view
+        await self._read(queue)
         with view.lock:
             held = view.held.take(queue, limit)
             if held:
@@ -299,41 +375,110 @@ class KafkaBackend(Backend):
     async def group_send(
         self, group: str, payload: bytes, *, deadline: float, capacity: CapacityPolicy
     ) -> None:
+        # The members come from this process's replay of the control partition, brought up
+        # to the partition's end after this call: every membership any process had
+        # acknowledged before is in it. The writer thread does that fence (one for all the
+        # group sends waiting in its queue) and writes, in this call's place among this
+        # process's writes, one checked send per normal member, in its channel's
+        # partition, and one envelope per process inbox with members (multilayer.fanout),
+        # in that inbox's partition: only the processes reading those decode it. A full
+        # queue refuses its copy where it is replayed.
         hub = self.hub
         view = hub.view
-        capacities: dict[str, int] = {}
-        if not capacity.uniform:
-            # Members this process has not seen yet get the default capacity.
-            with view.lock:
-                known = list(view.machine.groups.get(group, ()))
-            # Keyed by queue: the members of one process share one envelope in its inbox.
-            capacities = {non_local_name(member): capacity.for_channel(member) for member in known}
-        # The record decides the fan-out for every process; waiting for its replay here
-        # would only delay the warnings about full members, which the replay thread logs.
-        # Like a send, it returns without a round trip while this process has few group
-        # sends unreplayed and no write failed lately: one caller awaiting each in turn
-        # would otherwise get one per produce round trip (about 400 a second). Its
-        # position is still after every membership acknowledged before it was called.
+        # The send time is the call's (envelopes carry it: a member this process discards
+        # after it must not get the copy), whenever the records are written.
+        instant = now()
         token = view.token()
-        record = [GROUP_SEND, token, now(), group, payload, capacity.default, capacities]
         with view.lock:
             admitted = view.admit_group_send(token, self)
+        acked, settle = answer_from_thread()
+
+        def answer(error: BaseException | None) -> None:
+            if not admitted:
+                settle(error)
+
+        def expand() -> list[tuple[list[Any], Done | None]]:
+            records = self._group_records(group, payload, capacity, instant)
+            if not records:
+                view.group_lost(token, group, None)
+                answer(None)
+                return []
+            left = [len(records)]
+            lost = partial(view.group_lost, token, group)
+
+            def one(error: BaseException | None, answered: Done) -> None:
+                answered(error)
+                lost(error)
+                left[0] -= 1
+                if error is not None or not left[0]:
+                    answer(error)
+
+            return [(record, partial(one, answered=view.unanswered_write())) for record in records]
+
+        # Like a send, it returns without waiting while this process has fewer than
+        # 1,000 group sends unacknowledged and no write failed lately.
+        hub.writer.defer(expand)
         if admitted:
-            hub.write(record, done=partial(view.group_lost, token, group))
             return
         try:
-            await hub.acked(record)
-        except BaseException:
+            await answered(acked, f"kafka log {hub.topic}: group send not acknowledged")
+        except BrokerError:
+            raise
+        except Exception as error:
+            raise BrokerError(f"kafka log {hub.topic}: write failed: {error}") from error
+        finally:
             with view.lock:
                 view.group_senders.pop(token, None)
-            raise
 
-    async def broker_stats(self) -> BrokerStats:
-        """The replayed state, once the replay has caught up with a no-op record written now
-        (discarding a membership of the group "", which no valid name reaches)."""
+    def _group_records(
+        self, group: str, payload: bytes, capacity: CapacityPolicy, instant: float
+    ) -> list[list[Any]]:
+        """The records of a group send made at ``instant``, once fenced (in the writer
+        thread); counts and logs the members skipped as full in queues this process
+        replays."""
         hub = self.hub
         view = hub.view
-        await hub.call([GROUP_DISCARD, view.token(), now(), "", ""])
+        with view.lock:
+            members = view.machine.groups.get(group, {})
+            live = [(name, until) for name, until in members.items() if until > instant]
+            inboxes, normal = split(live)
+            unrouted = [inbox for inbox in inboxes if view.part_of(inbox) < 0]
+        for inbox in unrouted:
+            # Members whose process has not received yet: their inbox gets its partition.
+            hub.assign_now(inbox)
+        targets = [(channel, payload, 1) for channel, _until in normal]
+        targets += [
+            (inbox, seal(payload, group, instant, inbox, local), len(local))
+            for inbox, local in inboxes.items()
+            if view.part_of(inbox) >= 0
+        ]
+        skipped = sum(len(local) for inbox, local in inboxes.items() if view.part_of(inbox) < 0)
+        records = []
+        with view.lock:
+            for target, data, count in targets:
+                # A queue this process replays is checked here, so that its refusal is
+                # counted and logged; any other is checked where it is replayed.
+                limit = capacity.for_channel(target)
+                if view.is_full(non_local_name(target), limit):
+                    skipped += count
+                else:
+                    records.append([SEND, None, instant, target, limit, data])
+        self.skip_full_members(group, skipped, len(live))
+        return records
+
+    async def broker_stats(self) -> BrokerStats:
+        """The replayed state (the queues of the partitions this process reads, and the
+        groups), once the replay has caught up with a no-op record written now in each
+        of those partitions (discarding a membership of the group "", which no valid
+        name reaches)."""
+        hub = self.hub
+        view = hub.view
+        await asyncio.gather(
+            *(
+                hub.call([GROUP_DISCARD, view.token(), now(), "", ""], partition=partition)
+                for partition in sorted(view.subscribed)
+            )
+        )
         instant = now()
         with view.lock:
             machine = view.machine
@@ -352,6 +497,14 @@ class KafkaBackend(Backend):
         )
 
     async def flush(self) -> None:
+        # A marker in every partition; those this process reads are waited for.
         hub = self.hub
         view = hub.view
-        await hub.call([FLUSH, view.token(), now()])
+        await asyncio.gather(
+            *(
+                hub.call([FLUSH, view.token(), now()], partition=partition)
+                if partition in view.subscribed
+                else hub.acked([FLUSH, None, now()], partition)
+                for partition in range(view.partitions)
+            )
+        )

@@ -9,22 +9,25 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+import msgpack
+from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from ...backend import Backend
+from ...backend import Backend, now
 from ...exceptions import BrokerError
 from ...toolkit import ProcessWide
-from .log import Outcome
-from .replay import Replay
+from .log import INBOX, Outcome
+from .replay import INBOX_LEASE, Replay
 from .snapshot import SNAPSHOT_LIMIT, state_topic
-from .view import View
-from .writer import REPLAY_TIMEOUT, Done, Writer
+from .view import VERDICT_TIMEOUT, View
+from .writer import REPLAY_TIMEOUT, Done, Writer, answer_from_thread, answered
 
 __all__ = ["HUBS", "Hub"]
 
@@ -43,7 +46,7 @@ class Hub:
         self.client_config = client_config
         self.options = options
         self.view = View(topic, options["idle_after"])
-        self.writer = Writer(topic, options, self.view.busy)
+        self.writer = Writer(topic, options, self.view.busy, self.view.route)
         self.replay = Replay(
             topic,
             options,
@@ -54,11 +57,13 @@ class Hub:
             log_lost=self._log_lost,
         )
         self.writer.on_acked = self.replay.acked
+        self.writer.fence = self._fence_now
         #: The backends reading through this hub, told of each reconnection.
         self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
         self._start_lock = threading.Lock()
         self._started = False
         self._stopped = False
+        self._fence: _Fence | None = None
 
     def ensure_started(self) -> None:
         """Create the log topic if needed, connect, and replay what the log holds (once).
@@ -88,9 +93,10 @@ class Hub:
         """Create the log topic and its snapshot topic unless they exist (first use of a
         prefix, broker restart)."""
         retention = str(int(self.options["retention_hours"] * 3_600_000))
+        partitions = self.options["partitions"]
         log = NewTopic(
             self.topic,
-            num_partitions=1,
+            num_partitions=partitions,
             replication_factor=-1,
             topic_configs={
                 "cleanup.policy": "delete",
@@ -100,7 +106,8 @@ class Hub:
         )
         snapshots = NewTopic(
             state_topic(self.topic),
-            num_partitions=1,
+            # Snapshot partition p holds the snapshots of log partition p.
+            num_partitions=partitions,
             replication_factor=-1,
             topic_configs={
                 # Compaction keeps the newest snapshot; retention drops one older than the
@@ -143,6 +150,8 @@ class Hub:
         self.replay.abort_start()
         with self._start_lock:
             pass
+        if self._fence is not None:
+            self._fence.stop()
         self.replay.stop()
         for queue, items in self.view.held.release(0):
             self.writer.give_back(queue, items)
@@ -153,6 +162,10 @@ class Hub:
             backend.reconnects += 1
 
     def _log_lost(self) -> None:
+        # This process's inboxes get a partition again (the control records that gave
+        # them one are gone); the replay reads it from its start once assigned.
+        for inbox in list(self.view.own_inboxes):
+            self.writer.write([INBOX, None, now(), inbox, now() + INBOX_LEASE])
         # Each layer adds again the memberships it made (its ledger is shared by its
         # backends in every event loop, so one of them does it), from a thread of its own:
         # the replay thread must go on, to replay the records that re-assert them.
@@ -169,19 +182,60 @@ class Hub:
         """Append ``record`` to the log (see :meth:`Writer.write`)."""
         self.writer.write(record, done=done)
 
-    async def acked(self, record: list[Any]) -> None:
+    async def acked(self, record: list[Any], partition: int | None = None) -> None:
         """Write ``record`` and wait until the broker has it (not for its replay)."""
-        await self.writer.acked(record)
+        await self.writer.acked(record, partition)
 
-    async def call(self, record: list[Any]) -> Outcome:
-        """Write ``record`` and wait until the replay has applied it; its outcome."""
+    async def subscribe(self, partition: int, catch_up: tuple[str, float] | None = None) -> None:
+        """Read ``partition`` from now on; returns once its replay reached the end it had
+        when this was called (at once when it is read already and caught up)."""
+        ready, done = answer_from_thread()
+        self.replay.subscribe(partition, partial(done, None), catch_up)
+        await answered(ready, f"kafka log {self.topic}: partition {partition} not replayed")
+
+    def _fence_now(self) -> None:
+        with self._start_lock:
+            if self._fence is None:
+                self._fence = _Fence(self)
+        self._fence.now()
+
+    def assign_now(self, inbox: str) -> None:
+        """Write an assignment of ``inbox`` (of a process that has not received yet) and
+        wait until control's replay applied it (blocking; from the writer thread, whose
+        own queue it cannot wait on)."""
+        record = [INBOX, None, now(), inbox, now() + INBOX_LEASE]
+        value = msgpack.packb(record, use_bin_type=True)
+        future = self.writer.producer.send(self.topic, value, partition=0)
+        metadata = future.get(timeout=REPLAY_TIMEOUT)
+        self.replay.wait_control(metadata.offset + 1, REPLAY_TIMEOUT)
+
+    async def fence(self) -> None:
+        """Return once the control partition is replayed up to its end as of this call:
+        every group change any process had acknowledged before is then applied here.
+        Concurrent callers share one end-offset request."""
+        with self._start_lock:
+            if self._fence is None:
+                self._fence = _Fence(self)
+        await self._fence.wait()
+
+    async def call(
+        self, record: list[Any], *, partition: int | None = None, verdict: bool = False
+    ) -> Outcome:
+        """Write ``record`` and wait until the replay has applied it; its outcome.
+
+        With ``verdict``, the record is a checked send to another process's inbox: its
+        outcome is the owner's verdict, and a refusal after ``VERDICT_TIMEOUT``."""
         view, token = self.view, record[1]
         with view.lock:
             signal = view.wait_for(token)
         try:
-            self.writer.write(record, done=partial(view.failed, token))
-            await asyncio.wait_for(asyncio.shield(signal), REPLAY_TIMEOUT)
+            self.writer.write(record, done=partial(view.failed, token), partition=partition)
+            await asyncio.wait_for(
+                asyncio.shield(signal), VERDICT_TIMEOUT if verdict else REPLAY_TIMEOUT
+            )
         except asyncio.TimeoutError:
+            if verdict:
+                return Outcome(accepted=False)
             raise BrokerError(
                 f"kafka log {self.topic}: record not replayed within {REPLAY_TIMEOUT:g}s"
             ) from None
@@ -194,6 +248,96 @@ class Hub:
         if outcome is not None:
             return outcome
         raise BrokerError(f"kafka log {self.topic}: write failed: {error}") from error
+
+
+#: Seconds a group send's fence asks for the control partition's end before it goes on
+#: without (a broker outage); none while the replay knows the broker unreachable.
+_FENCE_PATIENCE = 1.0
+
+
+class _Fence:
+    """The thread that answers :meth:`Hub.fence`: it asks the control partition's end
+    offset (one ListOffsets request, with a consumer of its own) for every caller that
+    arrived before the request, and answers them once the replay got there."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._lock = threading.Lock()
+        self._waiting: list[Done] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._consumer: Any = None
+        # The consumer serves this thread and the writer's (:meth:`now`).
+        self._consumer_lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._run, name=f"multilayer kafka {hub.topic} fence", daemon=True
+        )
+        self._thread.start()
+
+    async def wait(self) -> None:
+        answer, done = answer_from_thread()
+        with self._lock:
+            self._waiting.append(done)
+        self._wake.set()
+        await answered(answer, f"kafka log {self._hub.topic}: control partition not replayed")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(10)
+        if self._consumer is not None:
+            self._consumer.close()
+
+    def now(self) -> None:
+        """Bring the control replay to the partition's end as of this call (blocking)."""
+        with self._consumer_lock:
+            end = self._end_offset()
+        if end is not None and not self._hub.replay.wait_control(end, REPLAY_TIMEOUT):
+            raise BrokerError(f"kafka log {self._hub.topic}: control replay stalled")
+
+    def _end_offset(self) -> int | None:
+        """The control partition's end offset now, asked again for up to _FENCE_PATIENCE
+        seconds; None when the broker does not answer (an outage: the callers then go on
+        with this process's replay as it is, logged)."""
+        control = self._hub.replay.control
+        give_up = time.monotonic() + _FENCE_PATIENCE
+        while True:
+            try:
+                if self._consumer is None:
+                    self._consumer = KafkaConsumer(
+                        **self._hub.client_config, allow_auto_create_topics=False
+                    )
+                return int(self._consumer._fetcher.end_offsets([control], 500)[control])
+            except Exception as error:
+                if (
+                    time.monotonic() > give_up
+                    or self._stopping.is_set()
+                    or self._hub.replay.unreachable
+                ):
+                    logger.warning(
+                        "kafka log %s: control end offset unknown (%s); a group send goes "
+                        "by this process's replay as it is",
+                        self._hub.topic,
+                        error,
+                    )
+                    return None
+                self._stopping.wait(0.05)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            with self._lock:
+                batch, self._waiting = self._waiting, []
+            if not batch:
+                continue
+            error: BaseException | None = None
+            try:
+                self.now()
+            except BrokerError as failure:
+                error = failure
+            for done in batch:
+                done(error)
 
 
 def _reassert(backend: Backend) -> None:

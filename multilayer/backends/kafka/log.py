@@ -7,6 +7,7 @@ decisions depend only on the records and their order.
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,17 +27,21 @@ __all__ = [
     "GROUP_DISCARD",
     "GROUP_SEND",
     "HOUSEKEEPING",
+    "INBOX",
+    "NEAR",
     "OPERATIONS_PER_RECORD",
     "RENEW",
     "RETURN",
     "SEND",
     "TAKE",
+    "VERDICT",
     "Claim",
     "Machine",
     "Message",
     "Outcome",
     "Queue",
     "decode",
+    "queue_partition",
     "well_formed",
 ]
 
@@ -58,6 +63,10 @@ TAKE = "T"  # queue, [[offset, channel], ...]
 GROUP_ADD = "A"  # group, channel, membership deadline
 GROUP_DISCARD = "D"  # group, channel
 FLUSH = "F"
+# Control records (partition 0 of a partitioned log; see queue_partition):
+INBOX = "I"  # inbox, lease deadline: assigns the inbox a partition, or renews its lease
+NEAR = "N"  # inbox, near: the owner says its inbox is (no longer) near capacity
+VERDICT = "V"  # accepted: an inbox owner's answer to a checked send (the token names it)
 #: Records nobody waits for promptly: writing or reading them keeps polling slow, so a
 #: receive that waits (renewing its claim) does not keep an idle layer busy.
 HOUSEKEEPING = frozenset({RENEW, CANCEL, TAKE, RETURN})
@@ -100,7 +109,26 @@ _SHAPES: dict[str, Callable[[list[Any]], bool]] = {
     ),
     GROUP_DISCARD: lambda a: len(a) == 2 and type(a[0]) is str and type(a[1]) is str,
     FLUSH: lambda a: not a,
+    INBOX: lambda a: len(a) == 2 and type(a[0]) is str and _is_number(a[1]),
+    NEAR: lambda a: len(a) == 2 and type(a[0]) is str and type(a[1]) is bool,
+    VERDICT: lambda a: len(a) == 1 and type(a[0]) is bool,
 }
+
+#: Seconds an inbox assignment outlives its lease before it is forgotten.
+_FORGET_INBOX = 3600.0
+
+
+def queue_partition(queue: str, partitions: int) -> int:
+    """The partition of the normal channel (queue) ``queue`` in a log of ``partitions``.
+
+    Partition 0 is the control partition; normal channels are spread over the others by
+    CRC-32 of the name, which every process (and any other client) computes alike and
+    which never changes while the partition count does not. A log of one partition keeps
+    everything in it.
+    """
+    if partitions <= 1:
+        return 0
+    return 1 + zlib.crc32(queue.encode()) % (partitions - 1)
 
 
 def well_formed(operation: Any) -> bool:
@@ -214,12 +242,23 @@ class Machine:
     process's clock, so two processes never disagree about who got a message.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 1) -> None:
         self.queues: dict[str, Queue] = {}
         self.groups: dict[str, dict[str, float]] = {}
+        #: The partitions of the log (control records assign inboxes among them).
+        self.partitions = partitions
+        #: Inbox -> [its partition, its lease deadline, when it was assigned] (control
+        #: records; a sender may assign the inbox of a process that has not received yet).
+        self.inboxes: dict[str, list[Any]] = {}
+        #: Inboxes their owners reported near capacity (control records).
+        self.near: set[str] = set()
+        #: The partition of a queue, for flush markers, which empty only their partition's
+        #: queues; None empties every queue (a log of one partition).
+        self.partition_of: Callable[[str], int] | None = None
 
-    def apply(self, offset: int, record: list[Any]) -> Outcome:
-        """Apply the well-formed operation ``record`` found at position ``offset``."""
+    def apply(self, offset: int, record: list[Any], partition: int = 0) -> Outcome:
+        """Apply the well-formed operation ``record`` found at position ``offset`` of
+        ``partition``."""
         op, _token, sent_at = record[0], record[1], record[2]
         outcome = Outcome()
         if op == SEND:
@@ -262,11 +301,43 @@ class Machine:
                     del self.groups[record[3]]
         elif op == FLUSH:
             # Waiting receivers keep their claims: a flush empties queues, not receivers.
-            for state in self.queues.values():
-                state.pending.clear()
-            self.groups.clear()
+            # A flush writes a marker in every partition; each empties its own queues.
+            part_of = self.partition_of
+            for name, state in self.queues.items():
+                if part_of is None or part_of(name) == partition:
+                    state.pending.clear()
+            if partition == 0:
+                self.groups.clear()
+                self.near.clear()
             outcome.flushed = True
+        elif op == INBOX:
+            self._assign(record[3], record[4], sent_at)
+        elif op == NEAR:
+            if record[4]:
+                self.near.add(record[3])
+            else:
+                self.near.discard(record[3])
         return outcome
+
+    def _assign(self, inbox: str, lease: float, sent_at: float) -> None:
+        # The least-loaded partition among the live inboxes at this record's position, so
+        # every process agrees on it; a known inbox keeps its partition and renews its lease.
+        known = self.inboxes.get(inbox)
+        if known is not None:
+            known[1] = max(known[1], lease)
+            return
+        for name, (_partition, until, _since) in list(self.inboxes.items()):
+            if until + _FORGET_INBOX <= sent_at:
+                del self.inboxes[name]
+        if self.partitions <= 1:
+            self.inboxes[inbox] = [0, lease, sent_at]
+            return
+        load = dict.fromkeys(range(1, self.partitions), 0)
+        for partition, until, _since in self.inboxes.values():
+            if until > sent_at and partition in load:
+                load[partition] += 1
+        chosen = min(load, key=lambda partition: (load[partition], partition))
+        self.inboxes[inbox] = [chosen, lease, sent_at]
 
     def _queue(self, name: str) -> Queue:
         return self.queues.get(name) or Queue()

@@ -53,8 +53,10 @@ SNAPSHOT_LIMIT = 64 * 1024 * 1024
 #: snapshot at start waits at most _READ_TIMEOUT (s).
 _REQUEST_TIMEOUT_MS = 1000
 _READ_TIMEOUT = 60.0
-#: The snapshot record layout's version; others are ignored (and replaced).
-_VERSION = 1
+#: The snapshot record layout's version; others are ignored (and replaced). 2: one
+#: snapshot per log partition, in the same partition of the snapshot topic, with inbox
+#: assignments and near-capacity reports.
+_VERSION = 2
 #: Longest a trigger waits before writing, so that processes triggered together let the
 #: first writer's snapshot stand for all (s).
 _JITTER = 1.0
@@ -82,17 +84,29 @@ class Snapshot:
 
 
 def encode_snapshot(
-    machine: Machine, resume: int, anchor: tuple[int, bytes], digests: Iterable[bytes]
+    machine: Machine,
+    resume: int,
+    anchor: tuple[int, bytes],
+    digests: Iterable[bytes],
+    *,
+    keep: Callable[[str], bool] | None = None,
+    control: bool = True,
 ) -> bytes:
-    """The snapshot record's value for ``machine`` as of log offset ``resume``."""
+    """The snapshot record's value for ``machine`` as of offset ``resume`` of one
+    partition: the queues ``keep`` picks (all by default) and, for the control partition,
+    the groups, inbox assignments and near-capacity reports."""
     queues = {
         name: [
             [[m.offset, m.channel, m.payload, m.deadline] for m in state.pending],
             [[c.cid, c.count, c.lease] for c in state.claims],
         ]
         for name, state in machine.queues.items()
+        if keep is None or keep(name)
     }
-    body = [_VERSION, resume, list(anchor), list(digests), queues, machine.groups]
+    groups, inboxes, near = (
+        (machine.groups, machine.inboxes, sorted(machine.near)) if control else ({}, {}, [])
+    )
+    body = [_VERSION, resume, list(anchor), list(digests), queues, groups, inboxes, near]
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
 
@@ -101,9 +115,9 @@ def decode_snapshot(value: bytes) -> Snapshot | None:
     """The snapshot in ``value``; None for another version or a malformed record."""
     try:
         body = msgpack.unpackb(value, raw=False, strict_map_key=False)
-        version, resume, anchor, digests, queues, groups = body
-        if version != _VERSION:
+        if body[0] != _VERSION:
             return None
+        _version, resume, anchor, digests, queues, groups, inboxes, near = body
         machine = Machine()
         for name, (pending, claims) in queues.items():
             machine.queues[name] = Queue(
@@ -111,6 +125,8 @@ def decode_snapshot(value: bytes) -> Snapshot | None:
                 deque(Claim(*claim) for claim in claims),
             )
         machine.groups = {group: dict(members) for group, members in groups.items()}
+        machine.inboxes = {inbox: list(entry) for inbox, entry in inboxes.items()}
+        machine.near = set(near)
         return Snapshot(machine, int(resume), (int(anchor[0]), bytes(anchor[1])), list(digests))
     except (ValueError, TypeError, msgpack.UnpackException):
         logger.warning("kafka: a snapshot record could not be read; replaying the log instead")
@@ -153,73 +169,91 @@ class Schedule:
 
 
 class Snapshots:
-    """One log's snapshot topic, read and written through the replay thread's consumer
-    and, for writing, a producer of its own (a snapshot may be far larger than any log
-    record, and must not wait behind the log's writes)."""
+    """One log's snapshot topic, read through the replay thread's side consumer and
+    written with a producer of its own (a snapshot may be far larger than any log record,
+    and must not wait behind the log's writes). The snapshot of log partition ``p`` is
+    the newest record of snapshot partition ``p``."""
 
     def __init__(self, log_topic: str, options: Mapping[str, Any]) -> None:
         self.topic = state_topic(log_topic)
-        self.partition = TopicPartition(self.topic, 0)
-        self.schedule = Schedule(options["snapshot_every"], options["snapshot_interval"])
+        self.every = options["snapshot_every"]
+        self.interval = options["snapshot_interval"]
         self.acks = options["acks"]
         #: False when the snapshot topic could not be made: no snapshot is read or written.
         self.enabled = True
+        #: Partitions of the snapshot topic (one made by an older layer has one).
+        self.partitions = 1
         #: kafka-python settings for the producer, made on the first write.
         self.client_config: Mapping[str, Any] = {}
         self._producer: Any = None
 
+    def schedule(self) -> Schedule:
+        """A new schedule for one log partition."""
+        return Schedule(self.every, self.interval)
+
+    def holds(self, partition: int) -> bool:
+        """Whether log partition ``partition`` has a snapshot partition."""
+        return self.enabled and partition < self.partitions
+
     def newest(
         self,
         consumer: Any,
+        partition: int,
         end_offset: Callable[[TopicPartition], int],
         stopping: threading.Event,
     ) -> Snapshot | None:
-        """The newest snapshot, read with ``consumer``, which is left assigned to the
-        snapshot topic; ``end_offset`` asks a partition's end offset (blocking, bounded)."""
-        consumer.assign([self.partition])
-        end = end_offset(self.partition)
+        """The newest snapshot of log partition ``partition``, read with ``consumer``
+        (left assigned to that snapshot partition); ``end_offset`` asks a partition's end
+        offset (blocking, bounded)."""
+        where = TopicPartition(self.topic, partition)
+        consumer.assign([where])
+        end = end_offset(where)
         if end == 0:
             return None
         # Compaction leaves gaps: the newest record is the first at or after end - 1.
-        consumer.seek(self.partition, end - 1)
+        consumer.seek(where, end - 1)
         give_up = time.monotonic() + _READ_TIMEOUT
         while time.monotonic() < give_up and not stopping.is_set():
             for batch in consumer.poll(timeout_ms=200, max_records=1).values():
                 return decode_snapshot(batch[-1].value)
         return None
 
-    def write(self, consumer: Any, state: Callable[[], bytes | None]) -> None:
-        """Write ``state()`` as the newest snapshot, unless another process wrote one
-        since this process's trigger (one ListOffsets request with ``consumer``)."""
-        schedule = self.schedule
+    def write(
+        self,
+        consumer: Any,
+        partition: int,
+        schedule: Schedule,
+        state: Callable[[], bytes | None],
+    ) -> None:
+        """Write ``state()`` as the newest snapshot of log partition ``partition``, unless
+        another process wrote one since ``schedule``'s trigger (one ListOffsets request
+        with ``consumer``)."""
+        where = TopicPartition(self.topic, partition)
         since = int(schedule.triggered_at * 1000)
         try:
-            found = consumer._fetcher.offsets_by_times({self.partition: since}, _REQUEST_TIMEOUT_MS)
+            found = consumer._fetcher.offsets_by_times({where: since}, _REQUEST_TIMEOUT_MS)
         except Exception as error:
-            logger.warning(
-                "kafka: cannot look for snapshots in %s (%s)", self.partition.topic, error
-            )
+            logger.warning("kafka: cannot look for snapshots in %s (%s)", self.topic, error)
             schedule.done()
             return
-        value = None if found.get(self.partition) is not None else state()
+        value = None if found.get(where) is not None else state()
         schedule.done()
         if value is None:
             return
         if len(value) > SNAPSHOT_LIMIT:
             logger.warning(
-                "kafka: state of %d bytes too large to snapshot in %s",
-                len(value),
-                self.partition.topic,
+                "kafka: state of %d bytes too large to snapshot in %s", len(value), self.topic
             )
             return
         try:
             if self._producer is None:
                 self._producer = KafkaProducer(
                     **self.client_config,
+                    allow_auto_create_topics=False,
                     acks=self.acks if self.acks == "all" else 1,
                     max_request_size=SNAPSHOT_LIMIT + 1024,
                 )
-            self._producer.send(self.topic, value, key=SNAPSHOT_KEY, partition=0)
+            self._producer.send(self.topic, value, key=SNAPSHOT_KEY, partition=partition)
         except Exception as error:
             logger.warning("kafka: snapshot not written to %s (%s)", self.topic, error)
 
