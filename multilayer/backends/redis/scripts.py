@@ -52,6 +52,7 @@ class Script:
 
 
 # Elements are ``suffix \n payload``; payloads start with the 8-byte big-endian deadline.
+# Every ``redis.call`` costs a script a microsecond or more: the common paths make few.
 _LUA_HELPERS = """
 -- A malformed element (another client's write) counts as live: Python logs and drops it.
 local function expired(element, now)
@@ -72,14 +73,23 @@ local function trim_expired(key, now)
   end
   return redis.call('LLEN', key)
 end
+-- Appended first and taken back if the queue is over capacity once its expired head is
+-- dropped (the new element, at the tail, is live): one call when there is room, and
+-- nothing else runs meanwhile, so nobody sees the queue over capacity. A new list (one
+-- element) has no lifetime yet: it gets this one without asking.
 local function push(key, element, capacity, now, ttl)
-  if redis.call('LLEN', key) >= capacity and trim_expired(key, now) >= capacity then
+  local length = redis.call('RPUSH', key, element)
+  if length > capacity and trim_expired(key, now) > capacity then
+    redis.call('RPOP', key)
     return 0
   end
-  redis.call('RPUSH', key, element)
-  keep_alive(key, ttl)
+  if length == 1 then redis.call('PEXPIRE', key, ttl) else keep_alive(key, ttl) end
   return 1
 end
+"""
+
+# For the scripts that take from a queue.
+_LUA_HELD = """
 local function requeue(key, elements, ttl)
   if #elements == 0 then return end
   for i = #elements, 1, -1 do redis.call('LPUSH', key, elements[i]) end
@@ -87,17 +97,21 @@ local function requeue(key, elements, ttl)
 end
 -- What a consumer holds but has not handed out: an in-flight batch whose reply was lost
 -- (its marker is not the last confirmed one) and messages in its landing lists, except
--- in the one (numbered ``delivered``, 0 for none) whose message was handed out.
-local function held(inflight, confirmed, landings, delivered)
+-- in the one (numbered ``delivered``, 0 for none) whose message was handed out. With
+-- ``quick`` the consumer read every reply and was handed out every landed message: it
+-- holds nothing, and the lists are only deleted.
+local function held(inflight, confirmed, landings, delivered, quick)
   local found = {}
-  local flight = redis.call('LRANGE', inflight, 0, -1)
-  if #flight > 0 and flight[1] ~= confirmed then
-    for i = 2, #flight do found[#found + 1] = flight[i] end
-  end
-  for index, landing in ipairs(landings) do
-    if index ~= delivered then
-      for _, element in ipairs(redis.call('LRANGE', landing, 0, -1)) do
-        found[#found + 1] = element
+  if not quick then
+    local flight = redis.call('LRANGE', inflight, 0, -1)
+    if #flight > 0 and flight[1] ~= confirmed then
+      for i = 2, #flight do found[#found + 1] = flight[i] end
+    end
+    for index, landing in ipairs(landings) do
+      if index ~= delivered then
+        for _, element in ipairs(redis.call('LRANGE', landing, 0, -1)) do
+          found[#found + 1] = element
+        end
       end
     end
   end
@@ -114,16 +128,18 @@ PUSH = Script(
 )
 
 # KEYS: queue, inflight, landing 1, landing 2. ARGV: now, limit, confirmed marker, new
-# marker, delivered landing (0, 1 or 2), ttl_ms. Takes up to ``limit`` live messages,
-# oldest first, records them as the new in-flight batch and returns them as one string
-# of (4-byte length, element) pairs: far cheaper to parse than a RESP array.
+# marker, delivered landing (0, 1 or 2), ttl_ms, collect (1: look for what is held; 0:
+# the consumer knows it holds nothing). Takes up to ``limit`` live messages, oldest
+# first, records them as the new in-flight batch and returns them as one string of
+# (4-byte length, element) pairs: far cheaper to parse than a RESP array.
 TAKE = Script(
     "take",
     _LUA_HELPERS
+    + _LUA_HELD
     + """
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
-local found = held(KEYS[2], ARGV[3], {KEYS[3], KEYS[4]}, tonumber(ARGV[5]))
+local found = held(KEYS[2], ARGV[3], {KEYS[3], KEYS[4]}, tonumber(ARGV[5]), ARGV[7] == '0')
 for _, element in ipairs(found) do
   if not expired(element, now) then out[#out + 1] = element end
 end
@@ -158,8 +174,9 @@ return table.concat(framed)
 RECOVER = Script(
     "recover",
     _LUA_HELPERS
+    + _LUA_HELD
     + """
-local found = held(KEYS[2], ARGV[1], {KEYS[3], KEYS[4]}, tonumber(ARGV[2]))
+local found = held(KEYS[2], ARGV[1], {KEYS[3], KEYS[4]}, tonumber(ARGV[2]), false)
 requeue(KEYS[1], found, tonumber(ARGV[3]))
 return #found
 """,
@@ -203,10 +220,8 @@ local function array_head(n)
   if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
   return struct.pack('>BI4', 0xdd, n)
 end
-local FIXSTR = {}
-for n = 0, 31 do FIXSTR[n] = string.char(0xa0 + n) end
 local function str_head(n)
-  if n < 32 then return FIXSTR[n] end
+  if n < 32 then return string.char(0xa0 + n) end
   if n < 256 then return string.char(0xd9, n) end
   if n < 65536 then return struct.pack('>BI2', 0xda, n) end
   return struct.pack('>BI4', 0xdb, n)
@@ -239,31 +254,46 @@ local function add(member, deadline)
     inbox.deadlines[#inbox.deadlines + 1] = deadline
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+-- Expired memberships are dropped: read with the ones ending before the message, and
+-- removed only when there are some (a message outliving its own deadline is the odd
+-- case where they would be read with the others: they are removed first).
+if tonumber(expires) <= now then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
 -- A membership that outlives the message is sent as lasting forever (msgpack inf): the
 -- copy expires first, so the receiver's check cannot tell the difference, and reading,
 -- formatting and packing a score per member was most of this script's time. Only the
 -- memberships ending sooner carry their deadline (struct.pack converts the score).
 local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
 local later = redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')
--- On a cluster, while the slot migrates, a member queue may already be on the other
--- node, and touching it fails the script where it stands: every queue is touched before
--- anything is written, so a send is whole or not at all (and then tried again).
-local probed = {}
-local function local_queue(member)
-  local bang = string.find(member, '!', 1, true)
-  local key = prefix .. (bang and string.sub(member, 1, bang) or member)
-  if not probed[key] then
-    probed[key] = true
-    if type(redis.pcall('EXISTS', key)) == 'table' then return false end
-  end
-  return true
-end
+local live = {}
 for i = 1, #soon, 2 do
-  if not local_queue(soon[i]) then return redis.error_reply('TRYAGAIN queue migrating') end
+  if tonumber(soon[i + 1]) > now then
+    live[#live + 1] = soon[i]
+    live[#live + 1] = soon[i + 1]
+  end
 end
-for _, member in ipairs(later) do
-  if not local_queue(member) then return redis.error_reply('TRYAGAIN queue migrating') end
+if #live < #soon then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+soon = live
+-- On a cluster (its keys carry a hash tag), while the slot migrates, a member queue may
+-- already be on the other node, and touching it fails the script where it stands: every
+-- queue is touched before anything is written, so a send is whole or not at all (and
+-- then tried again).
+if string.find(prefix, '{', 1, true) then
+  local probed = {}
+  local function local_queue(member)
+    local bang = string.find(member, '!', 1, true)
+    local key = prefix .. (bang and string.sub(member, 1, bang) or member)
+    if not probed[key] then
+      probed[key] = true
+      if type(redis.pcall('EXISTS', key)) == 'table' then return false end
+    end
+    return true
+  end
+  for i = 1, #soon, 2 do
+    if not local_queue(soon[i]) then return redis.error_reply('TRYAGAIN queue migrating') end
+  end
+  for _, member in ipairs(later) do
+    if not local_queue(member) then return redis.error_reply('TRYAGAIN queue migrating') end
+  end
 end
 for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
 local forever = struct.pack('>Bd', 0xcb, math.huge)
