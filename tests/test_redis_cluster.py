@@ -207,6 +207,42 @@ def test_group_send_costs_one_round_trip_per_master(
     run(body)
 
 
+def test_group_send_with_a_stale_topology_delivers_once(cluster: RedisCluster) -> None:
+    """A group_send runs one script per master for all its buckets; when the layer's map
+    of slot owners is wrong, the script finds a key elsewhere and writes nothing, and the
+    buckets are sent one script each, following MOVED: every member gets one copy."""
+
+    async def body() -> None:
+        layer = ChannelLayer(cluster.url, prefix="stale")
+        try:
+            names = [f"member.{number}" for number in range(60)]
+            for name in names:
+                await layer.group_add("everyone", name)
+            await layer.group_send("everyone", {"type": "first"})
+            backend = layer._state().backend
+            owners = backend._cluster._owners
+            addresses = sorted(set(owners.values()))
+            # Every bucket's slot believed to be on the wrong master.
+            for slot, owner in owners.items():
+                owners[slot] = addresses[(addresses.index(owner) + 1) % len(addresses)]
+            await layer.group_send("everyone", {"type": "second"})
+            assert backend._cluster.cross_slot
+            for name in names:
+                for kind in ("first", "second"):
+                    assert await asyncio.wait_for(layer.receive(name), 5) == {"type": kind}
+            for name in names:
+                extra = asyncio.ensure_future(layer.receive(name))
+                await asyncio.sleep(0.01)
+                assert not extra.done(), f"{name} got a copy twice: {extra.result()}"
+                extra.cancel()
+                await asyncio.gather(extra, return_exceptions=True)
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body)
+
+
 def test_flush_reaches_every_master(cluster: RedisCluster) -> None:
     async def body() -> None:
         layer = ChannelLayer(cluster.url, prefix="flushed")

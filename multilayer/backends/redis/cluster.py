@@ -46,7 +46,7 @@ from ...exceptions import BrokerError
 from ...url import LayerURL
 from .shard import TRANSIENT, Place, Shard, connection_options
 
-__all__ = ["SLOTS", "Bucket", "Cluster", "bucket_tags"]
+__all__ = ["SLOTS", "Bucket", "Cluster", "bucket_tags", "failover"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def bucket_tags(buckets: int) -> tuple[str, ...]:
     return tuple(tags)
 
 
-def _failover(error: BaseException) -> bool:
+def failover(error: BaseException) -> bool:
     """Whether ``error`` says the slot's master is changing: lost, down, or demoted."""
     if isinstance(error, (*TRANSIENT, ClusterDownError, ReadOnlyError)):
         return True
@@ -139,6 +139,9 @@ class Cluster:
         #: Loop time of the last refresh's end.
         self._refreshed_at = -_REFRESH_EVERY
         self._closed = False
+        #: Whether a group_send may run one script per master for all its buckets (script
+        #: flags, Redis 7.0); cleared when a master refuses that script.
+        self.cross_slot = True
 
     async def open(self, slots: list[int]) -> None:
         """Learn the topology, for the ``slots`` this layer uses."""
@@ -217,7 +220,7 @@ class Cluster:
                     # Keys of one script split between the two nodes of a migration.
                     await asyncio.sleep(0.05 * attempt)
                 else:
-                    if cause is not None and _failover(cause):
+                    if cause is not None and failover(cause):
                         self.refresh()
                     raise
 
@@ -262,7 +265,7 @@ class Cluster:
             # Mid-migration: the receive waits at the source until the slot has moved.
             await asyncio.sleep(0.05)
             return True
-        if _failover(error):
+        if failover(error):
             self.refresh()
             await asyncio.sleep(0.05)
             return True

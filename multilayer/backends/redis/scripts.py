@@ -27,6 +27,7 @@ __all__ = [
     "CHECK_MARK",
     "GROUP_ADD",
     "GROUP_SEND",
+    "GROUP_SEND_NODE",
     "PUSH",
     "RECOVER",
     "RESTORE",
@@ -195,6 +196,115 @@ return 1
 """,
 )
 
+_LUA_GROUP = """
+-- msgpack heads: the type byte (and length) in front of an array or a string.
+local function array_head(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
+  return struct.pack('>BI4', 0xdd, n)
+end
+local function str_head(n)
+  if n < 32 then return string.char(0xa0 + n) end
+  if n < 256 then return string.char(0xd9, n) end
+  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
+  return struct.pack('>BI4', 0xdb, n)
+end
+
+-- The live members of the group kept at ``key``, read without writing anything: nil and
+-- the error if the key is not on this node (a cluster's slot moving). A membership that
+-- outlives the message is sent as lasting forever (msgpack inf): the copy expires first,
+-- so the receiver's check cannot tell the difference, and reading, formatting and
+-- packing a score per member was most of this script's time. Only the memberships ending sooner
+-- carry their deadline. The expired ones are read with those, and noted (``stale``) for
+-- ``deliver`` to drop; the caller has dropped them first when the message itself is
+-- past its deadline (then they would be read with the others).
+local function read_members(key, now, expires)
+  local soon = redis.pcall('ZRANGEBYSCORE', key, '-inf', '(' .. expires, 'WITHSCORES')
+  if soon.err then return nil, soon.err end
+  local later = redis.pcall('ZRANGEBYSCORE', key, expires, '+inf')
+  if later.err then return nil, later.err end
+  local live = {}
+  for i = 1, #soon, 2 do
+    if tonumber(soon[i + 1]) > now then
+      live[#live + 1] = soon[i]
+      live[#live + 1] = soon[i + 1]
+    end
+  end
+  return {key = key, soon = live, later = later, stale = #live < #soon}
+end
+
+-- On a cluster, while a slot migrates, a member queue may already be on the other
+-- node, and touching it fails the script where it stands: every queue is touched
+-- before anything is written, so a send is whole or not at all (and then tried again).
+-- False if a queue of ``members`` is not on this node.
+local function local_queues(members, prefix, probed)
+  local function here(member)
+    local bang = string.find(member, '!', 1, true)
+    local key = prefix .. (bang and string.sub(member, 1, bang) or member)
+    if not probed[key] then
+      probed[key] = true
+      if type(redis.pcall('EXISTS', key)) == 'table' then return false end
+    end
+    return true
+  end
+  for i = 1, #members.soon, 2 do
+    if not here(members.soon[i]) then return false end
+  end
+  for _, member in ipairs(members.later) do
+    if not here(member) then return false end
+  end
+  return true
+end
+
+-- Delivers ``payload`` to ``members`` (read by read_members), whose queues are named
+-- ``prefix .. queue``: one envelope per inbox, a copy per normal channel. Appends the
+-- members skipped because they were full to ``full``.
+local function deliver(members, prefix, payload, group, now, ttl, uniform, capacities, full)
+  if members.stale then redis.call('ZREMRANGEBYSCORE', members.key, '-inf', now) end
+  local inboxes, order = {}, {}
+  -- Files a member under its inbox, with its packed deadline; a normal member gets its
+  -- copy.
+  local function add(member, deadline)
+    local bang = string.find(member, '!', 1, true)
+    local queue = bang and string.sub(member, 1, bang) or member
+    local capacity = uniform or capacities[queue]
+    if capacity and not bang then
+      if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
+        full[#full + 1] = member
+      end
+    elseif capacity then
+      local inbox = inboxes[queue]
+      if not inbox then
+        inbox = {capacity = capacity, names = {}, deadlines = {}}
+        inboxes[queue] = inbox
+        order[#order + 1] = queue
+      end
+      local suffix, names = string.sub(member, bang + 1), inbox.names
+      names[#names + 1] = str_head(#suffix)
+      names[#names + 1] = suffix
+      inbox.deadlines[#inbox.deadlines + 1] = deadline
+    end
+  end
+  local soon = members.soon
+  for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
+  local forever = struct.pack('>Bd', 0xcb, math.huge)
+  for _, member in ipairs(members.later) do add(member, forever) end
+  local body = string.sub(payload, 9)
+  local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
+  for _, queue in ipairs(order) do
+    local inbox = inboxes[queue]
+    local count = #inbox.deadlines
+    local header = table.concat({head, array_head(count), table.concat(inbox.names),
+      array_head(count), table.concat(inbox.deadlines)})
+    local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
+      struct.pack('>I4', #header), header, body})
+    if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
+      for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
+    end
+  end
+end
+"""
+
 # KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, the payload's
 # deadline, capacity, then (with capacity '') queue/capacity pairs for a non-uniform
 # capacity policy; a member whose queue is not among them joined after they were
@@ -213,103 +323,56 @@ GROUP_SEND = Script(
     # helpers are even defined.
     "if redis.call('EXISTS', KEYS[1]) == 0 then return {} end\n"
     + _LUA_HELPERS
+    + _LUA_GROUP
     + """
--- msgpack heads: the type byte (and length) in front of an array or a string.
-local function array_head(n)
-  if n < 16 then return string.char(0x90 + n) end
-  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
-  return struct.pack('>BI4', 0xdd, n)
-end
-local function str_head(n)
-  if n < 32 then return string.char(0xa0 + n) end
-  if n < 256 then return string.char(0xd9, n) end
-  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
-  return struct.pack('>BI4', 0xdb, n)
-end
-
 local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local prefix, group, expires, uniform = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local capacities = {}
 for i = 8, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
-local full, inboxes, order = {}, {}, {}
--- Files a member under its inbox, with its packed deadline; a normal member gets its copy.
-local function add(member, deadline)
-  local bang = string.find(member, '!', 1, true)
-  local queue = bang and string.sub(member, 1, bang) or member
-  local capacity = uniform or capacities[queue]
-  if capacity and not bang then
-    if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
-      full[#full + 1] = member
-    end
-  elseif capacity then
-    local inbox = inboxes[queue]
-    if not inbox then
-      inbox = {capacity = capacity, names = {}, deadlines = {}}
-      inboxes[queue] = inbox
-      order[#order + 1] = queue
-    end
-    local suffix, names = string.sub(member, bang + 1), inbox.names
-    names[#names + 1] = str_head(#suffix)
-    names[#names + 1] = suffix
-    inbox.deadlines[#inbox.deadlines + 1] = deadline
-  end
-end
--- Expired memberships are dropped: read with the ones ending before the message, and
--- removed only when there are some (a message outliving its own deadline is the odd
--- case where they would be read with the others: they are removed first).
 if tonumber(expires) <= now then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
--- A membership that outlives the message is sent as lasting forever (msgpack inf): the
--- copy expires first, so the receiver's check cannot tell the difference, and reading,
--- formatting and packing a score per member was most of this script's time. Only the
--- memberships ending sooner carry their deadline (struct.pack converts the score).
-local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
-local later = redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')
-local live = {}
-for i = 1, #soon, 2 do
-  if tonumber(soon[i + 1]) > now then
-    live[#live + 1] = soon[i]
-    live[#live + 1] = soon[i + 1]
-  end
+local members, err = read_members(KEYS[1], now, expires)
+if not members then return redis.error_reply(err) end
+-- On a cluster its keys carry a hash tag.
+if string.find(prefix, '{', 1, true) and not local_queues(members, prefix, {}) then
+  return redis.error_reply('TRYAGAIN queue migrating')
 end
-if #live < #soon then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
-soon = live
--- On a cluster (its keys carry a hash tag), while the slot migrates, a member queue may
--- already be on the other node, and touching it fails the script where it stands: every
--- queue is touched before anything is written, so a send is whole or not at all (and
--- then tried again).
-if string.find(prefix, '{', 1, true) then
-  local probed = {}
-  local function local_queue(member)
-    local bang = string.find(member, '!', 1, true)
-    local key = prefix .. (bang and string.sub(member, 1, bang) or member)
-    if not probed[key] then
-      probed[key] = true
-      if type(redis.pcall('EXISTS', key)) == 'table' then return false end
+local full = {}
+deliver(members, prefix, payload, group, now, ttl, uniform, capacities, full)
+return full
+""",
+)
+
+# A cluster's group_send to every bucket one master holds, in one script: no KEYS. ARGV:
+# now, payload, ttl_ms, group name, the payload's deadline (later than now), capacity
+# (uniform), then a group key and queue key prefix per bucket. The keys of several slots
+# are reached as the flag allows, and only those of this node: every group key and member
+# queue is read before anything is written, and if one is elsewhere (a stale topology, a
+# slot migrating) the script answers TRYAGAIN having written nothing, and the sender runs
+# GROUP_SEND per bucket instead, which follows redirects. Returns the members skipped
+# because they were full. Needs Redis 7.0 (script flags).
+GROUP_SEND_NODE = Script(
+    "group_send (one node)",
+    "#!lua flags=allow-cross-slot-keys\n"
+    + _LUA_HELPERS
+    + _LUA_GROUP
+    + """
+local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local group, expires, uniform = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local found, probed = {}, {}
+for i = 7, #ARGV, 2 do
+  local exists = redis.pcall('EXISTS', ARGV[i])
+  if type(exists) == 'table' then return redis.error_reply('TRYAGAIN bucket elsewhere') end
+  if exists == 1 then
+    local members = read_members(ARGV[i], now, expires)
+    if not members or not local_queues(members, ARGV[i + 1], probed) then
+      return redis.error_reply('TRYAGAIN bucket elsewhere')
     end
-    return true
-  end
-  for i = 1, #soon, 2 do
-    if not local_queue(soon[i]) then return redis.error_reply('TRYAGAIN queue migrating') end
-  end
-  for _, member in ipairs(later) do
-    if not local_queue(member) then return redis.error_reply('TRYAGAIN queue migrating') end
+    found[#found + 1] = {members, ARGV[i + 1]}
   end
 end
-for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
-local forever = struct.pack('>Bd', 0xcb, math.huge)
-for _, member in ipairs(later) do add(member, forever) end
-local body = string.sub(payload, 9)
-local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
-for _, queue in ipairs(order) do
-  local inbox = inboxes[queue]
-  local count = #inbox.deadlines
-  local header = table.concat({head, array_head(count), table.concat(inbox.names),
-    array_head(count), table.concat(inbox.deadlines)})
-  local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
-    struct.pack('>I4', #header), header, body})
-  if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
-    for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
-  end
+local full = {}
+for _, bucket in ipairs(found) do
+  deliver(bucket[1], bucket[2], payload, group, now, ttl, uniform, {}, full)
 end
 return full
 """,
@@ -348,7 +411,7 @@ return 1
 
 SCRIPTS = {
     script.sha: script
-    for script in (PUSH, TAKE, RECOVER, GROUP_ADD, GROUP_SEND, RESTORE, CHECK_MARK)
+    for script in (PUSH, TAKE, RECOVER, GROUP_ADD, GROUP_SEND, GROUP_SEND_NODE, RESTORE, CHECK_MARK)
 }
 
 
