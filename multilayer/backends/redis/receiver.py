@@ -61,15 +61,16 @@ class Receiver(Watched):
         # server runs a client's commands in order, so the PEXPIRE follows the moment a
         # message lands: a process that dies then leaves nothing behind for good.
         queue, _, *landings = self._keys
-        # The LLEN behind them says whether more wait: if not, the next pop blocks at
-        # once rather than first running a take that would find the queue empty.
+        # For several waiting receives, an LLEN behind them says whether more wait: if
+        # not, the next pop blocks at once rather than first running a take that would
+        # find the queue empty.
         self._empty = [b""] + [pack(("DEL", landing)) for landing in landings]
         self._block_into = [b""] + [
             pack(("BLMOVE", queue, landing, "LEFT", "RIGHT", self._block))
             + pack(("PEXPIRE", landing, self._ttl))
-            + pack(("LLEN", queue))
             for landing in landings
         ]
+        self._count = pack(("LLEN", queue))
         self._client_id: int | None = None
         self._sequence = 0
         self._confirmed = "0"
@@ -112,7 +113,7 @@ class Receiver(Watched):
                     taken = await self._take(await self._connect(), min(limit, _MAX_TAKE))
                     if taken:
                         return taken
-                landed = await self._wait(await self._connect())
+                landed = await self._wait(await self._connect(), count=limit > 1)
                 if landed is not None and limit > 1 and self._backlog:
                     # More wait behind it: a take collects the landed message from its
                     # landing list (so it is not handed out yet), with the others.
@@ -188,9 +189,13 @@ class Receiver(Watched):
         self._backlog = count > 0
         return taken
 
-    async def _wait(self, connection: AbstractConnection) -> tuple[str, bytes] | None:
+    async def _wait(
+        self, connection: AbstractConnection, *, count: bool
+    ) -> tuple[str, bytes] | None:
         target = 2 if self._delivered == 1 else 1
         command = self._empty[self._delivered] + self._block_into[target]
+        if count:
+            command += self._count
         self._expect_reply(self._shard.timeout + self._block)
         try:
             await connection.send_packed_command(command, check_health=False)
@@ -199,7 +204,8 @@ class Receiver(Watched):
                 self._delivered = 0
             element = await connection.read_response()
             await connection.read_response()
-            self._backlog = bool(await connection.read_response())
+            if count:
+                self._backlog = bool(await connection.read_response())
         finally:
             self._deadline = None
         if element is None:
