@@ -101,6 +101,9 @@ class Receiver(Watched):
     async def pop(self, limit: int) -> list[tuple[str, bytes]]:
         """Up to ``limit`` messages of the queue, waiting for the first as long as it
         takes; a lost connection is made again (BrokerError only for a server's refusal)."""
+        # The receives this queue's last pop woke run first: a reply one of them sends
+        # then leaves before this pop's command, not behind it.
+        await asyncio.sleep(0)
         delay = 0.05
         while True:
             try:
