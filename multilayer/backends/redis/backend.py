@@ -349,7 +349,8 @@ class RedisBackend(Backend):
 
         A membership lives in its member's place, so each script finds there the inboxes
         of its process-specific members and seals one envelope per inbox in place. The
-        scripts bound for one server share its link, so they go out in one write.
+        scripts bound for one server share its link, so they go out in one write. On a
+        cluster, with a uniform capacity, one script per master serves all its buckets.
         """
         current = now()
         ttl = ttl_ms(deadline, current)

@@ -4,8 +4,10 @@ A cluster only runs a script whose keys all hash to one slot. So every key of th
 carries a hash tag naming one of ``buckets`` fixed slots (16 by default): a queue goes to
 the bucket its name (up to ``!``) hashes to, with its receivers' in-flight and landing
 lists, and a group keeps one sorted set per bucket holding the members whose queues are
-there. A ``group_send`` thus runs one script per bucket, and the scripts of one node go
-out in one pipelined write: one round trip per node, whatever the member count. The
+there. A ``group_send`` thus runs one script per master for all the buckets it holds
+(flagged to reach several slots of its node; one script per bucket, in one pipelined
+write per node, when a key is elsewhere or the server predates script flags): one round
+trip per node, whatever the member count. The
 buckets' slots are spread evenly over the 16,384, so a cluster whose slots are split
 evenly holds an even share of them on each master.
 
