@@ -174,6 +174,15 @@ def test_every_key_of_a_queue_lives_in_its_buckets_slot(cluster: RedisCluster) -
     run(body)
 
 
+async def everyone(layer: ChannelLayer) -> list[str]:
+    """60 normal channels spread over all 16 buckets, made members of ``"everyone"``."""
+    names = [f"member.{number}" for number in range(60)]
+    for name in names:
+        await layer.group_add("everyone", name)
+    assert len({bucket_slot(name) for name in names}) == 16
+    return names
+
+
 def test_group_send_costs_one_round_trip_per_master(
     cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,10 +196,7 @@ def test_group_send_costs_one_round_trip_per_master(
     async def body() -> None:
         layer = ChannelLayer(cluster.url, prefix="trips")
         try:
-            names = [f"member.{number}" for number in range(60)]
-            for name in names:
-                await layer.group_add("everyone", name)
-            assert len({bucket_slot(name) for name in names}) == 16
+            names = await everyone(layer)
             # The first one also loads the script on each master (NOSCRIPT, then again).
             await layer.group_send("everyone", {"type": "hello"})
             monkeypatch.setattr(Link, "_send", counted)
@@ -200,6 +206,46 @@ def test_group_send_costs_one_round_trip_per_master(
             for name in names:
                 for _ in range(2):
                     assert await asyncio.wait_for(layer.receive(name), 5) == {"type": "hello"}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body)
+
+
+def test_group_send_with_a_stale_topology_delivers_once(cluster: RedisCluster) -> None:
+    """A group_send runs one script per master for all its buckets; when the layer's map
+    of slot owners is wrong, the script finds a key elsewhere and writes nothing, and the
+    buckets are sent one script each, following MOVED: every member gets one copy."""
+
+    async def body() -> None:
+        layer = ChannelLayer(cluster.url, prefix="stale")
+        try:
+            names = await everyone(layer)
+            await layer.group_send("everyone", {"type": "first"})
+            backend = layer._state().backend
+            owners = backend._cluster._owners
+            addresses = sorted(set(owners.values()))
+            # Every bucket's slot believed to be on the wrong master.
+            for slot, owner in owners.items():
+                owners[slot] = addresses[(addresses.index(owner) + 1) % len(addresses)]
+            per_bucket = backend._each
+            fell_back: list[int] = []
+
+            async def each(calls: list[Any]) -> list[Any]:
+                fell_back.append(len(calls))
+                return await per_bucket(calls)
+
+            backend._each = each
+            await layer.group_send("everyone", {"type": "second"})
+            assert sum(fell_back) == 16
+            assert backend._cluster.cross_slot
+            for name in names:
+                for kind in ("first", "second"):
+                    assert await asyncio.wait_for(layer.receive(name), 5) == {"type": kind}
+            # No copy was sent twice: nothing waits, on Redis or in the layer.
+            assert (await layer.stats()).queues == {}
+            assert layer.buffered() == {}
         finally:
             await layer.flush()
             await layer.close()

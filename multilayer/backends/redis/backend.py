@@ -43,6 +43,7 @@ Options (besides the core ones):
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import zlib
 from collections.abc import AsyncIterator, Mapping
@@ -50,23 +51,26 @@ from typing import Any, ClassVar
 
 import redis
 from redis.crc import key_slot
+from redis.exceptions import ResponseError, TryAgainError
 
 from ...backend import Backend, BrokerStats, Capabilities, LayerSettings, now
 from ...capacity import CapacityPolicy
-from ...exceptions import ChannelFull, ConfigurationError
+from ...exceptions import BrokerError, ChannelFull, ConfigurationError
 from ...memberships import Membership
 from ...names import non_local_name
 from ...options import Option
 from ...toolkit import check_tls, tls_options
 from ...url import LayerURL
-from .cluster import Bucket, Cluster, bucket_tags
+from .cluster import Bucket, Cluster, bucket_tags, failover
 from .receiver import Receiver
 from .ring import Ring
-from .scripts import GROUP_ADD, GROUP_SEND, PUSH, RESTORE, ttl_ms
+from .scripts import GROUP_ADD, GROUP_SEND, GROUP_SEND_NODE, PUSH, RESTORE, ttl_ms
 from .sentry import MembershipSentry
 from .shard import Place, Shard, Watched, discard, make_shards
 
 __all__ = ["RedisBackend"]
+
+logger = logging.getLogger(__name__)
 
 _SENTINEL = ("redis+sentinel",)
 _CLUSTER = ("redis+cluster", "rediss+cluster")
@@ -345,10 +349,15 @@ class RedisBackend(Backend):
 
         A membership lives in its member's place, so each script finds there the inboxes
         of its process-specific members and seals one envelope per inbox in place. The
-        scripts bound for one server share its link, so they go out in one write.
+        scripts bound for one server share its link, so they go out in one write. On a
+        cluster, with a uniform capacity, one script per master serves all its buckets.
         """
         current = now()
         ttl = ttl_ms(deadline, current)
+        cluster = self._cluster
+        if cluster is not None and cluster.cross_slot and capacity.uniform and deadline > current:
+            await self._group_send_by_node(group, payload, current, ttl, deadline, capacity)
+            return
         places = self._places
         targets: list[list[Any]] = [[capacity.default]] * len(places)
         if not capacity.uniform:
@@ -372,6 +381,78 @@ class RedisBackend(Backend):
         results: list[list[bytes]] = await self._each(sends)
         # The script returns the full members only: how many it reached stays on Redis.
         self.skip_full_members(group, sum(len(full) for full in results))
+
+    async def _group_send_by_node(
+        self,
+        group: str,
+        payload: bytes,
+        current: float,
+        ttl: int,
+        deadline: float,
+        capacity: CapacityPolicy,
+    ) -> None:
+        """A cluster's group_send as one script per master, for all the buckets it holds
+        (:data:`.scripts.GROUP_SEND_NODE`); the buckets of a master whose script found a
+        key elsewhere (it then wrote nothing) get one script each, which follows redirects.
+        """
+        cluster = self._cluster
+        assert cluster is not None
+        by_shard: dict[Shard, list[Bucket]] = {}
+        for bucket in self._buckets:
+            by_shard.setdefault(bucket.shard(), []).append(bucket)
+        common = (current, payload, ttl, group, deadline, capacity.default)
+        commands = []
+        for buckets in by_shard.values():
+            keys: list[str] = []
+            for bucket in buckets:
+                keys += (self._group_key(bucket, group), self._queue_prefix + bucket.tag)
+            commands.append(("EVALSHA", GROUP_SEND_NODE.sha, 0, *common, *keys))
+        links = [shard.link for shard in by_shard]
+        waiting: list[asyncio.Future[Any]]
+        if len(links) == 1:
+            waiting = [asyncio.ensure_future(links[0].call(*commands[0]))]
+        else:
+            waiting = [
+                link.enqueue([command])[0] for link, command in zip(links, commands, strict=True)
+            ]
+        skipped = 0
+        again: list[Bucket] = []
+        failed: BrokerError | None = None
+        try:
+            for buckets, future in zip(by_shard.values(), waiting, strict=True):
+                try:
+                    skipped += len(await future)
+                except BrokerError as error:
+                    cause = error.__cause__
+                    if isinstance(cause, TryAgainError):
+                        # A key was elsewhere, and nothing was written.
+                        cluster.refresh()
+                        again += buckets
+                    elif _unflagged(cause):
+                        # Refused before it ran: a server without script flags (6.2).
+                        logger.info("Redis Cluster: one script per bucket from now: %s", cause)
+                        cluster.cross_slot = False
+                        again += buckets
+                    else:
+                        # Lost, a master changing, or a failure: the script may have run.
+                        if cause is not None and failover(cause):
+                            cluster.refresh()
+                        failed = failed or error
+        finally:
+            for future in waiting:
+                future.cancel()
+        if failed is not None:
+            raise failed
+        if again:
+            sends = [
+                (bucket, ("EVALSHA", GROUP_SEND.sha, 1, self._group_key(bucket, group), current,
+                          payload, ttl, self._queue_prefix + bucket.tag, group, deadline,
+                          capacity.default))
+                for bucket in again
+            ]  # fmt: skip
+            results: list[list[bytes]] = await self._each(list(sends))
+            skipped += sum(len(full) for full in results)
+        self.skip_full_members(group, skipped)
 
     async def _each(self, calls: list[tuple[Place, tuple[Any, ...]]]) -> list[Any]:
         """Run each command at its place, concurrently: on a cluster, the commands for one
@@ -423,6 +504,13 @@ class RedisBackend(Backend):
                 for key in keys:
                     slots.setdefault(key_slot(key), []).append(key)
                 await asyncio.gather(*(shard.link.call("UNLINK", *page) for page in slots.values()))
+
+
+def _unflagged(error: BaseException | None) -> bool:
+    """Whether ``error`` is a server's refusal of a script with flags (before Redis 7.0
+    ``#!lua`` does not compile)."""
+    text = str(error)
+    return isinstance(error, ResponseError) and ("shebang" in text or "compiling" in text)
 
 
 async def _scan(shard: Shard, pattern: str) -> AsyncIterator[list[bytes]]:

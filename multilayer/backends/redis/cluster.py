@@ -4,8 +4,10 @@ A cluster only runs a script whose keys all hash to one slot. So every key of th
 carries a hash tag naming one of ``buckets`` fixed slots (16 by default): a queue goes to
 the bucket its name (up to ``!``) hashes to, with its receivers' in-flight and landing
 lists, and a group keeps one sorted set per bucket holding the members whose queues are
-there. A ``group_send`` thus runs one script per bucket, and the scripts of one node go
-out in one pipelined write: one round trip per node, whatever the member count. The
+there. A ``group_send`` thus runs one script per master for all the buckets it holds
+(flagged to reach several slots of its node; one script per bucket, in one pipelined
+write per node, when a key is elsewhere or the server predates script flags): one round
+trip per node, whatever the member count. The
 buckets' slots are spread evenly over the 16,384, so a cluster whose slots are split
 evenly holds an even share of them on each master.
 
@@ -46,7 +48,7 @@ from ...exceptions import BrokerError
 from ...url import LayerURL
 from .shard import TRANSIENT, Place, Shard, connection_options
 
-__all__ = ["SLOTS", "Bucket", "Cluster", "bucket_tags"]
+__all__ = ["SLOTS", "Bucket", "Cluster", "bucket_tags", "failover"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def bucket_tags(buckets: int) -> tuple[str, ...]:
     return tuple(tags)
 
 
-def _failover(error: BaseException) -> bool:
+def failover(error: BaseException) -> bool:
     """Whether ``error`` says the slot's master is changing: lost, down, or demoted."""
     if isinstance(error, (*TRANSIENT, ClusterDownError, ReadOnlyError)):
         return True
@@ -139,6 +141,9 @@ class Cluster:
         #: Loop time of the last refresh's end.
         self._refreshed_at = -_REFRESH_EVERY
         self._closed = False
+        #: Whether a group_send may run one script per master for all its buckets (script
+        #: flags, Redis 7.0); cleared when a master refuses that script.
+        self.cross_slot = True
 
     async def open(self, slots: list[int]) -> None:
         """Learn the topology, for the ``slots`` this layer uses."""
@@ -217,7 +222,7 @@ class Cluster:
                     # Keys of one script split between the two nodes of a migration.
                     await asyncio.sleep(0.05 * attempt)
                 else:
-                    if cause is not None and _failover(cause):
+                    if cause is not None and failover(cause):
                         self.refresh()
                     raise
 
@@ -262,7 +267,7 @@ class Cluster:
             # Mid-migration: the receive waits at the source until the slot has moved.
             await asyncio.sleep(0.05)
             return True
-        if _failover(error):
+        if failover(error):
             self.refresh()
             await asyncio.sleep(0.05)
             return True

@@ -61,12 +61,16 @@ class Receiver(Watched):
         # server runs a client's commands in order, so the PEXPIRE follows the moment a
         # message lands: a process that dies then leaves nothing behind for good.
         queue, _, *landings = self._keys
+        # For several waiting receives, an LLEN behind them says whether more wait: if
+        # not, the next pop blocks at once rather than first running a take that would
+        # find the queue empty.
         self._empty = [b""] + [pack(("DEL", landing)) for landing in landings]
         self._block_into = [b""] + [
             pack(("BLMOVE", queue, landing, "LEFT", "RIGHT", self._block))
             + pack(("PEXPIRE", landing, self._ttl))
             for landing in landings
         ]
+        self._count = pack(("LLEN", queue))
         self._client_id: int | None = None
         self._sequence = 0
         self._confirmed = "0"
@@ -74,6 +78,10 @@ class Receiver(Watched):
         self._delivered = 0
         #: Whether the server may hold messages taken for us whose reply was lost.
         self._holding = False
+        #: Whether messages may wait in the queue, as last seen: a take found some, or a
+        #: blocking wait saw more behind the one it landed. If not, the next pop blocks
+        #: at once rather than first running a take that would most likely find none.
+        self._backlog = True
 
     async def _connect(self) -> AbstractConnection:
         if self._connection is None:
@@ -93,18 +101,35 @@ class Receiver(Watched):
     async def pop(self, limit: int) -> list[tuple[str, bytes]]:
         """Up to ``limit`` messages of the queue, waiting for the first as long as it
         takes; a lost connection is made again (BrokerError only for a server's refusal)."""
+        # The receives this queue's last pop woke run first: a reply one of them sends
+        # then leaves before this pop's command, not behind it, and more messages may
+        # arrive for the batch. Not for a single receive (a normal channel's): it has no
+        # batch to grow, and the extra turn of the loop costs it a system call.
+        if limit > 1:
+            await asyncio.sleep(0)
         delay = 0.05
         while True:
             try:
                 # For one waiting receiver BLMOVE alone does: one round trip per message,
                 # without a script, and it returns at once while the queue is not empty.
-                # After a lost connection, a take first collects what the server holds.
-                if limit > 1 or self._holding:
+                # For several, a take, unless the queue was just seen empty: then BLMOVE
+                # waits for the next message in the same round trip. After a lost
+                # connection, a take first collects what the server holds.
+                if (limit > 1 and self._backlog) or self._holding:
                     taken = await self._take(await self._connect(), min(limit, _MAX_TAKE))
                     if taken:
                         return taken
-                landed = await self._wait(await self._connect())
-                if landed is not None:
+                landed = await self._wait(await self._connect(), count=limit > 1)
+                if landed is not None and limit > 1 and self._backlog:
+                    # More wait behind it: a take collects the landed message from its
+                    # landing list (so it is not handed out yet), with the others.
+                    self._delivered = 0
+                    taken = await self._take(
+                        await self._connect(), min(limit, _MAX_TAKE), collect=True
+                    )
+                    if taken:
+                        return taken
+                elif landed is not None:
                     return [landed]
                 delay = 0.05
             except asyncio.CancelledError:
@@ -138,14 +163,18 @@ class Receiver(Watched):
                 await self.drop()
                 self._holding = True
 
-    async def _take(self, connection: AbstractConnection, limit: int) -> list[tuple[str, bytes]]:
+    async def _take(
+        self, connection: AbstractConnection, limit: int, *, collect: bool = False
+    ) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` messages; ``collect``: also what the landing lists hold
+        (which the script looks for anyway while the server may hold a lost reply's)."""
         self._sequence += 1
         marker = str(self._sequence)
         self._expect_reply(self._shard.timeout)
         try:
             framed: bytes = await evalsha(
                 connection, TAKE, 4, *self._keys, now(), limit, self._confirmed, marker,
-                self._delivered, self._ttl,
+                self._delivered, self._ttl, int(collect or self._holding),
             )  # fmt: skip
         finally:
             self._deadline = None
@@ -153,6 +182,7 @@ class Receiver(Watched):
         self._delivered = 0
         self._holding = False
         taken = []
+        count = 0
         at, end = 0, len(framed)
         while at < end:
             size = int.from_bytes(framed[at : at + 4], "big")
@@ -160,11 +190,18 @@ class Receiver(Watched):
             if item is not None:
                 taken.append(item)
             at += 4 + size
+            count += 1
+        # Messages keep coming (or more wait): take again. None: the pop blocks next.
+        self._backlog = count > 0
         return taken
 
-    async def _wait(self, connection: AbstractConnection) -> tuple[str, bytes] | None:
+    async def _wait(
+        self, connection: AbstractConnection, *, count: bool
+    ) -> tuple[str, bytes] | None:
         target = 2 if self._delivered == 1 else 1
         command = self._empty[self._delivered] + self._block_into[target]
+        if count:
+            command += self._count
         self._expect_reply(self._shard.timeout + self._block)
         try:
             await connection.send_packed_command(command, check_health=False)
@@ -173,6 +210,8 @@ class Receiver(Watched):
                 self._delivered = 0
             element = await connection.read_response()
             await connection.read_response()
+            if count:
+                self._backlog = bool(await connection.read_response())
         finally:
             self._deadline = None
         if element is None:
@@ -199,6 +238,8 @@ class Receiver(Watched):
         server may not have noticed yet.
         """
         client_id = self._client_id
+        # Until the recovery ran, the lists may hold messages: the next take looks.
+        self._holding = True
         await self.drop()
         if client_id is None:
             return
@@ -219,6 +260,7 @@ class Receiver(Watched):
             await asyncio.wait_for(recover(), self._shard.timeout)
             self._delivered = 0
             self._confirmed = "0"
+            self._holding = False
         except (RedisError, *TRANSIENT) as error:
             logger.warning(
                 "Redis %s: could not put back messages held for %r: %s",

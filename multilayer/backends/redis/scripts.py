@@ -27,6 +27,7 @@ __all__ = [
     "CHECK_MARK",
     "GROUP_ADD",
     "GROUP_SEND",
+    "GROUP_SEND_NODE",
     "PUSH",
     "RECOVER",
     "RESTORE",
@@ -52,6 +53,7 @@ class Script:
 
 
 # Elements are ``suffix \n payload``; payloads start with the 8-byte big-endian deadline.
+# Every ``redis.call`` costs a script a microsecond or more: the common paths make few.
 _LUA_HELPERS = """
 -- A malformed element (another client's write) counts as live: Python logs and drops it.
 local function expired(element, now)
@@ -72,14 +74,23 @@ local function trim_expired(key, now)
   end
   return redis.call('LLEN', key)
 end
+-- Appended first and taken back if the queue is over capacity once its expired head is
+-- dropped (the new element, at the tail, is live): one call when there is room, and
+-- nothing else runs meanwhile, so nobody sees the queue over capacity. A new list (one
+-- element) has no lifetime yet: it gets this one without asking.
 local function push(key, element, capacity, now, ttl)
-  if redis.call('LLEN', key) >= capacity and trim_expired(key, now) >= capacity then
+  local length = redis.call('RPUSH', key, element)
+  if length > capacity and trim_expired(key, now) > capacity then
+    redis.call('RPOP', key)
     return 0
   end
-  redis.call('RPUSH', key, element)
-  keep_alive(key, ttl)
+  if length == 1 then redis.call('PEXPIRE', key, ttl) else keep_alive(key, ttl) end
   return 1
 end
+"""
+
+# For the scripts that take from a queue.
+_LUA_HELD = """
 local function requeue(key, elements, ttl)
   if #elements == 0 then return end
   for i = #elements, 1, -1 do redis.call('LPUSH', key, elements[i]) end
@@ -87,17 +98,21 @@ local function requeue(key, elements, ttl)
 end
 -- What a consumer holds but has not handed out: an in-flight batch whose reply was lost
 -- (its marker is not the last confirmed one) and messages in its landing lists, except
--- in the one (numbered ``delivered``, 0 for none) whose message was handed out.
-local function held(inflight, confirmed, landings, delivered)
+-- in the one (numbered ``delivered``, 0 for none) whose message was handed out. With
+-- ``quick`` the consumer read every reply and was handed out every landed message: it
+-- holds nothing, and the lists are only deleted.
+local function held(inflight, confirmed, landings, delivered, quick)
   local found = {}
-  local flight = redis.call('LRANGE', inflight, 0, -1)
-  if #flight > 0 and flight[1] ~= confirmed then
-    for i = 2, #flight do found[#found + 1] = flight[i] end
-  end
-  for index, landing in ipairs(landings) do
-    if index ~= delivered then
-      for _, element in ipairs(redis.call('LRANGE', landing, 0, -1)) do
-        found[#found + 1] = element
+  if not quick then
+    local flight = redis.call('LRANGE', inflight, 0, -1)
+    if #flight > 0 and flight[1] ~= confirmed then
+      for i = 2, #flight do found[#found + 1] = flight[i] end
+    end
+    for index, landing in ipairs(landings) do
+      if index ~= delivered then
+        for _, element in ipairs(redis.call('LRANGE', landing, 0, -1)) do
+          found[#found + 1] = element
+        end
       end
     end
   end
@@ -114,16 +129,18 @@ PUSH = Script(
 )
 
 # KEYS: queue, inflight, landing 1, landing 2. ARGV: now, limit, confirmed marker, new
-# marker, delivered landing (0, 1 or 2), ttl_ms. Takes up to ``limit`` live messages,
-# oldest first, records them as the new in-flight batch and returns them as one string
-# of (4-byte length, element) pairs: far cheaper to parse than a RESP array.
+# marker, delivered landing (0, 1 or 2), ttl_ms, collect (1: look for what is held; 0:
+# the consumer knows it holds nothing). Takes up to ``limit`` live messages, oldest
+# first, records them as the new in-flight batch and returns them as one string of
+# (4-byte length, element) pairs: far cheaper to parse than a RESP array.
 TAKE = Script(
     "take",
     _LUA_HELPERS
+    + _LUA_HELD
     + """
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
-local found = held(KEYS[2], ARGV[3], {KEYS[3], KEYS[4]}, tonumber(ARGV[5]))
+local found = held(KEYS[2], ARGV[3], {KEYS[3], KEYS[4]}, tonumber(ARGV[5]), ARGV[7] == '0')
 for _, element in ipairs(found) do
   if not expired(element, now) then out[#out + 1] = element end
 end
@@ -158,8 +175,9 @@ return table.concat(framed)
 RECOVER = Script(
     "recover",
     _LUA_HELPERS
+    + _LUA_HELD
     + """
-local found = held(KEYS[2], ARGV[1], {KEYS[3], KEYS[4]}, tonumber(ARGV[2]))
+local found = held(KEYS[2], ARGV[1], {KEYS[3], KEYS[4]}, tonumber(ARGV[2]), false)
 requeue(KEYS[1], found, tonumber(ARGV[3]))
 return #found
 """,
@@ -177,6 +195,115 @@ keep_alive(KEYS[1], tonumber(ARGV[3]))
 return 1
 """,
 )
+
+_LUA_GROUP = """
+-- msgpack heads: the type byte (and length) in front of an array or a string.
+local function array_head(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
+  return struct.pack('>BI4', 0xdd, n)
+end
+local function str_head(n)
+  if n < 32 then return string.char(0xa0 + n) end
+  if n < 256 then return string.char(0xd9, n) end
+  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
+  return struct.pack('>BI4', 0xdb, n)
+end
+
+-- The live members of the group kept at ``key``, read without writing anything: nil and
+-- the error if the key is not on this node (a cluster's slot moving). A membership that
+-- outlives the message is sent as lasting forever (msgpack inf): the copy expires first,
+-- so the receiver's check cannot tell the difference, and reading, formatting and
+-- packing a score per member was most of this script's time. Only the memberships ending sooner
+-- carry their deadline. The expired ones are read with those, and noted (``stale``) for
+-- ``deliver`` to drop; the caller has dropped them first when the message itself is
+-- past its deadline (then they would be read with the others).
+local function read_members(key, now, expires)
+  local soon = redis.pcall('ZRANGEBYSCORE', key, '-inf', '(' .. expires, 'WITHSCORES')
+  if soon.err then return nil, soon.err end
+  local later = redis.pcall('ZRANGEBYSCORE', key, expires, '+inf')
+  if later.err then return nil, later.err end
+  local live = {}
+  for i = 1, #soon, 2 do
+    if tonumber(soon[i + 1]) > now then
+      live[#live + 1] = soon[i]
+      live[#live + 1] = soon[i + 1]
+    end
+  end
+  return {key = key, soon = live, later = later, stale = #live < #soon}
+end
+
+-- On a cluster, while a slot migrates, a member queue may already be on the other
+-- node, and touching it fails the script where it stands: every queue is touched
+-- before anything is written, so a send is whole or not at all (and then tried again).
+-- False if a queue of ``members`` is not on this node.
+local function local_queues(members, prefix, probed)
+  local function here(member)
+    local bang = string.find(member, '!', 1, true)
+    local key = prefix .. (bang and string.sub(member, 1, bang) or member)
+    if not probed[key] then
+      probed[key] = true
+      if type(redis.pcall('EXISTS', key)) == 'table' then return false end
+    end
+    return true
+  end
+  for i = 1, #members.soon, 2 do
+    if not here(members.soon[i]) then return false end
+  end
+  for _, member in ipairs(members.later) do
+    if not here(member) then return false end
+  end
+  return true
+end
+
+-- Delivers ``payload`` to ``members`` (read by read_members), whose queues are named
+-- ``prefix .. queue``: one envelope per inbox, a copy per normal channel. Appends the
+-- members skipped because they were full to ``full``.
+local function deliver(members, prefix, payload, group, now, ttl, uniform, capacities, full)
+  if members.stale then redis.call('ZREMRANGEBYSCORE', members.key, '-inf', now) end
+  local inboxes, order = {}, {}
+  -- Files a member under its inbox, with its packed deadline; a normal member gets its
+  -- copy.
+  local function add(member, deadline)
+    local bang = string.find(member, '!', 1, true)
+    local queue = bang and string.sub(member, 1, bang) or member
+    local capacity = uniform or capacities[queue]
+    if capacity and not bang then
+      if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
+        full[#full + 1] = member
+      end
+    elseif capacity then
+      local inbox = inboxes[queue]
+      if not inbox then
+        inbox = {capacity = capacity, names = {}, deadlines = {}}
+        inboxes[queue] = inbox
+        order[#order + 1] = queue
+      end
+      local suffix, names = string.sub(member, bang + 1), inbox.names
+      names[#names + 1] = str_head(#suffix)
+      names[#names + 1] = suffix
+      inbox.deadlines[#inbox.deadlines + 1] = deadline
+    end
+  end
+  local soon = members.soon
+  for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
+  local forever = struct.pack('>Bd', 0xcb, math.huge)
+  for _, member in ipairs(members.later) do add(member, forever) end
+  local body = string.sub(payload, 9)
+  local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
+  for _, queue in ipairs(order) do
+    local inbox = inboxes[queue]
+    local count = #inbox.deadlines
+    local header = table.concat({head, array_head(count), table.concat(inbox.names),
+      array_head(count), table.concat(inbox.deadlines)})
+    local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
+      struct.pack('>I4', #header), header, body})
+    if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
+      for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
+    end
+  end
+end
+"""
 
 # KEYS: group. ARGV: now, payload, ttl_ms, queue key prefix, group name, the payload's
 # deadline, capacity, then (with capacity '') queue/capacity pairs for a non-uniform
@@ -196,90 +323,56 @@ GROUP_SEND = Script(
     # helpers are even defined.
     "if redis.call('EXISTS', KEYS[1]) == 0 then return {} end\n"
     + _LUA_HELPERS
+    + _LUA_GROUP
     + """
--- msgpack heads: the type byte (and length) in front of an array or a string.
-local function array_head(n)
-  if n < 16 then return string.char(0x90 + n) end
-  if n < 65536 then return struct.pack('>BI2', 0xdc, n) end
-  return struct.pack('>BI4', 0xdd, n)
-end
-local FIXSTR = {}
-for n = 0, 31 do FIXSTR[n] = string.char(0xa0 + n) end
-local function str_head(n)
-  if n < 32 then return FIXSTR[n] end
-  if n < 256 then return string.char(0xd9, n) end
-  if n < 65536 then return struct.pack('>BI2', 0xda, n) end
-  return struct.pack('>BI4', 0xdb, n)
-end
-
 local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local prefix, group, expires, uniform = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local capacities = {}
 for i = 8, #ARGV, 2 do capacities[ARGV[i]] = tonumber(ARGV[i + 1]) end
-local full, inboxes, order = {}, {}, {}
--- Files a member under its inbox, with its packed deadline; a normal member gets its copy.
-local function add(member, deadline)
-  local bang = string.find(member, '!', 1, true)
-  local queue = bang and string.sub(member, 1, bang) or member
-  local capacity = uniform or capacities[queue]
-  if capacity and not bang then
-    if push(prefix .. queue, '\\n' .. payload, capacity, now, ttl) == 0 then
-      full[#full + 1] = member
+if tonumber(expires) <= now then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+local members, err = read_members(KEYS[1], now, expires)
+if not members then return redis.error_reply(err) end
+-- On a cluster its keys carry a hash tag.
+if string.find(prefix, '{', 1, true) and not local_queues(members, prefix, {}) then
+  return redis.error_reply('TRYAGAIN queue migrating')
+end
+local full = {}
+deliver(members, prefix, payload, group, now, ttl, uniform, capacities, full)
+return full
+""",
+)
+
+# A cluster's group_send to every bucket one master holds, in one script: no KEYS. ARGV:
+# now, payload, ttl_ms, group name, the payload's deadline (later than now), capacity
+# (uniform), then a group key and queue key prefix per bucket. The keys of several slots
+# are reached as the flag allows, and only those of this node: every group key and member
+# queue is read before anything is written, and if one is elsewhere (a stale topology, a
+# slot migrating) the script answers TRYAGAIN having written nothing, and the sender runs
+# GROUP_SEND per bucket instead, which follows redirects. Returns the members skipped
+# because they were full. Needs Redis 7.0 (script flags).
+GROUP_SEND_NODE = Script(
+    "group_send (one node)",
+    "#!lua flags=allow-cross-slot-keys\n"
+    + _LUA_HELPERS
+    + _LUA_GROUP
+    + """
+local now, payload, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local group, expires, uniform = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local found, probed = {}, {}
+for i = 7, #ARGV, 2 do
+  local exists = redis.pcall('EXISTS', ARGV[i])
+  if type(exists) == 'table' then return redis.error_reply('TRYAGAIN bucket elsewhere') end
+  if exists == 1 then
+    local members = read_members(ARGV[i], now, expires)
+    if not members or not local_queues(members, ARGV[i + 1], probed) then
+      return redis.error_reply('TRYAGAIN bucket elsewhere')
     end
-  elseif capacity then
-    local inbox = inboxes[queue]
-    if not inbox then
-      inbox = {capacity = capacity, names = {}, deadlines = {}}
-      inboxes[queue] = inbox
-      order[#order + 1] = queue
-    end
-    local suffix, names = string.sub(member, bang + 1), inbox.names
-    names[#names + 1] = str_head(#suffix)
-    names[#names + 1] = suffix
-    inbox.deadlines[#inbox.deadlines + 1] = deadline
+    found[#found + 1] = {members, ARGV[i + 1]}
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
--- A membership that outlives the message is sent as lasting forever (msgpack inf): the
--- copy expires first, so the receiver's check cannot tell the difference, and reading,
--- formatting and packing a score per member was most of this script's time. Only the
--- memberships ending sooner carry their deadline (struct.pack converts the score).
-local soon = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. expires, 'WITHSCORES')
-local later = redis.call('ZRANGEBYSCORE', KEYS[1], expires, '+inf')
--- On a cluster, while the slot migrates, a member queue may already be on the other
--- node, and touching it fails the script where it stands: every queue is touched before
--- anything is written, so a send is whole or not at all (and then tried again).
-local probed = {}
-local function local_queue(member)
-  local bang = string.find(member, '!', 1, true)
-  local key = prefix .. (bang and string.sub(member, 1, bang) or member)
-  if not probed[key] then
-    probed[key] = true
-    if type(redis.pcall('EXISTS', key)) == 'table' then return false end
-  end
-  return true
-end
-for i = 1, #soon, 2 do
-  if not local_queue(soon[i]) then return redis.error_reply('TRYAGAIN queue migrating') end
-end
-for _, member in ipairs(later) do
-  if not local_queue(member) then return redis.error_reply('TRYAGAIN queue migrating') end
-end
-for i = 1, #soon, 2 do add(soon[i], struct.pack('>Bd', 0xcb, soon[i + 1])) end
-local forever = struct.pack('>Bd', 0xcb, math.huge)
-for _, member in ipairs(later) do add(member, forever) end
-local body = string.sub(payload, 9)
-local head = array_head(4) .. str_head(#group) .. group .. struct.pack('>Bd', 0xcb, now)
-for _, queue in ipairs(order) do
-  local inbox = inboxes[queue]
-  local count = #inbox.deadlines
-  local header = table.concat({head, array_head(count), table.concat(inbox.names),
-    array_head(count), table.concat(inbox.deadlines)})
-  local element = table.concat({'\\n', string.sub(payload, 1, 8), string.char(0xc1),
-    struct.pack('>I4', #header), header, body})
-  if push(prefix .. queue, element, inbox.capacity, now, ttl) == 0 then
-    for i = 2, #inbox.names, 2 do full[#full + 1] = queue .. inbox.names[i] end
-  end
+local full = {}
+for _, bucket in ipairs(found) do
+  deliver(bucket[1], bucket[2], payload, group, now, ttl, uniform, {}, full)
 end
 return full
 """,
@@ -318,7 +411,7 @@ return 1
 
 SCRIPTS = {
     script.sha: script
-    for script in (PUSH, TAKE, RECOVER, GROUP_ADD, GROUP_SEND, RESTORE, CHECK_MARK)
+    for script in (PUSH, TAKE, RECOVER, GROUP_ADD, GROUP_SEND, GROUP_SEND_NODE, RESTORE, CHECK_MARK)
 }
 
 
