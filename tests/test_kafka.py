@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import resource
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend
+from multilayer.backends.kafka import hub as kafka_hub
 from multilayer.backends.kafka.client import client_config
 from multilayer.backends.kafka.log import Machine
 from multilayer.fanout import open_envelope
@@ -543,6 +546,63 @@ def test_a_full_inbox_of_another_process_refuses_sends(broker_url: str) -> None:
     # the rest, logged): the cost of sending without a round trip (see the docs).
     assert 10 <= accepted <= 40, accepted
     assert delivered == min(accepted, 10), (accepted, delivered)
+
+
+_OWNER = """
+import asyncio, sys
+from multilayer import ChannelLayer
+
+async def main():
+    layer = ChannelLayer(sys.argv[1], prefix="gone", capacity=4)
+    print(await layer.new_channel(), flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_checked_send_to_a_killed_owner_raises_channel_full(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Near capacity, a send to another process's inbox waits for its owner's verdict.
+    # An owner that was SIGKILLed never answers: the send raises ChannelFull once
+    # VERDICT_TIMEOUT passed (shortened here), and a later one does the same.
+    monkeypatch.setattr(kafka_hub, "VERDICT_TIMEOUT", 2.0)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, broker_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        channel = owner.stdout.readline().strip()
+        assert channel.startswith("specific."), channel
+
+        async def body() -> list[float]:
+            sender = ChannelLayer(broker_url, prefix="gone", capacity=4)
+            try:
+                with pytest.raises(ChannelFull):
+                    for n in range(200):
+                        await sender.send(channel, {"n": n})
+                        await asyncio.sleep(0.002)
+                owner.kill()
+                owner.wait(10)
+                waits = []
+                for n in range(2):
+                    started = time.monotonic()
+                    with pytest.raises(ChannelFull):
+                        await sender.send(channel, {"late": n})
+                    waits.append(time.monotonic() - started)
+                return waits
+            finally:
+                await sender.close()
+
+        waits = run(body)
+        # Each refusal came from the timeout, not from a verdict.
+        assert all(1.9 <= wait < 10 for wait in waits), waits
+    finally:
+        owner.kill()
+        owner.wait(10)
+        if owner.stdout is not None:
+            owner.stdout.close()
 
 
 def test_a_topic_of_one_partition_keeps_everything_in_it(broker_url: str) -> None:
