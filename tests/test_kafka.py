@@ -9,6 +9,7 @@ the module on free loopback ports (``KINDS["kafka"]`` in tests/support/brokers.p
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl
 import subprocess
@@ -568,19 +569,6 @@ def test_a_full_inbox_of_another_process_refuses_sends(broker_url: str) -> None:
     assert delivered == min(accepted, 10), (accepted, delivered)
 
 
-_OWNER = """
-import asyncio, sys
-from multilayer import ChannelLayer
-
-async def main():
-    layer = ChannelLayer(sys.argv[1], prefix="gone", capacity=4)
-    print(await layer.new_channel(), flush=True)
-    await asyncio.sleep(3600)
-
-asyncio.run(main())
-"""
-
-
 def test_a_checked_send_to_a_killed_owner_raises_channel_full(
     broker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -589,11 +577,14 @@ def test_a_checked_send_to_a_killed_owner_raises_channel_full(
     # VERDICT_TIMEOUT passed (shortened here), and a later one does the same.
     monkeypatch.setattr(kafka_hub, "VERDICT_TIMEOUT", 2.0)
     owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER, broker_url], stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-m", "multilayer.conformance.worker", "hold", broker_url, "gone",
+         json.dumps({"capacity": 4}), ""],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
     try:
         assert owner.stdout is not None
-        channel = owner.stdout.readline().strip()
+        channel = str(json.loads(owner.stdout.readline())["channel"])
         assert channel.startswith("specific."), channel
 
         async def body() -> list[float]:

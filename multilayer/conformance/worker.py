@@ -7,6 +7,8 @@ JSON line per event on standard output:
   ``{"ready": true}`` first and ``{"got": [...]}`` at the end.
 * ``inbox GROUP``: make a process-specific channel, add it to GROUP, print
   ``{"channel": NAME}``, then receive until a stop message and print ``{"got": [...]}``.
+* ``hold``: make a process-specific channel, print ``{"channel": NAME}``, then never
+  receive (a process whose consumer is stuck, until it is killed).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ async def _main(role: str, url: str, prefix: str, options: dict[str, Any], arg: 
             await layer.group_add(arg, channel)
             _say(channel=channel)
             _say(got=await _collect(layer, channel))
+        elif role == "hold":
+            _say(channel=await layer.new_channel())
+            await asyncio.Event().wait()
         else:
             raise SystemExit(f"unknown role {role!r}")
     finally:
