@@ -25,10 +25,11 @@ import pytest
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend
 from multilayer.backends.kafka import hub as kafka_hub
-from multilayer.backends.kafka.client import client_config
+from multilayer.backends.kafka.client import client_config, describe_features
 from multilayer.backends.kafka.log import Machine
 from multilayer.fanout import open_envelope
 from multilayer.serialization import deadline_of, largest_payload, pack
+from tests.support.apache_kafka import kafka_version
 from tests.support.brokers import KINDS, certificates, require, require_module, started
 
 kafka = require_module("kafka")
@@ -257,6 +258,64 @@ def test_given_back_messages_serve_open_claims_then_return_to_the_head() -> None
 
 
 # -- against a Tansu broker ----------------------------------------------------------------
+
+
+def _features(*features: tuple[str, int, int]) -> bytes:
+    """A features array of ApiVersions' answer: (name, first level, second level)."""
+    from kafka.protocol.types import Int16, UnsignedVarInt32
+
+    out = UnsignedVarInt32.encode(len(features) + 1)
+    for name, first, second in features:
+        raw = name.encode()
+        out += UnsignedVarInt32.encode(len(raw) + 1) + raw
+        out += Int16.encode(first) + Int16.encode(second) + UnsignedVarInt32.encode(0)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("tagged", "described"),
+    [
+        # A fresh 4.4 cluster: supports up to 4.4-IV2 and runs it.
+        (
+            {0: _features(("metadata.version", 7, 33)),
+             2: _features(("group.version", 1, 1), ("metadata.version", 33, 33))},
+            "Kafka 4.4, metadata.version 4.4-IV2",
+        ),
+        # 4.4 software on a cluster upgraded from 3.9 and not finalized yet.
+        (
+            {0: _features(("metadata.version", 7, 33)),
+             2: _features(("metadata.version", 21, 21))},
+            "Kafka 4.4, metadata.version 3.9-IV0",
+        ),
+        # A release newer than the table: said so, not guessed.
+        (
+            {0: _features(("metadata.version", 7, 40)),
+             2: _features(("metadata.version", 40, 40))},
+            "Kafka newer than 4.5, metadata.version level 40, newer than 4.5-IV0",
+        ),
+        # No features: an emulator, or a ZooKeeper-era broker.
+        ({}, None),
+        ({0: _features(("group.version", 0, 1))}, None),
+    ],
+)  # fmt: skip
+def test_the_broker_release_comes_from_its_metadata_version(
+    tagged: dict[int, bytes], described: str | None
+) -> None:
+    assert describe_features(tagged) == described
+
+
+def test_apache_kafka_names_its_release(broker_url: str) -> None:
+    async def body() -> str | None:
+        layer = ChannelLayer(broker_url, prefix="release")
+        try:
+            await layer.new_channel()
+            return await layer._state().backend.broker_version()
+        finally:
+            await layer.close()
+
+    release = ".".join(kafka_version().split(".")[:2])
+    # A freshly formatted cluster runs the newest metadata.version its release supports.
+    assert (run(body) or "").startswith(f"Kafka {release}, metadata.version {release}-IV")
 
 
 def test_two_topics_per_prefix_whatever_the_traffic(broker_url: str) -> None:

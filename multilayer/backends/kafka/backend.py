@@ -63,7 +63,7 @@ from ...options import Option
 from ...serialization import largest_payload
 from ...toolkit import check_tls, tls_context, tls_options
 from ...url import LayerURL
-from .client import client_config, tls_problem
+from .client import broker_release, client_config, tls_problem
 from .hub import HUBS, Hub
 from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, INBOX, RENEW, SEND
 from .replay import INBOX_LEASE
@@ -144,7 +144,11 @@ class KafkaBackend(Backend):
         return {"kafka-python": kafka.__version__}
 
     async def broker_version(self) -> str:
-        """The protocol version kafka-python negotiated (brokers do not name themselves)."""
+        """The release a KRaft broker's features tell (brokers do not name themselves);
+        else the protocol version kafka-python negotiated."""
+        release = await asyncio.to_thread(broker_release, client_config(self.url, self.config))
+        if release is not None:
+            return release
         version = self.hub.replay.consumer.config["api_version"]
         return "Kafka protocol " + ".".join(str(part) for part in version)
 
