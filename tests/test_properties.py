@@ -89,6 +89,17 @@ def test_names_channels_refuses_are_refused_with_the_name(name: str) -> None:
         assert channels_check("group", name)
 
 
+def test_the_cache_of_checked_names_stays_bounded_as_channels_churn() -> None:
+    from multilayer import names
+
+    for number in range(3 * names._KNOWN_LIMIT):
+        assert check_channel_name(f"specific.churn!{number}") == f"specific.churn!{number}"
+        assert len(names._KNOWN_CHANNELS) <= names._KNOWN_LIMIT
+    # A name met again after the cache emptied is still checked, not taken on trust.
+    with pytest.raises(TypeError):
+        check_channel_name("specific.churn!0 ")
+
+
 @UNHURRIED
 @given(st.one_of(st.none(), st.integers(), st.binary(), st.lists(st.text()), st.floats()))
 def test_names_that_are_not_strings_are_type_errors(name: Any) -> None:
