@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from multilayer import ChannelLayer
-from multilayer.bench.soak import format_soak, soak
+from multilayer.bench.soak import Interval, SoakReport, format_soak, soak
 
 
 def test_short_soak_loses_and_doubles_nothing(layer_url: str) -> None:
@@ -29,6 +29,23 @@ def test_short_soak_loses_and_doubles_nothing(layer_url: str) -> None:
     assert report.joined - report.channels >= 150, "the pool did not churn"
     assert report.expected > 1000 and report.delivered == report.expected
     assert (report.lost, report.duplicates, report.unexpected) == (0, 0, 0)
+
+
+def test_soak_memory_growth_counts_from_the_end_of_the_warm_up() -> None:
+    def row(end: float, rss_mib: float) -> Interval:
+        return Interval(end, 100, 100, 1.0, 2.0, 0, int(rss_mib * 1024))
+
+    report = SoakReport("memory://", 300, 10, warmup=60.0, rss_start_kib=30 * 1024)
+    report.intervals = [row(30, 33.0), row(60, 34.0), row(300, 35.0)]
+    report.rss_warm_kib, report.rss_end_kib = 34 * 1024, 35 * 1024
+    assert report.rss_growth == pytest.approx(1 / 34)
+    printed = format_soak(report)
+    assert "30.0 MiB before traffic, 35.0 MiB at end; 34.0 MiB after the 60 s warm-up" in printed
+    assert "+2.9 % after it" in printed
+    # A run no longer than its warm-up gives no growth figure rather than a wrong one.
+    short = SoakReport("memory://", 10, 10, warmup=60.0, rss_start_kib=1, rss_end_kib=2)
+    assert short.rss_growth is None
+    assert "no growth figure" in format_soak(short)
 
 
 SCALE = 10_000
