@@ -9,6 +9,7 @@ the processes of a deployment would; a new process then opens the layer."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -29,7 +30,11 @@ from multilayer.backends.kafka.log import (  # noqa: E402
     SEND,
     queue_partition,
 )
-from multilayer.backends.kafka.snapshot import decode_snapshot, state_topic  # noqa: E402
+from multilayer.backends.kafka.snapshot import (  # noqa: E402
+    Snapshot,
+    decode_snapshot,
+    state_topic,
+)
 
 T = TypeVar("T")
 
@@ -103,9 +108,8 @@ def end_of(bootstrap: str, topic: str, number: int = 0) -> int:
         consumer.close()
 
 
-def newest_snapshot_at(bootstrap: str, prefix: str, number: int = 0) -> int:
-    """The offset the newest snapshot of log partition ``number`` of ``prefix`` resumes
-    from; -1 without one."""
+def newest_snapshot(bootstrap: str, prefix: str, number: int = 0) -> Snapshot | None:
+    """The newest snapshot of log partition ``number`` of ``prefix``, if any."""
     consumer = kafka.KafkaConsumer(
         bootstrap_servers=bootstrap, receive_message_max_bytes=100_000_000
     )
@@ -114,12 +118,36 @@ def newest_snapshot_at(bootstrap: str, prefix: str, number: int = 0) -> int:
         consumer.assign([partition])
         end = int(consumer.end_offsets([partition])[partition])
         if end == 0:
-            return -1
+            return None
         consumer.seek(partition, end - 1)
         for batch in consumer.poll(timeout_ms=2000).values():
-            snapshot = decode_snapshot(batch[-1].value)
-            return -1 if snapshot is None else snapshot.resume
-        return -1
+            return decode_snapshot(batch[-1].value)
+        return None
+    finally:
+        consumer.close()
+
+
+def newest_snapshot_at(bootstrap: str, prefix: str, number: int = 0) -> int:
+    """The offset the newest snapshot of log partition ``number`` of ``prefix`` resumes
+    from; -1 without one."""
+    snapshot = newest_snapshot(bootstrap, prefix, number)
+    return -1 if snapshot is None else snapshot.resume
+
+
+def digests_in(bootstrap: str, topic: str, number: int) -> set[bytes]:
+    """The digests (as the replay computes them) of every record of one partition."""
+    consumer = kafka.KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        partition = kafka.TopicPartition(topic, number)
+        consumer.assign([partition])
+        consumer.seek_to_beginning(partition)
+        end = int(consumer.end_offsets([partition])[partition])
+        found: set[bytes] = set()
+        give_up = time.monotonic() + 30
+        while consumer.position(partition) < end and time.monotonic() < give_up:
+            for batch in consumer.poll(timeout_ms=500).values():
+                found.update(hashlib.blake2b(r.value, digest_size=16).digest() for r in batch)
+        return found
     finally:
         consumer.close()
 
@@ -190,6 +218,37 @@ def test_a_process_joining_a_long_history_is_ready_in_two_seconds(url: str) -> N
     # Every live membership is known, the new one included.
     assert stats.groups is not None
     assert sum(stats.groups.values()) == MEMBERSHIPS + 1
+
+
+def test_a_partition_snapshot_remembers_only_its_own_records(url: str) -> None:
+    # Each snapshot carries the digests a joining process needs to apply a record met
+    # twice once; another partition's digests would only make all 8 snapshots larger.
+    prefix = "digests"
+    bootstrap = url.removeprefix("kafka://")
+    layer = ChannelLayer(url, prefix=prefix, snapshot_every=100_000, snapshot_interval=0.5)
+
+    async def body() -> None:
+        try:
+            await layer.group_add("g", await layer.new_channel())
+            for n in range(40):
+                await layer.send(f"{prefix}.c{n}", {"n": n})
+                assert await layer.receive(f"{prefix}.c{n}") == {"n": n}
+            give_up = time.monotonic() + 30
+            for number in range(PARTITIONS):
+                end = await asyncio.to_thread(end_of, bootstrap, f"multilayer.{prefix}", number)
+                while await asyncio.to_thread(newest_snapshot_at, bootstrap, prefix, number) < end:
+                    assert time.monotonic() < give_up, f"no snapshot of partition {number} in 30 s"
+                    await asyncio.sleep(0.2)
+        finally:
+            await layer.close()
+
+    run(body)
+    for number in range(PARTITIONS):
+        snapshot = newest_snapshot(bootstrap, prefix, number)
+        assert snapshot is not None
+        own = digests_in(bootstrap, f"multilayer.{prefix}", number)
+        assert snapshot.digests, f"partition {number}'s snapshot remembers nothing"
+        assert set(snapshot.digests) <= own, f"partition {number} has others' digests"
 
 
 def test_a_snapshot_replays_like_the_state_it_was_taken_from() -> None:

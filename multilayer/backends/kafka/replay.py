@@ -134,6 +134,10 @@ class Replay:
         # new log already applied before that are not applied (delivered) again.
         self._applied: deque[bytes] = deque(maxlen=_REMEMBERED)
         self._applied_set: set[bytes] = set()
+        # The partition of each of them: a partition's snapshot carries its own only
+        # (carrying all of them in each of 8 snapshots, written together, cost about
+        # 0.6 MiB per round of snapshots and about 0.9 MiB of the soak's RSS).
+        self._applied_in: deque[int] = deque(maxlen=_REMEMBERED)
         self.snapshots = Snapshots(topic, options)
         #: The snapshot this process started the control partition from, if any.
         self.started_from: int | None = None
@@ -280,7 +284,7 @@ class Replay:
                 machine.inboxes = snapshot.machine.inboxes
                 machine.near = snapshot.machine.near
             for digest in snapshot.digests:
-                self._remember(digest)
+                self._remember(number, digest)
         part.last = snapshot.anchor
         part.next_offset = snapshot.resume
         if number == 0:
@@ -292,10 +296,11 @@ class Replay:
             snapshot.resume,
         )
 
-    def _remember(self, digest: bytes) -> None:
+    def _remember(self, partition: int, digest: bytes) -> None:
         if len(self._applied) == _REMEMBERED:
             self._applied_set.discard(self._applied[0])
         self._applied.append(digest)
+        self._applied_in.append(partition)
         self._applied_set.add(digest)
 
     def _state(self, number: int) -> bytes | None:
@@ -314,7 +319,7 @@ class Replay:
                 view.machine,
                 part.next_offset,
                 part.last,
-                self._applied,
+                [d for d, n in zip(self._applied, self._applied_in, strict=True) if n == number],
                 keep=keep,
                 control=number == 0,
             )
@@ -607,7 +612,7 @@ class Replay:
             self._anchor = (offset, digest)
         if digest in self._applied_set:
             return
-        self._remember(digest)
+        self._remember(partition, digest)
         part.last = (offset, digest)
         part.schedule.applied(len(applicable))
         self.decoded[partition] = self.decoded.get(partition, 0) + len(applicable)
