@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,24 @@ async def _replies_split_across_reads() -> None:
     assert not wire.unfit()
 
 
+async def _a_large_reply_in_small_pieces_is_joined_once() -> None:
+    wire, stream = _wire()
+    body = bytes(range(256)) * (32 << 10)  # 8 MiB
+    reply = b"$%d\r\n%b\r\n" % (len(body), body)
+
+    async def trickle() -> None:
+        for at in range(0, len(reply), 4096):
+            stream.feed_data(reply[at : at + 4096])
+            await asyncio.sleep(0)
+
+    feeder = asyncio.ensure_future(trickle())
+    started = time.perf_counter()
+    assert await wire.read() == body
+    # Joining the buffer at every piece copies about 8 GiB: many seconds, not a fraction.
+    assert time.perf_counter() - started < 2.0
+    await feeder
+
+
 async def _a_push_is_not_a_reply() -> None:
     wire, stream = _wire()
     stream.feed_data(b">3\r\n$6\r\nMOVING\r\n:1\r\n:2\r\n:5\r\n")
@@ -239,6 +258,10 @@ async def _a_real_server_reads_as_with_redis_py(redis_port: int, protocol: int) 
 
 def test_replies_split_across_reads() -> None:
     asyncio.run(_replies_split_across_reads())
+
+
+def test_a_large_reply_in_small_pieces_is_joined_once() -> None:
+    asyncio.run(_a_large_reply_in_small_pieces_is_joined_once())
 
 
 def test_a_push_is_not_a_reply() -> None:

@@ -27,7 +27,11 @@ _WRITE_HIGH = 1 << 16
 
 
 class Incomplete(Exception):
-    """The buffer ends before the reply does."""
+    """The buffer ends before the reply does; it must be ``need`` bytes long at least."""
+
+    def __init__(self, need: int) -> None:
+        super().__init__(need)
+        self.need = need
 
 
 class Push:
@@ -57,7 +61,7 @@ def parse(buffer: bytes, at: int) -> tuple[Any, int]:
     """
     end = buffer.find(b"\r\n", at)
     if end < 0:
-        raise Incomplete
+        raise Incomplete(len(buffer) + 1)
     kind = buffer[at]
     after = end + 2
     if kind == 0x24 or kind == 0x3D:  # $ bulk string, = verbatim string
@@ -66,7 +70,7 @@ def parse(buffer: bytes, at: int) -> tuple[Any, int]:
             return None, after
         stop = after + size
         if len(buffer) < stop + 2:
-            raise Incomplete
+            raise Incomplete(stop + 2)
         return buffer[after + 4 if kind == 0x3D else after : stop], stop + 2
     if kind == 0x3A or kind == 0x28:  # : integer, ( big number
         return int(buffer[at + 1 : end]), after
@@ -88,7 +92,7 @@ def parse(buffer: bytes, at: int) -> tuple[Any, int]:
     if kind == 0x21:  # ! blob error
         size = int(buffer[at + 1 : end])
         if len(buffer) < after + size + 2:
-            raise Incomplete
+            raise Incomplete(after + size + 2)
         return _error(buffer[after : after + size]), after + size + 2
     if kind == 0x2C:  # , double
         return float(buffer[at + 1 : end]), after
@@ -146,21 +150,28 @@ class Wire:
         """The next reply; an error reply is raised as redis-py raises it."""
         while True:
             buffer, at = self._buffer, self._pos
+            need = len(buffer) + 1
             if at < len(buffer):
                 try:
                     reply, self._pos = parse(buffer, at)
-                except Incomplete:
-                    pass
+                except Incomplete as incomplete:
+                    need = incomplete.need
                 else:
                     if isinstance(reply, RedisError):
                         raise reply
                     if type(reply) is not Push:
                         return reply
                     continue
-            data = await self._stream.read(_READ_SIZE)
-            if not data:
-                raise RedisConnectionError("Connection closed by server.")
-            self._buffer = buffer[at:] + data if at < len(buffer) else data
+            # Joined once there is enough for the reply: a large one arrives in many
+            # pieces. A read cancelled meanwhile drops them, and its caller the connection.
+            chunks, have = [buffer[at:]], len(buffer)
+            while have < need:
+                data = await self._stream.read(max(_READ_SIZE, need - have))
+                if not data:
+                    raise RedisConnectionError("Connection closed by server.")
+                chunks.append(data)
+                have += len(data)
+            self._buffer = b"".join(chunks)
             self._pos = 0
 
     def unfit(self) -> bool:
