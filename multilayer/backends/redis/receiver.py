@@ -156,12 +156,14 @@ class Receiver(Watched):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except RedisError as error:
-                if not await self._place.follow(error):
-                    raise self._shard.error(f"receive from {self._queue!r}", error) from error
-                # Redirected (a cluster slot moved, or is moving): nothing was taken, but
-                # the landing list handed out may not have been emptied yet.
+                # Refused (or redirected: a cluster slot moved, or is moving): nothing was
+                # taken, but the landing list handed out may not have been emptied yet,
+                # and replies to the commands behind the refused one are still due: a
+                # new connection reads none of them as its own.
                 await self.drop()
                 self._holding = True
+                if not await self._place.follow(error):
+                    raise self._shard.error(f"receive from {self._queue!r}", error) from error
 
     async def _take(
         self, wire: Wire, limit: int, *, collect: bool = False
