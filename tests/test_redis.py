@@ -544,6 +544,30 @@ def test_a_send_on_a_connection_closed_while_idle_goes_out_once_on_a_new_one(
     run(body)
 
 
+def test_a_receive_refused_by_redis_leaves_the_next_one_in_step(redis_port: int) -> None:
+    """A queue key of the wrong type makes the blocking wait fail with a BrokerError naming
+    the queue; the replies to the commands written behind it are never read as the next
+    receive's: that one gets the message sent once the key is a queue again."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        layer = ChannelLayer(url, prefix="wrong")
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await admin.set("wrong:q:refused", "not a list")
+            with pytest.raises(BrokerError, match=r"refused.*WRONGTYPE"):
+                await asyncio.wait_for(layer.receive("refused"), 5)
+            await admin.delete("wrong:q:refused")
+            await layer.send("refused", {"n": 1})
+            assert await asyncio.wait_for(layer.receive("refused"), 5) == {"n": 1}
+        finally:
+            await layer.flush()
+            await layer.close()
+            await admin.aclose()
+
+    run(body)
+
+
 @pytest.mark.slow
 def test_idle_receive_outlasts_redis_py_default_timeout(
     redis_port: int, caplog: pytest.LogCaptureFixture

@@ -14,8 +14,11 @@ Where things live:
   concurrently), ``broker_stats``, ``flush``; the guard task that closes connections
   whose reply is overdue.
 * :mod:`.scripts`: the Lua scripts (push, take, recover, group add, group send, restore,
-  membership marker) and the Redis-protocol packing. ``group_send`` seals one envelope
-  (:mod:`multilayer.fanout`) per process inbox in Lua, counted once against its capacity.
+  membership marker). ``group_send`` seals one envelope (:mod:`multilayer.fanout`) per
+  process inbox in Lua, counted once against its capacity.
+* :mod:`.wire`: the Redis protocol on our own connections: commands packed, replies
+  parsed straight from the stream (redis-py only makes the connections), error replies
+  raised as redis-py's exceptions.
 * :mod:`.shard`: :class:`~.shard.Shard`, one server (or Sentinel-managed master) and the
   making of connections, Sentinel discovery and the TLS options; :class:`~.shard.Link`,
   the one connection per server that carries every send of an event loop in pipelined

@@ -66,7 +66,8 @@ from .receiver import Receiver
 from .ring import Ring
 from .scripts import GROUP_ADD, GROUP_SEND, GROUP_SEND_NODE, PUSH, RESTORE, ttl_ms
 from .sentry import MembershipSentry
-from .shard import Place, Shard, Watched, discard, make_shards
+from .shard import Place, Shard, Watched, make_shards
+from .wire import discard
 
 __all__ = ["RedisBackend"]
 

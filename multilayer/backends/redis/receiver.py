@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from ...backend import Backend, now
 from ...serialization import log_malformed
-from .scripts import RECOVER, TAKE, evalsha, pack, ttl_ms
-from .shard import TRANSIENT, Place, Watched, discard
+from .scripts import RECOVER, TAKE, evalsha, ttl_ms
+from .shard import TRANSIENT, Place, Watched
+from .wire import Wire, discard, pack
 
 __all__ = ["Receiver"]
 
@@ -83,14 +83,14 @@ class Receiver(Watched):
         #: at once rather than first running a take that would most likely find none.
         self._backlog = True
 
-    async def _connect(self) -> AbstractConnection:
+    async def _connect(self) -> Wire:
         if self._connection is None:
             self._shard = self._place.shard()
-            self._connection = connection = await self._shard.connect()
+            self._connection = wire = await self._shard.connect()
             self._expect_reply(self._shard.timeout)
             try:
-                await connection.send_packed_command(pack(("CLIENT", "ID")), check_health=False)
-                self._client_id = int(await connection.read_response())
+                await wire.write(pack(("CLIENT", "ID")))
+                self._client_id = int(await wire.read())
             except BaseException:
                 await self.drop()
                 raise
@@ -156,15 +156,17 @@ class Receiver(Watched):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except RedisError as error:
-                if not await self._place.follow(error):
-                    raise self._shard.error(f"receive from {self._queue!r}", error) from error
-                # Redirected (a cluster slot moved, or is moving): nothing was taken, but
-                # the landing list handed out may not have been emptied yet.
+                # Refused (or redirected: a cluster slot moved, or is moving): nothing was
+                # taken, but the landing list handed out may not have been emptied yet,
+                # and replies to the commands behind the refused one are still due: a
+                # new connection reads none of them as its own.
                 await self.drop()
                 self._holding = True
+                if not await self._place.follow(error):
+                    raise self._shard.error(f"receive from {self._queue!r}", error) from error
 
     async def _take(
-        self, connection: AbstractConnection, limit: int, *, collect: bool = False
+        self, wire: Wire, limit: int, *, collect: bool = False
     ) -> list[tuple[str, bytes]]:
         """Up to ``limit`` messages; ``collect``: also what the landing lists hold
         (which the script looks for anyway while the server may hold a lost reply's)."""
@@ -173,7 +175,7 @@ class Receiver(Watched):
         self._expect_reply(self._shard.timeout)
         try:
             framed: bytes = await evalsha(
-                connection, TAKE, 4, *self._keys, now(), limit, self._confirmed, marker,
+                wire, TAKE, 4, *self._keys, now(), limit, self._confirmed, marker,
                 self._delivered, self._ttl, int(collect or self._holding),
             )  # fmt: skip
         finally:
@@ -195,23 +197,21 @@ class Receiver(Watched):
         self._backlog = count > 0
         return taken
 
-    async def _wait(
-        self, connection: AbstractConnection, *, count: bool
-    ) -> tuple[str, bytes] | None:
+    async def _wait(self, wire: Wire, *, count: bool) -> tuple[str, bytes] | None:
         target = 2 if self._delivered == 1 else 1
         command = self._empty[self._delivered] + self._block_into[target]
         if count:
             command += self._count
         self._expect_reply(self._shard.timeout + self._block)
         try:
-            await connection.send_packed_command(command, check_health=False)
+            await wire.write(command)
             if self._delivered:
-                await connection.read_response()
+                await wire.read()
                 self._delivered = 0
-            element = await connection.read_response()
-            await connection.read_response()
+            element = await wire.read()
+            await wire.read()
             if count:
-                self._backlog = bool(await connection.read_response())
+                self._backlog = bool(await wire.read())
         finally:
             self._deadline = None
         if element is None:
@@ -234,8 +234,8 @@ class Receiver(Watched):
         """After a cancelled receive: return what this consumer holds to its queue.
 
         The blocked BLMOVE is unblocked first on the server, so that no message can land
-        after the recovery ran; a cancelled connection is closed by redis-py, but the
-        server may not have noticed yet.
+        after the recovery ran; the cancelled connection is closed first, but the server
+        may not have noticed yet.
         """
         client_id = self._client_id
         # Until the recovery ran, the lists may hold messages: the next take looks.
@@ -243,18 +243,18 @@ class Receiver(Watched):
         await self.drop()
         if client_id is None:
             return
-        connection: AbstractConnection | None = None
+        wire: Wire | None = None
 
         async def recover() -> None:
-            nonlocal connection
-            connection = await self._shard.connect()
-            await connection.send_packed_command(
+            nonlocal wire
+            wire = await self._shard.connect()
+            await wire.write(
                 pack(("CLIENT", "UNBLOCK", client_id))
                 + pack(("EVAL", RECOVER.source, 4, *self._keys, self._confirmed,
                          self._delivered, self._ttl)),
             )  # fmt: skip
-            await connection.read_response()
-            await connection.read_response()
+            await wire.read()
+            await wire.read()
 
         try:
             await asyncio.wait_for(recover(), self._shard.timeout)
@@ -269,7 +269,7 @@ class Receiver(Watched):
                 error,
             )
         finally:
-            await discard(connection, wait=True)
+            await discard(wire, wait=True)
 
     async def drop(self, *, wait: bool = False) -> None:
         """Close the connection; the next receive makes a new one. ``wait``: until it is

@@ -1,5 +1,4 @@
-"""The Lua scripts that make each Redis operation one atomic round trip, and the packing
-of commands in the Redis protocol.
+"""The Lua scripts that make each Redis operation one atomic round trip.
 
 Every queue element is ``suffix \\n payload``: the channel-name suffix after ``!`` (empty
 for a normal channel and for a group envelope) and the payload, which starts with its
@@ -17,11 +16,11 @@ lists of one receiving backend instance; ``P:m:TOKEN`` a layer's membership mark
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError
+
+from .wire import Wire, pack
 
 __all__ = [
     "CHECK_MARK",
@@ -35,7 +34,6 @@ __all__ = [
     "TAKE",
     "Script",
     "evalsha",
-    "pack",
     "ttl_ms",
 ]
 
@@ -415,31 +413,19 @@ SCRIPTS = {
 }
 
 
-def pack(command: Sequence[Any]) -> bytes:
-    """``command`` in the Redis protocol; leaner than redis-py's general packer."""
-    parts = [b"*%d\r\n" % len(command)]
-    for argument in command:
-        if type(argument) is not bytes:
-            argument = (repr(argument) if type(argument) is float else str(argument)).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(argument), argument))
-    return b"".join(parts)
-
-
 def ttl_ms(deadline: float, current: float) -> int:
     """The lifetime (ms) of a key holding something until ``deadline``, seen at ``current``;
     a second longer, for clock skew between processes."""
     return max(1, int((deadline - current) * 1000)) + _GRACE_MS
 
 
-async def evalsha(connection: AbstractConnection, script: Script, *args: Any) -> Any:
-    """Run ``script`` on ``connection``, loading it first if the server forgot it."""
+async def evalsha(wire: Wire, script: Script, *args: Any) -> Any:
+    """Run ``script`` on ``wire``, loading it first if the server forgot it."""
     command = ("EVALSHA", script.sha, *args)
     try:
-        await connection.send_packed_command(pack(command), check_health=False)
-        return await connection.read_response()
+        await wire.write(pack(command))
+        return await wire.read()
     except NoScriptError:
-        await connection.send_packed_command(
-            pack(("SCRIPT", "LOAD", script.source)) + pack(command), check_health=False
-        )
-        await connection.read_response()
-        return await connection.read_response()
+        await wire.write(pack(("SCRIPT", "LOAD", script.source)) + pack(command))
+        await wire.read()
+        return await wire.read()

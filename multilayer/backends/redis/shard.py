@@ -26,7 +26,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...exceptions import BrokerError
 from ...url import LayerURL
-from .scripts import SCRIPTS, pack
+from .scripts import SCRIPTS
+from .wire import Wire, discard, pack
 
 __all__ = [
     "TRANSIENT",
@@ -35,7 +36,6 @@ __all__ = [
     "Shard",
     "Watched",
     "connection_options",
-    "discard",
     "make_shards",
 ]
 
@@ -44,32 +44,6 @@ __all__ = [
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 #: Most commands one pipelined batch carries; bounds the memory of one write.
 _MAX_BATCH = 512
-
-
-async def _closed_while_idle(connection: AbstractConnection) -> bool:
-    """Whether an idle connection is unfit for a new command: closed, reset or holding a
-    stray reply. Nothing has been written on it yet, so the caller may reconnect and send.
-    """
-    # redis-py 8 renamed can_read_destructive() (5.x to 7.x) back to can_read().
-    check = getattr(connection, "can_read", None) or connection.can_read_destructive
-    try:
-        return bool(await check())
-    except (RedisError, OSError):
-        # redis-py 5.x to 7.x answer True for the server's EOF; 8.x raises ConnectionError
-        # for it (and for a reset), and every version raises when the parser is already
-        # gone. Letting that escape would fail the command as if its reply had been lost.
-        return True
-
-
-async def discard(connection: AbstractConnection | None, *, wait: bool = False) -> None:
-    """Close ``connection``, if any; with ``wait``, until it is closed (bounded by
-    ``connect_timeout``).
-
-    A TLS connection closes only once its shutdown has gone both ways, in the event loop:
-    releasing it without waiting when the loop is about to end leaves its socket open.
-    """
-    if connection is not None:
-        await connection.disconnect(nowait=not wait)
 
 
 class Place(Protocol):
@@ -143,8 +117,8 @@ class Shard:
         broker_error.__cause__ = error
         return broker_error
 
-    async def connect(self) -> AbstractConnection:
-        """A new, connected connection; the caller owns it and must discard it."""
+    async def connect(self) -> Wire:
+        """A new connection, ready for our commands; the caller owns it and must discard it."""
         connection: AbstractConnection = self.pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             await asyncio.wait_for(connection.connect(), self._connect_within)  # type: ignore[no-untyped-call]
@@ -158,7 +132,7 @@ class Shard:
         if self.lost or self.moved:
             self.lost = False
             self._on_change(self)
-        return connection
+        return Wire(connection)
 
     def lose(self) -> None:
         """A connection to this server was lost: the backend is told now, and again when
@@ -196,7 +170,7 @@ class Watched:
 
     def __init__(self, shard: Shard) -> None:
         self._shard = shard
-        self._connection: AbstractConnection | None = None
+        self._connection: Wire | None = None
         #: Loop time by which the command in flight must be answered; None when idle.
         self._deadline: float | None = None
         self._overdue = False
@@ -205,7 +179,7 @@ class Watched:
         self._deadline = asyncio.get_running_loop().time() + within
         self._overdue = False
 
-    def overdue(self, current: float) -> AbstractConnection | None:
+    def overdue(self, current: float) -> Wire | None:
         """The connection to close if its reply is late (guard task only)."""
         if self._deadline is not None and current > self._deadline:
             self._deadline = None
@@ -303,7 +277,7 @@ class Link(Watched):
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         self._expect_reply(self._shard.timeout)
         try:
-            if self._connection is not None and await _closed_while_idle(self._connection):
+            if self._connection is not None and self._connection.unfit():
                 # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
                 # nothing was sent on it, so reconnecting is safe.
                 stale, self._connection = self._connection, None
@@ -311,16 +285,14 @@ class Link(Watched):
                 await discard(stale)
             if self._connection is None:
                 self._connection = await self._shard.connect()
-            connection = self._connection
-            await connection.send_packed_command(
-                b"".join(_pack_asking(command) for command, _ in batch), check_health=False
-            )
+            wire = self._connection
+            await wire.write(b"".join(_pack_asking(command) for command, _ in batch))
             forgotten: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
             for command, future in batch:
                 try:
                     if command[0] == "ASKING":
-                        await connection.read_response()
-                    reply = await connection.read_response()
+                        await wire.read()
+                    reply = await wire.read()
                 except NoScriptError:
                     # Not run: the server restarted and forgot its scripts. Safe to resend.
                     forgotten.append((command, future))
@@ -332,10 +304,8 @@ class Link(Watched):
                     continue
                 _settle(future, reply)
             for sha in {_script_of(command) for command, _ in forgotten}:
-                await connection.send_packed_command(
-                    pack(("SCRIPT", "LOAD", SCRIPTS[sha].source)), check_health=False
-                )
-                await connection.read_response()
+                await wire.write(pack(("SCRIPT", "LOAD", SCRIPTS[sha].source)))
+                await wire.read()
             self._pending.extendleft(reversed(forgotten))
         except TRANSIENT as error:
             # Replies not read are unknown: the commands may have run, so they are not
@@ -351,7 +321,7 @@ class Link(Watched):
             for command, future in batch:
                 _settle(future, error=self._shard.error(_describe(command), error))
         except BaseException:
-            # Cancelled mid-command: redis-py has closed the connection under us.
+            # Cancelled mid-command: the replies still due would be read as later ones'.
             lost, self._connection = self._connection, None
             await discard(lost)
             raise

@@ -1,0 +1,204 @@
+"""The Redis protocol on our own connections: commands packed and replies read here.
+
+redis-py makes each connection (TLS, credentials, ``HELLO``, ``SELECT``, Sentinel
+discovery); from then on a :class:`Wire` writes what :func:`pack` made and reads the
+replies straight from the connection's stream. redis-py's reader takes half a dozen
+nested awaits per reply; here a reply already received costs one function call, and a
+batch of replies usually one read from the stream. Error replies become the exceptions
+redis-py raises for them (NOSCRIPT, MOVED, ASK, TRYAGAIN, ...), from its own table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis._parsers import BaseParser
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+__all__ = ["Incomplete", "Push", "Wire", "discard", "pack", "parse"]
+
+#: Most bytes one read takes from the stream: a take's reply of 256 messages fits.
+_READ_SIZE = 1 << 16
+#: Buffered bytes over which a write waits for the socket to take them.
+_WRITE_HIGH = 1 << 16
+
+
+class Incomplete(Exception):
+    """The buffer ends before the reply does; it must be ``need`` bytes long at least."""
+
+    def __init__(self, need: int) -> None:
+        super().__init__(need)
+        self.need = need
+
+
+class Push:
+    """A RESP3 push (``>``): out-of-band news from the server, not a reply."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+
+def pack(command: Sequence[Any]) -> bytes:
+    """``command`` in the Redis protocol; leaner than redis-py's general packer."""
+    parts = [b"*%d\r\n" % len(command)]
+    for argument in command:
+        if type(argument) is not bytes:
+            argument = (repr(argument) if type(argument) is float else str(argument)).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(argument), argument))
+    return b"".join(parts)
+
+
+def parse(buffer: bytes, at: int) -> tuple[Any, int]:
+    """The reply (RESP2 or RESP3) starting at ``at`` in ``buffer``, and where it ends.
+
+    Values come as redis-py gives them undecoded: bytes, int, float, bool, None, lists,
+    dicts. An error reply is its redis-py exception, returned in place (inside an array
+    too, as redis-py does) except for the connection-level ones, raised at once.
+    :class:`Incomplete` when ``buffer`` ends first.
+    """
+    end = buffer.find(b"\r\n", at)
+    if end < 0:
+        raise Incomplete(len(buffer) + 1)
+    kind = buffer[at]
+    after = end + 2
+    if kind == 0x24 or kind == 0x3D:  # $ bulk string, = verbatim string
+        size = int(buffer[at + 1 : end])
+        if size < 0:
+            return None, after
+        stop = after + size
+        if len(buffer) < stop + 2:
+            raise Incomplete(stop + 2)
+        return buffer[after + 4 if kind == 0x3D else after : stop], stop + 2
+    if kind == 0x3A or kind == 0x28:  # : integer, ( big number
+        return int(buffer[at + 1 : end]), after
+    if kind == 0x2A or kind == 0x7E or kind == 0x3E:  # * array, ~ set, > push
+        count = int(buffer[at + 1 : end])
+        if count < 0:
+            return None, after
+        items = []
+        for _ in range(count):
+            item, after = parse(buffer, after)
+            items.append(item)
+        return (Push(items) if kind == 0x3E else items), after
+    if kind == 0x2B:  # + simple string
+        return buffer[at + 1 : end], after
+    if kind == 0x5F:  # _ null
+        return None, after
+    if kind == 0x2D:  # - error
+        return _error(buffer[at + 1 : end]), after
+    if kind == 0x21:  # ! blob error
+        size = int(buffer[at + 1 : end])
+        if len(buffer) < after + size + 2:
+            raise Incomplete(after + size + 2)
+        return _error(buffer[after : after + size]), after + size + 2
+    if kind == 0x2C:  # , double
+        return float(buffer[at + 1 : end]), after
+    if kind == 0x23:  # # boolean
+        return buffer[at + 1 : end] == b"t", after
+    if kind == 0x25 or kind == 0x7C:  # % map, | attributes (which precede a reply)
+        mapping = {}
+        for _ in range(int(buffer[at + 1 : end])):
+            key, after = parse(buffer, after)
+            mapping[key], after = parse(buffer, after)
+        return (mapping, after) if kind == 0x25 else parse(buffer, after)
+    # Not the Redis protocol: the stream cannot be trusted any further.
+    raise RedisConnectionError(f"Protocol error: {buffer[at:end]!r}")
+
+
+def _error(text: bytes) -> RedisError:
+    error: RedisError = BaseParser.parse_error(text.decode("utf-8", errors="replace"))  # type: ignore[no-untyped-call]
+    if isinstance(error, RedisConnectionError):
+        # As redis-py does: the server refuses this connection (LOADING, auth, ...).
+        raise error
+    return error
+
+
+class Wire:
+    """A connected redis-py connection, used for our own commands only.
+
+    Nothing else reads from it: redis-py's reader never over-reads, so the stream holds
+    exactly the replies not yet read when a connection is handed over. Reads fail with
+    redis-py's ConnectionError once the connection is closed (by the server, or by the
+    backend's watchdog).
+    """
+
+    __slots__ = ("_buffer", "_pos", "_stream", "_writer", "connection")
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        stream, writer = connection._reader, connection._writer
+        if stream is None or writer is None:
+            raise RedisConnectionError("Connection closed before use")
+        self._stream = stream
+        self._writer = writer
+        self._buffer = b""
+        self._pos = 0
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``; waits only while the socket is behind."""
+        writer = self._writer
+        if writer.transport.is_closing():
+            raise RedisConnectionError("Connection closed before write")
+        writer.write(data)
+        if writer.transport.get_write_buffer_size() > _WRITE_HIGH:
+            await writer.drain()
+
+    async def read(self) -> Any:
+        """The next reply; an error reply is raised as redis-py raises it."""
+        while True:
+            buffer, at = self._buffer, self._pos
+            need = len(buffer) + 1
+            if at < len(buffer):
+                try:
+                    reply, self._pos = parse(buffer, at)
+                except Incomplete as incomplete:
+                    need = incomplete.need
+                else:
+                    if isinstance(reply, RedisError):
+                        raise reply
+                    if type(reply) is not Push:
+                        return reply
+                    continue
+            # Joined once there is enough for the reply: a large one arrives in many
+            # pieces. A read cancelled meanwhile drops them, and its caller the connection.
+            chunks, have = [buffer[at:]], len(buffer)
+            while have < need:
+                data = await self._stream.read(max(_READ_SIZE, need - have))
+                if not data:
+                    raise RedisConnectionError("Connection closed by server.")
+                chunks.append(data)
+                have += len(data)
+            self._buffer = b"".join(chunks)
+            self._pos = 0
+
+    def unfit(self) -> bool:
+        """Whether this idle connection cannot take a new command: closed, reset, or
+        holding a stray reply. Nothing has been written on it since its last reply, so
+        the caller may reconnect and send instead."""
+        stream = self._stream
+        return (
+            self._pos < len(self._buffer)
+            or self._writer.transport.is_closing()
+            or stream.at_eof()
+            or stream.exception() is not None
+            # asyncio has no public way to ask whether bytes wait unread.
+            or bool(getattr(stream, "_buffer", b""))
+        )
+
+    async def close(self, *, wait: bool = False) -> None:
+        """Close the connection; with ``wait``, until it is closed."""
+        await self.connection.disconnect(nowait=not wait)
+
+
+async def discard(wire: Wire | None, *, wait: bool = False) -> None:
+    """Close ``wire``, if any; with ``wait``, until it is closed (bounded by
+    ``connect_timeout``).
+
+    A TLS connection closes only once its shutdown has gone both ways, in the event loop:
+    releasing it without waiting when the loop is about to end leaves its socket open.
+    """
+    if wire is not None:
+        await wire.close(wait=wait)
