@@ -134,6 +134,16 @@ def newest_snapshot_at(bootstrap: str, prefix: str, number: int = 0) -> int:
     return -1 if snapshot is None else snapshot.resume
 
 
+async def snapshotted(bootstrap: str, prefix: str, within: float = 30.0) -> None:
+    """Wait until every partition of ``prefix``'s log has a snapshot as of its end."""
+    give_up = time.monotonic() + within
+    for number in range(PARTITIONS):
+        end = await asyncio.to_thread(end_of, bootstrap, f"multilayer.{prefix}", number)
+        while await asyncio.to_thread(newest_snapshot_at, bootstrap, prefix, number) < end:
+            assert time.monotonic() < give_up, f"no snapshot of partition {number} in {within} s"
+            await asyncio.sleep(0.2)
+
+
 def digests_in(bootstrap: str, topic: str, number: int) -> set[bytes]:
     """The digests (as the replay computes them) of every record of one partition."""
     consumer = kafka.KafkaConsumer(bootstrap_servers=bootstrap)
@@ -200,13 +210,7 @@ def test_a_process_joining_a_long_history_is_ready_in_two_seconds(url: str) -> N
     async def body() -> tuple[float, float, Any, int | None]:
         try:
             replayed = await replay_history()
-            # The running process snapshots the state it reached within 1.5 s.
-            give_up = time.monotonic() + 30
-            for number in range(PARTITIONS):
-                end = await asyncio.to_thread(end_of, bootstrap, f"multilayer.{prefix}", number)
-                while await asyncio.to_thread(newest_snapshot_at, bootstrap, prefix, number) < end:
-                    assert time.monotonic() < give_up, f"no snapshot of partition {number} in 30 s"
-                    await asyncio.sleep(0.2)
+            await snapshotted(bootstrap, prefix)
             return (replayed, *await join())
         finally:
             await running.close()
@@ -233,12 +237,7 @@ def test_a_partition_snapshot_remembers_only_its_own_records(url: str) -> None:
             for n in range(40):
                 await layer.send(f"{prefix}.c{n}", {"n": n})
                 assert await layer.receive(f"{prefix}.c{n}") == {"n": n}
-            give_up = time.monotonic() + 30
-            for number in range(PARTITIONS):
-                end = await asyncio.to_thread(end_of, bootstrap, f"multilayer.{prefix}", number)
-                while await asyncio.to_thread(newest_snapshot_at, bootstrap, prefix, number) < end:
-                    assert time.monotonic() < give_up, f"no snapshot of partition {number} in 30 s"
-                    await asyncio.sleep(0.2)
+            await snapshotted(bootstrap, prefix)
         finally:
             await layer.close()
 
