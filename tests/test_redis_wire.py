@@ -241,7 +241,12 @@ async def _a_real_server_reads_as_with_redis_py(redis_port: int, protocol: int) 
             try:
                 expected = await theirs.read_response()
             except ResponseError as error:
-                with pytest.raises(type(error), match=re.escape(str(error))):
+                kind, message = type(error), str(error)
+                if message.startswith("TRYAGAIN "):
+                    # redis-py before 8 knows the cluster's errors in its cluster client
+                    # only; the wire knows them on every connection.
+                    kind, message = TryAgainError, message.removeprefix("TRYAGAIN ")
+                with pytest.raises(kind, match=re.escape(message)):
                     await wire.read()
                 continue
             if isinstance(expected, list):

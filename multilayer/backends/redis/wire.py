@@ -15,8 +15,16 @@ from typing import Any
 
 from redis._parsers import BaseParser
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import (
+    AskError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 __all__ = ["Incomplete", "Push", "Wire", "discard", "pack", "parse"]
 
@@ -108,8 +116,23 @@ def parse(buffer: bytes, at: int) -> tuple[Any, int]:
     raise RedisConnectionError(f"Protocol error: {buffer[at:end]!r}")
 
 
+class _Errors(BaseParser):
+    """redis-py's table of error replies, with the cluster's: redis-py 8 has them in its
+    base parser, 5.x to 7.x only in the parser of its cluster client."""
+
+    EXCEPTION_CLASSES = {
+        **BaseParser.EXCEPTION_CLASSES,
+        "ASK": AskError,
+        "TRYAGAIN": TryAgainError,
+        "MOVED": MovedError,
+        "CLUSTERDOWN": ClusterDownError,
+        "CROSSSLOT": ClusterCrossSlotError,
+        "MASTERDOWN": MasterDownError,
+    }
+
+
 def _error(text: bytes) -> RedisError:
-    error: RedisError = BaseParser.parse_error(text.decode("utf-8", errors="replace"))  # type: ignore[no-untyped-call]
+    error: RedisError = _Errors.parse_error(text.decode("utf-8", errors="replace"))  # type: ignore[no-untyped-call]
     if isinstance(error, RedisConnectionError):
         # As redis-py does: the server refuses this connection (LOADING, auth, ...).
         raise error
