@@ -25,12 +25,12 @@ import pytest
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend
 from multilayer.backends.kafka import hub as kafka_hub
-from multilayer.backends.kafka.client import client_config, describe_features
+from multilayer.backends.kafka.client import broker_release, client_config, describe_features
 from multilayer.backends.kafka.log import Machine
 from multilayer.fanout import open_envelope
 from multilayer.serialization import deadline_of, largest_payload, pack
 from tests.support.apache_kafka import kafka_version
-from tests.support.brokers import KINDS, certificates, require, require_module, started
+from tests.support.brokers import KINDS, certificates, free_port, require, require_module, started
 
 kafka = require_module("kafka")
 
@@ -302,6 +302,11 @@ def test_the_broker_release_comes_from_its_metadata_version(
     tagged: dict[int, bytes], described: str | None
 ) -> None:
     assert describe_features(tagged) == described
+
+
+def test_no_broker_answering_names_no_release() -> None:
+    config = {"bootstrap_servers": [f"127.0.0.1:{free_port()}"], "client_id": "multilayer"}
+    assert broker_release(config, timeout=1.0) is None
 
 
 def test_apache_kafka_names_its_release(broker_url: str) -> None:

@@ -11,16 +11,18 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from kafka.client_async import KafkaClient
+from kafka.errors import KafkaError
 from kafka.protocol.api_versions import ApiVersionsRequest
 from kafka.protocol.types import CompactArray, CompactString, Int16, TaggedFields
 
 from ...toolkit import tls_context
 from ...url import LayerURL
 
-__all__ = ["broker_release", "client_config", "tls_problem"]
+__all__ = ["broker_release", "client_config", "describe_features", "tls_problem"]
 
 
 class _MaskSecrets(logging.Filter):
@@ -164,22 +166,34 @@ def describe_features(tagged: Mapping[int, bytes]) -> str | None:
     return described
 
 
+def _own_version() -> str:
+    """This package's version, as brokers log it for the clients they serve."""
+    try:
+        return version("multilayer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def broker_release(config: Mapping[str, Any], timeout: float = 5.0) -> str | None:
     """Ask one broker for its features (blocking: run it in a thread); see
     :func:`describe_features`. None when the broker's answer names no release."""
-    client = KafkaClient(**config)
+    try:
+        client = KafkaClient(**config)
+    except KafkaError:
+        return None  # no broker answered: the caller says what it knows without one
     try:
         node = client.least_loaded_node()
         deadline = time.monotonic() + timeout
-        while not client.ready(node):
+        while node is None or not client.ready(node):
             if time.monotonic() > deadline:
                 return None
             client.poll(timeout_ms=100)
+            node = node if node is not None else client.least_loaded_node()
         if client.get_api_versions().get(ApiVersionsRequest[3].API_KEY, (0, 0))[1] < 3:
             return None
         request = ApiVersionsRequest[3](
             client_software_name="multilayer",
-            client_software_version="0",
+            client_software_version=_own_version(),
             _tagged_fields={},
         )
         future = client.send(node, request)
