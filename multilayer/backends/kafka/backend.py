@@ -65,8 +65,8 @@ from ...toolkit import check_tls, tls_context, tls_options
 from ...url import LayerURL
 from .client import broker_release, client_config, tls_problem
 from .hub import HUBS, Hub
-from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, INBOX, RENEW, SEND
-from .replay import INBOX_LEASE
+from .log import CANCEL, CLAIM, FLUSH, GROUP_ADD, GROUP_DISCARD, RENEW, SEND
+from .replay import inbox_lease
 from .writer import RECORD_OVERHEAD, Done, answer_from_thread, answered
 
 __all__ = ["KafkaBackend"]
@@ -212,7 +212,7 @@ class KafkaBackend(Backend):
             entry = view.machine.inboxes.get(inbox) if view.partitions > 1 else None
         catch_up = None
         if entry is None:
-            await hub.call([INBOX, view.token(), now(), inbox, now() + INBOX_LEASE])
+            await hub.call(inbox_lease(inbox, view.token()))
         elif not known:
             # A sender assigned it before this process received: read what came since.
             catch_up = (inbox, float(entry[2]))
@@ -262,7 +262,7 @@ class KafkaBackend(Backend):
             # has not received yet, this assigns it (decided where the record lands).
             await hub.fence()
             if view.part_of(queue) < 0:
-                await hub.call([INBOX, view.token(), now(), queue, now() + INBOX_LEASE])
+                await hub.call(inbox_lease(queue, view.token()))
         with view.lock:
             admitted = view.admit_remote(queue, capacity)
         if admitted:
@@ -451,12 +451,12 @@ class KafkaBackend(Backend):
             # Members whose process has not received yet: their inbox gets its partition.
             hub.assign_now(inbox)
         targets = [(channel, payload, 1) for channel, _until in normal]
-        targets += [
-            (inbox, seal(payload, group, instant, inbox, local), len(local))
-            for inbox, local in inboxes.items()
-            if view.part_of(inbox) >= 0
-        ]
-        skipped = sum(len(local) for inbox, local in inboxes.items() if view.part_of(inbox) < 0)
+        skipped = 0
+        for inbox, local in inboxes.items():
+            if view.part_of(inbox) < 0:
+                skipped += len(local)
+            else:
+                targets.append((inbox, seal(payload, group, instant, inbox, local), len(local)))
         records = []
         with view.lock:
             for target, data, count in targets:

@@ -20,11 +20,11 @@ from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from ...backend import Backend, now
+from ...backend import Backend
 from ...exceptions import BrokerError
 from ...toolkit import ProcessWide
-from .log import INBOX, Outcome
-from .replay import INBOX_LEASE, Replay
+from .log import Outcome
+from .replay import Replay, inbox_lease
 from .snapshot import SNAPSHOT_LIMIT, state_topic
 from .view import VERDICT_TIMEOUT, View
 from .writer import REPLAY_TIMEOUT, Done, Writer, answer_from_thread, answered
@@ -164,8 +164,7 @@ class Hub:
     def _log_lost(self) -> None:
         # This process's inboxes get a partition again (the control records that gave
         # them one are gone); the replay reads it from its start once assigned.
-        for inbox in list(self.view.own_inboxes):
-            self.writer.write([INBOX, None, now(), inbox, now() + INBOX_LEASE])
+        self.replay.renew_inboxes()
         # Each layer adds again the memberships it made (its ledger is shared by its
         # backends in every event loop, so one of them does it), from a thread of its own:
         # the replay thread must go on, to replay the records that re-assert them.
@@ -193,18 +192,20 @@ class Hub:
         self.replay.subscribe(partition, partial(done, None), catch_up)
         await answered(ready, f"kafka log {self.topic}: partition {partition} not replayed")
 
-    def _fence_now(self) -> None:
+    def _the_fence(self) -> _Fence:
         with self._start_lock:
             if self._fence is None:
                 self._fence = _Fence(self)
-        self._fence.now()
+            return self._fence
+
+    def _fence_now(self) -> None:
+        self._the_fence().now()
 
     def assign_now(self, inbox: str) -> None:
         """Write an assignment of ``inbox`` (of a process that has not received yet) and
         wait until control's replay applied it (blocking; from the writer thread, whose
         own queue it cannot wait on)."""
-        record = [INBOX, None, now(), inbox, now() + INBOX_LEASE]
-        value = msgpack.packb(record, use_bin_type=True)
+        value = msgpack.packb(inbox_lease(inbox), use_bin_type=True)
         future = self.writer.producer.send(self.topic, value, partition=0)
         metadata = future.get(timeout=REPLAY_TIMEOUT)
         self.replay.wait_control(metadata.offset + 1, REPLAY_TIMEOUT)
@@ -213,10 +214,7 @@ class Hub:
         """Return once the control partition is replayed up to its end as of this call:
         every group change any process had acknowledged before is then applied here.
         Concurrent callers share one end-offset request."""
-        with self._start_lock:
-            if self._fence is None:
-                self._fence = _Fence(self)
-        await self._fence.wait()
+        await self._the_fence().wait()
 
     async def call(
         self, record: list[Any], *, partition: int | None = None, verdict: bool = False

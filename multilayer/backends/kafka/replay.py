@@ -29,7 +29,7 @@ from .snapshot import SNAPSHOT_LIMIT, Schedule, Snapshot, Snapshots, encode_snap
 from .view import NORMAL_KEY, View
 from .writer import Writer
 
-__all__ = ["Replay"]
+__all__ = ["INBOX_LEASE", "Replay", "inbox_lease"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -52,6 +52,13 @@ _OPEN_TIMEOUT = 60.0
 #: 4,096 (seconds of traffic at the soak's ~250 records/s, records packing up to 1,024
 #: operations under load) costs about 0.6 MiB; 16,384 cost 2.5 MiB of the soak's RSS.
 _REMEMBERED = 4_096
+
+
+def inbox_lease(inbox: str, token: str | None = None) -> list[Any]:
+    """The control record that assigns ``inbox`` a partition, or renews its lease if it
+    has one; ``token`` when its writer waits for its replay."""
+    current = now()
+    return [INBOX, token, current, inbox, current + INBOX_LEASE]
 
 
 def _digest(value: bytes) -> bytes:
@@ -405,13 +412,13 @@ class Replay:
         fast, slow = self.options["fetch_wait_ms"], self.options["idle_fetch_wait_ms"]
         while not self._stopping.is_set():
             self._serve_requests()
-            fetch_config["fetch_max_wait_ms"] = fast if self.view.is_busy() else slow
+            busy = self.view.is_busy()
+            fetch_config["fetch_max_wait_ms"] = fast if busy else slow
             try:
                 # Short while busy: kafka-python's poll() waits its whole timeout when no
                 # record comes (a wakeup() does not end it), and a partition to start
                 # reading (a first send to a channel there) waits for the poll to end.
                 # Long when idle, for idle CPU (2 % of a core against 5 % at 20 ms).
-                busy = self.view.is_busy()
                 batches = self.consumer.poll(timeout_ms=_POLL_MS if busy else _IDLE_POLL_MS)
             except Exception as error:
                 logger.warning("kafka log %s: fetch failed (%s); retrying", self.topic, error)
@@ -463,7 +470,7 @@ class Replay:
         them counted when new inboxes are assigned partitions (any thread)."""
         self._renew_at = time.monotonic() + INBOX_LEASE / 3
         for inbox in list(self.view.own_inboxes):
-            self.writer.write([INBOX, None, now(), inbox, now() + INBOX_LEASE])
+            self.writer.write(inbox_lease(inbox))
 
     def wait_control(self, offset: int, timeout: float) -> bool:
         """Wait until the control partition is replayed up to ``offset`` (blocking)."""
