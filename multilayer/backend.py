@@ -130,6 +130,10 @@ class Backend(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: The ``pip install multilayer[extra]`` that installs this backend's client library.
     extra: ClassVar[str | None] = None
+    #: Whether :meth:`pop` takes only what :meth:`arm` asked for: the core then keeps one
+    #: pop pending per queue for good, and arms it from the step of each receive that
+    #: starts waiting, so that the broker command leaves without a turn of the event loop.
+    pops_on_arm: ClassVar[bool] = False
     #: Backend-specific options (URL query parameters or keyword arguments).
     options: ClassVar[Mapping[str, Option]] = {}
 
@@ -215,6 +219,16 @@ class Backend(abc.ABC):
         up (it buffers what arrives); it is cancelled when the layer closes or the event
         loop ends, and should not lose a message then.
         """
+
+    def arm(self, queue: str, limit: int) -> None:
+        """Only with :attr:`pops_on_arm`: receives wait on ``queue``; have the pending (or
+        next) ``pop(queue, 0)`` take up to ``limit`` messages. Called without awaiting,
+        each time a receive starts waiting and after each pop while some still wait; a
+        command already in flight is not doubled. ``pop(queue, 0)`` returns what the armed
+        command took, possibly nothing (an idle wait that timed out), and waits meanwhile;
+        ``pop(queue, limit)`` arms itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not arm its pops")
 
     def pop_nowait(self, queue: str, limit: int) -> list[Item]:
         """Take up to ``limit`` waiting messages without I/O; [] when there are none.

@@ -4,7 +4,9 @@ A receive never pops from the broker itself. It registers as a waiter and one fe
 task per queue pops on behalf of all waiters, appending what arrives to per-channel
 buffers. A receive cancelled at any moment therefore loses nothing (what was fetched
 for it stays buffered for the next receive of that channel) and duplicates nothing
-(each buffered payload is handed out once).
+(each buffered payload is handed out once). For a backend that pops on arm
+(:attr:`~multilayer.backend.Backend.pops_on_arm`) that task keeps one pop pending for
+good, and the receive that starts waiting arms it.
 
 A process inbox's buffers are bounded: each channel keeps at most its capacity of
 messages that no receive took yet, so a member that never receives cannot grow the
@@ -49,6 +51,10 @@ class LocalQueue:
         inbox = queue.endswith("!")
         shared = backend.capabilities.multiprocess and not inbox
         self._batch = 1 if shared else INBOX_BATCH
+        self._armed = backend.pops_on_arm
+        #: Whether the pending pop was armed since it last returned: one arm per pop (a
+        #: command in flight is not doubled), not one per receive that starts waiting.
+        self._asked = False
         self._departures = departures
         # A normal channel buffers only what its waiting receives asked for; an inbox
         # buffers whatever arrives for any of its channels, so it needs a bound.
@@ -154,6 +160,9 @@ class LocalQueue:
             self._fetcher = asyncio.create_task(
                 self._fetch(), name=f"multilayer fetch {self.queue}"
             )
+        if self._armed and not self._asked:
+            self._asked = True
+            self.backend.arm(self.queue, max(self._hungry, self._batch))
         try:
             await future
         except asyncio.CancelledError:
@@ -170,29 +179,55 @@ class LocalQueue:
             if not waiters and self._waiters.get(channel) is waiters:
                 del self._waiters[channel]
 
-    def wake(self, channel: str) -> None:
-        """Wake one receive waiting for ``channel``, if any, to look (again)."""
+    def wake(self, channel: str) -> bool:
+        """Wake one receive waiting for ``channel``, if any, to look (again); whether one
+        was woken."""
         waiters = self._waiters.get(channel)
         while waiters:
             future = waiters.popleft()
             self._hungry -= 1
             if not future.done():
                 future.set_result(None)
-                return
+                return True
+        return False
 
     async def _fetch(self) -> None:
+        """Pop for the waiting receives while there are some. For a backend that pops on
+        arm (:attr:`Backend.pops_on_arm`) the pop stays pending, taking nothing until a
+        receive arms it, so the task outlives its waiters rather than being made again
+        for the next receive."""
+        armed = self._armed
         try:
-            while self._hungry > 0:
-                limit = max(self._hungry, self._batch)
+            while armed or self._hungry > 0:
+                limit = 0 if armed else max(self._hungry, self._batch)
                 items = await self.backend.pop(self.queue, limit)
+                woken = 0
                 for channel in self._buffer(items):
-                    self.wake(channel)
+                    woken += self.wake(channel)
+                if armed:
+                    await self._arm_again(woken)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             self.fail(error)
         finally:
             self._fetcher = None
+            self._asked = False
+
+    async def _arm_again(self, woken: int) -> None:
+        """After an armed pop: arm the next one if receives still wait."""
+        if woken > 1:
+            # Several receives woken (a batch, a group's copies): they run first, without
+            # arming, and more messages gather for the next batch. Three turns, as a
+            # fetch task made per receive took before its next pop (made, first step, a
+            # yield): fewer split a fan-out's stream into batches of one (a group of 100
+            # in one process: 20 % fewer copies/s).
+            for _ in range(3):
+                await asyncio.sleep(0)
+        self._asked = False
+        if self._hungry > 0:
+            self._asked = True
+            self.backend.arm(self.queue, max(self._hungry, self._batch))
 
     def fail(self, error: BaseException) -> None:
         """End every waiter with ``error``."""

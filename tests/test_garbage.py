@@ -42,7 +42,18 @@ from tests.support.looping import BROKER_EXAMPLES, LoopThread
 Injection = tuple[Callable[[], None], bool]
 Envelopes = Callable[[str, bytes], list[Injection]]
 
-FUTURE = struct.pack("!d", time.time() + 3600)
+
+def _future() -> bytes:
+    """A deadline an hour ahead without a newline byte: in a Redis element with no channel
+    suffix, a newline inside it would frame the bytes after it as an expired message,
+    which the take script drops without a log (a junk test failing by the clock)."""
+    at = time.time() + 3600
+    while b"\n" in struct.pack("!d", at):
+        at += 1.0
+    return struct.pack("!d", at)
+
+
+FUTURE = _future()
 #: Payloads that cannot be messages, whatever envelope carries them.
 BAD_PAYLOADS = [
     b"",

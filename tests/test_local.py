@@ -23,6 +23,7 @@ class ScriptedBackend:
     """A backend whose pop() hands out what the test puts in, when the test says."""
 
     capabilities = Capabilities()
+    pops_on_arm = False
 
     def __init__(self) -> None:
         self.incoming: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
@@ -153,3 +154,95 @@ def test_held_messages_are_taken_oldest_first_and_released_when_stale() -> None:
     held.discard(keep=lambda queue: queue == "q")
     assert held.release(0) == [("q", [("q", live)])]
     assert not held and held.take("q", 5) == []
+
+
+class ArmedBackend(ScriptedBackend):
+    """A backend that pops on arm: pop(queue, 0) hands out what the test puts in only
+    after arm() asked for it, and records each arm with the pops pending at that moment."""
+
+    pops_on_arm = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arms: list[tuple[int, int]] = []
+        self.armed = asyncio.Event()
+
+    def arm(self, queue: str, limit: int) -> None:
+        self.arms.append((limit, self.pops))
+        self.armed.set()
+
+    def pop_nowait(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+        return []
+
+    async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
+        self.pops += 1
+        self.limits.append(limit)
+        await self.armed.wait()
+        self.armed.clear()
+        return await self.incoming.get()
+
+
+def test_a_receive_arms_the_pop_from_its_own_step() -> None:
+    """A backend that pops on arm is asked for messages by the receive that starts
+    waiting, before the event loop turns, and keeps one fetch task across receives."""
+
+    async def body() -> None:
+        backend = ArmedBackend()
+        queue = LocalQueue(backend, "q")  # type: ignore[arg-type]
+        waiter = asyncio.ensure_future(_receive(queue, "q"))
+        await asyncio.sleep(0)
+        # The receive's step armed it; the fetch task has not run yet.
+        assert backend.arms == [(1, 0)]
+        fetcher = queue._fetcher
+        backend.incoming.put_nowait([("q", b"one")])
+        assert await waiter == b"one"
+        # Nobody waits: no arm, and the same task waits in pop(queue, 0).
+        await asyncio.sleep(0.01)
+        assert backend.arms == [(1, 0)] and backend.limits == [0, 0]
+        assert queue._fetcher is fetcher and not fetcher.done()
+        waiter = asyncio.ensure_future(_receive(queue, "q"))
+        await asyncio.sleep(0)
+        assert backend.arms == [(1, 0), (1, 2)]
+        backend.incoming.put_nowait([("q", b"two")])
+        assert await waiter == b"two"
+        assert queue._fetcher is fetcher
+        await queue.stop(ConnectionError("closed"))
+        assert fetcher.cancelled()
+
+    run(body)
+
+
+def test_an_armed_pop_that_took_nothing_is_armed_again_while_receives_wait() -> None:
+    async def body() -> None:
+        backend = ArmedBackend()
+        queue = LocalQueue(backend, "p!")  # type: ignore[arg-type]
+        waiter = asyncio.ensure_future(_receive(queue, "p!a"))
+        await asyncio.sleep(0)
+        backend.incoming.put_nowait([])  # an idle wait timed out
+        await asyncio.sleep(0.01)
+        assert [limit for limit, _ in backend.arms] == [INBOX_BATCH, INBOX_BATCH]
+        backend.incoming.put_nowait([("p!a", b"late")])
+        assert await waiter == b"late"
+
+    run(body)
+
+
+def test_an_armed_pop_is_armed_once_for_all_the_receives_waiting() -> None:
+    """One arm per pop, not one per receive; after a batch, the receives it woke run (and
+    wait again) before the next arm."""
+
+    async def body() -> None:
+        backend = ArmedBackend()
+        queue = LocalQueue(backend, "p!")  # type: ignore[arg-type]
+        first = [asyncio.ensure_future(_receive(queue, f"p!{c}")) for c in "ab"]
+        await asyncio.sleep(0)
+        assert len(backend.arms) == 1
+        backend.incoming.put_nowait([("p!a", b"1"), ("p!b", b"2")])
+        assert await asyncio.gather(*first) == [b"1", b"2"]
+        again = [asyncio.ensure_future(_receive(queue, f"p!{c}")) for c in "ab"]
+        await asyncio.sleep(0.01)
+        assert len(backend.arms) == 2
+        backend.incoming.put_nowait([("p!a", b"3"), ("p!b", b"4")])
+        assert await asyncio.gather(*again) == [b"3", b"4"]
+
+    run(body)

@@ -589,6 +589,98 @@ def test_idle_receive_outlasts_redis_py_default_timeout(
     assert caplog.records == []
 
 
+def _blocked_moves(client: redis.Redis) -> list[dict[str, Any]]:
+    return [c for c in client.client_list() if c.get("cmd") == "blmove" and "b" in c["flags"]]
+
+
+def test_a_receive_sends_its_wait_before_the_event_loop_turns(redis_port: int) -> None:
+    """The receive that starts waiting sends the BLMOVE from its own step (the backend
+    pops on arm): one turn of the loop, and the server already blocks for it."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    admin = redis.Redis(host="127.0.0.1", port=redis_port)
+
+    async def body() -> None:
+        layer = ChannelLayer(url, prefix="armed")
+        try:
+            await layer.send("armed.work", {"n": 1})
+            assert await asyncio.wait_for(layer.receive("armed.work"), 5) == {"n": 1}
+            # Connected, and nobody waits: no wait is left on the server.
+            assert _blocked_moves(admin) == []
+            waiting = asyncio.ensure_future(layer.receive("armed.work"))
+            await asyncio.sleep(0)
+            # Without yielding again (the loop is held while polling): it is there.
+            deadline = time.monotonic() + 2
+            while not _blocked_moves(admin) and time.monotonic() < deadline:
+                time.sleep(0.005)  # noqa: ASYNC251 - the event loop must not turn here
+            assert len(_blocked_moves(admin)) == 1
+            await layer.send("armed.work", {"n": 2})
+            assert await asyncio.wait_for(waiting, 5) == {"n": 2}
+        finally:
+            await layer.flush()
+            await layer.close()
+            admin.close()
+
+    run(body)
+
+
+def test_a_take_the_server_forgot_is_loaded_and_sent_again(redis_port: int) -> None:
+    """A take written ahead of its reply meets a server whose scripts were flushed (a
+    restart): NOSCRIPT means it did not run, so it is loaded and sent again."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    admin = redis.Redis(host="127.0.0.1", port=redis_port)
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="forgot")
+        backend = await open_backend(url, prefix="forgot")
+        try:
+            for round_ in range(2):
+                for n in range(3):
+                    await sender.send("forgot.work", {"n": n})
+                admin.script_flush()
+                got = await asyncio.wait_for(backend.pop("forgot.work", 5), 5)
+                assert len(got) == 3, f"round {round_}: {got}"
+        finally:
+            await sender.flush()
+            await sender.close()
+            await backend.close()
+            admin.close()
+
+    run(body)
+
+
+def test_an_idle_receiver_closed_by_the_server_comes_back_quietly(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection of a queue nobody waits on is closed by the server (an idle
+    timeout, a CLIENT KILL): no warning, and the next receive gets what was sent since."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    admin = redis.Redis(host="127.0.0.1", port=redis_port)
+
+    async def body() -> None:
+        layer, sender = ChannelLayer(url, prefix="idle"), ChannelLayer(url, prefix="idle")
+        try:
+            inbox = await layer.new_channel()
+            for channel in ("idle.work", inbox):
+                await sender.send(channel, {"n": 1})
+                assert await asyncio.wait_for(layer.receive(channel), 5) == {"n": 1}
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await asyncio.sleep(0.2)
+            for channel in ("idle.work", inbox):
+                await sender.send(channel, {"n": 2})
+                assert await asyncio.wait_for(layer.receive(channel), 5) == {"n": 2}
+        finally:
+            await sender.flush()
+            await layer.close()
+            await sender.close()
+            admin.close()
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body)
+    assert [
+        record.getMessage() for record in caplog.records if "receiving" in record.getMessage()
+    ] == []
+
+
 # -- cancellation ------------------------------------------------------------------------------
 
 

@@ -136,6 +136,7 @@ class RedisBackend(Backend):
         group_sizes=True,
     )
     extra: ClassVar[str | None] = "redis"
+    pops_on_arm: ClassVar[bool] = True
     options: ClassVar[Mapping[str, Option]] = _OPTIONS
 
     @classmethod
@@ -324,6 +325,9 @@ class RedisBackend(Backend):
 
     async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
         return await self._receiver(queue).pop(limit)
+
+    def arm(self, queue: str, limit: int) -> None:
+        self._receiver(queue).arm(limit)
 
     async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
         current = now()

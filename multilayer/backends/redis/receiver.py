@@ -3,19 +3,23 @@
 :class:`Receiver` owns one connection per queue it receives from (a process inbox, or a
 normal channel), blocks on it with BLMOVE for one waiting receive or takes a batch with
 the take script (:mod:`.scripts`) for several, and reconnects on its own after a lost
-connection, collecting first what the server took for it before the loss.
+connection, collecting first what the server took for it before the loss. Its commands
+are sent when receives start waiting (:meth:`Receiver.arm`), not by the task that reads
+the replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from ...backend import Backend, now
 from ...serialization import log_malformed
-from .scripts import RECOVER, TAKE, evalsha, ttl_ms
+from .scripts import RECOVER, TAKE, ttl_ms
 from .shard import TRANSIENT, Place, Watched
 from .wire import Wire, discard, pack
 
@@ -25,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Most messages one receive takes; Lua's ``unpack`` has a bounded stack.
 _MAX_TAKE = 256
+#: The commands a receiver may have in flight.
+_WAIT, _TAKE = 1, 2
 
 
 class Receiver(Watched):
@@ -39,6 +45,11 @@ class Receiver(Watched):
     that the server always tells which one holds a message already handed out. A reply
     lost to a dropped connection is thus still on the server, and the next take returns
     it; a reply lost to cancellation is put back at the head of the queue.
+
+    The command is sent by :meth:`arm`, from the step of the receive that starts waiting,
+    without awaiting; the core's one pending :meth:`pop` per queue reads its replies. So
+    nothing is in flight while nobody waits: the queue's messages stay in Redis, where
+    its capacity counts them.
     """
 
     def __init__(self, owner: Backend, consumer: str, place: Place, queue: str) -> None:
@@ -82,6 +93,23 @@ class Receiver(Watched):
         #: blocking wait saw more behind the one it landed. If not, the next pop blocks
         #: at once rather than first running a take that would most likely find none.
         self._backlog = True
+        #: The command in flight (``_WAIT``, ``_TAKE``; 0: none), the most messages it
+        #: takes, and the landing list a wait lands in.
+        self._armed = 0
+        self._armed_limit = 0
+        self._armed_target = 0
+        #: Whether the wait in flight empties the landing list handed out, before its
+        #: BLMOVE (so that it has run before any message lands).
+        self._armed_empties = False
+        #: How many messages receives asked for while no command could be sent.
+        self._wanted = 0
+        #: Set by :meth:`arm` for a pop waiting without a connection.
+        self._kick: asyncio.Future[None] | None = None
+        #: Seconds before the next reconnect after a lost connection.
+        self._delay = 0.05
+        self._marker = "0"
+        #: The take in flight, as sent (sent again if the server forgot the script).
+        self._take_sent = b""
 
     async def _connect(self) -> Wire:
         if self._connection is None:
@@ -98,89 +126,181 @@ class Receiver(Watched):
                 self._deadline = None
         return self._connection
 
-    async def pop(self, limit: int) -> list[tuple[str, bytes]]:
-        """Up to ``limit`` messages of the queue, waiting for the first as long as it
-        takes; a lost connection is made again (BrokerError only for a server's refusal)."""
-        # The receives this queue's last pop woke run first: a reply one of them sends
-        # then leaves before this pop's command, not behind it, and more messages may
-        # arrive for the batch. Not for a single receive (a normal channel's): it has no
-        # batch to grow, and the extra turn of the loop costs it a system call.
-        if limit > 1:
-            await asyncio.sleep(0)
-        delay = 0.05
-        while True:
+    def arm(self, limit: int) -> None:
+        """Receives wait: send the command that takes up to ``limit`` messages now, from
+        the caller's step, unless one is in flight; :meth:`pop` reads what it took. Without
+        a usable connection, :meth:`pop` is asked to make one and send it."""
+        if self._armed:
+            return
+        self._wanted = limit
+        wire = self._connection
+        # A connection still being made (its CLIENT ID unanswered) is pop's to use.
+        if wire is not None and self._client_id is not None:
             try:
-                # For one waiting receiver BLMOVE alone does: one round trip per message,
-                # without a script, and it returns at once while the queue is not empty.
-                # For several, a take, unless the queue was just seen empty: then BLMOVE
-                # waits for the next message in the same round trip. After a lost
-                # connection, a take first collects what the server holds.
-                if (limit > 1 and self._backlog) or self._holding:
-                    taken = await self._take(await self._connect(), min(limit, _MAX_TAKE))
-                    if taken:
-                        return taken
-                landed = await self._wait(await self._connect(), count=limit > 1)
-                if landed is not None and limit > 1 and self._backlog:
-                    # More wait behind it: a take collects the landed message from its
-                    # landing list (so it is not handed out yet), with the others.
-                    self._delivered = 0
-                    taken = await self._take(
-                        await self._connect(), min(limit, _MAX_TAKE), collect=True
-                    )
-                    if taken:
-                        return taken
-                elif landed is not None:
-                    return [landed]
-                delay = 0.05
-            except asyncio.CancelledError:
-                await self._put_back()
-                raise
-            except TRANSIENT as error:
-                reason = self._explain(error)
-                await self.drop()
-                self._holding = True
-                self._shard.lose()
-                # On a cluster the slot may have a new master by now: have it looked up.
-                await self._place.follow(error)
-                # One warning per outage; the retries that follow are debug noise.
-                if delay == 0.05:
-                    self._owner.reconnects += 1
-                logger.log(
-                    logging.WARNING if delay == 0.05 else logging.DEBUG,
-                    "Redis %s: receiving from %r: %s; reconnecting in %.2fs",
-                    self._shard.label,
-                    self._queue,
-                    reason,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except RedisError as error:
-                # Refused (or redirected: a cluster slot moved, or is moving): nothing was
-                # taken, but the landing list handed out may not have been emptied yet,
-                # and replies to the commands behind the refused one are still due: a
-                # new connection reads none of them as its own.
-                await self.drop()
-                self._holding = True
-                if not await self._place.follow(error):
-                    raise self._shard.error(f"receive from {self._queue!r}", error) from error
+                self._send(wire)
+                return
+            except TRANSIENT:
+                pass  # pop's pending read fails too, and makes a new connection
+        kick = self._kick
+        if kick is not None and not kick.done():
+            kick.set_result(None)
 
-    async def _take(
-        self, wire: Wire, limit: int, *, collect: bool = False
-    ) -> list[tuple[str, bytes]]:
-        """Up to ``limit`` messages; ``collect``: also what the landing lists hold
-        (which the script looks for anyway while the server may hold a lost reply's)."""
-        self._sequence += 1
-        marker = str(self._sequence)
-        self._expect_reply(self._shard.timeout)
+    def _send(self, wire: Wire) -> None:
+        """Send the command for what is wanted: for one waiting receive BLMOVE alone (one
+        round trip per message, without a script, returning at once while the queue is
+        not empty); for several, a take, unless the queue was just seen empty (then BLMOVE
+        waits for the next message in the same round trip); a take first after a lost
+        connection, to collect what the server holds."""
+        limit = min(self._wanted, _MAX_TAKE)
+        if (limit > 1 and self._backlog) or self._holding:
+            command = self._take_command(limit, collect=False)
+            self._armed = _TAKE
+            self._expect_reply(self._shard.timeout)
+        else:
+            target = 2 if self._delivered == 1 else 1
+            command = self._empty[self._delivered] + self._block_into[target]
+            self._armed_empties = self._delivered != 0
+            if limit > 1:
+                command += self._count
+            self._armed = _WAIT
+            self._armed_target = target
+            self._expect_reply(self._shard.timeout + self._block)
+        wire.send(command)
+        self._armed_limit = limit
+        self._wanted = 0
+
+    async def pop(self, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` messages, waiting for the first as long as it takes; with
+        ``limit`` 0, what the command :meth:`arm` sent took (none if a blocking wait
+        timed out, or a take found the queue empty), waiting for :meth:`arm` meanwhile.
+        A lost connection is made again (BrokerError only for a server's refusal)."""
+        while True:
+            if limit and not self._armed:
+                self._wanted = limit
+            taken = await self._pop_armed()
+            if taken or not limit:
+                return taken
+
+    async def _pop_armed(self) -> list[tuple[str, bytes]]:
         try:
-            framed: bytes = await evalsha(
-                wire, TAKE, 4, *self._keys, now(), limit, self._confirmed, marker,
-                self._delivered, self._ttl, int(collect or self._holding),
-            )  # fmt: skip
-        finally:
-            self._deadline = None
-        self._confirmed = marker
+            if not self._armed:
+                if self._wanted:
+                    self._send(await self._connect())
+                elif self._connection is None:
+                    self._kick = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._kick
+                    finally:
+                        self._kick = None
+                    return []
+            wire = self._connection
+            assert wire is not None
+            taken = await self._finish(wire)
+            self._delay = 0.05
+            return taken
+        except asyncio.CancelledError:
+            await self._put_back()
+            raise
+        except TRANSIENT as error:
+            idle = not self._armed
+            reason = self._explain(error)
+            await self.drop()
+            self._holding = True
+            self._shard.lose()
+            # On a cluster the slot may have a new master by now: have it looked up.
+            await self._place.follow(error)
+            if idle:
+                # Closed while nothing was asked (a server's idle timeout, a restart):
+                # the next receive connects again, and collects what the server holds.
+                logger.debug("Redis %s: idle receiver of %r closed: %s",
+                             self._shard.label, self._queue, reason)  # fmt: skip
+                return []
+            # One warning per outage; the retries that follow are debug noise.
+            if self._delay == 0.05:
+                self._owner.reconnects += 1
+            logger.log(
+                logging.WARNING if self._delay == 0.05 else logging.DEBUG,
+                "Redis %s: receiving from %r: %s; reconnecting in %.2fs",
+                self._shard.label,
+                self._queue,
+                reason,
+                self._delay,
+            )
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, 2.0)
+            return []
+        except RedisError as error:
+            # Refused (or redirected: a cluster slot moved, or is moving): nothing was
+            # taken, but the landing list handed out may not have been emptied yet,
+            # and replies to the commands behind the refused one are still due: a
+            # new connection reads none of them as its own.
+            await self.drop()
+            self._holding = True
+            if not await self._place.follow(error):
+                raise self._shard.error(f"receive from {self._queue!r}", error) from error
+            return []
+
+    async def _finish(self, wire: Wire) -> list[tuple[str, bytes]]:
+        """Read the replies to the command in flight (the first one waits until
+        :meth:`arm` sends a command, if none is in flight yet)."""
+        first = await self._first_reply(wire)
+        if self._armed == _TAKE:
+            return self._taken(first)
+        if self._armed != _WAIT:
+            raise RedisConnectionError("Protocol error: a reply to no command")
+        if self._armed_empties:
+            self._delivered = 0
+            first = await wire.read()
+        element = first
+        await wire.read()
+        count = self._armed_limit > 1
+        if count:
+            self._backlog = bool(await wire.read())
+        self._deadline = None
+        self._armed = 0
+        if element is None:
+            return []
+        if count and self._backlog:
+            # More wait behind it: a take collects the landed message from its landing
+            # list (so it is not handed out yet), with the others.
+            self._expect_reply(self._shard.timeout)
+            self._armed = _TAKE
+            await wire.write(self._take_command(self._armed_limit, collect=True))
+            return self._taken(await self._first_reply(wire))
+        self._delivered = self._armed_target
+        landed = self._decode(element)
+        return [] if landed is None else [landed]
+
+    async def _first_reply(self, wire: Wire) -> Any:
+        """The first reply to the command in flight; a take the server forgot (a restart
+        flushed its scripts) is loaded and sent again: it did not run."""
+        try:
+            return await wire.read()
+        except NoScriptError:
+            if self._armed != _TAKE:
+                raise
+            await wire.write(pack(("SCRIPT", "LOAD", TAKE.source)) + self._take_sent)
+            await wire.read()
+            return await wire.read()
+
+    def _take_command(self, limit: int, *, collect: bool) -> bytes:
+        """The take of up to ``limit`` messages; ``collect``: also what the landing lists
+        hold (which the script looks for anyway while the server may hold a lost
+        reply's)."""
+        self._sequence += 1
+        self._marker = str(self._sequence)
+        self._take_sent = pack(
+            ("EVALSHA", TAKE.sha, 4, *self._keys, now(), limit, self._confirmed, self._marker,
+             self._delivered, self._ttl, int(collect or self._holding))
+        )  # fmt: skip
+        return self._take_sent
+
+    def _taken(self, framed: bytes) -> list[tuple[str, bytes]]:
+        """The messages of a take's reply, which is one string of (4-byte length,
+        element) pairs."""
+        self._deadline = None
+        self._armed = 0
+        self._confirmed = self._marker
         self._delivered = 0
         self._holding = False
         taken = []
@@ -193,31 +313,9 @@ class Receiver(Watched):
                 taken.append(item)
             at += 4 + size
             count += 1
-        # Messages keep coming (or more wait): take again. None: the pop blocks next.
+        # Messages keep coming (or more wait): take again. None: the next wait blocks.
         self._backlog = count > 0
         return taken
-
-    async def _wait(self, wire: Wire, *, count: bool) -> tuple[str, bytes] | None:
-        target = 2 if self._delivered == 1 else 1
-        command = self._empty[self._delivered] + self._block_into[target]
-        if count:
-            command += self._count
-        self._expect_reply(self._shard.timeout + self._block)
-        try:
-            await wire.write(command)
-            if self._delivered:
-                await wire.read()
-                self._delivered = 0
-            element = await wire.read()
-            await wire.read()
-            if count:
-                self._backlog = bool(await wire.read())
-        finally:
-            self._deadline = None
-        if element is None:
-            return None
-        self._delivered = target
-        return self._decode(element)
 
     def _decode(self, element: bytes) -> tuple[str, bytes] | None:
         cut = element.find(b"\n")
@@ -231,17 +329,19 @@ class Receiver(Watched):
         return self._queue + suffix, element[cut + 1 :]
 
     async def _put_back(self) -> None:
-        """After a cancelled receive: return what this consumer holds to its queue.
+        """After a cancelled pop: return what this consumer holds to its queue.
 
         The blocked BLMOVE is unblocked first on the server, so that no message can land
         after the recovery ran; the cancelled connection is closed first, but the server
-        may not have noticed yet.
+        may not have noticed yet. A pop cancelled with no command in flight holds nothing
+        that was not handed out: its connection is only closed.
         """
         client_id = self._client_id
+        idle = not self._armed and not self._holding
         # Until the recovery ran, the lists may hold messages: the next take looks.
-        self._holding = True
+        self._holding = not idle
         await self.drop()
-        if client_id is None:
+        if client_id is None or idle:
             return
         wire: Wire | None = None
 
@@ -276,4 +376,6 @@ class Receiver(Watched):
         closed (see :func:`.shard.discard`), when the backend is released."""
         connection, self._connection = self._connection, None
         self._client_id = None
+        self._armed = 0
+        self._deadline = None
         await discard(connection, wait=wait)

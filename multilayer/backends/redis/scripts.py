@@ -16,11 +16,6 @@ lists of one receiving backend instance; ``P:m:TOKEN`` a layer's membership mark
 from __future__ import annotations
 
 import hashlib
-from typing import Any
-
-from redis.exceptions import NoScriptError
-
-from .wire import Wire, pack
 
 __all__ = [
     "CHECK_MARK",
@@ -33,7 +28,6 @@ __all__ = [
     "SCRIPTS",
     "TAKE",
     "Script",
-    "evalsha",
     "ttl_ms",
 ]
 
@@ -417,15 +411,3 @@ def ttl_ms(deadline: float, current: float) -> int:
     """The lifetime (ms) of a key holding something until ``deadline``, seen at ``current``;
     a second longer, for clock skew between processes."""
     return max(1, int((deadline - current) * 1000)) + _GRACE_MS
-
-
-async def evalsha(wire: Wire, script: Script, *args: Any) -> Any:
-    """Run ``script`` on ``wire``, loading it first if the server forgot it."""
-    command = ("EVALSHA", script.sha, *args)
-    try:
-        await wire.write(pack(command))
-        return await wire.read()
-    except NoScriptError:
-        await wire.write(pack(("SCRIPT", "LOAD", script.source)) + pack(command))
-        await wire.read()
-        return await wire.read()

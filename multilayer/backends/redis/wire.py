@@ -160,14 +160,19 @@ class Wire:
         self._buffer = b""
         self._pos = 0
 
-    async def write(self, data: bytes) -> None:
-        """Send ``data``; waits only while the socket is behind."""
+    def send(self, data: bytes) -> None:
+        """Send ``data`` without waiting: what the socket does not take at once is
+        buffered (fit for commands, which are small)."""
         writer = self._writer
         if writer.transport.is_closing():
             raise RedisConnectionError("Connection closed before write")
         writer.write(data)
-        if writer.transport.get_write_buffer_size() > _WRITE_HIGH:
-            await writer.drain()
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``; waits only while the socket is behind."""
+        self.send(data)
+        if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH:
+            await self._writer.drain()
 
     async def read(self) -> Any:
         """The next reply; an error reply is raised as redis-py raises it."""
