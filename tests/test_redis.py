@@ -623,6 +623,28 @@ def test_a_receive_sends_its_wait_before_the_event_loop_turns(redis_port: int) -
     run(body)
 
 
+def test_a_receive_backs_off_while_its_server_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    """With nobody answering, the receiving side retries with a growing delay (one
+    warning, then debug lines), never in a tight loop of connection attempts."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0?socket_timeout=0.5&connect_timeout=0.5"
+
+    async def body() -> None:
+        layer = ChannelLayer(url, prefix="down")
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(layer.receive("down.work"), 1.5)
+        finally:
+            await layer.close()
+
+    with caplog.at_level(logging.DEBUG, logger="multilayer.backends.redis"):
+        run(body)
+    attempts = [r for r in caplog.records if r.name == "multilayer.backends.redis.receiver"]
+    # 0.05 s doubling: about five attempts in 1.5 s.
+    assert 1 <= len(attempts) <= 10, [r.getMessage() for r in attempts]
+    assert sum(r.levelno >= logging.WARNING for r in attempts) == 1
+
+
 def test_a_take_the_server_forgot_is_loaded_and_sent_again(redis_port: int) -> None:
     """A take written ahead of its reply meets a server whose scripts were flushed (a
     restart): NOSCRIPT means it did not run, so it is loaded and sent again."""

@@ -182,6 +182,7 @@ class Receiver(Watched):
                 return taken
 
     async def _pop_armed(self) -> list[tuple[str, bytes]]:
+        asked = bool(self._armed or self._wanted)
         try:
             if not self._armed:
                 if self._wanted:
@@ -202,7 +203,8 @@ class Receiver(Watched):
             await self._put_back()
             raise
         except TRANSIENT as error:
-            idle = not self._armed
+            # Nothing was asked of a connection that failed while it waited for arm().
+            idle = not (asked or self._armed)
             reason = self._explain(error)
             await self.drop()
             self._holding = True
