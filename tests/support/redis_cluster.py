@@ -25,14 +25,20 @@ __all__ = ["RedisCluster"]
 NODE_TIMEOUT_MS = 2000
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports, each with its cluster bus port (+10000) free too."""
+class _NodeExited(RuntimeError):
+    """A node's redis-server ended before it answered (its port or bus port was taken
+    meanwhile: both are picked free, then bound later)."""
+
+
+def _free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
+    """``count`` distinct free ports, not in ``taken``, each with its cluster bus port
+    (+10000) free too."""
     ports: list[int] = []
     while len(ports) < count:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port: int = sock.getsockname()[1]
-        if port + 10000 > 65535 or port in ports:
+        if port + 10000 > 65535 or port in ports or port in taken:
             continue
         with socket.socket() as bus:
             try:
@@ -93,7 +99,16 @@ class RedisCluster:
     def start(self, timeout: float = 60.0) -> None:
         """Start every node, join them, and wait until every node says the cluster is ok."""
         for index in range(len(self.ports)):
-            self._spawn(index)
+            for attempt in range(3):
+                try:
+                    self._spawn(index)
+                    break
+                except _NodeExited:
+                    # Another process took a port between picking and binding (an
+                    # outgoing connection's local port, in a busy test session).
+                    if attempt == 2:
+                        raise
+                    self.ports[index] = _free_ports(1, tuple(self.ports))[0]
         addresses = [f"127.0.0.1:{port}" for port in self.ports]
         self.cli("--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas),
                  "--cluster-yes", timeout=timeout)  # fmt: skip
@@ -124,12 +139,15 @@ class RedisCluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
+        process = self.processes[index]
         deadline = time.monotonic() + 20
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     return
             except OSError:
+                if process is not None and process.poll() is not None:
+                    raise _NodeExited(f"redis-server on {port} exited: see {node}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server on {port} did not start") from None
                 time.sleep(0.05)
