@@ -512,6 +512,36 @@ def test_flush_leaves_nothing_once_the_prefix_is_unused(shared: str) -> None:
     run(body)
 
 
+def test_flush_without_its_catalog_deletes_what_the_layer_declared(shared: str) -> None:
+    """The catalog is a queue of one node: a cluster that lost that node has lost it too.
+    flush() then deletes the queues this layer declared, and succeeds (it raised
+    NOT_FOUND, failing a cluster fault test's clean-up)."""
+    layer = _layer(shared)
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+    def drop_catalog() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            connection.channel().queue_delete(f"{layer.prefix}::catalog")
+        finally:
+            connection.close()
+
+    async def body() -> None:
+        inbox = await layer.new_channel()
+        await layer.send("rmq.nocatalog", {"n": 1})
+        queues = (f"{layer.prefix}:rmq.nocatalog", f"{layer.prefix}:{inbox[:-12]}")
+        for queue in queues:
+            assert await asyncio.to_thread(_on_broker, url, "queue", queue), queue
+        await asyncio.to_thread(drop_catalog)
+        await layer.flush()
+        for queue in queues:
+            assert not await asyncio.to_thread(_on_broker, url, "queue", queue), queue
+        assert await _topology(url, layer.prefix) == (True, True)
+        await layer.close()
+
+    run(body)
+
+
 def test_flush_keeps_the_topology_for_other_open_layers(shared: str) -> None:
     """A layer still open renews the catalog, which keeps the exchange: its groups keep
     working long after another layer of the prefix flushed and closed."""

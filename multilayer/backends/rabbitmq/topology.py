@@ -24,7 +24,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from ...backend import LayerSettings
 from ...exceptions import BrokerError
-from .channel import PRECONDITION_FAILED, Channel, reply_code
+from .channel import NOT_FOUND, PRECONDITION_FAILED, Channel, reply_code
 from .connection import Link
 
 __all__ = ["Topology", "idle_lifetime"]
@@ -250,7 +250,17 @@ class Topology:
         connection = await self.link.connected()
         channel = await Channel.open(connection)
         try:
-            for queue in await self._drain_catalog(channel):
+            try:
+                listed = await self._drain_catalog(channel)
+            except pika.exceptions.AMQPError as error:
+                if reply_code(error) != NOT_FOUND:
+                    raise
+                # The catalog went with the cluster node that held it (or was deleted):
+                # the queues this backend declared are the ones it can still name.
+                channel.close()
+                channel = await Channel.open(connection)
+                listed = set(self._declared)
+            for queue in listed:
                 await channel.call(channel.channel.queue_delete, queue)
                 self.forget(queue)
             # Deleting the exchange drops every binding of the prefix; both go so that
