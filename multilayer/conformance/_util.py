@@ -34,8 +34,11 @@ def message_of(size: int) -> dict[str, Any]:
     """A message whose msgpack form is exactly ``size`` bytes (at least 20)."""
     filler = size - len(msgpack.packb({"type": "conf.size", "b": b""}, use_bin_type=True))
     # A longer bin needs a longer length prefix (1, 2 or 4 more bytes): take it from filler.
-    for shrink in range(5):
-        message = {"type": "conf.size", "b": b"s" * (filler - shrink)}
-        if len(msgpack.packb(message, use_bin_type=True)) == size:
-            return message
+    # Where that skips a size (a 255-byte bin gives 275 bytes, a 256-byte one 277), a
+    # longer type fills the gap a byte at a time.
+    for pad in range(5):
+        for shrink in range(5):
+            message = {"type": "conf.size" + "." * pad, "b": b"s" * (filler - shrink - pad)}
+            if len(msgpack.packb(message, use_bin_type=True)) == size:
+                return message
     raise ValueError(f"no message of exactly {size} bytes")
