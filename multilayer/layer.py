@@ -445,8 +445,7 @@ class ChannelLayer:
         check_message(message)
         deadline = time.time() + self.expiry
         payload = self._codec.encode(message, deadline)
-        state = self._state()
-        backend = state.backend if state.is_open else await state.ready()
+        backend = await self._backend()
         await backend.group_send(group, payload, deadline=deadline, capacity=self.settings.capacity)
         self._tally.group_sent += 1
 

@@ -160,9 +160,8 @@ class LocalQueue:
             self._fetcher = asyncio.create_task(
                 self._fetch(), name=f"multilayer fetch {self.queue}"
             )
-        if self._armed and not self._asked:
-            self._asked = True
-            self.backend.arm(self.queue, max(self._hungry, self._batch))
+        if self._armed:
+            self._arm()
         try:
             await future
         except asyncio.CancelledError:
@@ -226,6 +225,11 @@ class LocalQueue:
                 await asyncio.sleep(0)
         self._asked = False
         if self._hungry > 0:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Arm the pending pop for the receives waiting, unless armed since it returned."""
+        if not self._asked:
             self._asked = True
             self.backend.arm(self.queue, max(self._hungry, self._batch))
 

@@ -93,21 +93,16 @@ class Receiver(Watched):
         #: blocking wait saw more behind the one it landed. If not, the next pop blocks
         #: at once rather than first running a take that would most likely find none.
         self._backlog = True
-        #: The command in flight (``_WAIT``, ``_TAKE``; 0: none), the most messages it
-        #: takes, and the landing list a wait lands in.
+        #: The command in flight (``_WAIT``, ``_TAKE``; 0: none), and the most messages it
+        #: takes.
         self._armed = 0
         self._armed_limit = 0
-        self._armed_target = 0
-        #: Whether the wait in flight empties the landing list handed out, before its
-        #: BLMOVE (so that it has run before any message lands).
-        self._armed_empties = False
         #: How many messages receives asked for while no command could be sent.
         self._wanted = 0
         #: Set by :meth:`arm` for a pop waiting without a connection.
         self._kick: asyncio.Future[None] | None = None
         #: Seconds before the next reconnect after a lost connection.
         self._delay = 0.05
-        self._marker = "0"
         #: The take in flight, as sent (sent again if the server forgot the script).
         self._take_sent = b""
 
@@ -157,13 +152,12 @@ class Receiver(Watched):
             self._armed = _TAKE
             self._expect_reply(self._shard.timeout)
         else:
-            target = 2 if self._delivered == 1 else 1
-            command = self._empty[self._delivered] + self._block_into[target]
-            self._armed_empties = self._delivered != 0
+            # The landing list handed out (if any) is emptied before the BLMOVE, so that
+            # it has run before any message lands.
+            command = self._empty[self._delivered] + self._block_into[self._landing()]
             if limit > 1:
                 command += self._count
             self._armed = _WAIT
-            self._armed_target = target
             self._expect_reply(self._shard.timeout + self._block)
         wire.send(command)
         self._armed_limit = limit
@@ -250,7 +244,9 @@ class Receiver(Watched):
             return self._taken(first)
         if self._armed != _WAIT:
             raise RedisConnectionError("Protocol error: a reply to no command")
-        if self._armed_empties:
+        # What the wait was sent with: _delivered changes only below.
+        target = self._landing()
+        if self._delivered:
             self._delivered = 0
             first = await wire.read()
         element = first
@@ -269,7 +265,7 @@ class Receiver(Watched):
             self._armed = _TAKE
             await wire.write(self._take_command(self._armed_limit, collect=True))
             return self._taken(await self._first_reply(wire))
-        self._delivered = self._armed_target
+        self._delivered = target
         landed = self._decode(element)
         return [] if landed is None else [landed]
 
@@ -285,15 +281,18 @@ class Receiver(Watched):
             await wire.read()
             return await wire.read()
 
+    def _landing(self) -> int:
+        """The landing list (1 or 2) a wait lands in: not the one handed out."""
+        return 2 if self._delivered == 1 else 1
+
     def _take_command(self, limit: int, *, collect: bool) -> bytes:
         """The take of up to ``limit`` messages; ``collect``: also what the landing lists
         hold (which the script looks for anyway while the server may hold a lost
         reply's)."""
         self._sequence += 1
-        self._marker = str(self._sequence)
         self._take_sent = pack(
-            ("EVALSHA", TAKE.sha, 4, *self._keys, now(), limit, self._confirmed, self._marker,
-             self._delivered, self._ttl, int(collect or self._holding))
+            ("EVALSHA", TAKE.sha, 4, *self._keys, now(), limit, self._confirmed,
+             str(self._sequence), self._delivered, self._ttl, int(collect or self._holding))
         )  # fmt: skip
         return self._take_sent
 
@@ -302,7 +301,8 @@ class Receiver(Watched):
         element) pairs."""
         self._deadline = None
         self._armed = 0
-        self._confirmed = self._marker
+        # The batch just read is the one the take in flight marked.
+        self._confirmed = str(self._sequence)
         self._delivered = 0
         self._holding = False
         taken = []
@@ -340,10 +340,12 @@ class Receiver(Watched):
         """
         client_id = self._client_id
         idle = not self._armed and not self._holding
-        # Until the recovery ran, the lists may hold messages: the next take looks.
-        self._holding = not idle
         await self.drop()
-        if client_id is None or idle:
+        if idle:
+            return
+        # Until the recovery ran, the lists may hold messages: the next take looks.
+        self._holding = True
+        if client_id is None:
             return
         wire: Wire | None = None
 
