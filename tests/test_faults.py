@@ -69,6 +69,8 @@ class Traffic:
         self.got: dict[str, list[int]] = {channel: [] for channel in channels}
         self.group_got: list[int] = []
         self.failures = 0
+        #: What ended a receiving task (no receive may fail).
+        self.receive_errors: list[str] = []
         self.running = True
 
     async def send_forever(self) -> None:
@@ -86,6 +88,13 @@ class Traffic:
             await asyncio.sleep(0.01)
 
     async def receive_forever(self, channel: str) -> None:
+        try:
+            await self._receive_forever(channel)
+        except Exception as error:
+            self.receive_errors.append(f"{channel}: {error!r}")
+            raise
+
+    async def _receive_forever(self, channel: str) -> None:
         while True:
             message = await self.receiver.receive(channel)
             if "group" in message:
@@ -100,7 +109,10 @@ class Traffic:
                 f"got {len(got)} (last {got[-1:]})"
                 for channel, got in self.got.items()
             )
-            + f"; next number {self.next}, {self.failures} failed sends"
+            + f"; next number {self.next}, {self.failures} failed sends; reconnects: "
+            + f"sender {self.sender.counters().reconnects}, "
+            + f"receiver {self.receiver.counters().reconnects}"
+            + "".join(f"; receive failed: {error}" for error in self.receive_errors)
         )
 
     def start(self) -> list[asyncio.Future[None]]:
@@ -143,6 +155,8 @@ class Traffic:
     async def until(self, condition: Any, timeout: float, what: str) -> float:
         started = time.monotonic()
         while not condition():
+            if self.receive_errors:
+                raise AssertionError(f"a receive failed, waiting for {what}; {self}")
             if time.monotonic() - started > timeout:
                 raise AssertionError(f"{what} not within {timeout}s; {self}")
             await asyncio.sleep(0.05)

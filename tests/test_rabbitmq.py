@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -741,6 +742,51 @@ def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) ->
         await sender.send(channel, {"n": 4})
         assert await asyncio.wait_for(waiting, 20) == {"n": 4}
         await nothing(receiver, channel)
+        await sender.flush()
+        await sender.close()
+        await receiver.close()
+
+    run_quietly(body, timeout=120)
+
+
+def test_a_connection_lost_while_reconnecting_is_made_again(shared: str) -> None:
+    """The connection made after a drop drops too, while the layer declares its topology
+    on it: the layer goes on reconnecting, and the waiting receive gets a later message.
+    (Closing the dead connection raised in pika and ended the reconnecting for good: the
+    layer stayed disconnected.)"""
+    rabbitmqctl = require_binary("rabbitmqctl")
+    name = "mltest-" + secrets.token_hex(4)
+    receiver = _layer(f"{shared}?connection_name={name}")
+    sender = _layer(shared, prefix=receiver.prefix)
+
+    async def body() -> None:
+        channel = await receiver.new_channel()
+        await sender.send(channel, {"n": 1})
+        assert await recv(receiver, channel) == {"n": 1}
+        backend: Any = await receiver._backend()
+        declare_topology = backend.topology.declare_topology
+        dropped: list[object] = []
+
+        async def drop_first(connection: Any) -> None:
+            if not dropped:
+                dropped.append(connection)
+                closed = asyncio.Event()
+                connection.add_on_close_callback(lambda _connection, _reason: closed.set())
+                connection._transport._sock.shutdown(socket.SHUT_RDWR)
+                await asyncio.wait_for(closed.wait(), 10)
+            await declare_topology(connection)
+
+        backend.topology.declare_topology = drop_first
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _close_connections(rabbitmqctl, name)
+        for _ in range(100):
+            if dropped and backend.link.connection is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert dropped, "no reconnection was attempted"
+        await sender.send(channel, {"n": 2})
+        assert await asyncio.wait_for(waiting, 20) == {"n": 2}
+        assert receiver.counters().reconnects == 1
         await sender.flush()
         await sender.close()
         await receiver.close()

@@ -197,7 +197,10 @@ class Link:
                 await self._setup(connection, again=again)
             except (pika.exceptions.AMQPError, BrokerError) as error:
                 self._closed(connection, error)
-                connection.close()
+                # Closing a connection that dropped meanwhile raises (pika), which would
+                # end the reconnecting for good.
+                if not (connection.is_closed or connection.is_closing):
+                    connection.close()
                 errors.append(error)
                 continue
             return
@@ -273,10 +276,14 @@ class Link:
             try:
                 await self._connect(again=True)
                 logger.info("reconnected to RabbitMQ at %s", self.url.sanitized())
+                continue
             except BrokerError as error:
                 logger.debug("%s", error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            except Exception:
+                # A bug, but nothing else would ever reconnect this layer: log it, try again.
+                logger.exception("reconnecting to RabbitMQ at %s failed", self.url.sanitized())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _renew(self, connection: AsyncioConnection) -> None:
         try:
