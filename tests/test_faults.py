@@ -512,6 +512,9 @@ def test_traffic_survives_losing_a_cluster_node(
     is on a surviving node. The killed node's return then changes nothing: no send fails
     and traffic goes on."""
     dead, survivor = rabbit_cluster.nodes[0], rabbit_cluster.nodes[1]
+    for node in rabbit_cluster.nodes:
+        if not node.running():
+            node.start()  # left down by a failed run of the other queue type
     url = f"{rabbit_cluster.url}?queue_type={queue_type}"
     options = {**RabbitController.options, "prefix": "c" + secrets.token_hex(4)}
     options["capacity"] = 10_000
