@@ -721,13 +721,19 @@ async def _close_connections(rabbitmqctl: str, name: str) -> None:
         )
 
 
-def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) -> None:
-    """An inbox acknowledges in batches, so RabbitMQ delivers again what this process
-    received before its connection dropped; those redeliveries must not reach a receive."""
+def _droppable_receiver(shared: str) -> tuple[str, str, ChannelLayer, ChannelLayer]:
+    """rabbitmqctl, a connection name, a receiving layer whose connection has that name
+    (for :func:`_close_connections`), and a sending layer of the same prefix."""
     rabbitmqctl = require_binary("rabbitmqctl")
     name = "mltest-" + secrets.token_hex(4)
     receiver = _layer(f"{shared}?connection_name={name}")
-    sender = _layer(shared, prefix=receiver.prefix)
+    return rabbitmqctl, name, receiver, _layer(shared, prefix=receiver.prefix)
+
+
+def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) -> None:
+    """An inbox acknowledges in batches, so RabbitMQ delivers again what this process
+    received before its connection dropped; those redeliveries must not reach a receive."""
+    rabbitmqctl, name, receiver, sender = _droppable_receiver(shared)
 
     async def body() -> None:
         channel = await receiver.new_channel()
@@ -754,10 +760,7 @@ def test_a_connection_lost_while_reconnecting_is_made_again(shared: str) -> None
     on it: the layer goes on reconnecting, and the waiting receive gets a later message.
     (Closing the dead connection raised in pika and ended the reconnecting for good: the
     layer stayed disconnected.)"""
-    rabbitmqctl = require_binary("rabbitmqctl")
-    name = "mltest-" + secrets.token_hex(4)
-    receiver = _layer(f"{shared}?connection_name={name}")
-    sender = _layer(shared, prefix=receiver.prefix)
+    rabbitmqctl, name, receiver, sender = _droppable_receiver(shared)
 
     async def body() -> None:
         channel = await receiver.new_channel()
