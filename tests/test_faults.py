@@ -534,11 +534,22 @@ def test_traffic_survives_losing_a_cluster_node(
                 killed = time.monotonic()
                 await asyncio.to_thread(dead.stop, kill=True)
                 loss_over = traffic.next
-                await traffic.until(
-                    lambda: all(any(n > loss_over for n in traffic.got[c]) for c in traffic.got),
-                    RECOVERY,
-                    "receives resuming after the node loss",
-                )
+
+                def resumed() -> bool:
+                    return all(any(n > loss_over for n in got) for got in traffic.got.values())
+
+                try:
+                    await traffic.until(
+                        resumed,
+                        RECOVERY,
+                        "receives resuming after the node loss",
+                    )
+                except AssertionError as error:
+                    # What the survivors hold says whose side stalled.
+                    queues = await asyncio.to_thread(
+                        survivor.ctl, "list_queues", "name", "messages", "consumers"
+                    )
+                    raise AssertionError(f"{error}\nqueues on {survivor.name}:\n{queues}") from None
                 recovered = time.monotonic() - killed
                 assert (
                     await asyncio.to_thread(_connections, survivor)

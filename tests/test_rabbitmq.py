@@ -730,6 +730,15 @@ def _droppable_receiver(shared: str) -> tuple[str, str, ChannelLayer, ChannelLay
     return rabbitmqctl, name, receiver, _layer(shared, prefix=receiver.prefix)
 
 
+async def _received_once(receiver: ChannelLayer, sender: ChannelLayer) -> tuple[str, Any]:
+    """A new inbox of ``receiver``, connected and consuming (a message went through), and
+    ``receiver``'s backend."""
+    channel = await receiver.new_channel()
+    await sender.send(channel, {"n": 1})
+    assert await recv(receiver, channel) == {"n": 1}
+    return channel, await receiver._backend()
+
+
 def test_no_message_arrives_twice_after_the_connection_is_closed(shared: str) -> None:
     """An inbox acknowledges in batches, so RabbitMQ delivers again what this process
     received before its connection dropped; those redeliveries must not reach a receive."""
@@ -763,10 +772,7 @@ def test_a_connection_lost_while_reconnecting_is_made_again(shared: str) -> None
     rabbitmqctl, name, receiver, sender = _droppable_receiver(shared)
 
     async def body() -> None:
-        channel = await receiver.new_channel()
-        await sender.send(channel, {"n": 1})
-        assert await recv(receiver, channel) == {"n": 1}
-        backend: Any = await receiver._backend()
+        channel, backend = await _received_once(receiver, sender)
         declare_topology = backend.topology.declare_topology
         dropped: list[object] = []
 
@@ -790,6 +796,51 @@ def test_a_connection_lost_while_reconnecting_is_made_again(shared: str) -> None
         await sender.send(channel, {"n": 2})
         assert await asyncio.wait_for(waiting, 20) == {"n": 2}
         assert receiver.counters().reconnects == 1
+        await sender.flush()
+        await sender.close()
+        await receiver.close()
+
+    run_quietly(body, timeout=120)
+
+
+def test_a_consumer_deaf_after_a_reconnection_is_restarted(shared: str) -> None:
+    """For a while after a reconnection every consumer is watched: one that gets nothing
+    while its queue holds ready messages is started again. (After a cluster node died, an
+    inbox consumer was seen to get nothing more.) Here the first consumer started on the
+    new connection listens to another queue, as deaf as that one was."""
+    rabbitmqctl, name, receiver, sender = _droppable_receiver(shared)
+
+    async def body() -> None:
+        channel, backend = await _received_once(receiver, sender)
+        [inbox_consumer] = backend._consumers.values()
+        inbox, decoy = inbox_consumer.queue, f"{receiver.prefix}:rmq.decoy"
+        reconnected, start = backend.link._reconnected, inbox_consumer._start
+        deaf: list[str | None] = []
+
+        def deafen() -> None:
+            reconnected()
+            if not deaf:
+                inbox_consumer.queue = decoy  # for the start waiting for this connection
+
+        async def start_and_hear_again() -> None:
+            try:
+                await start()
+            finally:
+                if inbox_consumer.queue == decoy:
+                    deaf.append(inbox_consumer.tag)
+                    inbox_consumer.queue = inbox
+
+        backend.link._reconnected = deafen
+        inbox_consumer._start = start_and_hear_again
+        waiting = asyncio.ensure_future(receiver.receive(channel))
+        await _close_connections(rabbitmqctl, name)
+        for _ in range(100):
+            if deaf:
+                break
+            await asyncio.sleep(0.1)
+        assert deaf and deaf[0] is not None, "the consumer did not listen to the decoy"
+        await sender.send(channel, {"n": 2})
+        assert await asyncio.wait_for(waiting, 3 * consumer.STUCK_AFTER + 5) == {"n": 2}
         await sender.flush()
         await sender.close()
         await receiver.close()

@@ -73,6 +73,8 @@ class Link:
         #: None from the moment the connection is lost.
         self.publisher: Publisher | None = None
         self._ready = asyncio.Event()
+        #: Event-loop time of the last reconnection, None before one.
+        self._reconnected_at: float | None = None
         self._closing = False
         self._keeper: asyncio.Task[None] | None = None
 
@@ -122,6 +124,11 @@ class Link:
         if self.connection is None:
             raise Disconnected(f"lost the connection to RabbitMQ at {self.url.sanitized()}")
         return self.connection
+
+    def reconnected_within(self, seconds: float) -> bool:
+        """Whether the connection was made again in the last ``seconds``."""
+        at = self._reconnected_at
+        return at is not None and asyncio.get_running_loop().time() - at < seconds
 
     async def channel(self) -> Channel:
         """The admin channel, reopened if a refused operation closed it."""
@@ -236,6 +243,7 @@ class Link:
         if again:
             # Counted once the connection serves, not after restore(), which may pause
             # (spreading re-declarations): a receive resumed is a reconnection counted.
+            self._reconnected_at = asyncio.get_running_loop().time()
             self._reconnected()
         await self._restore()
 
