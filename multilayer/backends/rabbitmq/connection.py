@@ -39,6 +39,13 @@ class Disconnected(BrokerError):
 Prepare = Callable[[AsyncioConnection], Awaitable[None]]
 
 
+def _close_if_open(connection: AsyncioConnection) -> None:
+    """Close ``connection`` unless it is closed or closing already: pika raises then, and
+    in a reconnect attempt that error would end the reconnecting for good."""
+    if not (connection.is_closed or connection.is_closing):
+        connection.close()
+
+
 class Link:
     """One connection to RabbitMQ, kept: the first answering host of the URL, made again
     with backoff (0.1 s doubling to 2 s) whenever it drops, until :meth:`close`.
@@ -204,10 +211,7 @@ class Link:
                 await self._setup(connection, again=again)
             except (pika.exceptions.AMQPError, BrokerError) as error:
                 self._closed(connection, error)
-                # Closing a connection that dropped meanwhile raises (pika), which would
-                # end the reconnecting for good.
-                if not (connection.is_closed or connection.is_closing):
-                    connection.close()
+                _close_if_open(connection)
                 errors.append(error)
                 continue
             return
@@ -230,8 +234,7 @@ class Link:
         try:
             return await asyncio.wait_for(opened, self.config["connect_timeout"])
         except BaseException:
-            if not (connection.is_closed or connection.is_closing):
-                connection.close()
+            _close_if_open(connection)
             raise
 
     async def _setup(self, connection: AsyncioConnection, *, again: bool) -> None:
