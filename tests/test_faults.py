@@ -69,11 +69,19 @@ class Traffic:
         self.got: dict[str, list[int]] = {channel: [] for channel in channels}
         self.group_got: list[int] = []
         self.failures = 0
-        #: What ended a receiving task (no receive may fail).
-        self.receive_errors: list[str] = []
+        #: What ended the sending task or a receiving one (no receive may fail, no send
+        #: may hang).
+        self.task_errors: list[str] = []
         self.running = True
 
     async def send_forever(self) -> None:
+        try:
+            await self._send_forever()
+        except Exception as error:
+            self.task_errors.append(f"sending: {error!r}")
+            raise
+
+    async def _send_forever(self) -> None:
         while self.running:
             for channel in self.channels:
                 self.next += 1
@@ -85,13 +93,17 @@ class Traffic:
                 except BrokerError:
                     self.failures += 1
                     await asyncio.sleep(0.05)
+                except asyncio.TimeoutError:
+                    raise AssertionError(
+                        f"a send to {channel} did not return within {SEND_BOUND}s"
+                    ) from None
             await asyncio.sleep(0.01)
 
     async def receive_forever(self, channel: str) -> None:
         try:
             await self._receive_forever(channel)
         except Exception as error:
-            self.receive_errors.append(f"{channel}: {error!r}")
+            self.task_errors.append(f"receiving from {channel}: {error!r}")
             raise
 
     async def _receive_forever(self, channel: str) -> None:
@@ -112,7 +124,7 @@ class Traffic:
             + f"; next number {self.next}, {self.failures} failed sends; reconnects: "
             + f"sender {self.sender.counters().reconnects}, "
             + f"receiver {self.receiver.counters().reconnects}"
-            + "".join(f"; receive failed: {error}" for error in self.receive_errors)
+            + "".join(f"; task failed: {error}" for error in self.task_errors)
         )
 
     def start(self) -> list[asyncio.Future[None]]:
@@ -155,8 +167,8 @@ class Traffic:
     async def until(self, condition: Any, timeout: float, what: str) -> float:
         started = time.monotonic()
         while not condition():
-            if self.receive_errors:
-                raise AssertionError(f"a receive failed, waiting for {what}; {self}")
+            if self.task_errors:
+                raise AssertionError(f"a task failed, waiting for {what}; {self}")
             if time.monotonic() - started > timeout:
                 raise AssertionError(f"{what} not within {timeout}s; {self}")
             await asyncio.sleep(0.05)

@@ -848,6 +848,35 @@ def test_a_consumer_deaf_after_a_reconnection_is_restarted(shared: str) -> None:
     run_quietly(body, timeout=120)
 
 
+def test_a_send_never_confirmed_fails_and_the_next_uses_a_new_channel(shared: str) -> None:
+    """A publish RabbitMQ never confirms (as a 3.10 channel left talking to a dead quorum
+    leader never did) fails its send with a BrokerError saying so after connect_timeout,
+    instead of waiting forever; the publishing channel is dropped, and the next send goes
+    through a new one."""
+    layer = _layer(shared, connect_timeout=1)
+
+    async def body() -> None:
+        try:
+            await layer.send("rmq.unconfirmed", {"n": 1})
+            backend = await layer._backend()
+            publisher = backend.link.publisher
+            # The confirms RabbitMQ sends on this channel go unheard from now on.
+            publisher.channel.connection.confirms[publisher.channel.number] = lambda *_: None
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=r"no confirm within 1s .*'[^']*rmq.unconfirmed'"):
+                await asyncio.wait_for(layer.send("rmq.unconfirmed", {"n": 2}), 10)
+            assert time.monotonic() - started < 3
+            await asyncio.wait_for(layer.send("rmq.unconfirmed", {"n": 3}), 10)
+            assert backend.link.publisher is not publisher
+            # The failed send had been stored, as its error says it may have been.
+            assert [(await recv(layer, "rmq.unconfirmed"))["n"] for _ in range(3)] == [1, 2, 3]
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body)
+
+
 # -- behaviour on our own node ----------------------------------------------------------
 
 

@@ -218,8 +218,7 @@ class RabbitMQBackend(Backend):
             publisher = link.publisher
             if (
                 publisher is not None
-                and publisher.channel.closed is None
-                and publisher.channel.channel.is_open
+                and publisher.usable
                 and self.credits.send(self._publish_now, queue, channel, payload, kind, capacity)
             ):
                 return

@@ -147,8 +147,8 @@ class Link:
     async def publishing(self) -> Publisher:
         """The publisher, reopened if its channel closed."""
         connection = await self.connected()
-        if self.publisher is None or self.publisher.channel.closed is not None:
-            self.publisher = await Publisher.open(connection)
+        if self.publisher is None or not self.publisher.usable:
+            self.publisher = await Publisher.open(connection, self.config["connect_timeout"])
         return self.publisher
 
     async def publish(
@@ -164,7 +164,7 @@ class Link:
         """Publish and wait for RabbitMQ's verdict: ``"ack"``, ``"nack"`` or ``"returned"``."""
         try:
             publisher = self.publisher
-            if publisher is None or publisher.channel.closed is not None:
+            if publisher is None or not publisher.usable:
                 publisher = await self.publishing()
             future = publisher.publish(
                 exchange, routing_key, payload, kind, mandatory=mandatory, message_id=message_id
@@ -239,7 +239,7 @@ class Link:
 
     async def _setup(self, connection: AsyncioConnection, *, again: bool) -> None:
         admin = await Channel.open(connection)
-        publisher = await Publisher.open(connection)
+        publisher = await Publisher.open(connection, self.config["connect_timeout"])
         await self._prepare(connection)
         self.connection, self.admin, self.publisher = connection, admin, publisher
         self._ready.set()

@@ -4,7 +4,8 @@ group publishes whose confirms nobody waits for.
 A send waits for its publisher confirm, because a negative confirm is how RabbitMQ
 reports a full queue (``x-overflow=reject-publish``); a publish that finds no queue
 (``mandatory``) is returned before its confirm. ``group_send`` does not wait: a full
-member is logged, never reported to its caller.
+member is logged, never reported to its caller. A confirm that does not come within the
+confirm timeout drops the channel (see :meth:`Publisher._overdue`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pika.frame
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from ...exceptions import BrokerError
 from .channel import Channel, fail, settle
 
 __all__ = ["ConfirmWindow", "Publisher"]
@@ -30,34 +32,42 @@ __all__ = ["ConfirmWindow", "Publisher"]
 class _Confirm:
     """A publish waiting for RabbitMQ's confirm."""
 
-    __slots__ = ("exchange", "future", "returned", "routing_key")
+    __slots__ = ("at", "exchange", "future", "returned", "routing_key")
 
-    def __init__(self, future: asyncio.Future[str] | None, exchange: str, routing_key: str):
+    def __init__(
+        self, future: asyncio.Future[str] | None, exchange: str, routing_key: str, at: float
+    ):
         self.future = future
         self.exchange = exchange
         self.routing_key = routing_key
         self.returned = False
+        #: event-loop time of the publish
+        self.at = at
 
 
 class Publisher:
     """The confirm-mode channel every publish goes through, in publish order.
 
     Every publish carries a ``message_id`` unique to this publisher, by which a consumer
-    recognises a redelivery of a message it handed out already.
+    recognises a redelivery of a message it handed out already. A confirm that does not
+    come within ``confirm_timeout`` seconds drops the channel (:meth:`_overdue`).
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, confirm_timeout: float) -> None:
         self.channel = channel
         self._sent = 0
+        #: in publish order, so the first is the oldest
         self._waiting: dict[int, _Confirm] = {}
         self._id_prefix = secrets.token_hex(8) + "."
+        self._confirm_timeout = confirm_timeout
+        self._watch: asyncio.TimerHandle | None = None
         channel.on_close(self._closed)
 
     @classmethod
-    async def open(cls, connection: AsyncioConnection) -> Publisher:
+    async def open(cls, connection: AsyncioConnection, confirm_timeout: float) -> Publisher:
         """A publisher on a new channel of ``connection``, in confirm mode."""
         channel = await Channel.open(connection)
-        publisher = cls(channel)
+        publisher = cls(channel, confirm_timeout)
         channel.channel.add_on_return_callback(publisher._returned)
         await channel.call(channel.channel.confirm_delivery, publisher._confirmed)
         channel.connection.confirms[channel.number] = publisher._confirm
@@ -83,7 +93,8 @@ class Publisher:
         if not channel.channel.is_open:
             raise pika.exceptions.ChannelWrongStateError("the publishing channel is closing")
         # Failed by _closed() if the channel closes first.
-        future = asyncio.get_running_loop().create_future() if wait else None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future() if wait else None
         sequence = self._sent + 1
         channel.connection.publish(
             channel.number,
@@ -95,8 +106,42 @@ class Publisher:
             mandatory=mandatory,
         )
         self._sent = sequence
-        self._waiting[sequence] = _Confirm(future, exchange, routing_key)
+        self._waiting[sequence] = _Confirm(future, exchange, routing_key, loop.time())
+        if self._watch is None:
+            self._watch = loop.call_later(self._confirm_timeout, self._overdue)
         return future
+
+    @property
+    def usable(self) -> bool:
+        """Whether the channel is open and not closing."""
+        return self.channel.closed is None and self.channel.channel.is_open
+
+    def _overdue(self) -> None:
+        """Drop the channel if its oldest publish has waited ``confirm_timeout`` seconds
+        for its confirm, failing every publish waiting on it; else look again then.
+
+        RabbitMQ 3.10 was seen to leave a channel that published to a quorum queue while
+        the queue had no leader talking to the dead one: no confirm ever came, and the
+        send would have waited forever. A new channel works.
+        """
+        self._watch = None
+        if not self._waiting:
+            return
+        oldest = next(iter(self._waiting.values()))
+        loop = asyncio.get_running_loop()
+        left = oldest.at + self._confirm_timeout - loop.time()
+        if left > 0:
+            self._watch = loop.call_later(left, self._overdue)
+            return
+        self._fail(
+            BrokerError(
+                f"RabbitMQ sent no confirm within {self._confirm_timeout:g}s for a message "
+                f"to {oldest.routing_key or oldest.exchange!r}: the publishing channel is "
+                "dropped (a later send uses a new one), failing the sends that waited on it; "
+                "each may have been stored"
+            )
+        )
+        self.channel.close()
 
     def _returned(
         self,
@@ -131,6 +176,12 @@ class Publisher:
                 settle(confirm.future, outcome)
 
     def _closed(self, reason: BaseException) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._fail(reason)
+
+    def _fail(self, reason: BaseException) -> None:
         for confirm in self._waiting.values():
             if confirm.future is not None:
                 fail(confirm.future, reason)
