@@ -877,6 +877,38 @@ def test_a_send_never_confirmed_fails_and_the_next_uses_a_new_channel(shared: st
     run(body)
 
 
+def test_a_method_never_answered_fails_and_the_next_uses_a_new_channel(shared: str) -> None:
+    """A method RabbitMQ never answers fails with a BrokerError saying so after
+    connect_timeout, instead of waiting forever; its channel is dropped, and the next
+    operation opens a new one."""
+    layer = _layer(shared, connect_timeout=1)
+
+    async def body() -> None:
+        try:
+            channel = await layer.new_channel()
+            await layer.group_add("rmq-unanswered", channel)
+            backend = await layer._backend()
+            admin = backend.link.admin
+
+            def queue_bind(*_args: Any, **_kwargs: Any) -> None:
+                """Asks nothing, so no answer comes."""
+
+            admin.channel.queue_bind = queue_bind
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=r"did not answer queue_bind within 1s"):
+                await asyncio.wait_for(layer.group_add("rmq-unanswered-2", channel), 10)
+            assert time.monotonic() - started < 3
+            await asyncio.wait_for(layer.group_add("rmq-unanswered-2", channel), 10)
+            assert backend.link.admin is not admin
+            await layer.group_send("rmq-unanswered-2", {"n": 1})
+            assert await recv(layer, channel) == {"n": 1}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body)
+
+
 # -- behaviour on our own node ----------------------------------------------------------
 
 

@@ -1,5 +1,11 @@
 """An AMQP channel of pika's, awaitable: its synchronous methods return their reply,
-and fail with the closing reason when the channel closes first."""
+and fail with the closing reason when the channel closes first.
+
+No wait for RabbitMQ is unbounded: a channel that gets no answer within its connection's
+``answer_timeout`` is closed and the wait fails with BrokerError. (RabbitMQ 3.10 was seen
+to leave a channel that used a quorum queue while it had no leader talking to the dead
+one, hearing nothing more, while a new channel works.)
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import pika.frame
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from ...exceptions import BrokerError
 from .frames import FastConnection
 
 __all__ = ["NOT_FOUND", "PRECONDITION_FAILED", "Channel", "fail", "reply_code", "settle"]
@@ -65,7 +72,19 @@ class Channel:
 
         channel = connection.channel(on_open_callback=lambda ch: settle(opened, ch))
         channel.add_on_close_callback(closed)
-        return cls(await opened)
+        try:
+            return cls(await asyncio.wait_for(opened, connection.answer_timeout))
+        except asyncio.TimeoutError:
+            if channel.is_open or channel.is_opening:
+                channel.close()
+            raise BrokerError(
+                f"RabbitMQ did not open a channel within {connection.answer_timeout:g}s"
+            ) from None
+
+    @property
+    def usable(self) -> bool:
+        """Whether the channel is open, and not closing."""
+        return self.closed is None and self.channel.is_open
 
     def on_close(self, callback: Callable[[BaseException], None]) -> None:
         """Call ``callback(reason)`` when the channel closes."""
@@ -86,7 +105,19 @@ class Channel:
         future = self.future()
         if not future.done():
             method(*args, callback=lambda frame: settle(future, frame), **kwargs)
-        return await future
+        return await self._answer(future, method.__name__)
+
+    async def _answer(self, future: asyncio.Future[Any], what: str) -> Any:
+        """``future``'s result, or BrokerError, the channel closed, if RabbitMQ has not
+        answered within the connection's ``answer_timeout``."""
+        timeout = self.connection.answer_timeout
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.close()
+            raise BrokerError(
+                f"RabbitMQ did not answer {what} within {timeout:g}s (the channel is dropped)"
+            ) from None
 
     async def get(self, queue: str) -> bytes | None:
         """Take the oldest message of ``queue`` (acknowledged at once); None if it is empty.
@@ -102,7 +133,8 @@ class Channel:
             self.channel.basic_get(
                 queue, lambda _ch, _method, _props, body: settle(future, body), auto_ack=True
             )
-            return await future
+            result: bytes | None = await self._answer(future, "basic_get")
+            return result
         finally:
             self._getting = None
 

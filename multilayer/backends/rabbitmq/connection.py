@@ -140,7 +140,7 @@ class Link:
     async def channel(self) -> Channel:
         """The admin channel, reopened if a refused operation closed it."""
         connection = await self.connected()
-        if self.admin is None or self.admin.closed is not None:
+        if self.admin is None or not self.admin.usable:
             self.admin = await Channel.open(connection)
         return self.admin
 
@@ -148,7 +148,7 @@ class Link:
         """The publisher, reopened if its channel closed."""
         connection = await self.connected()
         if self.publisher is None or not self.publisher.usable:
-            self.publisher = await Publisher.open(connection, self.config["connect_timeout"])
+            self.publisher = await Publisher.open(connection)
         return self.publisher
 
     async def publish(
@@ -230,6 +230,7 @@ class Link:
             ),
             on_close_callback=self._closed,
             custom_ioloop=loop,
+            answer_timeout=self.config["connect_timeout"],
         )
         try:
             return await asyncio.wait_for(opened, self.config["connect_timeout"])
@@ -239,7 +240,7 @@ class Link:
 
     async def _setup(self, connection: AsyncioConnection, *, again: bool) -> None:
         admin = await Channel.open(connection)
-        publisher = await Publisher.open(connection, self.config["connect_timeout"])
+        publisher = await Publisher.open(connection)
         await self._prepare(connection)
         self.connection, self.admin, self.publisher = connection, admin, publisher
         self._ready.set()

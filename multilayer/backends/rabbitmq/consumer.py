@@ -192,7 +192,7 @@ class Consumer:
         while not wakeup.done():
             await asyncio.wait([wakeup], timeout=STUCK_AFTER)
             channel = self.channel
-            if wakeup.done() or self.buffer or channel is None or channel.closed is not None:
+            if wakeup.done() or self.buffer or channel is None or not channel.usable:
                 continue
             with contextlib.suppress(pika.exceptions.AMQPError, BrokerError):
                 if await self.topology.ready(self.queue) and not self.buffer:
@@ -255,7 +255,7 @@ class Consumer:
     async def _start(self) -> None:
         try:
             connection = await self.link.connected(forever=True)
-            if self.channel is None or self.channel.closed is not None:
+            if self.channel is None or not self.channel.usable:
                 channel = await Channel.open(connection)
                 channel.on_close(lambda reason: self._closed(channel, reason))
                 channel.channel.add_on_cancel_callback(self._cancelled_by_broker)

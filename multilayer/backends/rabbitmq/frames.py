@@ -148,11 +148,14 @@ class FastConnection(AsyncioConnection):  # type: ignore[misc]
 
     Register a channel's delivery handler in ``deliveries`` and its confirm handler in
     ``confirms`` (by channel number); :meth:`publish` and :meth:`ack` write frames.
+    ``answer_timeout`` is how long its channels wait for an answer or a confirm from
+    RabbitMQ before they give up on the channel (see :mod:`.channel`).
     """
 
     _frame_buffer: bytes  # pika's: received bytes not yet decoded
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, answer_timeout: float = 10.0, **kwargs: Any) -> None:
+        self.answer_timeout = answer_timeout
         self.deliveries: dict[int, OnDelivery] = {}
         self.confirms: dict[int, OnConfirm] = {}
         #: channel -> the delivery being assembled: [consumer tag, delivery tag,

@@ -77,7 +77,7 @@ class Gates:
             gate = next(iter(self._debts))
             count = self._debts.pop(gate)
             try:
-                if self._channel is None or self._channel.closed is not None:
+                if self._channel is None or not self._channel.usable:
                     self._channel = await Channel.open(await self.link.connected())
                 for _ in range(count):
                     if await self._channel.get(gate) is None:

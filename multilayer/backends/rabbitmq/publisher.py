@@ -50,24 +50,24 @@ class Publisher:
 
     Every publish carries a ``message_id`` unique to this publisher, by which a consumer
     recognises a redelivery of a message it handed out already. A confirm that does not
-    come within ``confirm_timeout`` seconds drops the channel (:meth:`_overdue`).
+    come within the connection's ``answer_timeout`` drops the channel (:meth:`_overdue`).
     """
 
-    def __init__(self, channel: Channel, confirm_timeout: float) -> None:
+    def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self._sent = 0
         #: in publish order, so the first is the oldest
         self._waiting: dict[int, _Confirm] = {}
         self._id_prefix = secrets.token_hex(8) + "."
-        self._confirm_timeout = confirm_timeout
+        self._confirm_timeout: float = channel.connection.answer_timeout
         self._watch: asyncio.TimerHandle | None = None
         channel.on_close(self._closed)
 
     @classmethod
-    async def open(cls, connection: AsyncioConnection, confirm_timeout: float) -> Publisher:
+    async def open(cls, connection: AsyncioConnection) -> Publisher:
         """A publisher on a new channel of ``connection``, in confirm mode."""
         channel = await Channel.open(connection)
-        publisher = cls(channel, confirm_timeout)
+        publisher = cls(channel)
         channel.channel.add_on_return_callback(publisher._returned)
         await channel.call(channel.channel.confirm_delivery, publisher._confirmed)
         channel.connection.confirms[channel.number] = publisher._confirm
@@ -113,17 +113,14 @@ class Publisher:
 
     @property
     def usable(self) -> bool:
-        """Whether the channel is open and not closing."""
-        return self.channel.closed is None and self.channel.channel.is_open
+        """Whether the channel is open, and not closing."""
+        return self.channel.usable
 
     def _overdue(self) -> None:
-        """Drop the channel if its oldest publish has waited ``confirm_timeout`` seconds
-        for its confirm, failing every publish waiting on it; else look again then.
-
-        RabbitMQ 3.10 was seen to leave a channel that published to a quorum queue while
-        the queue had no leader talking to the dead one: no confirm ever came, and the
-        send would have waited forever. A new channel works.
-        """
+        """Drop the channel if its oldest publish has waited ``answer_timeout`` seconds
+        for its confirm, failing every publish waiting on it; else look again then (see
+        :mod:`.channel`: a send would otherwise wait forever on a channel RabbitMQ left
+        talking to a dead quorum leader)."""
         self._watch = None
         if not self._waiting:
             return
