@@ -16,9 +16,11 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -494,6 +496,67 @@ class _Rooms:
             f"succeeded; group messages sent before {members_back:g}s that arrived: "
             f"{len(set(early) & set(got))} of {len(early)}"
         )
+
+
+def test_a_claim_lost_after_a_kafka_restart_is_written_again(tmp_path: Path) -> None:
+    """After an in-memory broker (Tansu) restarted empty, each receive still waiting
+    writes its claim to the new log, again while a write fails (the broker may still be
+    making the topic), or the receive would wait forever: the messages sent to its
+    channel from then on would be nobody's. Here the first of those writes fails on
+    purpose."""
+    require_module("kafka")
+    from multilayer.backends.kafka.log import CLAIM
+
+    with controlled("kafka", tmp_path) as kafka:
+        options = {**kafka.options, "prefix": "k" + secrets.token_hex(4)}
+
+        async def body() -> None:
+            layer = ChannelLayer(kafka.url, **options)
+            try:
+                # A membership: a record in the control partition, by which a process
+                # tells that the log it reads is a new one.
+                await layer.group_add("claim-room", await layer.new_channel())
+                for n in range(3):
+                    await layer.send("claim.again", {"n": -n})
+                    assert await asyncio.wait_for(layer.receive("claim.again"), 30) == {"n": -n}
+                writer = (await layer._backend()).hub.writer  # type: ignore[attr-defined]
+                write, failed, restarting = writer.write, [], []
+
+                def refuse_one_claim(record: list[Any], **kwargs: Any) -> None:
+                    # The first claim written once the restart began: the waiting
+                    # receive's, written again to the new log.
+                    if record[0] == CLAIM and restarting and not failed:
+                        failed.append(record)
+                        done = kwargs.get("done")
+                        if done is not None:  # as the writer's thread reports a failure
+                            error = BrokerError("refused on purpose")
+                            threading.Thread(target=done, args=(error,)).start()
+                        return
+                    write(record, **kwargs)
+
+                writer.write = refuse_one_claim
+                waiting = asyncio.ensure_future(layer.receive("claim.again"))
+                await asyncio.sleep(0.5)
+                restarting.append(True)
+                await asyncio.to_thread(kafka.restart)
+                # Sends fail until the layer is back, and one the new log took before the
+                # layer started over may be lost: send until the receive resumes.
+                give_up, n = time.monotonic() + 60, 0
+                while not waiting.done():
+                    assert time.monotonic() < give_up, (
+                        f"the waiting receive never resumed; claim writes refused: {len(failed)}"
+                    )
+                    n += 1
+                    with contextlib.suppress(BrokerError, asyncio.TimeoutError):
+                        await asyncio.wait_for(layer.send("claim.again", {"n": n}), 5)
+                    await asyncio.wait([waiting], timeout=2)
+                assert failed, "no claim was written after the restart"
+                assert waiting.result()["n"] >= 1
+            finally:
+                await layer.flush()
+                await layer.close()
+
+        run_closed(body(), 110)
 
 
 @pytest.fixture(scope="module")

@@ -588,8 +588,29 @@ class Replay:
         self._back()
         # The claims of receivers still waiting here died with the old log.
         for claim in self.view.reset():
-            self.writer.write(claim)
+            self._claim_again(claim)
         self._log_lost()
+
+    def _claim_again(self, claim: list[Any]) -> None:
+        """Write ``claim``, of a receive waiting here, to the new log.
+
+        A claim lost so would leave its receive waiting forever (the messages sent to its
+        queue from then on would be nobody's), and the first write may fail, made while
+        the broker is still making the topic again: see :meth:`_claim_written`."""
+        self.writer.write(claim, done=partial(self._claim_written, claim))
+
+    def _claim_written(self, claim: list[Any], error: BaseException | None) -> None:
+        # In the writer's thread: a failed write is made again in a second, while the
+        # receive still waits.
+        if error is None:
+            return
+        with self.view.lock:
+            if self.view.open_claims.get(claim[1]) is not claim:
+                return
+        logger.debug("kafka log %s: writing a claim again (%r)", self.topic, error)
+        retry = threading.Timer(1.0, self._claim_again, (claim,))
+        retry.daemon = True
+        retry.start()
 
     def _apply(self, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
         # Under the view's lock.
