@@ -850,10 +850,10 @@ def test_a_consumer_deaf_after_a_reconnection_is_restarted(shared: str) -> None:
 
 def test_a_send_never_confirmed_fails_and_the_next_uses_a_new_channel(shared: str) -> None:
     """A publish RabbitMQ never confirms (as a 3.10 channel left talking to a dead quorum
-    leader never did) fails its send with a BrokerError saying so after connect_timeout,
+    leader never did) fails its send with a BrokerError saying so after answer_timeout,
     instead of waiting forever; the publishing channel is dropped, and the next send goes
     through a new one."""
-    layer = _layer(shared, connect_timeout=1)
+    layer = _layer(shared, answer_timeout=1)
 
     async def body() -> None:
         try:
@@ -879,9 +879,9 @@ def test_a_send_never_confirmed_fails_and_the_next_uses_a_new_channel(shared: st
 
 def test_a_method_never_answered_fails_and_the_next_uses_a_new_channel(shared: str) -> None:
     """A method RabbitMQ never answers fails with a BrokerError saying so after
-    connect_timeout, instead of waiting forever; its channel is dropped, and the next
+    answer_timeout, instead of waiting forever; its channel is dropped, and the next
     operation opens a new one."""
-    layer = _layer(shared, connect_timeout=1)
+    layer = _layer(shared, answer_timeout=1)
 
     async def body() -> None:
         try:
@@ -901,6 +901,38 @@ def test_a_method_never_answered_fails_and_the_next_uses_a_new_channel(shared: s
             await asyncio.wait_for(layer.group_add("rmq-unanswered-2", channel), 10)
             assert backend.link.admin is not admin
             await layer.group_send("rmq-unanswered-2", {"n": 1})
+            assert await recv(layer, channel) == {"n": 1}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body)
+
+
+def test_a_slow_answer_within_answer_timeout_is_awaited(shared: str) -> None:
+    """An answer slower than connect_timeout but within answer_timeout (a quorum queue's
+    delete while a cluster node is just back takes RabbitMQ 5 s and more) is awaited:
+    the operation succeeds and its channel is kept."""
+    layer = _layer(shared, connect_timeout=0.5, answer_timeout=10)
+
+    async def body() -> None:
+        try:
+            channel = await layer.new_channel()
+            backend = await layer._backend()
+            admin = backend.link.admin
+            queue_bind = admin.channel.queue_bind
+            loop = asyncio.get_running_loop()
+
+            def slow_queue_bind(*args: Any, **kwargs: Any) -> None:
+                """Asks RabbitMQ 1.5 s late, so its answer comes after connect_timeout."""
+                loop.call_later(1.5, lambda: queue_bind(*args, **kwargs))
+
+            admin.channel.queue_bind = slow_queue_bind
+            started = time.monotonic()
+            await asyncio.wait_for(layer.group_add("rmq-slow", channel), 10)
+            assert time.monotonic() - started >= 1.5
+            assert backend.link.admin is admin and admin.usable
+            await layer.group_send("rmq-slow", {"n": 1})
             assert await recv(layer, channel) == {"n": 1}
         finally:
             await layer.flush()

@@ -264,7 +264,8 @@ class SentinelFailover:
 
 class RabbitController(Controller):
     scheme = "amqp"
-    options = {"heartbeat": 2, "connect_timeout": 5.0}
+    # answer_timeout above RabbitMQ's 15 s channel_operation_timeout, under RECOVERY.
+    options = {"heartbeat": 2, "connect_timeout": 5.0, "answer_timeout": 20.0}
     short_lived = {"queue_expiry": 2.0}
     # Queues are not durable, but each layer re-binds the memberships it made.
     restart_keeps_groups = True

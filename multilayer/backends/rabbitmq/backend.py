@@ -63,6 +63,12 @@ class RabbitMQBackend(Backend):
         "connect_timeout": Option(
             float, 10.0, "seconds to (re)connect before an operation fails", minimum=0.1
         ),
+        "answer_timeout": Option(
+            float,
+            30.0,
+            "seconds to wait for RabbitMQ's answer to a method or a publish's confirm",
+            minimum=0.1,
+        ),
         "prefetch": Option(int, 64, "unacknowledged messages per inbox consumer", minimum=1),
         "queue_expiry": Option(
             float, 300.0, "seconds an unused queue lives (at least 2 x expiry)", minimum=1.0

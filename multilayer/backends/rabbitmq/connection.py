@@ -230,7 +230,7 @@ class Link:
             ),
             on_close_callback=self._closed,
             custom_ioloop=loop,
-            answer_timeout=self.config["connect_timeout"],
+            answer_timeout=self.config["answer_timeout"],
         )
         try:
             return await asyncio.wait_for(opened, self.config["connect_timeout"])

@@ -154,7 +154,7 @@ class FastConnection(AsyncioConnection):  # type: ignore[misc]
 
     _frame_buffer: bytes  # pika's: received bytes not yet decoded
 
-    def __init__(self, *args: Any, answer_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, answer_timeout: float = 30.0, **kwargs: Any) -> None:
         self.answer_timeout = answer_timeout
         self.deliveries: dict[int, OnDelivery] = {}
         self.confirms: dict[int, OnConfirm] = {}
