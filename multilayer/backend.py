@@ -190,6 +190,16 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Release every connection and task. Called at most once, after :meth:`open`."""
 
+    def abandon(self) -> None:
+        """This instance's event loop ended without :meth:`close` (``async_to_sync`` runs
+        each call in a new loop): let go, without awaiting, of what outlives the loop
+        (process-wide state, threads). Its connections went with the loop.
+
+        Called at most once, from another thread or event loop, after :meth:`open`
+        started (it may not have finished); never after :meth:`close`. By default nothing
+        outlives the loop.
+        """
+
     @abc.abstractmethod
     async def declare_inbox(self, inbox: str) -> None:
         """Make the process queue ``inbox`` exist, so that messages sent to it wait.

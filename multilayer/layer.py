@@ -102,6 +102,15 @@ class LayerStats:
     reconnects: int
 
 
+def _abandon(backends: Iterable[Backend]) -> None:
+    """Have each backend of an ended event loop let go of what outlives its loop."""
+    for backend in backends:
+        try:
+            backend.abandon()
+        except Exception:
+            logger.exception("abandoning the backend of an ended event loop failed")
+
+
 class _LoopState:
     """What the layer holds for one event loop: a backend and its local queues."""
 
@@ -112,6 +121,9 @@ class _LoopState:
         self.inboxes: set[str] = set()
         self._opened: asyncio.Future[None] | None = None
         self.is_open = False
+        #: Backends of loops that ended without close(), abandoned once this one is open:
+        #: before, the process-wide state they share with it would be dropped and remade.
+        self.abandoned: list[Backend] = []
 
     async def ready(self) -> Backend:
         if self.is_open:
@@ -141,6 +153,7 @@ class _LoopState:
                 backend.settings.prefix,
                 type(backend).__name__,
             )
+            self._abandon_others()
         return self.backend
 
     def queue(self, name: str) -> LocalQueue:
@@ -159,6 +172,20 @@ class _LoopState:
         elif self._opened is not None:
             self._opened.cancel()
         self._opened = None
+        self._abandon_others()
+
+    def ended(self) -> list[Backend]:
+        """Its loop ended without close(): the backends to abandon, its own (once its open
+        started) and those it had not abandoned yet."""
+        ended, self.abandoned = self.abandoned, []
+        if self.is_open or self._opened is not None:
+            ended.append(self.backend)
+            self.is_open, self._opened = False, None
+        return ended
+
+    def _abandon_others(self) -> None:
+        abandoned, self.abandoned = self.abandoned, []
+        _abandon(abandoned)
 
     def wake(self, channels: Iterable[str]) -> None:
         """Have receives waiting here for ``channels`` look for kept payloads."""
@@ -289,6 +316,7 @@ class ChannelLayer:
             # Its loop ended without close(): nothing runs there any more.
             self._retire(gone)
             self._keep(gone)
+            state.abandoned += gone.ended()
         return state
 
     def _keep(self, gone: _LoopState) -> None:
@@ -536,6 +564,7 @@ class ChannelLayer:
                 asyncio.run_coroutine_threadsafe(self._close_state(other), other_loop)
             else:
                 self._keep(other)
+                _abandon(other.ended())
         if state is not None:
             await self._close_state(state)
 

@@ -135,7 +135,8 @@ class ProcessWide(Generic[_T]):
     connection to a log, a node socket, what is known of a queue) lives here. An entry is
     made by the first :meth:`use` and, unless ``keep`` is set, dropped when the last
     backend that used it calls :meth:`release`, so a long-running process does not keep
-    state for every key it ever touched. All methods are thread-safe.
+    state for every key it ever touched. With ``keep``, users are not counted: nothing is
+    ever dropped. All methods are thread-safe.
     """
 
     def __init__(self, *, keep: bool = False) -> None:
@@ -149,7 +150,8 @@ class ProcessWide(Generic[_T]):
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = (make(), set())
-            entry[1].add(id(user))
+            if not self._keep:
+                entry[1].add(id(user))
             return entry[0]
 
     def get(self, key: Hashable) -> _T | None:

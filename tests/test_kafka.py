@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from asgiref.sync import async_to_sync
 
 from multilayer import ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.kafka import KafkaBackend
@@ -491,6 +492,35 @@ def test_prefetched_messages_go_back_when_no_receive_wants_them(broker_url: str)
             await other.close()
 
     run(body)
+
+
+def _hub_threads(topic: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(f"multilayer kafka {topic} ")]
+
+
+def test_the_log_connection_ends_with_the_last_event_loop_using_it(broker_url: str) -> None:
+    """async_to_sync runs each call in a new event loop that ends without close(): the
+    backend of each is abandoned once the next loop's is open, so the process's one
+    connection to the log is kept across the calls, and close() in the last loop stops
+    its threads (before, each ended loop's backend held it forever)."""
+    layer = ChannelLayer(broker_url, prefix="loops")
+    try:
+        channel = async_to_sync(layer.new_channel)()
+        threads = _hub_threads("multilayer.loops")
+        assert threads
+        for n in range(4):
+            async_to_sync(layer.send)(channel, {"n": n})
+            # One connection to the log serves every call: its threads are the same.
+            assert _hub_threads("multilayer.loops") == threads
+        got = [async_to_sync(layer.receive)(channel)["n"] for _ in range(4)]
+        assert got == [0, 1, 2, 3]
+        async_to_sync(layer.flush)()
+    finally:
+        async_to_sync(layer.close)()
+    deadline = time.monotonic() + 15
+    while _hub_threads("multilayer.loops") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _hub_threads("multilayer.loops"), "the hub outlived the last loop's close()"
 
 
 def test_retention_shorter_than_group_expiry_is_refused(broker_url: str) -> None:

@@ -80,6 +80,8 @@ def test_process_wide_with_keep_outlives_its_users() -> None:
     state = shared.use("store", user, dict)
     assert shared.release(user) == []
     assert shared.use("store", object(), dict) is state
+    # Users are not counted, so a process making backends all its life keeps no trace.
+    assert shared.users("store") == 0
 
 
 SPECS = tls_options("rediss", aliases={"ssl_ca_certs": "ssl_cafile", "ssl_cert_reqs": "ssl_verify"})

@@ -90,7 +90,6 @@ class MemoryBackend(Backend):
 
     async def close(self) -> None:
         """The store outlives layers, like a broker."""
-        _stores.release(self)
 
     async def broker_version(self) -> str:
         return "in-process"

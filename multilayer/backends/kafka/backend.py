@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, ClassVar
@@ -193,9 +194,19 @@ class KafkaBackend(Backend):
             raise
 
     async def close(self) -> None:
-        self.hub.backends.discard(self)
-        for hub in HUBS.release(self):
+        for hub in self._leave():
             await asyncio.to_thread(hub.stop)
+
+    def abandon(self) -> None:
+        for hub in self._leave():
+            threading.Thread(target=hub.stop, name="multilayer kafka stop", daemon=True).start()
+
+    def _leave(self) -> list[Hub]:
+        """Stop being one of the hub's backends; the hubs no other backend uses, to stop."""
+        hub: Hub | None = getattr(self, "hub", None)  # None: open() did not get that far
+        if hub is not None:
+            hub.backends.discard(self)
+        return HUBS.release(self)
 
     async def declare_inbox(self, inbox: str) -> None:
         """Have the control partition assign ``inbox`` a partition, and read it.

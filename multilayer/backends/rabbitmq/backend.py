@@ -146,6 +146,9 @@ class RabbitMQBackend(Backend):
         await self.gates.close()
         await self.credits.close(self.config["connect_timeout"])
         await self.link.close()
+        self.abandon()
+
+    def abandon(self) -> None:
         inbox_members.release(self)
         handed_ids.release(self)
 
