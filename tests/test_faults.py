@@ -498,6 +498,54 @@ class _Rooms:
         )
 
 
+def test_a_kafka_restart_is_noticed_with_nothing_in_the_control_partition(
+    tmp_path: Path,
+) -> None:
+    """A process that made no inbox and no membership, on a log whose control partition
+    is empty, tells that a restarted in-memory broker (Tansu) holds a new log by a record
+    it wrote to another partition: it starts over, so its waiting receive resumes with
+    the next message. (Before, it went by the control partition only: it read the new
+    log from where it had read the old one, and heard nothing until the new log grew
+    past that.)"""
+    require_module("kafka")
+    with controlled("kafka", tmp_path) as kafka:
+        options = {**kafka.options, "prefix": "k" + secrets.token_hex(4)}
+
+        async def body() -> None:
+            layer = ChannelLayer(kafka.url, **options)
+            # Its own connection to the log, as another process would have (a different
+            # option value makes another hub).
+            sender = ChannelLayer(kafka.url, **options, fetch_wait_ms=6)
+            try:
+                # Far into the channel's partition (each round trip its own records), so
+                # that the new log stays short of where this process read the old one.
+                for n in range(60):
+                    await sender.send("quiet.work", {"n": -n})
+                    assert await asyncio.wait_for(layer.receive("quiet.work"), 30) == {"n": -n}
+                hub = (await layer._backend()).hub  # type: ignore[attr-defined]
+                assert hub is not (await sender._backend()).hub  # type: ignore[attr-defined]
+                assert hub.replay.decoded.get(0, 0) == 0, "a record in the control partition"
+                waiting = asyncio.ensure_future(layer.receive("quiet.work"))
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(kafka.restart)
+                # Sends fail until the layer is back, and one the new log took before the
+                # layer started over may be lost: send until the receive resumes.
+                give_up, n = time.monotonic() + 45, 0
+                while not waiting.done():
+                    assert time.monotonic() < give_up, "the waiting receive never resumed"
+                    n += 1
+                    with contextlib.suppress(BrokerError, asyncio.TimeoutError):
+                        await asyncio.wait_for(sender.send("quiet.work", {"n": n}), 5)
+                    await asyncio.wait([waiting], timeout=2)
+                assert waiting.result()["n"] >= 1
+            finally:
+                await layer.flush()
+                await layer.close()
+                await sender.close()
+
+        run_closed(body(), 90)
+
+
 def test_a_claim_lost_after_a_kafka_restart_is_written_again(tmp_path: Path) -> None:
     """After an in-memory broker (Tansu) restarted empty, each receive still waiting
     writes its claim to the new log, again while a write fails (the broker may still be

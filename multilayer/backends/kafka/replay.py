@@ -131,9 +131,16 @@ class Replay:
         self._lost = False
         # What _identity() said at the last check: a different answer means a new log.
         self._origin: tuple[int, int] | None = None
-        # Until then, a record of the control partition known to be in the log (offset,
-        # digest): one this process wrote and the broker acknowledged, or read.
-        self._anchor: tuple[int, bytes] | None = None
+        # Until then, a record known to be in the log (partition, offset, digest): one
+        # this process wrote and the broker acknowledged, or read; checked at once when
+        # new. A process whose log has nothing in the control partition has only those
+        # of other partitions to go by.
+        self._anchor: tuple[int, int, bytes] | None = None
+        self._anchor_new = False
+        # The newest record this process wrote and the broker acknowledged (partition,
+        # offset, value): the next anchor while the control partition stays empty, since
+        # retention removes the oldest records first.
+        self._latest: tuple[int, int, bytes] | None = None
         self._check_every = float(options["log_check"])
         self._check_at = 0.0
         self._renew_at = time.monotonic() + INBOX_LEASE / 3
@@ -454,7 +461,7 @@ class Replay:
                     self._settle(part)
                 with self.progress:
                     self.progress.notify_all()
-            if time.monotonic() >= self._check_at or self._anchor is not None:
+            if time.monotonic() >= self._check_at or self._anchor_new:
                 self._check()
             if time.monotonic() >= self._renew_at:
                 self.renew_inboxes()
@@ -525,42 +532,69 @@ class Replay:
             self._check_at = time.monotonic() + jitter(0.1, 0.2)
             return
         origin, anchor = self._origin, self._anchor
+        self._anchor_new = False
         lost: bool | None  # None: cannot tell yet
         if origin is not None:
             # Retention removes the oldest records: the log then starts later.
             lost = identity is None or (identity[0] <= origin[0] and identity != origin)
         elif anchor is None:
             lost = False  # nothing known of the log yet
-        elif identity is None:
+        elif identity is None and anchor[0] == self.control.partition:
             # The log held a record this process wrote or read, and holds none now; with
             # acks=1 a record acknowledged on a cluster may not be readable yet.
             lost = True if self.options["acks"] == "all" else None
         else:
-            held = self._holds(self.control, anchor)
+            held = self._holds(TopicPartition(self.topic, anchor[0]), anchor[1:])
             lost = None if held is None else not held
         if lost:
             with self.view.lock:
                 self._start_over(f"lost its records ({self.next_offset} read before)")
-            self._origin = self._anchor = None
+            self._origin = self._anchor = self._latest = None
         elif lost is False:
-            self._origin, self._anchor = identity, None
+            if identity is not None:
+                self._origin, self._anchor = identity, None
+            elif self._latest is not None:
+                partition, offset, value = self._latest
+                self._anchor = (partition, offset, _digest(value))
 
-    def acked(self, offset: int, value: bytes) -> None:
-        """A record of this process is in the control partition at ``offset`` (any thread)."""
-        if self._origin is None and self._anchor is None:
-            self._anchor = (offset, _digest(value))
+    def acked(self, partition: int, offset: int, value: bytes) -> None:
+        """A record of this process is in ``partition`` at ``offset`` (any thread)."""
+        if self._origin is not None:
+            return
+        self._latest = (partition, offset, value)
+        if self._anchor is None:
+            self._anchor, self._anchor_new = (partition, offset, _digest(value)), True
 
     def _holds(self, partition: TopicPartition, anchor: tuple[int, bytes]) -> bool | None:
-        """Whether ``partition`` holds the record ``anchor`` names (offset, digest); None
-        when the broker does not tell in time. Asked with the side consumer."""
+        """Whether ``partition`` holds the record ``anchor`` names (offset, digest): not
+        when it ends before that offset (a new, shorter log), unless acks=1 (a record
+        acknowledged on a cluster may not be readable yet); None when the broker does not
+        tell in time. Asked with the side consumer."""
         offset, digest = anchor
+        found = self._records_from(partition, offset)
+        if found:
+            return bool(found[0].offset == offset and _digest(found[0].value) == digest)
+        # Nothing from there on: the log ends before, or the broker is slow. Its end says
+        # which, read back: Tansu's end offset is its last batch's first offset + 1.
+        try:
+            end = int(self._side._fetcher.end_offsets([partition], _CHECK_TIMEOUT_MS)[partition])
+        except Exception:
+            return None
+        if end > 0:
+            last = self._records_from(partition, end - 1)
+            if not last or last[-1].offset >= offset:
+                return None
+        return False if self.options["acks"] == "all" else None
+
+    def _records_from(self, partition: TopicPartition, offset: int) -> list[Any]:
+        """The first records of ``partition`` from ``offset`` on; none in a second."""
         self._side.assign([partition])
         self._side.seek(partition, offset)
         deadline = time.monotonic() + _CHECK_TIMEOUT_MS / 1000
         while time.monotonic() < deadline:
-            for batch in self._side.poll(timeout_ms=200, max_records=1).values():
-                return bool(batch[0].offset == offset and _digest(batch[0].value) == digest)
-        return None
+            for batch in self._side.poll(timeout_ms=200, max_records=500).values():
+                return list(batch)
+        return []
 
     def _recreate_if_stalled(self) -> None:
         # An in-memory broker may come back without the topic, which producers wait for
@@ -636,8 +670,8 @@ class Replay:
         if not applicable:
             return
         digest = _digest(value)
-        if partition == 0 and self._origin is None and self._anchor is None:
-            self._anchor = (offset, digest)
+        if self._origin is None and self._anchor is None:
+            self._anchor, self._anchor_new = (partition, offset, digest), True
         if digest in self._applied_set:
             return
         self._remember(partition, digest)

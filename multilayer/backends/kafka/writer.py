@@ -113,8 +113,8 @@ class Writer:
         self._takes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.producer: Any = None
-        #: Told the offset and bytes of each record the broker acknowledged.
-        self.on_acked: Callable[[int, bytes], None] = lambda _offset, _value: None
+        #: Told the partition, offset and bytes of each record the broker acknowledged.
+        self.on_acked: Callable[[int, int, bytes], None] = lambda _partition, _offset, _value: None
 
     def start(self, client_config: Mapping[str, Any]) -> None:
         """Connect the producer and start the writer thread (blocking)."""
@@ -288,8 +288,7 @@ class Writer:
             logger.warning("kafka log %s: write failed: %s", self.topic, error)
             answer(error)
             return
-        if partition == 0:
-            future.add_callback(lambda metadata: self.on_acked(metadata.offset, record))
+        future.add_callback(lambda metadata: self.on_acked(partition, metadata.offset, record))
         if dones:
             future.add_callback(lambda _metadata: answer(None))
             future.add_errback(answer)
