@@ -165,6 +165,8 @@ class _LoopState:
     async def close(self) -> None:
         for queue in self.queues.values():
             await queue.stop(LayerClosed("the channel layer was closed"))
+        # First, so that this backend's close() is the last user's, which it awaits.
+        self._abandon_others()
         if self.is_open:
             self.is_open = False
             await self.backend.close()
@@ -172,7 +174,6 @@ class _LoopState:
         elif self._opened is not None:
             self._opened.cancel()
         self._opened = None
-        self._abandon_others()
 
     def ended(self) -> list[Backend]:
         """Its loop ended without close(): the backends to abandon, its own (once its open
