@@ -498,6 +498,27 @@ class _Rooms:
         )
 
 
+async def send_until_resumed(
+    sender: ChannelLayer,
+    channel: str,
+    waiting: asyncio.Future[Any],
+    within: float,
+    detail: Callable[[], str] = lambda: "",
+) -> Any:
+    """What ``waiting``, a receive of ``channel`` started before a broker restart, gets
+    while ``sender`` sends it ``{"n": 1}``, ``{"n": 2}``... every 2 s at most: sends fail
+    until the layer is back, and one the new log took before the layer started over may
+    be lost. Fails after ``within`` seconds, adding ``detail()`` to the message."""
+    give_up, n = time.monotonic() + within, 0
+    while not waiting.done():
+        assert time.monotonic() < give_up, f"the waiting receive never resumed{detail()}"
+        n += 1
+        with contextlib.suppress(BrokerError, asyncio.TimeoutError):
+            await asyncio.wait_for(sender.send(channel, {"n": n}), 5)
+        await asyncio.wait([waiting], timeout=2)
+    return waiting.result()
+
+
 def test_a_kafka_restart_is_noticed_with_nothing_in_the_control_partition(
     tmp_path: Path,
 ) -> None:
@@ -528,16 +549,8 @@ def test_a_kafka_restart_is_noticed_with_nothing_in_the_control_partition(
                 waiting = asyncio.ensure_future(layer.receive("quiet.work"))
                 await asyncio.sleep(0.5)
                 await asyncio.to_thread(kafka.restart)
-                # Sends fail until the layer is back, and one the new log took before the
-                # layer started over may be lost: send until the receive resumes.
-                give_up, n = time.monotonic() + 45, 0
-                while not waiting.done():
-                    assert time.monotonic() < give_up, "the waiting receive never resumed"
-                    n += 1
-                    with contextlib.suppress(BrokerError, asyncio.TimeoutError):
-                        await asyncio.wait_for(sender.send("quiet.work", {"n": n}), 5)
-                    await asyncio.wait([waiting], timeout=2)
-                assert waiting.result()["n"] >= 1
+                resumed = await send_until_resumed(sender, "quiet.work", waiting, 45)
+                assert resumed["n"] >= 1
             finally:
                 await layer.flush()
                 await layer.close()
@@ -587,19 +600,15 @@ def test_a_claim_lost_after_a_kafka_restart_is_written_again(tmp_path: Path) -> 
                 await asyncio.sleep(0.5)
                 restarting.append(True)
                 await asyncio.to_thread(kafka.restart)
-                # Sends fail until the layer is back, and one the new log took before the
-                # layer started over may be lost: send until the receive resumes.
-                give_up, n = time.monotonic() + 60, 0
-                while not waiting.done():
-                    assert time.monotonic() < give_up, (
-                        f"the waiting receive never resumed; claim writes refused: {len(failed)}"
-                    )
-                    n += 1
-                    with contextlib.suppress(BrokerError, asyncio.TimeoutError):
-                        await asyncio.wait_for(layer.send("claim.again", {"n": n}), 5)
-                    await asyncio.wait([waiting], timeout=2)
+                resumed = await send_until_resumed(
+                    layer,
+                    "claim.again",
+                    waiting,
+                    60,
+                    lambda: f"; claim writes refused: {len(failed)}",
+                )
                 assert failed, "no claim was written after the restart"
-                assert waiting.result()["n"] >= 1
+                assert resumed["n"] >= 1
             finally:
                 await layer.flush()
                 await layer.close()
