@@ -8,6 +8,7 @@
   (``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_verify``,
   ``ssl_check_hostname``) and one way to turn it into an :class:`ssl.SSLContext`.
 * :func:`jitter`: a random wait, from a generator of the library's own.
+* :func:`within`: :func:`asyncio.wait_for` without its lost cancellations.
 * Options valid only under some URL schemes are declared, not checked by hand: set
   :attr:`multilayer.options.Option.schemes`, and the core refuses them elsewhere.
 
@@ -21,7 +22,7 @@ import contextlib
 import random
 import ssl
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar
 
 from .exceptions import ConfigurationError
@@ -35,6 +36,7 @@ __all__ = [
     "tls_context",
     "tls_options",
     "wake",
+    "within",
 ]
 
 _T = TypeVar("_T")
@@ -75,6 +77,35 @@ def jitter(low: float, high: float) -> float:
     """A uniformly random number of seconds in [low, high], to spread retries and checks
     that many processes would otherwise make at the same moment."""
     return _RANDOM.uniform(low, high)
+
+
+async def within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
+    """``await awaitable``; after ``seconds`` (None: never) it is cancelled and
+    :class:`asyncio.TimeoutError` raised.
+
+    Unlike :func:`asyncio.wait_for` before Python 3.12, a cancellation that arrives as
+    ``awaitable`` completes is never lost: it cancels the caller, the result is dropped.
+    (A lost one let a receive's fetch task wait on after ``close()`` cancelled it, and
+    ``close()`` wait for it for ever.)
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait((task,), timeout=seconds)
+    except asyncio.CancelledError:
+        await _stop(task)
+        raise
+    if not task.done():
+        await _stop(task)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it ended, its outcome retrieved (never logged)."""
+    task.cancel()
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        task.exception()
 
 
 def _set_if_pending(future: asyncio.Future[None]) -> None:

@@ -1,4 +1,5 @@
-"""The backend toolkit: waking across threads, process-wide state, TLS options and contexts."""
+"""The backend toolkit: waking across threads, process-wide state, bounded waits, TLS options
+and contexts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import pytest
 
 from multilayer.exceptions import ConfigurationError
 from multilayer.options import Option, resolve_options
-from multilayer.toolkit import ProcessWide, Waiters, check_tls, tls_context, tls_options, wake
+from multilayer.toolkit import (
+    ProcessWide,
+    Waiters,
+    check_tls,
+    tls_context,
+    tls_options,
+    wake,
+    within,
+)
 
 
 def test_wake_from_another_thread_resolves_the_future() -> None:
@@ -89,6 +98,39 @@ SPECS = tls_options("rediss", aliases={"ssl_ca_certs": "ssl_cafile", "ssl_cert_r
 
 def resolve(query: dict[str, str], scheme: str = "rediss", **given: object) -> dict[str, object]:
     return resolve_options(SPECS, query, given, where="rediss://h", scheme=scheme)
+
+
+def test_within_never_loses_a_cancellation_arriving_with_the_result() -> None:
+    """The answer and the cancel in one turn of the loop: the caller is cancelled (before
+    Python 3.12, asyncio.wait_for returns the answer and the cancel is lost)."""
+
+    async def body() -> None:
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(within(answer, 10))
+        await asyncio.sleep(0)
+        answer.set_result(1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(asyncio.wait_for(body(), 5))
+
+
+def test_within_returns_raises_and_times_out_as_wait_for() -> None:
+    async def fails() -> None:
+        raise ValueError("inner")
+
+    async def body() -> None:
+        assert await within(asyncio.sleep(0, "done"), 1) == "done"
+        assert await within(asyncio.sleep(0, "unbounded"), None) == "unbounded"
+        with pytest.raises(ValueError, match="inner"):
+            await within(fails(), 1)
+        slow = asyncio.ensure_future(asyncio.sleep(10))
+        with pytest.raises(asyncio.TimeoutError):
+            await within(slow, 0.05)
+        assert slow.cancelled(), "a timed-out awaitable is cancelled"
+
+    asyncio.run(asyncio.wait_for(body(), 5))
 
 
 def test_tls_aliases_set_the_shared_option_and_never_reach_the_backend() -> None:

@@ -62,7 +62,7 @@ from ...fanout import seal, split
 from ...names import non_local_name
 from ...options import Option
 from ...serialization import largest_payload
-from ...toolkit import check_tls, tls_context, tls_options
+from ...toolkit import check_tls, tls_context, tls_options, within
 from ...url import LayerURL
 from .client import broker_release, client_config, tls_problem
 from .hub import HUBS, Hub
@@ -354,7 +354,7 @@ class KafkaBackend(Backend):
         try:
             while not signal.done():
                 try:
-                    await asyncio.wait_for(asyncio.shield(signal), self._lease / 3)
+                    await within(asyncio.shield(signal), self._lease / 3)
                 except asyncio.TimeoutError:
                     with view.lock:
                         claim[2], claim[5] = now(), now() + self._lease

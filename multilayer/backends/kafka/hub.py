@@ -22,7 +22,7 @@ from kafka.errors import TopicAlreadyExistsError
 
 from ...backend import Backend
 from ...exceptions import BrokerError
-from ...toolkit import ProcessWide
+from ...toolkit import ProcessWide, within
 from .log import Outcome
 from .replay import Replay, inbox_lease
 from .snapshot import SNAPSHOT_LIMIT, state_topic
@@ -228,9 +228,7 @@ class Hub:
             signal = view.wait_for(token)
         try:
             self.writer.write(record, done=partial(view.failed, token), partition=partition)
-            await asyncio.wait_for(
-                asyncio.shield(signal), VERDICT_TIMEOUT if verdict else REPLAY_TIMEOUT
-            )
+            await within(asyncio.shield(signal), VERDICT_TIMEOUT if verdict else REPLAY_TIMEOUT)
         except asyncio.TimeoutError:
             if verdict:
                 return Outcome(accepted=False)

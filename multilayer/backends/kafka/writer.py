@@ -18,6 +18,7 @@ from kafka import KafkaProducer
 
 from ...backend import Item, now
 from ...exceptions import BrokerError
+from ...toolkit import within
 from .log import HOUSEKEEPING, OPERATIONS_PER_RECORD, RETURN, TAKE
 
 __all__ = [
@@ -78,7 +79,7 @@ def answer_from_thread() -> tuple[asyncio.Future[None], Done]:
 async def answered(future: asyncio.Future[None], late: str) -> None:
     """Wait for ``future`` up to REPLAY_TIMEOUT; BrokerError(``late`` ...) after that."""
     try:
-        await asyncio.wait_for(future, REPLAY_TIMEOUT)
+        await within(future, REPLAY_TIMEOUT)
     except asyncio.TimeoutError:
         raise BrokerError(f"{late} within {REPLAY_TIMEOUT:g}s") from None
 

@@ -20,6 +20,7 @@ import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from ...exceptions import BrokerError
+from ...toolkit import within
 from .frames import FastConnection
 
 __all__ = ["NOT_FOUND", "PRECONDITION_FAILED", "Channel", "fail", "reply_code", "settle"]
@@ -73,7 +74,7 @@ class Channel:
         channel = connection.channel(on_open_callback=lambda ch: settle(opened, ch))
         channel.add_on_close_callback(closed)
         try:
-            return cls(await asyncio.wait_for(opened, connection.answer_timeout))
+            return cls(await within(opened, connection.answer_timeout))
         except asyncio.TimeoutError:
             if channel.is_open or channel.is_opening:
                 channel.close()
@@ -112,7 +113,7 @@ class Channel:
         answered within the connection's ``answer_timeout``."""
         timeout = self.connection.answer_timeout
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await within(future, timeout)
         except asyncio.TimeoutError:
             self.close()
             raise BrokerError(

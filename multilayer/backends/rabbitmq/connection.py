@@ -20,7 +20,7 @@ import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from ...exceptions import BrokerError
-from ...toolkit import tls_context
+from ...toolkit import tls_context, within
 from ...url import LayerURL
 from .channel import Channel, fail, settle
 from .frames import FastConnection
@@ -123,7 +123,7 @@ class Link:
         """The connection, once usable (BrokerError after ``connect_timeout`` unless forever)."""
         if not self._ready.is_set():
             try:
-                await asyncio.wait_for(
+                await within(
                     self._ready.wait(), None if forever else self.config["connect_timeout"]
                 )
             except asyncio.TimeoutError:
@@ -197,7 +197,7 @@ class Link:
             connection.add_on_close_callback(lambda _c, _r: settle(closed, None))
             connection.close()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(closed, self.config["connect_timeout"])
+                await within(closed, self.config["connect_timeout"])
 
     async def _connect(self, *, again: bool = False) -> None:
         errors: list[BaseException] = []
@@ -233,7 +233,7 @@ class Link:
             answer_timeout=self.config["answer_timeout"],
         )
         try:
-            return await asyncio.wait_for(opened, self.config["connect_timeout"])
+            return await within(opened, self.config["connect_timeout"])
         except BaseException:
             _close_if_open(connection)
             raise

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from ...exceptions import BrokerError, ChannelFull
+from ...toolkit import within
 
 __all__ = ["WINDOW", "Credits"]
 
@@ -181,7 +182,7 @@ class Credits:
     async def close(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) for the confirms and resends outstanding."""
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._drain(), timeout)
+            await within(self._drain(), timeout)
         tasks = [*self._tasks, *([self._resending] if self._resending else [])]
         for task in tasks:
             task.cancel()

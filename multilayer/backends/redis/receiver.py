@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ...backend import Backend, now
 from ...serialization import log_malformed
+from ...toolkit import within
 from .scripts import RECOVER, TAKE, ttl_ms
 from .shard import TRANSIENT, Place, Watched
 from .wire import Wire, discard, pack
@@ -361,7 +362,7 @@ class Receiver(Watched):
             await wire.read()
 
         try:
-            await asyncio.wait_for(recover(), self._shard.timeout)
+            await within(recover(), self._shard.timeout)
             self._delivered = 0
             self._confirmed = "0"
             self._holding = False

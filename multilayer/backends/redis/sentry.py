@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from ...backend import Backend, now
 from ...exceptions import BrokerError
 from ...names import non_local_name
-from ...toolkit import jitter
+from ...toolkit import jitter, within
 from .scripts import CHECK_MARK, ttl_ms
 from .shard import Place, Shard
 
@@ -56,9 +56,9 @@ class MembershipSentry:
 
     async def stop(self) -> None:
         """Stop checking; returns once the task has ended."""
-        # Before Python 3.12, wait_for() drops a cancellation that arrives as the event it
-        # waits for is set (a connection lost on the way to close()): the flag still ends
-        # the loop.
+        # Before Python 3.12, asyncio.wait_for() drops a cancellation that arrives as what
+        # it waits for completes, and the check's Redis calls run through redis-py's own:
+        # should one lose this cancel, the flag still ends the loop.
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
@@ -83,7 +83,7 @@ class MembershipSentry:
         wait = interval * jitter(0.5, 1.5)
         while not self._stopped:
             try:
-                await asyncio.wait_for(self._recheck.wait(), wait)
+                await within(self._recheck.wait(), wait)
                 # Every process that lost its connection reconnects at about the same
                 # moment: spread their checks over half a second.
                 await asyncio.sleep(jitter(0.0, min(0.5, interval / 2)))

@@ -25,6 +25,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...exceptions import BrokerError
+from ...toolkit import within
 from ...url import LayerURL
 from .scripts import SCRIPTS
 from .wire import Wire, discard, pack
@@ -121,7 +122,7 @@ class Shard:
         """A new connection, ready for our commands; the caller owns it and must discard it."""
         connection: AbstractConnection = self.pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            await asyncio.wait_for(connection.connect(), self._connect_within)  # type: ignore[no-untyped-call]
+            await within(connection.connect(), self._connect_within)  # type: ignore[no-untyped-call]
         except BaseException:
             await connection.disconnect(nowait=True)
             raise

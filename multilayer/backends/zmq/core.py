@@ -18,7 +18,7 @@ from ...backend import Backend, Capabilities, LayerSettings
 from ...exceptions import BrokerError, ConfigurationError
 from ...options import Option
 from ...serialization import largest_payload
-from ...toolkit import jitter
+from ...toolkit import jitter, within
 from ...url import LayerURL
 from .link import Link
 from .node import Node, NodeConfig, start_node
@@ -261,7 +261,7 @@ class ZmqCore(Backend):
         assert self._node is not None
         future = self._node.register(self._prefix + inbox)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
+            await within(asyncio.wrap_future(future), self._timeout)
         except asyncio.TimeoutError:
             raise BrokerError(
                 f"hub {self.url.sanitized()} did not register inbox {inbox!r} "
