@@ -689,7 +689,18 @@ def test_traffic_survives_losing_a_cluster_node(
                     >= 2
                 ), "the layers are not connected to a surviving node"
                 await sender.group_send("fault-room", {"group": 1})
-                await traffic.until(lambda: traffic.group_got == [1], 10, "the group message")
+                try:
+                    await traffic.until(lambda: traffic.group_got == [1], 10, "the group message")
+                except AssertionError as error:
+                    bindings = await asyncio.to_thread(
+                        survivor.ctl,
+                        "list_bindings",
+                        "source_name",
+                        "destination_name",
+                        "routing_key",
+                    )
+                    mine = [line for line in bindings.splitlines() if options["prefix"] in line]
+                    raise AssertionError(f"{error}\nbindings on {survivor.name}: {mine}") from None
                 settled = traffic.next
                 if queue_type == "quorum":
                     leaders = await asyncio.to_thread(survivor.ctl, "list_queues", "name", "leader")

@@ -543,6 +543,211 @@ def test_flush_without_its_catalog_deletes_what_the_layer_declared(shared: str) 
     run(body)
 
 
+@pytest.mark.parametrize("lost", ["inbox", "inbox and catalog"])
+def test_an_inbox_made_again_binds_its_groups_again(shared: str, lost: str) -> None:
+    """An inbox deleted under its receiving owner (as a cluster node's death deletes the
+    queues it held, whenever RabbitMQ gets to it) took its bindings along; with the
+    catalog too, the exchange went with its last binding. The owner declares the inbox
+    again and binds its groups again before it consumes: the first group message after a
+    direct one reaches it."""
+    owner = _layer(shared)
+    sender = _layer(shared, prefix=owner.prefix)
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+    async def body() -> None:
+        inbox = await owner.new_channel()
+        await owner.group_add("rmq-again", inbox)
+        got: list[dict[str, Any]] = []
+        receiving = asyncio.ensure_future(_receive_into(owner, inbox, got))
+        try:
+            await sender.group_send("rmq-again", {"group": 1})
+            await _until(got, 1, "the first group message", receiving)
+            queues = [f"{owner.prefix}:{inbox[: inbox.index('!') + 1]}"]
+            if lost == "inbox and catalog":
+                queues.append(f"{owner.prefix}::catalog")
+            await asyncio.to_thread(_delete_queues, url, queues)
+            await sender.send(inbox, {"direct": 1})
+            await _until(got, 2, "a direct message to the inbox made again", receiving)
+            await sender.group_send("rmq-again", {"group": 2})
+            await _until(got, 3, "the group message after it", receiving)
+            assert got == [{"group": 1}, {"direct": 1}, {"group": 2}]
+        finally:
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+            await owner.flush()
+            await owner.close()
+            await sender.close()
+
+    run(body)
+
+
+def test_an_inbox_gone_again_after_its_declare_is_declared_and_bound_again(shared: str) -> None:
+    """In a cluster, RabbitMQ may remove a dead node's queue after a layer declared a
+    queue of that name again (the declare saw the old one): the binds that follow find
+    no queue. The owner's receive does not fail: its consumer declares the inbox and
+    binds its groups once more, and a group message then reaches it."""
+    owner = _layer(shared)
+    sender = _layer(shared, prefix=owner.prefix)
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+    async def body() -> None:
+        inbox = await owner.new_channel()
+        queue = f"{owner.prefix}:{inbox[: inbox.index('!') + 1]}"
+        await owner.group_add("rmq-twice", inbox)
+        backend = await owner._backend()
+        assert isinstance(backend, RabbitMQBackend)
+        declare = backend.topology.declare
+        vanished: list[str] = []
+
+        async def declare_then_lose(queue_name: str, name: str, **kwargs: Any) -> None:
+            await declare(queue_name, name, **kwargs)
+            if queue_name == queue and not vanished:
+                vanished.append(queue_name)
+                await asyncio.to_thread(_delete_queues, url, [queue_name])
+
+        backend.topology.declare = declare_then_lose  # type: ignore[method-assign]
+        got: list[dict[str, Any]] = []
+        receiving = asyncio.ensure_future(_receive_into(owner, inbox, got))
+        try:
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(_delete_queues, url, [queue])
+            # Nothing sent until the owner consumes again: a send would declare the inbox.
+            for _ in range(100):
+                if receiving.done():
+                    raise AssertionError(f"the receive failed: {receiving.exception()!r}")
+                if vanished and await asyncio.to_thread(_consumers, url, queue) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"the owner did not consume again within 5s ({vanished})")
+            await sender.send(inbox, {"direct": 1})
+            await _until(got, 1, "a direct message to the inbox made again", receiving)
+            await sender.group_send("rmq-twice", {"group": 1})
+            await _until(got, 2, "the group message after it", receiving)
+            assert got == [{"direct": 1}, {"group": 1}]
+        finally:
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+            backend.topology.declare = declare  # type: ignore[method-assign]
+            await owner.flush()
+            await owner.close()
+            await sender.close()
+
+    run(body)
+
+
+def _consumers(url: str, queue: str) -> int | None:
+    """How many consumers ``queue`` has (a passive declare), None if it does not exist."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        frame = connection.channel().queue_declare(queue, passive=True)
+        count: int = frame.method.consumer_count
+        return count
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code == 404:
+            return None
+        raise
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+async def _receive_into(layer: ChannelLayer, channel: str, got: list[dict[str, Any]]) -> None:
+    while True:
+        got.append(await layer.receive(channel))
+
+
+async def _until(got: list[Any], count: int, what: str, receiving: asyncio.Future[None]) -> None:
+    """Wait up to 5 s for ``count`` messages in ``got``; a failed receive fails at once."""
+    for _ in range(100):
+        if receiving.done():
+            raise AssertionError(
+                f"the receive failed, waiting for {what}: {receiving.exception()!r}"
+            )
+        if len(got) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} did not arrive within 5s: got {got}")
+
+
+def test_a_membership_made_after_the_exchange_went_declares_it_again(shared: str) -> None:
+    """The groups exchange went (with its last binding, or deleted by hand) while layers
+    stay connected: group_add declares it again and binds, for an inbox and for a normal
+    channel, and group_send reaches both."""
+    layer = _layer(shared)
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+    async def body() -> None:
+        inbox = await layer.new_channel()
+        await layer.group_add("rmq-gone", inbox)
+        await asyncio.to_thread(_delete_exchange, url, f"{layer.prefix}::groups")
+        assert not await asyncio.to_thread(_on_broker, url, "exchange", f"{layer.prefix}::groups")
+        await layer.group_add("rmq-back", inbox)
+        await layer.group_add("rmq-back", "rmq.back")
+        await layer.group_send("rmq-back", {"n": 1})
+        assert await recv(layer, inbox) == {"n": 1}
+        assert await recv(layer, "rmq.back") == {"n": 1}
+        await layer.flush()
+        await layer.close()
+
+    run(body)
+
+
+def test_a_group_send_finding_no_exchange_declares_it_again(
+    shared: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A group_send to an exchange gone with its last binding is logged, and the exchange
+    is declared again: later ones do not fail (each would close the publishing channel,
+    with every send waiting on it)."""
+    layer = _layer(shared)
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    exchange = f"{layer.prefix}::groups"
+
+    async def body() -> None:
+        await layer.send("rmq.nogroup", {"n": 0})
+        await asyncio.to_thread(_delete_exchange, url, exchange)
+        with caplog.at_level(logging.WARNING, logger="multilayer"):
+            await layer.group_send("rmq-nobody", {"n": 1})
+            for _ in range(100):
+                if await asyncio.to_thread(_on_broker, url, "exchange", exchange):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the exchange was not declared again within 5s")
+        assert "group_send to 'rmq-nobody' may be lost" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="multilayer"):
+            await layer.group_add("rmq-nobody", "rmq.nogroup")
+            await layer.group_send("rmq-nobody", {"n": 2})
+            await layer.send("rmq.nogroup", {"n": 3})
+            # Unordered: a group copy takes its detour through the membership queue.
+            got = [(await recv(layer, "rmq.nogroup"))["n"] for _ in range(3)]
+            assert sorted(got) == [0, 2, 3]
+        assert "may be lost" not in caplog.text
+        await layer.flush()
+        await layer.close()
+
+    run(body)
+
+
+def _delete_exchange(url: str, exchange: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().exchange_delete(exchange)
+    finally:
+        connection.close()
+
+
+def _delete_queues(url: str, queues: list[str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            channel.queue_delete(queue)
+    finally:
+        connection.close()
+
+
 def test_flush_keeps_the_topology_for_other_open_layers(shared: str) -> None:
     """A layer still open renews the catalog, which keeps the exchange: its groups keep
     working long after another layer of the prefix flushed and closed."""

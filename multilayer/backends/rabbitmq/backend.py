@@ -327,6 +327,7 @@ class RabbitMQBackend(Backend):
             handed=handed,
             open=self.groups.opener(queue, name) if name.endswith("!") else normal,
             release=partial(self.gates.release, name) if self.topology.replicated(name) else None,
+            declared=partial(self.groups.rebind, {name}) if name.endswith("!") else None,
         )
 
     # -- groups -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pika
@@ -107,8 +107,12 @@ class Consumer:
         handed: Handed,
         open: Opener,
         release: Callable[[int], None] | None = None,
+        declared: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.link = link
+        #: Run after each declare of the queue, before consuming: an inbox binds its
+        #: groups again, as a queue that went away took its bindings with it.
+        self._declared = declared
         #: A quorum queue's consumer gives back the gate places of what it takes; it
         #: returns unread messages by closing its channel, as a requeue would put them
         #: behind the others there (RabbitMQ 3.10).
@@ -263,6 +267,8 @@ class Consumer:
                 self.channel = channel
             if self.topology.stale(self.queue):
                 await self.topology.declare(self.queue, self.name, channel=self.channel)
+                if self._declared is not None:
+                    await self._declared()
             if self._cancel_ok is not None:
                 # Deliveries to the cancelled consumer may still be on their way back to the
                 # queue; consuming again before its cancel-ok would overtake them.

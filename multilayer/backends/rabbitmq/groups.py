@@ -270,10 +270,17 @@ class Groups:
         error = confirm.exception()
         if error is not None:
             logger.warning("group_send to %r may be lost: %r", group, error)
+            if reply_code(error) == NOT_FOUND:
+                # The exchange went with its last binding (no member was bound): declared
+                # again, the next group_send does not close the publishing channel too.
+                self._spawn(self._declare_topology())
         elif confirm.result() == "nack":
             # RabbitMQ confirms negatively when any bound queue refused its copy, and does
             # not say which nor how many; the other members have theirs.
             self._on_full(group)
+
+    async def _declare_topology(self) -> None:
+        await self.topology.declare_topology(await self.link.connected())
 
     # -- after a reconnect, flush and close ---------------------------------------------
 
@@ -283,9 +290,16 @@ class Groups:
         for name in inboxes:
             queue = self.topology.queue(name)
             members = self.members(queue)
-            for group in members.groups():
-                if members.live(group):
-                    await self.topology.bind(queue, group)
+            try:
+                for group in members.groups():
+                    if members.live(group):
+                        await self.topology.bind(queue, group)
+            except pika.exceptions.AMQPError as error:
+                if reply_code(error) != NOT_FOUND:
+                    raise
+                # Declared, then gone: RabbitMQ removed a dead node's queue of that name
+                # after the declare. Its consumer declares it again, and binds again then.
+                self.topology.forget(queue)
 
     def clear(self) -> None:
         """Forget every inbox membership of the prefix known here (flush)."""

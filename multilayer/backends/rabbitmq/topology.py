@@ -194,9 +194,22 @@ class Topology:
             channel.close()
 
     async def bind(self, queue: str, group: str) -> None:
-        """Route ``group``'s messages to ``queue``."""
+        """Route ``group``'s messages to ``queue``, declaring the exchange again if it went.
+
+        The exchange goes with its last binding: in a cluster, a node's death takes the
+        catalog and every queue it held, and with them their bindings, at a moment of
+        RabbitMQ's choosing, which may follow this layer's reconnection and re-declares.
+        """
         channel = await self.link.channel()
-        await channel.call(channel.channel.queue_bind, queue, self.exchange, routing_key=group)
+        try:
+            await channel.call(channel.channel.queue_bind, queue, self.exchange, routing_key=group)
+        except pika.exceptions.AMQPError as error:
+            if reply_code(error) != NOT_FOUND:
+                raise
+            # The queue may be the one missing: then the second bind raises NOT_FOUND too.
+            await self.declare_topology(await self.link.connected())
+            channel = await self.link.channel()
+            await channel.call(channel.channel.queue_bind, queue, self.exchange, routing_key=group)
 
     async def unbind(self, queue: str, group: str) -> None:
         """Stop routing ``group``'s messages to ``queue``."""
@@ -235,7 +248,7 @@ class Topology:
                 await admin.call(admin.channel.queue_declare, member, arguments=arguments)
         # Listed so that flush() deletes it rather than leave it for group_expiry.
         await self._list(member)
-        await admin.call(admin.channel.queue_bind, member, self.exchange, routing_key=group)
+        await self.bind(member, group)
 
     async def delete_member_queue(self, group: str, channel: str) -> None:
         """End normal ``channel``'s membership of ``group``."""
