@@ -451,21 +451,33 @@ def test_receive_after_another_layer_flushed_the_queue(shared: str) -> None:
     run(body)
 
 
-def _on_broker(url: str, kind: str, name: str) -> bool:
-    """Whether queue or exchange ``name`` exists, by a passive declare (404 when not)."""
+@contextlib.contextmanager
+def _admin(url: str) -> Iterator[Any]:
+    """A channel on a blocking connection of its own, for what a test does to the broker
+    behind the layers' backs (pika's BlockingChannel)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
-        channel = connection.channel()
-        declare = channel.queue_declare if kind == "queue" else channel.exchange_declare
-        try:
-            declare(name, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as error:
-            if error.reply_code == 404:
-                return False
-            raise
-        return True
+        yield connection.channel()
     finally:
         connection.close()
+
+
+def _passive(url: str, kind: str, name: str) -> Any:
+    """The declare-ok of queue or exchange ``name`` by a passive declare; None when it
+    does not exist (404)."""
+    with _admin(url) as channel:
+        declare = channel.queue_declare if kind == "queue" else channel.exchange_declare
+        try:
+            return declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 404:
+                return None
+            raise
+
+
+def _on_broker(url: str, kind: str, name: str) -> bool:
+    """Whether queue or exchange ``name`` exists."""
+    return _passive(url, kind, name) is not None
 
 
 async def _topology(url: str, prefix: str) -> tuple[bool, bool]:
@@ -520,20 +532,13 @@ def test_flush_without_its_catalog_deletes_what_the_layer_declared(shared: str) 
     layer = _layer(shared)
     url = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
-    def drop_catalog() -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-        try:
-            connection.channel().queue_delete(f"{layer.prefix}::catalog")
-        finally:
-            connection.close()
-
     async def body() -> None:
         inbox = await layer.new_channel()
         await layer.send("rmq.nocatalog", {"n": 1})
         queues = (f"{layer.prefix}:rmq.nocatalog", f"{layer.prefix}:{inbox[:-12]}")
         for queue in queues:
             assert await asyncio.to_thread(_on_broker, url, "queue", queue), queue
-        await asyncio.to_thread(drop_catalog)
+        await asyncio.to_thread(_delete_queues, url, [f"{layer.prefix}::catalog"])
         await layer.flush()
         for queue in queues:
             assert not await asyncio.to_thread(_on_broker, url, "queue", queue), queue
@@ -637,19 +642,12 @@ def test_an_inbox_gone_again_after_its_declare_is_declared_and_bound_again(share
 
 
 def _consumers(url: str, queue: str) -> int | None:
-    """How many consumers ``queue`` has (a passive declare), None if it does not exist."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        frame = connection.channel().queue_declare(queue, passive=True)
-        count: int = frame.method.consumer_count
-        return count
-    except pika.exceptions.ChannelClosedByBroker as error:
-        if error.reply_code == 404:
-            return None
-        raise
-    finally:
-        if connection.is_open:
-            connection.close()
+    """How many consumers ``queue`` has, None if it does not exist."""
+    frame = _passive(url, "queue", queue)
+    if frame is None:
+        return None
+    count: int = frame.method.consumer_count
+    return count
 
 
 async def _receive_into(layer: ChannelLayer, channel: str, got: list[dict[str, Any]]) -> None:
@@ -731,21 +729,14 @@ def test_a_group_send_finding_no_exchange_declares_it_again(
 
 
 def _delete_exchange(url: str, exchange: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        connection.channel().exchange_delete(exchange)
-    finally:
-        connection.close()
+    with _admin(url) as channel:
+        channel.exchange_delete(exchange)
 
 
 def _delete_queues(url: str, queues: list[str]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = connection.channel()
+    with _admin(url) as channel:
         for queue in queues:
             channel.queue_delete(queue)
-    finally:
-        connection.close()
 
 
 def test_flush_keeps_the_topology_for_other_open_layers(shared: str) -> None:
