@@ -273,14 +273,11 @@ class Groups:
             if reply_code(error) == NOT_FOUND:
                 # The exchange went with its last binding (no member was bound): declared
                 # again, the next group_send does not close the publishing channel too.
-                self._spawn(self._declare_topology())
+                self._spawn(self.topology.declare_again())
         elif confirm.result() == "nack":
             # RabbitMQ confirms negatively when any bound queue refused its copy, and does
             # not say which nor how many; the other members have theirs.
             self._on_full(group)
-
-    async def _declare_topology(self) -> None:
-        await self.topology.declare_topology(await self.link.connected())
 
     # -- after a reconnect, flush and close ---------------------------------------------
 

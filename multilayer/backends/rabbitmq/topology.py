@@ -193,6 +193,10 @@ class Topology:
         finally:
             channel.close()
 
+    async def declare_again(self) -> None:
+        """:meth:`declare_topology` on the current connection: the exchange was found gone."""
+        await self.declare_topology(await self.link.connected())
+
     async def bind(self, queue: str, group: str) -> None:
         """Route ``group``'s messages to ``queue``, declaring the exchange again if it went.
 
@@ -207,7 +211,7 @@ class Topology:
             if reply_code(error) != NOT_FOUND:
                 raise
             # The queue may be the one missing: then the second bind raises NOT_FOUND too.
-            await self.declare_topology(await self.link.connected())
+            await self.declare_again()
             channel = await self.link.channel()
             await channel.call(channel.channel.queue_bind, queue, self.exchange, routing_key=group)
 
