@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
 import pytest
 from asgiref.sync import async_to_sync
 
@@ -28,6 +29,9 @@ from multilayer.backends.kafka import KafkaBackend
 from multilayer.backends.kafka import hub as kafka_hub
 from multilayer.backends.kafka.client import broker_release, client_config, describe_features
 from multilayer.backends.kafka.log import Machine
+from multilayer.backends.kafka.replay import Replay, _Part
+from multilayer.backends.kafka.view import View
+from multilayer.backends.kafka.writer import Writer
 from multilayer.fanout import open_envelope
 from multilayer.serialization import deadline_of, largest_payload, pack
 from tests.support.apache_kafka import kafka_version
@@ -151,6 +155,51 @@ def test_the_log_order_decides_capacity_and_claims() -> None:
     later = machine.apply(5, ["S", None, 2.0, "q", 2, payload(5)])
     assert [(cid, len(got)) for cid, got in later.delivered] == [("c2", 1)]
     assert not machine.queues
+
+
+class _Positions:
+    """The replay's consumer, as far as a reset uses it."""
+
+    def seek(self, partition: Any, offset: int) -> None:
+        pass
+
+
+def test_a_reset_noticed_late_rebuilds_groups_and_delivers_nothing_twice() -> None:
+    """After a broker restart, the replay read records of the new log from its old
+    position before it noticed the new log; it then replays the new log from its start.
+    The membership those records carried comes back (the reset wiped the groups: no
+    group message would reach the member), and their message is not delivered again."""
+    options = ChannelLayer("kafka://127.0.0.1:9").backend_options
+    view = View("multilayer.t", 2.0)
+    replay = Replay(
+        "multilayer.t",
+        options,
+        view,
+        Writer("multilayer.t", options, view.busy, view.route),
+        create_topic=lambda: None,
+        reconnected=lambda: None,
+        log_lost=lambda: None,
+    )
+    replay.consumer = _Positions()
+    replay.parts[0] = _Part(replay.snapshots.schedule())
+    member = ["A", None, time.time(), "room", "specific.p!c", time.time() + 600]
+    message = ["S", None, time.time(), "work", 100, payload(1)]
+    records = [msgpack.packb(record, use_bin_type=True) for record in (member, message)]
+    with view.lock:
+        replay._apply(0, 7, None, records[0])
+        replay._apply(0, 8, None, records[1])
+        assert "specific.p!c" in view.machine.groups["room"]
+        assert len(view.machine.queues["work"].pending) == 1
+        replay._start_over("lost its records (test)")
+        assert not view.machine.groups and not view.machine.queues
+        for offset, record in enumerate(records):
+            replay._apply(0, offset, None, record)
+        assert "specific.p!c" in view.machine.groups["room"]
+        assert "work" not in view.machine.queues
+        # A producer's retry that wrote the membership twice is not applied twice.
+        view.machine.groups.clear()
+        replay._apply(0, 2, None, records[0])
+        assert not view.machine.groups
 
 
 def test_dead_claims_and_expired_messages_take_nothing() -> None:

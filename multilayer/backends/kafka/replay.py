@@ -24,7 +24,7 @@ from kafka.errors import KafkaTimeoutError
 from ...backend import now
 from ...exceptions import BrokerError
 from ...toolkit import jitter
-from .log import INBOX, decode
+from .log import GROUP_ADD, GROUP_DISCARD, INBOX, NEAR, decode
 from .snapshot import SNAPSHOT_LIMIT, Schedule, Snapshot, Snapshots, encode_snapshot
 from .view import NORMAL_KEY, View
 from .writer import Writer
@@ -52,6 +52,9 @@ _OPEN_TIMEOUT = 60.0
 #: 4,096 (seconds of traffic at the soak's ~250 records/s, records packing up to 1,024
 #: operations under load) costs about 0.6 MiB; 16,384 cost 2.5 MiB of the soak's RSS.
 _REMEMBERED = 4_096
+#: Operations that only set state (groups, inboxes' partitions and nearness): applied
+#: again when a reset wiped what they had set (see Replay._apply).
+_RESTATED = frozenset({GROUP_ADD, GROUP_DISCARD, INBOX, NEAR})
 
 
 def inbox_lease(inbox: str, token: str | None = None) -> list[Any]:
@@ -152,6 +155,8 @@ class Replay:
         # (carrying all of them in each of 8 snapshots, written together, cost about
         # 0.6 MiB per round of snapshots and about 0.9 MiB of the soak's RSS).
         self._applied_in: deque[int] = deque(maxlen=_REMEMBERED)
+        # Those of them applied before the last reset, whose state the reset wiped.
+        self._wiped: set[bytes] = set()
         self.snapshots = Snapshots(topic, options)
         #: The snapshot this process started the control partition from, if any.
         self.started_from: int | None = None
@@ -613,6 +618,7 @@ class Replay:
         # Under the view's lock: what the old log held is gone for every process alike.
         # Every partition read is read again from its start.
         logger.warning("kafka log %s %s; state restarts from the new log", self.topic, why)
+        self._wiped = set(self._applied_set)
         for number, part in self.parts.items():
             part.next_offset = 0
             part.last = None
@@ -672,13 +678,24 @@ class Replay:
         digest = _digest(value)
         if self._origin is None and self._anchor is None:
             self._anchor, self._anchor_new = (partition, offset, digest), True
+        restate = False
         if digest in self._applied_set:
-            return
-        self._remember(partition, digest)
-        part.last = (offset, digest)
-        part.schedule.applied(len(applicable))
-        self.decoded[partition] = self.decoded.get(partition, 0) + len(applicable)
+            # Applied already: it does not deliver again. But what a record of the new
+            # log applied before the reset was noticed says of groups and inboxes is
+            # applied again, in log order: the reset wiped that state, which every
+            # process must rebuild alike.
+            restate = digest in self._wiped
+            if not restate:
+                return
+            self._wiped.discard(digest)
+        else:
+            self._remember(partition, digest)
+            part.last = (offset, digest)
+            part.schedule.applied(len(applicable))
+            self.decoded[partition] = self.decoded.get(partition, 0) + len(applicable)
         for position, operation in applicable:
+            if restate and operation[0] not in _RESTATED:
+                continue
             self.view.apply(partition, position, operation)
             if operation[0] == INBOX and operation[3] in self.view.own_inboxes:
                 # This process's inbox got a partition (again, after a log was lost).
