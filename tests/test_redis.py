@@ -6,13 +6,14 @@ free loopback port (tests/brokers.py); none touches the machine's shared Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ from tests.support.brokers import (
     redis_tls_argv,
 )
 from tests.support.faults import SentinelFailover
+from tests.support.redis_layer import answered
 
 T = TypeVar("T")
 
@@ -361,6 +363,7 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
             await sender.group_send("fan-nobody", {"loads": "the script"})
             before = [evalsha_calls(port) for port in three_redis]
             await sender.group_send("fan-100", {"hello": "all"})
+            await answered(sender)
             after = [evalsha_calls(port) for port in three_redis]
             assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
             # Each process's inbox, wherever it hashed, holds one envelope for its ten.
@@ -375,6 +378,95 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
                 await layer.close()
 
     run(body)
+
+
+@contextlib.asynccontextmanager
+async def paused_room(
+    url: str, port: int, pause_ms: int
+) -> AsyncIterator[tuple[ChannelLayer, str, redis.asyncio.Redis]]:
+    """A layer with an inbox in group ``room`` that got one group message (its links are
+    up, the script is loaded), then Redis paused for writes for ``pause_ms``; the layer,
+    the inbox and an admin connection."""
+    layer = ChannelLayer(url, prefix="paused")
+    admin = redis.asyncio.Redis(host="127.0.0.1", port=port)
+    try:
+        inbox = await layer.new_channel()
+        await layer.group_add("room", inbox)
+        await layer.group_send("room", {"n": 0})
+        assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 0}
+        await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+        yield layer, inbox, admin
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await layer.flush()
+        await layer.close()
+
+
+def test_a_group_send_returns_before_redis_answers_and_keeps_the_senders_order(
+    redis_port: int,
+) -> None:
+    """On a link that is up, group_send returns once its script is with the socket: Redis
+    paused for writes does not hold it up. A send made next still arrives after it."""
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with paused_room(url, redis_port, 1500) as (layer, inbox, _):
+            await asyncio.wait_for(layer.group_send("room", {"n": 1}), 0.5)
+            sending = asyncio.ensure_future(layer.send(inbox, {"n": 2}))
+            await asyncio.sleep(0.2)
+            assert not sending.done(), "a send returns only once Redis accepted it"
+            await asyncio.wait_for(sending, 5)
+            got = [await asyncio.wait_for(layer.receive(inbox), 5) for _ in range(2)]
+            assert got == [{"n": 1}, {"n": 2}]
+
+    run(body)
+
+
+def test_a_group_send_lost_after_it_returned_is_logged_and_the_next_one_waits(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection of a group send that returned unanswered is killed: the copy is
+    lost (at most once), which is logged, and group sends then wait for Redis's answer,
+    so the next one, into a Redis still paused, raises BrokerError as a send does."""
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0?socket_timeout=0.5"
+        async with paused_room(url, redis_port, 3000) as (layer, _, admin):
+            await asyncio.wait_for(layer.group_send("room", {"n": 1}), 0.5)
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await answered(layer)
+            assert "group_send to 'room' may be lost after it returned" in caplog.text
+            with pytest.raises(BrokerError, match=r"no reply within 0\.5s"):
+                await layer.group_send("room", {"n": 2})
+
+    run(body)
+
+
+def test_group_sends_from_an_event_loop_that_ends_at_once_arrive(redis_port: int) -> None:
+    """As under async_to_sync: an event loop whose last call is a group_send that returned
+    unanswered ends without close(). Both copies, one of 1 MB, reach the member."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    layer = ChannelLayer(url, prefix="ends")
+    big = "x" * 1_000_000
+
+    async def send_and_end() -> str:
+        inbox = await layer.new_channel()
+        await layer.group_add("room", inbox)
+        await layer.group_send("room", {"n": 0})
+        await layer.group_send("room", {"n": 1, "big": big})
+        return inbox
+
+    async def receive_both(inbox: str) -> None:
+        try:
+            assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 0}
+            assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 1, "big": big}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    inbox = asyncio.run(send_and_end())
+    run(lambda: receive_both(inbox))
 
 
 def test_the_group_script_seals_envelopes_byte_for_byte_as_fanout_does(redis_port: int) -> None:

@@ -187,11 +187,18 @@ def test_group_send_costs_one_round_trip_per_master(
     cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    send = Link._send
+    send, write_now = Link._send, Link.write_now
 
-    async def counted(self: Link, batch: list[Any]) -> None:
-        writes.append(id(self))
-        await send(self, batch)
+    async def counted(self: Link, batch: list[Any], written: Any = None) -> None:
+        if written is None:
+            writes.append(id(self))
+        await send(self, batch, written)
+
+    def counted_now(self: Link, command: tuple[Any, ...]) -> Any:
+        future = write_now(self, command)
+        if future is not None:
+            writes.append(id(self))
+        return future
 
     async def body() -> None:
         layer = ChannelLayer(cluster.url, prefix="trips")
@@ -200,8 +207,9 @@ def test_group_send_costs_one_round_trip_per_master(
             # The first one also loads the script on each master (NOSCRIPT, then again).
             await layer.group_send("everyone", {"type": "hello"})
             monkeypatch.setattr(Link, "_send", counted)
+            monkeypatch.setattr(Link, "write_now", counted_now)
             await layer.group_send("everyone", {"type": "hello"})
-            monkeypatch.setattr(Link, "_send", send)
+            monkeypatch.undo()
             assert sorted(writes.count(link) for link in set(writes)) == [1, 1, 1]
             for name in names:
                 for _ in range(2):

@@ -45,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from functools import partial
 from typing import Any, ClassVar
 
 import redis
@@ -72,6 +74,11 @@ from .wire import discard
 __all__ = ["RedisBackend"]
 
 logger = logging.getLogger(__name__)
+
+#: Group sends that may await Redis's answer at once before the next one waits for it.
+_MAX_UNANSWERED = 1000
+#: Seconds for which group sends wait for Redis's answer after one failed unanswered.
+_DISTRUST = 5.0
 
 _SENTINEL = ("redis+sentinel",)
 _CLUSTER = ("redis+cluster", "rediss+cluster")
@@ -197,6 +204,7 @@ class RedisBackend(Backend):
         self._guard: asyncio.Task[None] | None = None
         self._queue_prefix = f"{settings.prefix}:q:"
         self._group_prefix = f"{settings.prefix}:g:"
+        self._unanswered = _Unanswered()
 
     async def open(self) -> None:
         if self._cluster is not None:
@@ -247,6 +255,8 @@ class RedisBackend(Backend):
                 await self._cluster.close()
 
     async def close(self) -> None:
+        # Group sends that returned are written before the links go.
+        await self._unanswered.drain(self.config["socket_timeout"])
         # The sentry first: it sends through the links the guard releases.
         await self._sentry.stop()
         if self._guard is not None:
@@ -356,17 +366,85 @@ class RedisBackend(Backend):
         of its process-specific members and seals one envelope per inbox in place. The
         scripts bound for one server share its link, so they go out in one write. On a
         cluster, with a uniform capacity, one script per master serves all its buckets.
+        Off a cluster, with a uniform capacity, the call may return once its scripts are
+        written (see :class:`_Unanswered`).
         """
         current = now()
         ttl = ttl_ms(deadline, current)
         cluster = self._cluster
-        if cluster is not None and cluster.cross_slot and capacity.uniform and deadline > current:
-            await self._group_send_by_node(group, payload, current, ttl, deadline, capacity)
+        if not capacity.uniform:
+            await self._group_send_per_capacity(group, payload, current, ttl, deadline, capacity)
             return
+        common = (current, payload, ttl)
+        if cluster is None:
+            links = [shard.link for shard in self._shards]
+            commands: list[tuple[Any, ...]] = [
+                ("EVALSHA", GROUP_SEND.sha, 1, self._group_key(shard, group), *common,
+                 self._queue_prefix, group, deadline, capacity.default)
+                for shard in self._shards
+            ]  # fmt: skip
+            answer = partial(self._count_full, group)
+        elif cluster.cross_slot and deadline > current:
+            by_shard: dict[Shard, list[Bucket]] = {}
+            for bucket in self._buckets:
+                by_shard.setdefault(bucket.shard(), []).append(bucket)
+            links = [shard.link for shard in by_shard]
+            commands = []
+            for buckets in by_shard.values():
+                keys: list[str] = []
+                for bucket in buckets:
+                    keys += (self._group_key(bucket, group), self._queue_prefix + bucket.tag)
+                commands.append(("EVALSHA", GROUP_SEND_NODE.sha, 0, *common, group, deadline,
+                                 capacity.default, *keys))  # fmt: skip
+            answer = partial(self._answer_by_node, group, list(by_shard.values()), common,
+                             deadline, capacity)  # fmt: skip
+        else:
+            await self._group_send_per_capacity(group, payload, current, ttl, deadline, capacity)
+            return
+        admitted = self._unanswered.admits()
+        written = [
+            link.write_now(command) if admitted else None
+            for link, command in zip(links, commands, strict=True)
+        ]
+        ready = [future for future in written if future is not None]
+        # On a cluster, a slot that moved is followed before the call returns, so that
+        # the sends this process makes next cannot overtake the copies sent again. Bytes
+        # the socket did not take yet (a large message) would be lost if the event loop
+        # ended next: then too the answer is awaited, which also waits for them.
+        early = cluster is None and len(ready) == len(written)
+        if early and all(link.sent_all() for link in links):
+            self._unanswered.track(group, answer(ready))
+            return
+        waiting = [
+            future or link.enqueue([command])[0]
+            for future, link, command in zip(written, links, commands, strict=True)
+        ]
+        try:
+            await answer(waiting)
+        finally:
+            for future in waiting:
+                future.cancel()
+
+    async def _count_full(self, group: str, waiting: list[asyncio.Future[Any]]) -> None:
+        """Await the scripts of :meth:`group_send`; count the full members they return
+        (how many they reached stays on Redis)."""
+        results: list[list[bytes]] = [await future for future in waiting]
+        self.skip_full_members(group, sum(len(full) for full in results))
+
+    async def _group_send_per_capacity(
+        self,
+        group: str,
+        payload: bytes,
+        current: float,
+        ttl: int,
+        deadline: float,
+        capacity: CapacityPolicy,
+    ) -> None:
+        """:meth:`group_send` with the capacity of each member's queue computed here (the
+        members are read first), or one script per bucket of a cluster."""
         places = self._places
         targets: list[list[Any]] = [[capacity.default]] * len(places)
         if not capacity.uniform:
-            # The capacity of each member's queue, computed here: first read the members.
             live = (f"({current!r}", "+inf")
             asks = [(place, ("ZRANGEBYSCORE", self._group_key(place, group), *live))
                     for place in places]  # fmt: skip
@@ -387,68 +465,47 @@ class RedisBackend(Backend):
         # The script returns the full members only: how many it reached stays on Redis.
         self.skip_full_members(group, sum(len(full) for full in results))
 
-    async def _group_send_by_node(
+    async def _answer_by_node(
         self,
         group: str,
-        payload: bytes,
-        current: float,
-        ttl: int,
+        shards: list[list[Bucket]],
+        common: tuple[float, bytes, int],
         deadline: float,
         capacity: CapacityPolicy,
+        waiting: list[asyncio.Future[Any]],
     ) -> None:
-        """A cluster's group_send as one script per master, for all the buckets it holds
-        (:data:`.scripts.GROUP_SEND_NODE`); the buckets of a master whose script found a
-        key elsewhere (it then wrote nothing) get one script each, which follows redirects.
-        """
+        """Await a cluster's group_send scripts, one per master for all the buckets it
+        holds (:data:`.scripts.GROUP_SEND_NODE`); the buckets of a master whose script
+        found a key elsewhere (it then wrote nothing) get one script each, which follows
+        redirects."""
         cluster = self._cluster
         assert cluster is not None
-        by_shard: dict[Shard, list[Bucket]] = {}
-        for bucket in self._buckets:
-            by_shard.setdefault(bucket.shard(), []).append(bucket)
-        common = (current, payload, ttl, group, deadline, capacity.default)
-        commands = []
-        for buckets in by_shard.values():
-            keys: list[str] = []
-            for bucket in buckets:
-                keys += (self._group_key(bucket, group), self._queue_prefix + bucket.tag)
-            commands.append(("EVALSHA", GROUP_SEND_NODE.sha, 0, *common, *keys))
-        links = [shard.link for shard in by_shard]
-        waiting: list[asyncio.Future[Any]]
-        if len(links) == 1:
-            waiting = [asyncio.ensure_future(links[0].call(*commands[0]))]
-        else:
-            waiting = [
-                link.enqueue([command])[0] for link, command in zip(links, commands, strict=True)
-            ]
         skipped = 0
         again: list[Bucket] = []
         failed: BrokerError | None = None
-        try:
-            for buckets, future in zip(by_shard.values(), waiting, strict=True):
-                try:
-                    skipped += len(await future)
-                except BrokerError as error:
-                    cause = error.__cause__
-                    if isinstance(cause, TryAgainError):
-                        # A key was elsewhere, and nothing was written.
+        for buckets, future in zip(shards, waiting, strict=True):
+            try:
+                skipped += len(await future)
+            except BrokerError as error:
+                cause = error.__cause__
+                if isinstance(cause, TryAgainError):
+                    # A key was elsewhere, and nothing was written.
+                    cluster.refresh()
+                    again += buckets
+                elif _unflagged(cause):
+                    # Refused before it ran: a server without script flags (6.2).
+                    logger.info("Redis Cluster: one script per bucket from now: %s", cause)
+                    cluster.cross_slot = False
+                    again += buckets
+                else:
+                    # Lost, a master changing, or a failure: the script may have run.
+                    if cause is not None and failover(cause):
                         cluster.refresh()
-                        again += buckets
-                    elif _unflagged(cause):
-                        # Refused before it ran: a server without script flags (6.2).
-                        logger.info("Redis Cluster: one script per bucket from now: %s", cause)
-                        cluster.cross_slot = False
-                        again += buckets
-                    else:
-                        # Lost, a master changing, or a failure: the script may have run.
-                        if cause is not None and failover(cause):
-                            cluster.refresh()
-                        failed = failed or error
-        finally:
-            for future in waiting:
-                future.cancel()
+                    failed = failed or error
         if failed is not None:
             raise failed
         if again:
+            current, payload, ttl = common
             sends = [
                 (bucket, ("EVALSHA", GROUP_SEND.sha, 1, self._group_key(bucket, group), current,
                           payload, ttl, self._queue_prefix + bucket.tag, group, deadline,
@@ -509,6 +566,44 @@ class RedisBackend(Backend):
                 for key in keys:
                     slots.setdefault(key_slot(key), []).append(key)
                 await asyncio.gather(*(shard.link.call("UNLINK", *page) for page in slots.values()))
+
+
+class _Unanswered:
+    """The group sends of one backend instance that returned before Redis answered.
+
+    A group send never raises ChannelFull, so its caller needs Redis's answer only for a
+    failure. While every link it goes out on is connected and no group send failed
+    lately, :meth:`RedisBackend.group_send` returns once its scripts are queued, in this
+    instance's order of commands on each link, and sequential group sends share writes.
+    A failure is then logged (its copies may be lost, as at-most-once allows), and the
+    group sends of the next ``_DISTRUST`` seconds wait for Redis and raise, as sends do.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._distrust_until = 0.0
+
+    def admits(self) -> bool:
+        """Whether a group send may return before Redis answers it."""
+        return len(self._tasks) < _MAX_UNANSWERED and time.monotonic() >= self._distrust_until
+
+    def track(self, group: str, answer: Coroutine[Any, Any, None]) -> None:
+        """Await ``answer`` (the group send's replies) from now on, in a task of its own."""
+        task = asyncio.ensure_future(self._await(group, answer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await(self, group: str, answer: Coroutine[Any, Any, None]) -> None:
+        try:
+            await answer
+        except BrokerError as error:
+            self._distrust_until = time.monotonic() + _DISTRUST
+            logger.warning("group_send to %r may be lost after it returned: %s", group, error)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the answers still due."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
 
 
 def _unflagged(error: BaseException | None) -> bool:

@@ -201,6 +201,8 @@ class Link(Watched):
     a batch is on the wire are queued, and a writer task sends everything queued in one
     write and reads the replies in order, so concurrent sends cost one round trip per
     batch. A command whose caller was cancelled before it was written is not sent at all.
+    A caller that needs no reply before it goes on writes with :meth:`write_now`, at once,
+    behind the batch whose replies are being read.
     A command starting with ``ASKING`` (a cluster's redirect during a slot migration) is
     sent right behind its own ``ASKING``, as the server requires.
     """
@@ -211,6 +213,58 @@ class Link(Watched):
         self._busy = False
         self._writer: asyncio.Task[None] | None = None
         self._idle: asyncio.Future[None] | None = None
+        #: The batch written whose replies are being read; commands written behind it
+        #: join it.
+        self._reading: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
+        #: The task reading the replies to a command :meth:`write_now` wrote on an idle link.
+        self._reader: asyncio.Task[None] | None = None
+        #: The scripts the server of this connection ran (it has them loaded).
+        self._loaded: set[str] = set()
+
+    def write_now(self, command: tuple[Any, ...]) -> asyncio.Future[Any] | None:
+        """Write ``command`` at once, in this link's order, and return the future of its
+        reply; None (nothing written) when it cannot be written before the caller goes
+        on: no connection is up, or queued commands must go first.
+
+        Once :meth:`sent_all` says so, the server gets the command even if the event loop
+        ends next (``async_to_sync`` ends its loop once its call returns).
+        """
+        wire = self._connection
+        # A script the server may not have is answered NOSCRIPT and sent again later.
+        unloaded = command[0] == "EVALSHA" and command[1] not in self._loaded
+        if wire is None or self._pending or unloaded:
+            return None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch = self._reading
+        try:
+            if batch is not None and not wire.closed():
+                wire.send(_pack_asking(command))
+                batch.append((command, future))
+            elif not self._busy and not wire.unfit():
+                wire.send(_pack_asking(command))
+                self._busy = True
+                self._reading = batch = [(command, future)]
+                self._reader = asyncio.ensure_future(self._read_written(wire, batch))
+            else:
+                return None
+        except TRANSIENT:
+            return None
+        return future
+
+    def sent_all(self) -> bool:
+        """Whether the socket took every byte written on this link."""
+        return self._connection is not None and not self._connection.unsent()
+
+    async def _read_written(
+        self, wire: Wire, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            await self._send(batch, wire)
+        finally:
+            self._busy = False
+            self._reader = None
+            if self._pending:
+                self._wake()
 
     async def call(self, *command: Any) -> Any:
         """Send ``command`` and return its reply; BrokerError if Redis failed."""
@@ -275,25 +329,41 @@ class Link(Watched):
             connection, self._connection = self._connection, None
             await discard(connection, wait=True)
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(
+        self,
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
+        written: Wire | None = None,
+    ) -> None:
+        """Write ``batch`` (unless it was ``written`` on that connection already) and read
+        its replies, and those of the commands :meth:`write_now` adds to it meanwhile."""
         self._expect_reply(self._shard.timeout)
         try:
-            if self._connection is not None and self._connection.unfit():
-                # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
-                # nothing was sent on it, so reconnecting is safe.
-                stale, self._connection = self._connection, None
-                self._shard.lose()
-                await discard(stale)
-            if self._connection is None:
-                self._connection = await self._shard.connect()
-            wire = self._connection
-            await wire.write(b"".join(_pack_asking(command) for command, _ in batch))
+            wire = written
+            if wire is None:
+                if self._connection is not None and self._connection.unfit():
+                    # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
+                    # nothing was sent on it, so reconnecting is safe.
+                    stale, self._connection = self._connection, None
+                    self._shard.lose()
+                    await discard(stale)
+                if self._connection is None:
+                    self._connection = await self._shard.connect()
+                    self._loaded.clear()
+                wire = self._connection
+                await wire.write(b"".join(_pack_asking(command) for command, _ in batch))
+            self._reading = batch
             forgotten: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+            # The batch grows while its replies are read (write_now); nothing is awaited
+            # between its last reply and the end of the loop, so none is left unread.
             for command, future in batch:
                 try:
                     if command[0] == "ASKING":
                         await wire.read()
                     reply = await wire.read()
+                    # Each reply shows the server alive: the next one gets a full timeout.
+                    self._expect_reply(self._shard.timeout)
+                    if command[0] == "EVALSHA":
+                        self._loaded.add(command[1])
                 except NoScriptError:
                     # Not run: the server restarted and forgot its scripts. Safe to resend.
                     forgotten.append((command, future))
@@ -304,6 +374,7 @@ class Link(Watched):
                     _settle(future, error=self._shard.error(_describe(command), error))
                     continue
                 _settle(future, reply)
+            self._reading = None
             for sha in {_script_of(command) for command, _ in forgotten}:
                 await wire.write(pack(("SCRIPT", "LOAD", SCRIPTS[sha].source)))
                 await wire.read()
@@ -311,6 +382,7 @@ class Link(Watched):
         except TRANSIENT as error:
             # Replies not read are unknown: the commands may have run, so they are not
             # retried (a push retried could be delivered twice). The next call reconnects.
+            self._reading = None
             lost, self._connection = self._connection, None
             self._shard.lose()
             await discard(lost)
@@ -323,18 +395,22 @@ class Link(Watched):
                 _settle(future, error=self._shard.error(_describe(command), error))
         except BaseException:
             # Cancelled mid-command: the replies still due would be read as later ones'.
+            self._reading = None
             lost, self._connection = self._connection, None
+            for _, future in batch:
+                future.cancel()
             await discard(lost)
             raise
         finally:
+            self._reading = None
             self._deadline = None
 
     async def close(self) -> None:
         """Stop the writer task; commands it had not sent are cancelled."""
-        writer = self._writer
-        if writer is not None:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+        for task in (self._writer, self._reader):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         connection, self._connection = self._connection, None
         await discard(connection, wait=True)
 

@@ -168,6 +168,10 @@ class Wire:
             raise RedisConnectionError("Connection closed before write")
         writer.write(data)
 
+    def unsent(self) -> int:
+        """Bytes written that the socket has not taken yet."""
+        return int(self._writer.transport.get_write_buffer_size())
+
     async def write(self, data: bytes) -> None:
         """Send ``data``; waits only while the socket is behind."""
         self.send(data)
@@ -206,14 +210,18 @@ class Wire:
         """Whether this idle connection cannot take a new command: closed, reset, or
         holding a stray reply. Nothing has been written on it since its last reply, so
         the caller may reconnect and send instead."""
-        stream = self._stream
         return (
             self._pos < len(self._buffer)
-            or self._writer.transport.is_closing()
-            or stream.at_eof()
-            or stream.exception() is not None
+            or self.closed()
             # asyncio has no public way to ask whether bytes wait unread.
-            or bool(getattr(stream, "_buffer", b""))
+            or bool(getattr(self._stream, "_buffer", b""))
+        )
+
+    def closed(self) -> bool:
+        """Whether the connection is closed, closing, or reset (replies may be due)."""
+        stream = self._stream
+        return (
+            self._writer.transport.is_closing() or stream.at_eof() or stream.exception() is not None
         )
 
     async def close(self, *, wait: bool = False) -> None:
