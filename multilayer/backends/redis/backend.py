@@ -373,7 +373,7 @@ class RedisBackend(Backend):
         ttl = ttl_ms(deadline, current)
         cluster = self._cluster
         if not capacity.uniform:
-            await self._group_send_per_capacity(group, payload, current, ttl, deadline, capacity)
+            await self._group_send_per_place(group, payload, current, ttl, deadline, capacity)
             return
         common = (current, payload, ttl)
         if cluster is None:
@@ -399,7 +399,7 @@ class RedisBackend(Backend):
             answer = partial(self._answer_by_node, group, list(by_shard.values()), common,
                              deadline, capacity)  # fmt: skip
         else:
-            await self._group_send_per_capacity(group, payload, current, ttl, deadline, capacity)
+            await self._group_send_per_place(group, payload, current, ttl, deadline, capacity)
             return
         admitted = self._unanswered.admits()
         written = [
@@ -431,7 +431,7 @@ class RedisBackend(Backend):
         results: list[list[bytes]] = [await future for future in waiting]
         self.skip_full_members(group, sum(len(full) for full in results))
 
-    async def _group_send_per_capacity(
+    async def _group_send_per_place(
         self,
         group: str,
         payload: bytes,
@@ -440,8 +440,9 @@ class RedisBackend(Backend):
         deadline: float,
         capacity: CapacityPolicy,
     ) -> None:
-        """:meth:`group_send` with the capacity of each member's queue computed here (the
-        members are read first), or one script per bucket of a cluster."""
+        """:meth:`group_send` as one script per place, awaited: with the capacity of each
+        member's queue computed here (the members are read first), or with a uniform
+        capacity on a cluster that runs no script per master."""
         places = self._places
         targets: list[list[Any]] = [[capacity.default]] * len(places)
         if not capacity.uniform:
@@ -572,11 +573,12 @@ class _Unanswered:
     """The group sends of one backend instance that returned before Redis answered.
 
     A group send never raises ChannelFull, so its caller needs Redis's answer only for a
-    failure. While every link it goes out on is connected and no group send failed
-    lately, :meth:`RedisBackend.group_send` returns once its scripts are queued, in this
-    instance's order of commands on each link, and sequential group sends share writes.
-    A failure is then logged (its copies may be lost, as at-most-once allows), and the
-    group sends of the next ``_DISTRUST`` seconds wait for Redis and raise, as sends do.
+    failure. While no group send failed lately and fewer than ``_MAX_UNANSWERED`` wait,
+    :meth:`RedisBackend.group_send` (off a cluster) returns once each link wrote its
+    script at once (:meth:`.shard.Link.write_now`), in this instance's order of commands
+    on that link, and the socket took every byte. A failure is then logged (its copies
+    may be lost, as at-most-once allows), and the group sends of the next ``_DISTRUST``
+    seconds wait for Redis and raise, as sends do.
     """
 
     def __init__(self) -> None:
