@@ -24,6 +24,7 @@ from multilayer.backends.redis.cluster import SLOTS, bucket_tags
 from multilayer.backends.redis.shard import Link
 from tests.support.brokers import certificates, require_binary, started
 from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_layer import answered
 
 T = TypeVar("T")
 
@@ -246,6 +247,8 @@ def test_group_send_with_a_stale_topology_delivers_once(cluster: RedisCluster) -
 
             backend._each = each
             await layer.group_send("everyone", {"type": "second"})
+            # It returned once written: the buckets are sent again after that.
+            await answered(layer)
             assert sum(fell_back) == 16
             assert backend._cluster.cross_slot
             for name in names:
@@ -254,6 +257,72 @@ def test_group_send_with_a_stale_topology_delivers_once(cluster: RedisCluster) -
             # No copy was sent twice: nothing waits, on Redis or in the layer.
             assert (await layer.stats()).queues == {}
             assert layer.buffered() == {}
+        finally:
+            await layer.flush()
+            await layer.close()
+
+    run(body)
+
+
+def mislead(layer: ChannelLayer) -> dict[int, tuple[str, int]]:
+    """Make ``layer`` believe every bucket's slot is on the wrong master, as a layer
+    whose map predates a resharding does; returns the true owners."""
+    owners: dict[int, tuple[str, int]] = layer._state().backend._cluster._owners
+    true = dict(owners)
+    addresses = sorted(set(owners.values()))
+    for slot, owner in true.items():
+        owners[slot] = addresses[(addresses.index(owner) + 1) % len(addresses)]
+    return true
+
+
+@pytest.mark.parametrize("then", ["send", "group_send", "group_send after the map is mended"])
+def test_nothing_overtakes_a_group_send_sent_again_after_it_returned(
+    cluster: RedisCluster, then: str
+) -> None:
+    """A group_send returns once its scripts are written; one that finds its buckets
+    elsewhere is sent again after that, per bucket. What the sender does next must not
+    overtake those copies: a send waits for the answer, and so does a group_send once
+    the layer's map of slot owners has changed (its scripts would go to masters that
+    accept them at once)."""
+
+    async def body() -> None:
+        layer = ChannelLayer(cluster.url, prefix=f"overtake{len(then)}")
+        try:
+            names = await everyone(layer)
+            # The script is loaded on every master, so the next group sends return early.
+            await layer.group_send("everyone", {"type": "warm"})
+            true = mislead(layer)
+            backend = layer._state().backend
+            per_bucket = backend._each
+            retries: list[int] = []
+
+            async def each(calls: list[Any]) -> list[Any]:
+                # The first group_send's copies sent again are the slowest.
+                retries.append(len(calls))
+                if len(retries) == 1:
+                    await asyncio.sleep(0.3)
+                return await per_bucket(calls)
+
+            backend._each = each
+            await layer.group_send("everyone", {"type": "first"})
+            assert backend._unanswered.holds_back, "the group_send did not return early"
+            if then == "send":
+                for name in names:
+                    await layer.send(name, {"type": "second"})
+            else:
+                # With the same map, it is written behind the first, refused too, and
+                # sent again after it; with the map mended, it waits for the first.
+                if then != "group_send":
+                    cluster_map = backend._cluster
+                    for slot, owner in true.items():
+                        cluster_map._own(slot, owner)
+                await layer.group_send("everyone", {"type": "second"})
+            for name in names:
+                for kind in ("warm", "first", "second"):
+                    message = await asyncio.wait_for(layer.receive(name), 5)
+                    assert message == {"type": kind}, name
+            assert retries, "nothing was sent again: the test did not test a retry"
+            assert (await layer.stats()).queues == {}
         finally:
             await layer.flush()
             await layer.close()

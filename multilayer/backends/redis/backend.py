@@ -317,6 +317,8 @@ class RedisBackend(Backend):
         await self._place(inbox).call("PING")
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        if self._unanswered.holds_back:
+            await self._unanswered.settled()
         queue = non_local_name(channel)
         current = now()
         place = self._place(queue)
@@ -340,6 +342,7 @@ class RedisBackend(Backend):
         self._receiver(queue).arm(limit)
 
     async def group_add(self, group: str, channel: str, *, deadline: float) -> None:
+        await self._unanswered.settled()
         current = now()
         place = self._place(non_local_name(channel))
         await place.call(
@@ -354,6 +357,7 @@ class RedisBackend(Backend):
         )
 
     async def group_discard(self, group: str, channel: str) -> None:
+        await self._unanswered.settled()
         place = self._place(non_local_name(channel))
         await place.call("ZREM", self._group_key(place, group), channel)
 
@@ -366,8 +370,8 @@ class RedisBackend(Backend):
         of its process-specific members and seals one envelope per inbox in place. The
         scripts bound for one server share its link, so they go out in one write. On a
         cluster, with a uniform capacity, one script per master serves all its buckets.
-        Off a cluster, with a uniform capacity, the call may return once its scripts are
-        written (see :class:`_Unanswered`).
+        With a uniform capacity, the call may return once its scripts are written (see
+        :class:`_Unanswered`).
         """
         current = now()
         ttl = ttl_ms(deadline, current)
@@ -385,6 +389,8 @@ class RedisBackend(Backend):
             ]  # fmt: skip
             answer = partial(self._count_full, group)
         elif cluster.cross_slot and deadline > current:
+            while self._unanswered.stale(cluster.epoch):
+                await self._unanswered.settled()
             by_shard: dict[Shard, list[Bucket]] = {}
             for bucket in self._buckets:
                 by_shard.setdefault(bucket.shard(), []).append(bucket)
@@ -397,7 +403,7 @@ class RedisBackend(Backend):
                 commands.append(("EVALSHA", GROUP_SEND_NODE.sha, 0, *common, group, deadline,
                                  capacity.default, *keys))  # fmt: skip
             answer = partial(self._answer_by_node, group, list(by_shard.values()), common,
-                             deadline, capacity)  # fmt: skip
+                             deadline, capacity, self._unanswered.latest())  # fmt: skip
         else:
             await self._group_send_per_place(group, payload, current, ttl, deadline, capacity)
             return
@@ -407,13 +413,11 @@ class RedisBackend(Backend):
             for link, command in zip(links, commands, strict=True)
         ]
         ready = [future for future in written if future is not None]
-        # On a cluster, a slot that moved is followed before the call returns, so that
-        # the sends this process makes next cannot overtake the copies sent again. Bytes
-        # the socket did not take yet (a large message) would be lost if the event loop
-        # ended next: then too the answer is awaited, which also waits for them.
-        early = cluster is None and len(ready) == len(written)
-        if early and all(link.sent_all() for link in links):
-            self._unanswered.track(group, answer(ready))
+        # Bytes the socket did not take yet (a large message) would be lost if the event
+        # loop ended next: then the answer is awaited, which also waits for them.
+        if len(ready) == len(written) and all(link.sent_all() for link in links):
+            epoch = None if cluster is None else cluster.epoch
+            self._unanswered.track(group, answer(ready), epoch=epoch)
             return
         waiting = [
             future or link.enqueue([command])[0]
@@ -443,6 +447,7 @@ class RedisBackend(Backend):
         """:meth:`group_send` as one script per place, awaited: with the capacity of each
         member's queue computed here (the members are read first), or with a uniform
         capacity on a cluster that runs no script per master."""
+        await self._unanswered.settled()
         places = self._places
         targets: list[list[Any]] = [[capacity.default]] * len(places)
         if not capacity.uniform:
@@ -473,12 +478,14 @@ class RedisBackend(Backend):
         common: tuple[float, bytes, int],
         deadline: float,
         capacity: CapacityPolicy,
+        before: asyncio.Task[None] | None,
         waiting: list[asyncio.Future[Any]],
     ) -> None:
         """Await a cluster's group_send scripts, one per master for all the buckets it
         holds (:data:`.scripts.GROUP_SEND_NODE`); the buckets of a master whose script
         found a key elsewhere (it then wrote nothing) get one script each, which follows
-        redirects."""
+        redirects. ``before``, the group send tracked before this one, ends first: its
+        copies sent again go out before this one's."""
         cluster = self._cluster
         assert cluster is not None
         skipped = 0
@@ -503,6 +510,8 @@ class RedisBackend(Backend):
                     if cause is not None and failover(cause):
                         cluster.refresh()
                     failed = failed or error
+        if before is not None:
+            await asyncio.wait([before])
         if failed is not None:
             raise failed
         if again:
@@ -558,6 +567,7 @@ class RedisBackend(Backend):
     async def flush(self) -> None:
         """Delete every key under this prefix on every master (SCAN, then UNLINK a page;
         on a cluster, one UNLINK per slot of the page, since a command spans one slot)."""
+        await self._unanswered.settled()
         for shard in await self._masters():
             async for keys in _scan(shard, f"{self.settings.prefix}:*"):
                 if self._cluster is None:
@@ -574,26 +584,80 @@ class _Unanswered:
 
     A group send never raises ChannelFull, so its caller needs Redis's answer only for a
     failure. While no group send failed lately and fewer than ``_MAX_UNANSWERED`` wait,
-    :meth:`RedisBackend.group_send` (off a cluster) returns once each link wrote its
-    script at once (:meth:`.shard.Link.write_now`), in this instance's order of commands
-    on that link, and the socket took every byte. A failure is then logged (its copies
-    may be lost, as at-most-once allows), and the group sends of the next ``_DISTRUST``
-    seconds wait for Redis and raise, as sends do.
+    :meth:`RedisBackend.group_send` returns once each link wrote its script at once
+    (:meth:`.shard.Link.write_now`), in this instance's order of commands on that link,
+    and the socket took every byte. A failure is then logged (its copies may be lost, as
+    at-most-once allows), and the group sends of the next ``_DISTRUST`` seconds wait for
+    Redis and raise, as sends do.
+
+    On a cluster, a script that found a bucket elsewhere (a slot moving, or a master
+    mistaken) is sent again per bucket after the call returned. So that nothing
+    overtakes those copies:
+
+    * the group sends there are *chained*: each one's copies sent again go out after
+      those of the one before;
+    * a group send is written behind unanswered ones only while the layer's map of slot
+      owners is the one they were written with (:meth:`stale`): its scripts then go to
+      the same masters, which refuse them too if they refused an earlier one, since a
+      key leaves a master for good once its slot starts moving;
+    * every other command of the instance waits until the chained ones are answered
+      (:attr:`holds_back`, :meth:`settled`).
     """
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         self._distrust_until = 0.0
+        #: The latest chained group send, while it is unanswered.
+        self._latest: asyncio.Task[None] | None = None
+        #: Unanswered chained group sends: other commands wait for them.
+        self._chained = 0
+        #: The cluster's :attr:`~.cluster.Cluster.epoch` they were written in.
+        self._epoch = 0
+
+    @property
+    def holds_back(self) -> bool:
+        """Whether other commands must wait (:meth:`settled`) before they are written."""
+        return self._chained > 0
 
     def admits(self) -> bool:
         """Whether a group send may return before Redis answers it."""
         return len(self._tasks) < _MAX_UNANSWERED and time.monotonic() >= self._distrust_until
 
-    def track(self, group: str, answer: Coroutine[Any, Any, None]) -> None:
-        """Await ``answer`` (the group send's replies) from now on, in a task of its own."""
+    def latest(self) -> asyncio.Task[None] | None:
+        """The chained group send a new one comes after, if it is still unanswered."""
+        return self._latest
+
+    def stale(self, epoch: int) -> bool:
+        """Whether chained group sends wait that were written with another map of slot
+        owners than the cluster's ``epoch``."""
+        return self._chained > 0 and self._epoch != epoch
+
+    def track(self, group: str, answer: Coroutine[Any, Any, None], *, epoch: int | None) -> None:
+        """Await ``answer`` (the group send's replies) from now on, in a task of its own;
+        on a cluster, chained, written in its ``epoch`` (see above)."""
         task = asyncio.ensure_future(self._await(group, answer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if epoch is not None:
+            self._latest = task
+            self._chained += 1
+            self._epoch = epoch
+            task.add_done_callback(self._unchain)
+
+    def _unchain(self, task: asyncio.Task[None]) -> None:
+        self._chained -= 1
+        if self._latest is task:
+            self._latest = None
+
+    async def settled(self) -> None:
+        """Wait until the chained group sends unanswered now are answered."""
+        if self._chained:
+            pending = [task for task in self._tasks if not task.done()]
+            if pending:
+                await asyncio.wait(pending)
+            else:
+                # Done, but not unchained yet: their callbacks run next.
+                await asyncio.sleep(0)
 
     async def _await(self, group: str, answer: Coroutine[Any, Any, None]) -> None:
         try:

@@ -136,6 +136,8 @@ class Cluster:
         )
         #: The master of each slot this layer uses, as last learned.
         self._owners: dict[int, tuple[str, int]] = {}
+        #: How many times a slot's master changed in :attr:`_owners`.
+        self.epoch = 0
         self._shards: dict[tuple[str, int], Shard] = {}
         self._refreshing: asyncio.Task[None] | None = None
         #: Loop time of the last refresh's end.
@@ -161,7 +163,12 @@ class Cluster:
         for slot in self._owners:
             nodes = cache.get(slot)
             if nodes:
-                self._owners[slot] = (nodes[0].host, int(nodes[0].port))
+                self._own(slot, (nodes[0].host, int(nodes[0].port)))
+
+    def _own(self, slot: int, address: tuple[str, int]) -> None:
+        if self._owners[slot] != address:
+            self._owners[slot] = address
+            self.epoch += 1
 
     async def masters(self) -> list[Shard]:
         """A shard for every master of the cluster, asked of it now (a MOVED reply teaches
@@ -214,7 +221,7 @@ class Cluster:
                 if attempt > _REDIRECTS:
                     raise
                 if isinstance(cause, MovedError):
-                    self._owners[slot] = (str(cause.host), int(cause.port))
+                    self._own(slot, (str(cause.host), int(cause.port)))
                     self.refresh()
                 elif isinstance(cause, AskError):
                     ask = (str(cause.host), int(cause.port))
@@ -260,7 +267,7 @@ class Cluster:
         """After a receiver's ``error``: whether to try again where the slot is now (the
         owner learned, or a refresh asked for); False for an error to raise."""
         if isinstance(error, MovedError):
-            self._owners[slot] = (str(error.host), int(error.port))
+            self._own(slot, (str(error.host), int(error.port)))
             self.refresh()
             return True
         if isinstance(error, (AskError, TryAgainError)):
