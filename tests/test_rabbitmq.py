@@ -999,6 +999,44 @@ def test_a_connection_lost_while_reconnecting_is_made_again(shared: str) -> None
     run_quietly(body, timeout=120)
 
 
+def test_an_inbox_made_again_by_a_sender_after_a_reconnection_gets_its_groups(
+    shared: str,
+) -> None:
+    """In a cluster, RabbitMQ may delete a dead node's queue after a reconnected owner
+    declared its inbox again and bound its groups; a sender then makes the inbox again,
+    without the bindings (seen in CI: a group message lost after a node loss). The
+    owner's consumer, first started on the new connection, declares and binds once
+    more: the group message after a direct one reaches it."""
+    rabbitmqctl, name, receiver, sender = _droppable_receiver(shared)
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+    async def body() -> None:
+        channel, backend = await _received_once(receiver, sender)
+        await receiver.group_add("rmq-remade", channel)
+        queue = f"{receiver.prefix}:{channel[: channel.index('!') + 1]}"
+        # No receive waits across the reconnection: the consumer starts after it.
+        await _close_connections(rabbitmqctl, name)
+        for _ in range(100):
+            if receiver.counters().reconnects == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert receiver.counters().reconnects == 1, "the layer did not reconnect"
+        # The restore (declare and bind, then up to 0.5 s of spread) is over.
+        await asyncio.sleep(1.5)
+        assert not backend.topology.stale(queue)
+        await asyncio.to_thread(_delete_queues, url, [queue])
+        # The sender's publish comes back unroutable: it declares the inbox again.
+        await sender.send(channel, {"n": 2})
+        assert await recv(receiver, channel) == {"n": 2}
+        await sender.group_send("rmq-remade", {"n": 3})
+        assert await recv(receiver, channel) == {"n": 3}
+        await sender.flush()
+        await sender.close()
+        await receiver.close()
+
+    run_quietly(body, timeout=120)
+
+
 def test_a_consumer_deaf_after_a_reconnection_is_restarted(shared: str) -> None:
     """For a while after a reconnection every consumer is watched: one that gets nothing
     while its queue holds ready messages is started again. (After a cluster node died, an

@@ -23,6 +23,7 @@ import pika.channel
 import pika.exceptions
 import pika.frame
 import pika.spec
+from pika.adapters.asyncio_connection import AsyncioConnection
 
 from ...backend import Item
 from ...exceptions import BrokerError
@@ -113,6 +114,9 @@ class Consumer:
         #: Run after each declare of the queue, before consuming: an inbox binds its
         #: groups again, as a queue that went away took its bindings with it.
         self._declared = declared
+        #: The connection this consumer first consumed on since its queue was declared
+        #: and bound (see :meth:`_start`).
+        self._consumed_on: AsyncioConnection | None = None
         #: A quorum queue's consumer gives back the gate places of what it takes; it
         #: returns unread messages by closing its channel, as a requeue would put them
         #: behind the others there (RabbitMQ 3.10).
@@ -265,10 +269,16 @@ class Consumer:
                 channel.channel.add_on_cancel_callback(self._cancelled_by_broker)
                 await channel.call(channel.channel.basic_qos, prefetch_count=self.prefetch)
                 self.channel = channel
-            if self.topology.stale(self.queue):
+            # After a reconnection an inbox is declared and bound once more before it is
+            # consumed, even if declared since: in a cluster, RabbitMQ may delete a dead
+            # node's queue after the reconnection's restore declared and bound it, and a
+            # sender then makes it again, without the bindings.
+            again = self._consumed_on not in (None, connection) and self._declared is not None
+            if again or self.topology.stale(self.queue):
                 await self.topology.declare(self.queue, self.name, channel=self.channel)
                 if self._declared is not None:
                     await self._declared()
+            self._consumed_on = connection
             if self._cancel_ok is not None:
                 # Deliveries to the cancelled consumer may still be on their way back to the
                 # queue; consuming again before its cancel-ok would overtake them.
