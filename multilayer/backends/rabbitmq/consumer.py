@@ -114,8 +114,8 @@ class Consumer:
         #: Run after each declare of the queue, before consuming: an inbox binds its
         #: groups again, as a queue that went away took its bindings with it.
         self._declared = declared
-        #: The connection this consumer first consumed on since its queue was declared
-        #: and bound (see :meth:`_start`).
+        #: The connection of this consumer's last start: a start on another one (after a
+        #: reconnection) declares an inbox and binds its groups again (see :meth:`_start`).
         self._consumed_on: AsyncioConnection | None = None
         #: A quorum queue's consumer gives back the gate places of what it takes; it
         #: returns unread messages by closing its channel, as a requeue would put them
