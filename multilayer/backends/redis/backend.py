@@ -47,7 +47,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any, ClassVar
 
@@ -462,6 +462,23 @@ class RedisBackend(Backend):
                     for queue in queues:
                         targets[-1] += [queue, capacity.for_channel(queue)]
                     places.append(place)
+        skipped = await self._script_per_place(
+            group, places, targets, current, payload, ttl, deadline
+        )
+        self.skip_full_members(group, skipped)
+
+    async def _script_per_place(
+        self,
+        group: str,
+        places: Sequence[Place],
+        targets: list[list[Any]],
+        current: float,
+        payload: bytes,
+        ttl: int,
+        deadline: float,
+    ) -> int:
+        """Run the group_send script at each of ``places``, for the capacity (or member
+        queues and their capacities) ``targets`` gives it; how many members were full."""
         sends = [
             (place, ("EVALSHA", GROUP_SEND.sha, 1, self._group_key(place, group), current,
                      payload, ttl, self._queue_prefix + place.tag, group, deadline, *extra))
@@ -469,7 +486,7 @@ class RedisBackend(Backend):
         ]  # fmt: skip
         results: list[list[bytes]] = await self._each(sends)
         # The script returns the full members only: how many it reached stays on Redis.
-        self.skip_full_members(group, sum(len(full) for full in results))
+        return sum(len(full) for full in results)
 
     async def _answer_by_node(
         self,
@@ -516,14 +533,10 @@ class RedisBackend(Backend):
             raise failed
         if again:
             current, payload, ttl = common
-            sends = [
-                (bucket, ("EVALSHA", GROUP_SEND.sha, 1, self._group_key(bucket, group), current,
-                          payload, ttl, self._queue_prefix + bucket.tag, group, deadline,
-                          capacity.default))
-                for bucket in again
-            ]  # fmt: skip
-            results: list[list[bytes]] = await self._each(list(sends))
-            skipped += sum(len(full) for full in results)
+            targets = [[capacity.default]] * len(again)
+            skipped += await self._script_per_place(
+                group, again, targets, current, payload, ttl, deadline
+            )
         self.skip_full_members(group, skipped)
 
     async def _each(self, calls: list[tuple[Place, tuple[Any, ...]]]) -> list[Any]:
