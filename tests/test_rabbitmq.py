@@ -19,7 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -553,90 +553,150 @@ def test_an_inbox_made_again_binds_its_groups_again(shared: str, lost: str) -> N
     """An inbox deleted under its receiving owner (as a cluster node's death deletes the
     queues it held, whenever RabbitMQ gets to it) took its bindings along; with the
     catalog too, the exchange went with its last binding. The owner declares the inbox
-    again and binds its groups again before it consumes: the first group message after a
+    again, consumes it and binds its groups again: the first group message after a
     direct one reaches it."""
-    owner = _layer(shared)
-    sender = _layer(shared, prefix=owner.prefix)
     url = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
     async def body() -> None:
-        inbox = await owner.new_channel()
-        await owner.group_add("rmq-again", inbox)
-        got: list[dict[str, Any]] = []
-        receiving = asyncio.ensure_future(_receive_into(owner, inbox, got))
-        try:
-            await sender.group_send("rmq-again", {"group": 1})
-            await _until(got, 1, "the first group message", receiving)
-            queues = [f"{owner.prefix}:{inbox[: inbox.index('!') + 1]}"]
+        async with _grouped_inbox(shared, "rmq-again") as grouped:
+            grouped.receive()
+            await grouped.sender.group_send("rmq-again", {"group": 1})
+            await grouped.until(1, "the first group message")
+            queues = [grouped.queue]
             if lost == "inbox and catalog":
-                queues.append(f"{owner.prefix}::catalog")
+                queues.append(f"{grouped.owner.prefix}::catalog")
             await asyncio.to_thread(_delete_queues, url, queues)
-            await sender.send(inbox, {"direct": 1})
-            await _until(got, 2, "a direct message to the inbox made again", receiving)
-            await sender.group_send("rmq-again", {"group": 2})
-            await _until(got, 3, "the group message after it", receiving)
-            assert got == [{"group": 1}, {"direct": 1}, {"group": 2}]
-        finally:
-            receiving.cancel()
-            await asyncio.gather(receiving, return_exceptions=True)
-            await owner.flush()
-            await owner.close()
-            await sender.close()
+            await grouped.sender.send(grouped.inbox, {"direct": 1})
+            await grouped.until(2, "a direct message to the inbox made again")
+            await grouped.sender.group_send("rmq-again", {"group": 2})
+            await grouped.until(3, "the group message after it")
+            assert grouped.got == [{"group": 1}, {"direct": 1}, {"group": 2}]
 
     run(body)
 
 
-def test_an_inbox_gone_again_after_its_declare_is_declared_and_bound_again(shared: str) -> None:
+class _GroupedInbox:
+    """An owner's inbox in one group, a sender of the same prefix, and the owner
+    receiving from the inbox into ``got`` once :meth:`receive` is called."""
+
+    def __init__(self, owner: ChannelLayer, sender: ChannelLayer, inbox: str) -> None:
+        self.owner, self.sender, self.inbox = owner, sender, inbox
+        self.queue = f"{owner.prefix}:{inbox[: inbox.index('!') + 1]}"
+        self.got: list[dict[str, Any]] = []
+        self.receiving: asyncio.Future[None] | None = None
+
+    def receive(self) -> None:
+        self.receiving = asyncio.ensure_future(_receive_into(self.owner, self.inbox, self.got))
+
+    async def until(self, count: int, what: str) -> None:
+        assert self.receiving is not None
+        await _until(self.got, count, what, self.receiving)
+
+
+@contextlib.asynccontextmanager
+async def _grouped_inbox(shared: str, group: str) -> AsyncIterator[_GroupedInbox]:
+    owner = _layer(shared)
+    sender = _layer(shared, prefix=owner.prefix)
+    grouped: _GroupedInbox | None = None
+    try:
+        inbox = await owner.new_channel()
+        await owner.group_add(group, inbox)
+        grouped = _GroupedInbox(owner, sender, inbox)
+        yield grouped
+    finally:
+        if grouped is not None and grouped.receiving is not None:
+            grouped.receiving.cancel()
+            await asyncio.gather(grouped.receiving, return_exceptions=True)
+        await owner.flush()
+        await owner.close()
+        await sender.close()
+
+
+async def _rabbitmq_backend(layer: ChannelLayer) -> RabbitMQBackend:
+    backend = await layer._backend()
+    assert isinstance(backend, RabbitMQBackend)
+    return backend
+
+
+def test_an_inbox_gone_again_after_its_declare_is_declared_and_bound_again(
+    shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In a cluster, RabbitMQ may remove a dead node's queue after a layer declared a
     queue of that name again (the declare saw the old one): the binds that follow find
     no queue. The owner's receive does not fail: its consumer declares the inbox and
     binds its groups once more, and a group message then reaches it."""
-    owner = _layer(shared)
-    sender = _layer(shared, prefix=owner.prefix)
     url = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
     async def body() -> None:
-        inbox = await owner.new_channel()
-        queue = f"{owner.prefix}:{inbox[: inbox.index('!') + 1]}"
-        await owner.group_add("rmq-twice", inbox)
-        backend = await owner._backend()
-        assert isinstance(backend, RabbitMQBackend)
-        declare = backend.topology.declare
-        vanished: list[str] = []
+        async with _grouped_inbox(shared, "rmq-twice") as grouped:
+            backend = await _rabbitmq_backend(grouped.owner)
+            declare = backend.topology.declare
+            vanished: list[str] = []
 
-        async def declare_then_lose(queue_name: str, name: str, **kwargs: Any) -> None:
-            await declare(queue_name, name, **kwargs)
-            if queue_name == queue and not vanished:
-                vanished.append(queue_name)
-                await asyncio.to_thread(_delete_queues, url, [queue_name])
+            async def declare_then_lose(queue_name: str, name: str, **kwargs: Any) -> None:
+                await declare(queue_name, name, **kwargs)
+                if queue_name == grouped.queue and not vanished:
+                    vanished.append(queue_name)
+                    await asyncio.to_thread(_delete_queues, url, [queue_name])
 
-        backend.topology.declare = declare_then_lose  # type: ignore[method-assign]
-        got: list[dict[str, Any]] = []
-        receiving = asyncio.ensure_future(_receive_into(owner, inbox, got))
-        try:
+            monkeypatch.setattr(backend.topology, "declare", declare_then_lose)
+            grouped.receive()
             await asyncio.sleep(0.2)
-            await asyncio.to_thread(_delete_queues, url, [queue])
+            await asyncio.to_thread(_delete_queues, url, [grouped.queue])
             # Nothing sent until the owner consumes again: a send would declare the inbox.
             for _ in range(100):
-                if receiving.done():
-                    raise AssertionError(f"the receive failed: {receiving.exception()!r}")
-                if vanished and await asyncio.to_thread(_consumers, url, queue) == 1:
+                if grouped.receiving is not None and grouped.receiving.done():
+                    error = grouped.receiving.exception()
+                    raise AssertionError(f"the receive failed: {error!r}")
+                if vanished and await asyncio.to_thread(_consumers, url, grouped.queue) == 1:
                     break
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError(f"the owner did not consume again within 5s ({vanished})")
-            await sender.send(inbox, {"direct": 1})
-            await _until(got, 1, "a direct message to the inbox made again", receiving)
-            await sender.group_send("rmq-twice", {"group": 1})
-            await _until(got, 2, "the group message after it", receiving)
-            assert got == [{"direct": 1}, {"group": 1}]
-        finally:
-            receiving.cancel()
-            await asyncio.gather(receiving, return_exceptions=True)
-            backend.topology.declare = declare  # type: ignore[method-assign]
-            await owner.flush()
-            await owner.close()
-            await sender.close()
+            await grouped.sender.send(grouped.inbox, {"direct": 1})
+            await grouped.until(1, "a direct message to the inbox made again")
+            await grouped.sender.group_send("rmq-twice", {"group": 1})
+            await grouped.until(2, "the group message after it")
+            assert grouped.got == [{"direct": 1}, {"group": 1}]
+
+    run(body)
+
+
+def test_an_inbox_replaced_after_its_binds_is_bound_again(
+    shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a cluster, RabbitMQ may remove a dead node's inbox right after its owner's
+    consumer bound its groups again, and a sender's send then makes the inbox anew,
+    without them (seen in CI: a group message lost after a node loss). The owner binds
+    its groups on the queue it consumes, or starts over when that queue goes: the group
+    message after the direct one reaches it."""
+    url = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+    async def body() -> None:
+        async with _grouped_inbox(shared, "rmq-replaced") as grouped:
+            backend = await _rabbitmq_backend(grouped.owner)
+            rebind = backend.groups.rebind
+            replaced: list[str] = []
+
+            async def rebind_then_replace(inboxes: set[str]) -> None:
+                await rebind(inboxes)
+                if not replaced:
+                    replaced.append(grouped.queue)
+                    await asyncio.to_thread(_delete_queues, url, [grouped.queue])
+                    # Declares the inbox, unbound.
+                    await grouped.sender.send(grouped.inbox, {"direct": 1})
+
+            # Before the first receive, which makes the consumer and its hook.
+            monkeypatch.setattr(backend.groups, "rebind", rebind_then_replace)
+            grouped.receive()
+            await asyncio.sleep(0.2)
+            # Its consumer, cancelled, declares the inbox again and binds its groups.
+            await asyncio.to_thread(_delete_queues, url, [grouped.queue])
+            await grouped.until(1, "the direct message to the inbox made again")
+            assert replaced, "the consumer did not bind the inbox's groups again"
+            await grouped.sender.group_send("rmq-replaced", {"group": 1})
+            await grouped.until(2, "the group message after it")
+            assert grouped.got == [{"direct": 1}, {"group": 1}]
 
     run(body)
 

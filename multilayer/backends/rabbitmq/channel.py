@@ -106,9 +106,9 @@ class Channel:
         future = self.future()
         if not future.done():
             method(*args, callback=lambda frame: settle(future, frame), **kwargs)
-        return await self._answer(future, method.__name__)
+        return await self.answer(future, method.__name__)
 
-    async def _answer(self, future: asyncio.Future[Any], what: str) -> Any:
+    async def answer(self, future: asyncio.Future[Any], what: str) -> Any:
         """``future``'s result, or BrokerError, the channel closed, if RabbitMQ has not
         answered within the connection's ``answer_timeout``."""
         timeout = self.connection.answer_timeout
@@ -134,7 +134,7 @@ class Channel:
             self.channel.basic_get(
                 queue, lambda _ch, _method, _props, body: settle(future, body), auto_ack=True
             )
-            result: bytes | None = await self._answer(future, "basic_get")
+            result: bytes | None = await self.answer(future, "basic_get")
             return result
         finally:
             self._getting = None

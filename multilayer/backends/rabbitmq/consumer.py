@@ -111,8 +111,8 @@ class Consumer:
         declared: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.link = link
-        #: Run after each declare of the queue, before consuming: an inbox binds its
-        #: groups again, as a queue that went away took its bindings with it.
+        #: Run once the queue, declared, is consumed again: an inbox binds its groups
+        #: again, as a queue that went away took its bindings with it.
         self._declared = declared
         #: The connection of this consumer's last start: a start on another one (after a
         #: reconnection) declares an inbox and binds its groups again (see :meth:`_start`).
@@ -269,24 +269,28 @@ class Consumer:
                 channel.channel.add_on_cancel_callback(self._cancelled_by_broker)
                 await channel.call(channel.channel.basic_qos, prefetch_count=self.prefetch)
                 self.channel = channel
-            # After a reconnection an inbox is declared and bound once more before it is
-            # consumed, even if declared since: in a cluster, RabbitMQ may delete a dead
-            # node's queue after the reconnection's restore declared and bound it, and a
-            # sender then makes it again, without the bindings.
+            # After a reconnection an inbox is declared and bound once more, even if
+            # declared since: in a cluster, RabbitMQ may delete a dead node's queue after
+            # the reconnection's restore declared and bound it, and a sender then makes it
+            # again, without the bindings.
             again = self._consumed_on not in (None, connection) and self._declared is not None
-            if again or self.topology.stale(self.queue):
+            declared = again or self.topology.stale(self.queue)
+            if declared:
                 await self.topology.declare(self.queue, self.name, channel=self.channel)
-                if self._declared is not None:
-                    await self._declared()
-            self._consumed_on = connection
             if self._cancel_ok is not None:
                 # Deliveries to the cancelled consumer may still be on their way back to the
                 # queue; consuming again before its cancel-ok would overtake them.
                 await self._cancel_ok
                 self._cancel_ok = None
             self.channel.connection.deliveries[self.channel.number] = self._delivered
-            self.tag = self.channel.channel.basic_consume(self.queue, self._delivered_by_pika)
+            if declared and self._declared is not None:
+                await self._consume_and_bind(self.channel, self._declared)
+            else:
+                self.tag = self.channel.channel.basic_consume(self.queue, self._delivered_by_pika)
+            self._consumed_on = connection
         except (pika.exceptions.AMQPError, BrokerError) as error:
+            if reply_code(error) == NOT_FOUND and self.tag is None:
+                return  # gone since its declare: _closed() forgot it, the next start declares
             if isinstance(error, pika.exceptions.ChannelClosedByBroker):
                 raise self.link.error(f"consuming {self.queue!r}", error) from error
             if isinstance(error.__cause__, pika.exceptions.ChannelClosedByBroker):
@@ -295,6 +299,32 @@ class Consumer:
             logger.debug("restarting the consumer of %s: %r", self.queue, error)
             self.reset()
             await asyncio.sleep(0.05)
+
+    async def _consume_and_bind(
+        self, channel: Channel, bind: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Consume the inbox, then bind its groups: to the very queue it consumes.
+
+        Bound before the consume, the groups could go with a queue RabbitMQ deletes in
+        between (a dead cluster node's, or an idle one's), and the consume then reach the
+        queue a sender made again, without them. Bound after it, they are on the queue
+        consumed, or that queue is gone, and its deletion cancels the consumer, whose
+        next start declares and binds again.
+        """
+        consumed = channel.future()
+        self.tag = channel.channel.basic_consume(
+            self.queue, self._delivered_by_pika, callback=lambda frame: settle(consumed, frame)
+        )
+        try:
+            await channel.answer(consumed, "basic_consume")
+            await bind()
+        except BaseException:
+            # Consuming with groups perhaps unbound: start over, declaring again.
+            self.topology.forget(self.queue)
+            if self.channel is channel:
+                channel.close()
+                self.reset()
+            raise
 
     def _closed(self, channel: Channel, reason: BaseException) -> None:
         if self.channel is not channel:

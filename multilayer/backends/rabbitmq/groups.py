@@ -295,7 +295,8 @@ class Groups:
                 if reply_code(error) != NOT_FOUND:
                     raise
                 # Declared, then gone: RabbitMQ removed a dead node's queue of that name
-                # after the declare. Its consumer declares it again, and binds again then.
+                # after the declare. Its consumer, cancelled by the deletion or not yet
+                # started, declares it again and binds again once it consumes.
                 self.topology.forget(queue)
 
     def clear(self) -> None:
