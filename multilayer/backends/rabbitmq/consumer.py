@@ -194,19 +194,33 @@ class Consumer:
         the dead one, and hears nothing more, though a new channel would. Every other
         consumer is watched for WATCH_AFTER_RECONNECT seconds after a reconnection: after
         a cluster node died, an inbox consumer was seen to get nothing more although the
-        layer had reconnected and its sends went on (1 run in 7 of the node-loss test,
-        cause not found).
+        layer had reconnected and its sends went on (1 run in 7 of the node-loss test).
+        RabbitMQ removes a dead node's queues by name, and was seen to remove an inbox
+        made again since under that name, with its bindings, telling no consumer: a
+        sender then makes it anew, unbound. So the consumer also starts over when its
+        queue is gone, and an inbox's consumer binds its groups again at each look.
         """
         while not wakeup.done():
             await asyncio.wait([wakeup], timeout=STUCK_AFTER)
             channel = self.channel
             if wakeup.done() or self.buffer or channel is None or not channel.usable:
                 continue
-            with contextlib.suppress(pika.exceptions.AMQPError, BrokerError):
-                if await self.topology.ready(self.queue) and not self.buffer:
-                    logger.info("restarting the consumer of %s, which got nothing", self.queue)
-                    channel.close()
-                    return  # closed: reset() wakes the pop, which starts a new consumer
+            try:
+                ready: int | None = await self.topology.ready(self.queue)
+            except pika.exceptions.AMQPError as error:
+                if reply_code(error) != NOT_FOUND:
+                    continue
+                ready = None  # gone, though no cancel came: the queue consumed has no name
+            except BrokerError:
+                continue
+            if ready is None or (ready and not self.buffer):
+                logger.info("restarting the consumer of %s, which got nothing", self.queue)
+                self.topology.forget(self.queue)  # declared and bound again at the start
+                channel.close()
+                return  # closed: reset() wakes the pop, which starts a new consumer
+            if self._declared is not None:
+                with contextlib.suppress(pika.exceptions.AMQPError, BrokerError):
+                    await self._declared()
 
     def _pause_if_idle(self) -> None:
         self._pause = None
@@ -270,10 +284,14 @@ class Consumer:
                 await channel.call(channel.channel.basic_qos, prefetch_count=self.prefetch)
                 self.channel = channel
             # After a reconnection an inbox is declared and bound once more, even if
-            # declared since: in a cluster, RabbitMQ may delete a dead node's queue after
-            # the reconnection's restore declared and bound it, and a sender then makes it
-            # again, without the bindings.
-            again = self._consumed_on not in (None, connection) and self._declared is not None
+            # declared since, and so at each start for WATCH_AFTER_RECONNECT seconds: in a
+            # cluster, RabbitMQ may delete a dead node's queue after the reconnection's
+            # restore declared and bound it, and a sender then makes it again, without
+            # the bindings (see _watch()).
+            again = self._declared is not None and (
+                self._consumed_on not in (None, connection)
+                or self.link.reconnected_within(WATCH_AFTER_RECONNECT)
+            )
             declared = again or self.topology.stale(self.queue)
             if declared:
                 await self.topology.declare(self.queue, self.name, channel=self.channel)
