@@ -195,10 +195,12 @@ class Consumer:
         consumer is watched for WATCH_AFTER_RECONNECT seconds after a reconnection: after
         a cluster node died, an inbox consumer was seen to get nothing more although the
         layer had reconnected and its sends went on (1 run in 7 of the node-loss test).
-        RabbitMQ removes a dead node's queues by name, and was seen to remove an inbox
-        made again since under that name, with its bindings, telling no consumer: a
-        sender then makes it anew, unbound. So the consumer also starts over when its
-        queue is gone, and an inbox's consumer binds its groups again at each look.
+        Each surviving RabbitMQ node removes a dead node's queues by name, from a list
+        made when it saw the node go, so it may remove an inbox made again since under
+        that name, with its bindings, telling no consumer (the likeliest cause of a
+        group message lost in a repeat of that test): a sender then makes it anew,
+        unbound. So the consumer also starts over when its queue is gone, and an
+        inbox's consumer binds its groups again at each look.
         """
         while not wakeup.done():
             await asyncio.wait([wakeup], timeout=STUCK_AFTER)
