@@ -49,7 +49,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -77,6 +78,67 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 
 def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be positive"
+
+
+@dataclass
+class _Line:
+    """The operations on one key of a :class:`Turnstile` waiting to go on."""
+
+    #: The slow first step, shared by every operation in the line.
+    step: asyncio.Future[None]
+    #: Settled once the last operation in the line went on.
+    last: asyncio.Future[None] | None = None
+
+
+class Turnstile:
+    """Lets the operations on one key go on in the order they came while a slow first
+    step for that key (reading a partition, learning an inbox's partition) is under way.
+
+    An operation that came once the step was done would otherwise find nothing to wait
+    for and write at once, ahead of earlier ones not yet resumed from waiting for it: one
+    process's sends to one channel overtook each other (500 sends of one gather()
+    arrived with the last 128 first). For one event loop.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[Hashable, _Line] = {}
+
+    def busy(self, key: Hashable) -> bool:
+        """Whether operations on ``key`` wait in line: one coming now must join them."""
+        return key in self._lines
+
+    async def through(self, key: Hashable, step: Callable[[], Awaitable[None]]) -> None:
+        """Return once ``step()`` is done and every earlier caller for ``key`` went on;
+        raise what the step raised.
+
+        The first caller of a line starts ``step()``; those that come before the line
+        empties share it. A caller goes on when this returns, and what it does before
+        its next ``await`` (a write) comes before anything the next caller does.
+        """
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = _Line(asyncio.ensure_future(step()))
+        previous = line.last
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        line.last = mine
+
+        def went_on() -> None:
+            mine.set_result(None)
+            if line.last is mine:
+                del self._lines[key]
+
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            if not line.step.done():
+                await asyncio.wait([line.step])
+            line.step.result()
+        finally:
+            if previous is None or previous.done():
+                went_on()
+            else:
+                # Cancelled in line: those after it still wait for those before it.
+                previous.add_done_callback(lambda _previous: went_on())
 
 
 class KafkaBackend(Backend):
@@ -182,9 +244,10 @@ class KafkaBackend(Backend):
         hub = HUBS.use(key, self, lambda: Hub(topic, client_config(self.url, self.config), options))
         hub.backends.add(self)
         self.hub = hub
-        #: Per partition being read for sends: the shared subscription, and the future
-        #: the last send waiting for it settles once it goes on (see :meth:`_read`).
-        self._reading: dict[int, list[Any]] = {}
+        #: Sends and receives waiting for a normal channel's partition to be read, by
+        #: partition; sends to other processes' inboxes waiting for their partition.
+        self._reading = Turnstile()
+        self._assigning = Turnstile()
         self._lease = float(self.config["claim_lease"])
         self._prefetch = int(self.config["prefetch"])
         try:
@@ -234,36 +297,13 @@ class KafkaBackend(Backend):
 
     async def _read(self, queue: str) -> None:
         """Read the partition of the normal channel ``queue`` if not done yet: its state
-        decides capacity and claims (see "Partitions" in the backend docs).
-
-        Sends keep their order through it: while the partition is being read, each send
-        waits for the one before it, so that none written once it is read overtakes one
-        that was waiting for it (seen under load: 500 sends of one gather() arrived with
-        the last 128 first).
-        """
+        decides capacity and claims (see "Partitions" in the backend docs). Sends that
+        come meanwhile keep their order (:class:`Turnstile`)."""
         view = self.hub.view
         partition = view.part_of(queue)
-        reading = self._reading.get(partition)
-        if reading is None:
-            if partition in view.subscribed:
-                return
-            reading = self._reading[partition] = [
-                asyncio.ensure_future(self.hub.subscribe(partition)),
-                None,
-            ]
-        subscribed, previous = reading
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        reading[1] = mine
-        try:
-            if previous is not None and not previous.done():
-                await asyncio.wait([previous])
-            if not subscribed.done():
-                await asyncio.wait([subscribed])
-            subscribed.result()
-        finally:
-            mine.set_result(None)
-            if reading[1] is mine:
-                del self._reading[partition]
+        if partition in view.subscribed and not self._reading.busy(partition):
+            return
+        await self._reading.through(partition, partial(self.hub.subscribe, partition))
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
         hub = self.hub
@@ -284,6 +324,8 @@ class KafkaBackend(Backend):
 
             hub.write([SEND, token, now(), channel, None, payload], done=done)
             return
+        # A checked send is written at once, in its place among this process's writes
+        # (hub.call waits only for the outcome): no send after it reaches the log first.
         outcome = await hub.call([SEND, view.token(), now(), channel, capacity, payload])
         if not outcome.accepted:
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
@@ -293,15 +335,12 @@ class KafkaBackend(Backend):
     ) -> None:
         # Another process's inbox: only its owner replays it. Sends go without a round
         # trip while the owner has not reported it near capacity; near it, a checked send
-        # waits for the owner's verdict (a refusal if none comes in VERDICT_TIMEOUT).
+        # waits for the owner's verdict (a refusal if none comes in VERDICT_TIMEOUT), in
+        # its place in the log all the same (see push()).
         hub = self.hub
         view = hub.view
-        if view.part_of(queue) < 0:
-            # Its owner wrote the assignment before new_channel() returned there; if it
-            # has not received yet, this assigns it (decided where the record lands).
-            await hub.fence()
-            if view.part_of(queue) < 0:
-                await hub.call(inbox_lease(queue, view.token()))
+        if view.part_of(queue) < 0 or self._assigning.busy(queue):
+            await self._assigning.through(queue, partial(self._assign, queue))
         with view.lock:
             admitted = view.admit_remote(queue, capacity)
         if admitted:
@@ -321,6 +360,16 @@ class KafkaBackend(Backend):
         )
         if not outcome.accepted:
             raise ChannelFull(f"channel {channel!r} is full (its process refused it)")
+
+    async def _assign(self, inbox: str) -> None:
+        """Learn the partition of another process's ``inbox``, or assign it one."""
+        hub = self.hub
+        view = hub.view
+        # Its owner wrote the assignment before new_channel() returned there; if it has
+        # not received yet, this assigns it (decided where the record lands).
+        await hub.fence()
+        if view.part_of(inbox) < 0:
+            await hub.call(inbox_lease(inbox, view.token()))
 
     def pop_nowait(self, queue: str, limit: int) -> list[Item]:
         """Messages already in this process: held by its claims, or replayed to its inbox."""
