@@ -28,7 +28,7 @@ from multilayer.backends.redis.shard import make_shards
 from multilayer.capacity import CapacityPolicy
 from multilayer.fanout import open_envelope, seal
 from multilayer.names import non_local_name
-from multilayer.serialization import pack
+from multilayer.serialization import pack, unpack_message
 from tests.support.brokers import (
     BrokerProcess,
     broker,
@@ -762,6 +762,63 @@ def test_a_take_the_server_forgot_is_loaded_and_sent_again(redis_port: int) -> N
     run(body)
 
 
+def _calls(admin: redis.Redis, command: str) -> int:
+    stats: dict[str, dict[str, Any]] = admin.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_a_receiver_that_keeps_up_blocks_instead_of_running_the_take_script(
+    redis_port: int,
+) -> None:
+    """A take that found one message left the queue empty: the next pop blocks in BLMOVE
+    (no script on the server) rather than taking again; once a backlog builds up, the
+    LLEN behind the BLMOVE brings the take back, and the take stays while it finds
+    batches."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    admin = redis.Redis(host="127.0.0.1", port=redis_port)
+
+    async def body() -> None:
+        sender = await open_backend(url, prefix="keeps")
+        backend = await open_backend(url, prefix="keeps")
+
+        async def send(n: int) -> None:
+            await sender.push(
+                "keeps.work",
+                pack({"n": n}, time.time() + 60, max_size=1 << 20),
+                deadline=time.time() + 60,
+                capacity=100,
+            )
+
+        try:
+            await send(0)
+            assert len(await asyncio.wait_for(backend.pop("keeps.work", 5), 5)) == 1
+            admin.config_resetstat()
+            for n in range(1, 6):
+                await send(n)
+                assert len(await asyncio.wait_for(backend.pop("keeps.work", 5), 5)) == 1
+            # Five pushes are the only scripts; each pop was one BLMOVE.
+            assert (_calls(admin, "evalsha"), _calls(admin, "blmove")) == (5, 5)
+            for n in range(6, 9):
+                await send(n)
+            admin.config_resetstat()
+            got = await asyncio.wait_for(backend.pop("keeps.work", 5), 5)
+            assert [unpack_message(payload)["n"] for _, payload in got] == [6, 7, 8]
+            # The BLMOVE landed the first, its LLEN saw two more: a take collected all.
+            assert (_calls(admin, "blmove"), _calls(admin, "evalsha")) == (1, 1)
+            for n in range(9, 12):
+                await send(n)
+            admin.config_resetstat()
+            assert len(await asyncio.wait_for(backend.pop("keeps.work", 5), 5)) == 3
+            # A batch came last: the next pop takes at once.
+            assert (_calls(admin, "blmove"), _calls(admin, "evalsha")) == (0, 1)
+        finally:
+            await sender.close()
+            await backend.close()
+            admin.close()
+
+    run(body)
+
+
 def test_an_idle_receiver_closed_by_the_server_comes_back_quietly(
     redis_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -821,14 +878,18 @@ def test_a_cancelled_pop_loses_and_doubles_nothing(redis_port: int, moment: str)
         try:
             for round_ in range(3):
                 # Connected, with the take script loaded: nothing below waits for I/O
-                # before the command under test is on the wire.
+                # before the command under test is on the wire. Two, so that the next
+                # pop of several takes again rather than blocking.
                 push_now({"warm": round_})
-                assert len(await first.pop("cx.work", 5)) == 1
+                push_now({"warm": round_})
+                assert len(await first.pop("cx.work", 5)) == 2
                 if moment == "during take":
                     push_now({"round": round_})
                     popping = asyncio.ensure_future(first.pop("cx.work", 5))
                     await asyncio.sleep(0)  # the take script is written, its reply unread
                     push_now({"extra": round_})
+                    # It ran: its in-flight batch is the marker and the message.
+                    assert pusher.llen(f"cx:f:{first.consumer}:cx.work") == 2
                 else:
                     popping = asyncio.ensure_future(first.pop("cx.work", 1))
                     await asyncio.sleep(0.1)  # blocked in BLMOVE

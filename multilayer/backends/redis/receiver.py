@@ -90,9 +90,10 @@ class Receiver(Watched):
         self._delivered = 0
         #: Whether the server may hold messages taken for us whose reply was lost.
         self._holding = False
-        #: Whether messages may wait in the queue, as last seen: a take found some, or a
-        #: blocking wait saw more behind the one it landed. If not, the next pop blocks
-        #: at once rather than first running a take that would most likely find none.
+        #: Whether messages may wait in the queue, as last seen: a take found more than
+        #: one, or a blocking wait saw more behind the one it landed. If not, the next
+        #: pop blocks at once rather than first running a take that would most likely
+        #: find one message or none.
         self._backlog = True
         #: The command in flight (``_WAIT``, ``_TAKE``; 0: none), and the most messages it
         #: takes.
@@ -144,9 +145,9 @@ class Receiver(Watched):
     def _send(self, wire: Wire) -> None:
         """Send the command for what is wanted: for one waiting receive BLMOVE alone (one
         round trip per message, without a script, returning at once while the queue is
-        not empty); for several, a take, unless the queue was just seen empty (then BLMOVE
-        waits for the next message in the same round trip); a take first after a lost
-        connection, to collect what the server holds."""
+        not empty); for several, a take, unless the last one found one message or none
+        (then BLMOVE waits for the next message in the same round trip); a take first
+        after a lost connection, to collect what the server holds."""
         limit = min(self._wanted, _MAX_TAKE)
         if (limit > 1 and self._backlog) or self._holding:
             command = self._take_command(limit, collect=False)
@@ -316,8 +317,11 @@ class Receiver(Watched):
                 taken.append(item)
             at += 4 + size
             count += 1
-        # Messages keep coming (or more wait): take again. None: the next wait blocks.
-        self._backlog = count > 0
+        # A batch: more may be coming, take again. One message or none: this receiver
+        # keeps up with its queue, which the take left empty, so the next wait blocks in
+        # BLMOVE, which costs the server no script and returns at once if one came; the
+        # LLEN behind it says when a backlog builds up again.
+        self._backlog = count > 1
         return taken
 
     def _decode(self, element: bytes) -> tuple[str, bytes] | None:
