@@ -330,10 +330,12 @@ def test_group_envelopes_count_against_an_inbox_capacity_pattern(redis_port: int
     run(body)
 
 
-def evalsha_calls(port: int) -> int:
+def command_calls(port: int, command: str) -> int:
+    """How many times the server on ``port`` ran ``command`` (lower case) since its
+    statistics were last reset."""
     client = redis.Redis(host="127.0.0.1", port=port)
     try:
-        stats = client.info("commandstats").get("cmdstat_evalsha", {})
+        stats = client.info("commandstats").get(f"cmdstat_{command}", {})
         return int(stats.get("calls", 0))
     finally:
         client.close()
@@ -361,10 +363,10 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
                     await layer.group_add("fan-100", channel)
                     members.append((layer, channel))
             await sender.group_send("fan-nobody", {"loads": "the script"})
-            before = [evalsha_calls(port) for port in three_redis]
+            before = [command_calls(port, "evalsha") for port in three_redis]
             await sender.group_send("fan-100", {"hello": "all"})
             await answered(sender)
-            after = [evalsha_calls(port) for port in three_redis]
+            after = [command_calls(port, "evalsha") for port in three_redis]
             assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
             # Each process's inbox, wherever it hashed, holds one envelope for its ten.
             for layer in receivers:
@@ -762,11 +764,6 @@ def test_a_take_the_server_forgot_is_loaded_and_sent_again(redis_port: int) -> N
     run(body)
 
 
-def _calls(admin: redis.Redis, command: str) -> int:
-    stats: dict[str, dict[str, Any]] = admin.info("commandstats")
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-
-
 def test_a_receiver_that_keeps_up_blocks_instead_of_running_the_take_script(
     redis_port: int,
 ) -> None:
@@ -781,11 +778,15 @@ def test_a_receiver_that_keeps_up_blocks_instead_of_running_the_take_script(
         sender = await open_backend(url, prefix="keeps")
         backend = await open_backend(url, prefix="keeps")
 
+        def calls(command: str) -> int:
+            return command_calls(redis_port, command)
+
         async def send(n: int) -> None:
+            deadline = time.time() + 60
             await sender.push(
                 "keeps.work",
-                pack({"n": n}, time.time() + 60, max_size=1 << 20),
-                deadline=time.time() + 60,
+                pack({"n": n}, deadline, max_size=1 << 20),
+                deadline=deadline,
                 capacity=100,
             )
 
@@ -797,20 +798,20 @@ def test_a_receiver_that_keeps_up_blocks_instead_of_running_the_take_script(
                 await send(n)
                 assert len(await asyncio.wait_for(backend.pop("keeps.work", 5), 5)) == 1
             # Five pushes are the only scripts; each pop was one BLMOVE.
-            assert (_calls(admin, "evalsha"), _calls(admin, "blmove")) == (5, 5)
+            assert (calls("evalsha"), calls("blmove")) == (5, 5)
             for n in range(6, 9):
                 await send(n)
             admin.config_resetstat()
             got = await asyncio.wait_for(backend.pop("keeps.work", 5), 5)
             assert [unpack_message(payload)["n"] for _, payload in got] == [6, 7, 8]
             # The BLMOVE landed the first, its LLEN saw two more: a take collected all.
-            assert (_calls(admin, "blmove"), _calls(admin, "evalsha")) == (1, 1)
+            assert (calls("blmove"), calls("evalsha")) == (1, 1)
             for n in range(9, 12):
                 await send(n)
             admin.config_resetstat()
             assert len(await asyncio.wait_for(backend.pop("keeps.work", 5), 5)) == 3
             # A batch came last: the next pop takes at once.
-            assert (_calls(admin, "blmove"), _calls(admin, "evalsha")) == (0, 1)
+            assert (calls("blmove"), calls("evalsha")) == (0, 1)
         finally:
             await sender.close()
             await backend.close()
