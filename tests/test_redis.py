@@ -21,7 +21,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from multilayer import BrokerError, ChannelLayer, ConfigurationError
+from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.redis import RedisBackend
 from multilayer.backends.redis.ring import Ring
 from multilayer.backends.redis.shard import make_shards
@@ -657,6 +657,91 @@ def test_a_receive_refused_by_redis_leaves_the_next_one_in_step(redis_port: int)
         finally:
             await layer.flush()
             await layer.close()
+            await admin.aclose()
+
+    run(body)
+
+
+def test_a_send_whose_script_the_server_forgot_goes_out_once(redis_port: int) -> None:
+    """A send on a live connection that ran the push script before meets a server whose
+    scripts were flushed: NOSCRIPT means it did not run, so it is loaded and sent again,
+    and stored exactly once."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="flushed")
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            for n in (1, 2):
+                await sender.send("flushed.work", {"n": n})
+            await admin.script_flush()
+            await sender.send("flushed.work", {"n": 3})
+            await sender.send("flushed.work", {"n": 4})
+            assert await admin.llen("flushed:q:flushed.work") == 4
+            got = [await asyncio.wait_for(sender.receive("flushed.work"), 5) for _ in range(4)]
+            assert got == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}]
+        finally:
+            await sender.flush()
+            await sender.close()
+            await admin.aclose()
+
+    run(body)
+
+
+def test_a_send_refused_by_redis_leaves_the_next_one_in_step(redis_port: int) -> None:
+    """A queue key of the wrong type fails the send with a BrokerError naming the reason;
+    the connection stays in step: a send to a full channel right after it is refused as
+    full, and one to a queue again is stored."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="refused", channel_capacity={"refused.full": 1})
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await sender.send("refused.full", {"n": 0})
+            await admin.set("refused:q:refused.work", "not a list")
+            with pytest.raises(BrokerError, match="WRONGTYPE"):
+                await sender.send("refused.work", {"n": 1})
+            with pytest.raises(ChannelFull):
+                await sender.send("refused.full", {"n": 1})
+            await admin.delete("refused:q:refused.work")
+            await sender.send("refused.work", {"n": 2})
+            assert await asyncio.wait_for(sender.receive("refused.work"), 5) == {"n": 2}
+            assert await admin.llen("refused:q:refused.full") == 1
+        finally:
+            await sender.flush()
+            await sender.close()
+            await admin.aclose()
+
+    run(body)
+
+
+def test_a_send_cancelled_before_its_reply_leaves_the_next_one_in_step(redis_port: int) -> None:
+    """A send cancelled after its command went out, before Redis answered, costs its
+    connection: the reply still due is never read as the next send's, so a send to a
+    full channel right after it is refused as full. The cancelled one is stored at
+    most once."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+
+    async def body() -> None:
+        sender = ChannelLayer(url, prefix="cut", channel_capacity={"cut.full": 1})
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await sender.send("cut.full", {"n": 0})
+            await admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+            cut = asyncio.ensure_future(sender.send("cut.work", {"n": 1}))
+            await asyncio.sleep(0.1)
+            assert not cut.done(), "the send waits for its reply"
+            cut.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cut
+            with pytest.raises(ChannelFull):
+                await asyncio.wait_for(sender.send("cut.full", {"n": 1}), 5)
+            assert await admin.llen("cut:q:cut.work") <= 1
+            assert await admin.llen("cut:q:cut.full") == 1
+        finally:
+            await sender.flush()
+            await sender.close()
             await admin.aclose()
 
     run(body)

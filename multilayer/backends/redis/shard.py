@@ -268,9 +268,46 @@ class Link(Watched):
 
     async def call(self, *command: Any) -> Any:
         """Send ``command`` and return its reply; BrokerError if Redis failed."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._submit([(command, future)])
-        return await future
+        wire = self._connection
+        if (
+            self._busy
+            or self._pending
+            or wire is None
+            or command[0] == "ASKING"
+            or (command[0] == "EVALSHA" and command[1] not in self._loaded)
+            or wire.unfit()
+        ):
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            await self._submit([(command, future)])
+            return await future
+        # One caller on an idle, live connection, the common case: it reads its own
+        # reply, with no future and no batch, which saves a tenth of a send's CPU.
+        self._busy = True
+        self._expect_reply(self._shard.timeout)
+        try:
+            wire.send(pack(command))
+            return await wire.read()
+        except NoScriptError:
+            # Not run: the server forgot the script (SCRIPT FLUSH). The batch's way, taken
+            # below now that the script is not marked loaded, loads it and sends again.
+            self._loaded.discard(command[1])
+        except TRANSIENT as error:
+            # The command may have run: not retried, as in _send.
+            await self._drop(lost=True)
+            cause = self._explain(error)
+            raise self._shard.error(_describe(command), cause) from cause
+        except RedisError as error:
+            raise self._shard.error(_describe(command), error) from error
+        except BaseException:
+            # Cancelled mid-command: its reply would be read as the next one's.
+            await self._drop(lost=False)
+            raise
+        finally:
+            self._busy = False
+            self._deadline = None
+            if self._pending:
+                self._wake()
+        return await self.call(*command)
 
     def enqueue(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         """Queue ``commands`` for the writer task, which sends them in one write: the
@@ -383,9 +420,7 @@ class Link(Watched):
             # Replies not read are unknown: the commands may have run, so they are not
             # retried (a push retried could be delivered twice). The next call reconnects.
             self._reading = None
-            lost, self._connection = self._connection, None
-            self._shard.lose()
-            await discard(lost)
+            await self._drop(lost=True)
             cause = self._explain(error)
             for command, future in batch:
                 _settle(future, error=self._shard.error(_describe(command), cause))
@@ -396,14 +431,21 @@ class Link(Watched):
         except BaseException:
             # Cancelled mid-command: the replies still due would be read as later ones'.
             self._reading = None
-            lost, self._connection = self._connection, None
             for _, future in batch:
                 future.cancel()
-            await discard(lost)
+            await self._drop(lost=False)
             raise
         finally:
             self._reading = None
             self._deadline = None
+
+    async def _drop(self, *, lost: bool) -> None:
+        """Close the connection, whose replies due can no longer be matched to their
+        commands; the next command connects again. ``lost``: the server is told lost."""
+        connection, self._connection = self._connection, None
+        if lost:
+            self._shard.lose()
+        await discard(connection)
 
     async def close(self) -> None:
         """Stop the writer task; commands it had not sent are cancelled."""
