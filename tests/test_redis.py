@@ -728,7 +728,8 @@ def test_a_send_cancelled_before_its_reply_leaves_the_next_one_in_step(redis_por
         admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
         try:
             await sender.send("cut.full", {"n": 0})
-            await admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+            # Long enough that a slow machine still cancels inside it.
+            await admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
             cut = asyncio.ensure_future(sender.send("cut.work", {"n": 1}))
             await asyncio.sleep(0.1)
             assert not cut.done(), "the send waits for its reply"
