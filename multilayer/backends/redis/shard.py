@@ -224,7 +224,8 @@ class Link(Watched):
     def write_now(self, command: tuple[Any, ...]) -> asyncio.Future[Any] | None:
         """Write ``command`` at once, in this link's order, and return the future of its
         reply; None (nothing written) when it cannot be written before the caller goes
-        on: no connection is up, or queued commands must go first.
+        on: no connection is up, queued commands must go first, or a lone caller of
+        :meth:`call` is reading its own reply.
 
         Once :meth:`sent_all` says so, the server gets the command even if the event loop
         ends next (``async_to_sync`` ends its loop once its call returns).
