@@ -386,16 +386,18 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
 async def paused_room(
     url: str, port: int, pause_ms: int
 ) -> AsyncIterator[tuple[ChannelLayer, str, redis.asyncio.Redis]]:
-    """A layer with an inbox in group ``room`` that got one group message (its links are
-    up, the script is loaded), then Redis paused for writes for ``pause_ms``; the layer,
-    the inbox and an admin connection."""
+    """A layer with an inbox in group ``room`` that got one group message and one message
+    (its links are up, the scripts are loaded), then Redis paused for writes for
+    ``pause_ms``; the layer, the inbox and an admin connection."""
     layer = ChannelLayer(url, prefix="paused")
     admin = redis.asyncio.Redis(host="127.0.0.1", port=port)
     try:
         inbox = await layer.new_channel()
         await layer.group_add("room", inbox)
         await layer.group_send("room", {"n": 0})
-        assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 0}
+        await layer.send(inbox, {"n": 0})
+        for _ in range(2):
+            assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 0}
         await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
         yield layer, inbox, admin
     finally:
@@ -441,6 +443,113 @@ def test_a_group_send_lost_after_it_returned_is_logged_and_the_next_one_waits(
             assert "group_send to 'room' may be lost after it returned" in caplog.text
             with pytest.raises(BrokerError, match=r"no reply within 0\.5s"):
                 await layer.group_send("room", {"n": 2})
+
+    run(body)
+
+
+def test_a_group_send_behind_a_waiting_send_returns_before_redis_answers(
+    redis_port: int,
+) -> None:
+    """A send waiting for its reply does not hold up a group send of the same layer: the
+    group send's script is written behind the send's and returns at once, and the send
+    reads both replies. The two arrive in the order they were written."""
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with paused_room(url, redis_port, 1500) as (layer, inbox, _):
+            sending = asyncio.ensure_future(layer.send(inbox, {"n": 1}))
+            await asyncio.sleep(0.1)
+            assert not sending.done(), "a send returns only once Redis accepted it"
+            await asyncio.wait_for(layer.group_send("room", {"n": 2}), 0.5)
+            await asyncio.wait_for(sending, 5)
+            await answered(layer)
+            got = [await asyncio.wait_for(layer.receive(inbox), 5) for _ in range(2)]
+            assert got == [{"n": 1}, {"n": 2}]
+
+    run(body)
+
+
+def test_a_group_send_behind_a_cancelled_send_is_logged_as_maybe_lost(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A send cancelled before its reply costs its connection, and with it the reply of
+    the group send written behind it: that group send is logged as maybe lost (never
+    left silent, nor read as another command's reply), and nothing arrives twice."""
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with paused_room(url, redis_port, 1000) as (layer, inbox, _):
+            sending = asyncio.ensure_future(layer.send(inbox, {"n": 1}))
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(layer.group_send("room", {"n": 2}), 0.5)
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sending
+            await answered(layer)
+            assert "group_send to 'room' may be lost after it returned" in caplog.text
+            assert "a command ahead of it was cancelled" in caplog.text
+            await layer.send(inbox, {"n": 3})
+            got = []
+            while not got or got[-1] != {"n": 3}:
+                got.append(await asyncio.wait_for(layer.receive(inbox), 5))
+            assert got[-1:] == [{"n": 3}] and len(got) == len({m["n"] for m in got})
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body)
+
+
+def test_a_group_send_never_overtakes_a_send_the_server_may_answer_noscript(
+    redis_port: int,
+) -> None:
+    """A send whose script the server lacks is answered NOSCRIPT and sent again: a group
+    send made while it waits is not written behind it (it would run first), but queued
+    after it, so the two still arrive in the order they were made."""
+
+    async def body() -> None:
+        layer = ChannelLayer(f"redis://127.0.0.1:{redis_port}/0", prefix="unsure")
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        try:
+            await admin.script_flush()
+            inbox = await layer.new_channel()
+            await layer.group_add("room", inbox)
+            # The server now has the group script alone, and the link knows it has it.
+            await layer.group_send("room", {"n": 0})
+            assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 0}
+            await admin.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+            sending = asyncio.ensure_future(layer.send(inbox, {"n": 1}))
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(layer.group_send("room", {"n": 2}), 5)
+            await asyncio.wait_for(sending, 5)
+            got = [await asyncio.wait_for(layer.receive(inbox), 5) for _ in range(2)]
+            assert got == [{"n": 1}, {"n": 2}]
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+            await admin.aclose()
+            await layer.flush()
+            await layer.close()
+
+    run(body)
+
+
+def test_a_send_and_the_group_send_behind_it_both_forgotten_go_out_again_in_order(
+    redis_port: int,
+) -> None:
+    """The server forgot every script (SCRIPT FLUSH) while a send waits with a group send
+    written behind it: both are answered NOSCRIPT, not run, and are sent again in the
+    order they were made."""
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with paused_room(url, redis_port, 500) as (layer, inbox, admin):
+            await admin.script_flush()
+            sending = asyncio.ensure_future(layer.send(inbox, {"n": 1}))
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(layer.group_send("room", {"n": 2}), 0.5)
+            await asyncio.wait_for(sending, 5)
+            await answered(layer)
+            got = [await asyncio.wait_for(layer.receive(inbox), 5) for _ in range(2)]
+            assert got == [{"n": 1}, {"n": 2}]
+            assert await admin.llen(f"paused:q:{non_local_name(inbox)}") == 0
 
     run(body)
 

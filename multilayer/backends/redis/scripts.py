@@ -3,7 +3,9 @@
 Every queue element is ``suffix \\n payload``: the channel-name suffix after ``!`` (empty
 for a normal channel and for a group envelope) and the payload, which starts with its
 8-byte big-endian deadline, so a script can drop expired messages without decoding them.
-Scripts are sent by SHA1 and loaded again when a restarted server answers NOSCRIPT.
+Scripts are sent by SHA1. A send or group operation sends its script's source instead
+(``EVAL``) until its connection ran it, and again after the server forgot it (NOSCRIPT);
+a receiver's take is loaded again (``SCRIPT LOAD``) when the server answers NOSCRIPT.
 
 Key layout (``P`` is the layer prefix; docs/backends/redis.md gives memory costs):
 ``P:q:QUEUE`` list of messages of a normal channel or process inbox (a group envelope,
@@ -36,7 +38,7 @@ _GRACE_MS = 1000
 
 
 class Script:
-    """A Lua script sent by SHA1, loaded again when the server answers NOSCRIPT."""
+    """A Lua script, sent by SHA1 once the server has it (see the module's docstring)."""
 
     def __init__(self, name: str, source: str) -> None:
         self.name = name

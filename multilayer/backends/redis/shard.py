@@ -45,6 +45,8 @@ __all__ = [
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 #: Most commands one pipelined batch carries; bounds the memory of one write.
 _MAX_BATCH = 512
+#: Why commands written behind a cancelled one fail: their replies are never read.
+_CUT = RedisConnectionError("connection closed: a command ahead of it was cancelled")
 
 
 class Place(Protocol):
@@ -202,7 +204,8 @@ class Link(Watched):
     write and reads the replies in order, so concurrent sends cost one round trip per
     batch. A command whose caller was cancelled before it was written is not sent at all.
     A caller that needs no reply before it goes on writes with :meth:`write_now`, at once,
-    behind the batch whose replies are being read.
+    behind the command or batch whose replies are being read; should the connection be
+    lost or closed before its reply is read, its future fails (it may have run).
     A command starting with ``ASKING`` (a cluster's redirect during a slot migration) is
     sent right behind its own ``ASKING``, as the server requires.
     """
@@ -213,8 +216,8 @@ class Link(Watched):
         self._busy = False
         self._writer: asyncio.Task[None] | None = None
         self._idle: asyncio.Future[None] | None = None
-        #: The batch written whose replies are being read; commands written behind it
-        #: join it.
+        #: The batch written whose replies are being read (for a lone caller of
+        #: :meth:`call`, the commands behind its own); commands written behind join it.
         self._reading: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
         #: The task reading the replies to a command :meth:`write_now` wrote on an idle link.
         self._reader: asyncio.Task[None] | None = None
@@ -224,25 +227,22 @@ class Link(Watched):
     def write_now(self, command: tuple[Any, ...]) -> asyncio.Future[Any] | None:
         """Write ``command`` at once, in this link's order, and return the future of its
         reply; None (nothing written) when it cannot be written before the caller goes
-        on: no connection is up, queued commands must go first, or a lone caller of
-        :meth:`call` is reading its own reply.
+        on: no connection is up, or queued commands must go first.
 
         Once :meth:`sent_all` says so, the server gets the command even if the event loop
         ends next (``async_to_sync`` ends its loop once its call returns).
         """
         wire = self._connection
-        # A script the server may not have is answered NOSCRIPT and sent again later.
-        unloaded = command[0] == "EVALSHA" and command[1] not in self._loaded
-        if wire is None or self._pending or unloaded:
+        if wire is None or self._pending:
             return None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch = self._reading
         try:
             if batch is not None and not wire.closed():
-                wire.send(_pack_asking(command))
+                wire.send(self._pack(command))
                 batch.append((command, future))
             elif not self._busy and not wire.unfit():
-                wire.send(_pack_asking(command))
+                wire.send(self._pack(command))
                 self._busy = True
                 self._reading = batch = [(command, future)]
                 self._reader = asyncio.ensure_future(self._read_written(wire, batch))
@@ -270,45 +270,69 @@ class Link(Watched):
     async def call(self, *command: Any) -> Any:
         """Send ``command`` and return its reply; BrokerError if Redis failed."""
         wire = self._connection
-        if (
-            self._busy
-            or self._pending
-            or wire is None
-            or command[0] == "ASKING"
-            or (command[0] == "EVALSHA" and command[1] not in self._loaded)
-            or wire.unfit()
-        ):
+        if self._busy or self._pending or wire is None or command[0] == "ASKING" or wire.unfit():
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             await self._submit([(command, future)])
             return await future
         # One caller on an idle, live connection, the common case: it reads its own
         # reply, with no future and no batch, which saves a tenth of a send's CPU.
+        # Commands write_now writes behind it meanwhile join it: their replies follow.
         self._busy = True
         self._expect_reply(self._shard.timeout)
+        joined: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._reading = joined
+        refused: RedisError | None = None
         try:
-            wire.send(pack(command))
-            return await wire.read()
-        except NoScriptError:
-            # Not run: the server forgot the script (SCRIPT FLUSH). The batch's way, taken
-            # below now that the script is not marked loaded, loads it and sends again.
-            self._loaded.discard(command[1])
-        except TRANSIENT as error:
-            # The command may have run: not retried, as in _send.
-            await self._drop(lost=True)
-            cause = self._explain(error)
-            raise self._shard.error(_describe(command), cause) from cause
-        except RedisError as error:
-            raise self._shard.error(_describe(command), error) from error
-        except BaseException:
-            # Cancelled mid-command: its reply would be read as the next one's.
-            await self._drop(lost=False)
-            raise
+            try:
+                wire.send(self._pack(command))
+                reply = await wire.read()
+                if command[0] == "EVALSHA":
+                    self._loaded.add(command[1])
+            except NoScriptError as error:
+                # Not run: the server forgot the script (SCRIPT FLUSH). The writer task
+                # sends it again with its source, below.
+                self._loaded.discard(command[1])
+                refused = error
+            except TRANSIENT as error:
+                # The command may have run: not retried, as in _send.
+                cause = self._explain(error)
+                await self._lose(joined, cause, lost=True)
+                raise self._shard.error(_describe(command), cause) from cause
+            except RedisError as error:
+                refused = error
+            except BaseException:
+                # Cancelled mid-command: its reply would be read as the next one's.
+                await self._lose(joined, _CUT, lost=False)
+                raise
+            if joined:
+                await self._send(joined, wire)
         finally:
+            self._reading = None
             self._busy = False
             self._deadline = None
             if self._pending:
                 self._wake()
-        return await self.call(*command)
+        if isinstance(refused, NoScriptError):
+            # Ahead of the commands written behind it: _send queued them again, since the
+            # server forgot their scripts too.
+            future = asyncio.get_running_loop().create_future()
+            self._pending.appendleft((command, future))
+            self._wake()
+            return await future
+        if refused is not None:
+            raise self._shard.error(_describe(command), refused) from refused
+        return reply
+
+    def _pack(self, command: tuple[Any, ...]) -> bytes:
+        """``command`` in the Redis protocol, behind its ``ASKING`` if it has one. A script
+        not run on this connection yet goes with its source (``EVAL``): the server then
+        cannot answer NOSCRIPT, which would have the script sent again after the
+        commands written behind it, which ran."""
+        if command[0] == "ASKING":
+            return pack(("ASKING",)) + self._pack(command[1:])
+        if command[0] == "EVALSHA" and command[1] not in self._loaded:
+            return pack(("EVAL", SCRIPTS[command[1]].source, *command[2:]))
+        return pack(command)
 
     def enqueue(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         """Queue ``commands`` for the writer task, which sends them in one write: the
@@ -373,7 +397,12 @@ class Link(Watched):
         written: Wire | None = None,
     ) -> None:
         """Write ``batch`` (unless it was ``written`` on that connection already) and read
-        its replies, and those of the commands :meth:`write_now` adds to it meanwhile."""
+        its replies, and those of the commands :meth:`write_now` adds to it meanwhile.
+
+        Cancelled, it cancels the commands of callers awaiting their replies (the batch
+        it was given, unless ``written``); those whose callers went on are failed.
+        """
+        awaited = 0 if written is not None else len(batch)
         self._expect_reply(self._shard.timeout)
         try:
             wire = written
@@ -388,7 +417,7 @@ class Link(Watched):
                     self._connection = await self._shard.connect()
                     self._loaded.clear()
                 wire = self._connection
-                await wire.write(b"".join(_pack_asking(command) for command, _ in batch))
+                await wire.write(b"".join(self._pack(command) for command, _ in batch))
             self._reading = batch
             forgotten: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
             # The batch grows while its replies are read (write_now); nothing is awaited
@@ -400,10 +429,11 @@ class Link(Watched):
                     reply = await wire.read()
                     # Each reply shows the server alive: the next one gets a full timeout.
                     self._expect_reply(self._shard.timeout)
-                    if command[0] == "EVALSHA":
-                        self._loaded.add(command[1])
+                    script = command[1:] if command[0] == "ASKING" else command
+                    if script[0] == "EVALSHA":
+                        self._loaded.add(script[1])
                 except NoScriptError:
-                    # Not run: the server restarted and forgot its scripts. Safe to resend.
+                    # Not run: the server forgot its scripts (SCRIPT FLUSH). Safe to resend.
                     forgotten.append((command, future))
                     continue
                 except RedisError as error:
@@ -413,39 +443,45 @@ class Link(Watched):
                     continue
                 _settle(future, reply)
             self._reading = None
-            for sha in {_script_of(command) for command, _ in forgotten}:
-                await wire.write(pack(("SCRIPT", "LOAD", SCRIPTS[sha].source)))
-                await wire.read()
+            # Sent again first, with their scripts' source.
+            for command, _ in forgotten:
+                self._loaded.discard(_script_of(command))
             self._pending.extendleft(reversed(forgotten))
         except TRANSIENT as error:
             # Replies not read are unknown: the commands may have run, so they are not
             # retried (a push retried could be delivered twice). The next call reconnects.
-            self._reading = None
-            await self._drop(lost=True)
-            cause = self._explain(error)
-            for command, future in batch:
-                _settle(future, error=self._shard.error(_describe(command), cause))
+            await self._lose(batch, self._explain(error), lost=True)
         except RedisError as error:
-            # A script the server refuses to load: every command still waiting fails.
+            # The server refused the new connection (a database it does not have, ...):
+            # every command waiting fails.
             for command, future in batch:
                 _settle(future, error=self._shard.error(_describe(command), error))
         except BaseException:
             # Cancelled mid-command: the replies still due would be read as later ones'.
-            self._reading = None
-            for _, future in batch:
+            for _, future in batch[:awaited]:
                 future.cancel()
-            await self._drop(lost=False)
+            await self._lose(batch[awaited:], _CUT, lost=False)
             raise
         finally:
             self._reading = None
             self._deadline = None
 
-    async def _drop(self, *, lost: bool) -> None:
+    async def _lose(
+        self,
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
+        cause: BaseException,
+        *,
+        lost: bool,
+    ) -> None:
         """Close the connection, whose replies due can no longer be matched to their
-        commands; the next command connects again. ``lost``: the server is told lost."""
+        commands, and fail ``batch``'s with ``cause``: they may have run. The next
+        command connects again. ``lost``: the server is told lost."""
+        self._reading = None
         connection, self._connection = self._connection, None
         if lost:
             self._shard.lose()
+        for command, future in batch:
+            _settle(future, error=self._shard.error(_describe(command), cause))
         await discard(connection)
 
     async def close(self) -> None:
