@@ -286,8 +286,7 @@ class Link(Watched):
             try:
                 wire.send(self._pack(command))
                 reply = await wire.read()
-                if command[0] == "EVALSHA":
-                    self._loaded.add(command[1])
+                self._ran(command)
             except NoScriptError as error:
                 # Not run: the server forgot the script (SCRIPT FLUSH). The writer task
                 # sends it again with its source, below.
@@ -333,6 +332,12 @@ class Link(Watched):
         if command[0] == "EVALSHA" and command[1] not in self._loaded:
             return pack(("EVAL", SCRIPTS[command[1]].source, *command[2:]))
         return pack(command)
+
+    def _ran(self, command: tuple[Any, ...]) -> None:
+        """``command`` was answered: the server has its script, if it runs one."""
+        command = _unasked(command)
+        if command[0] == "EVALSHA":
+            self._loaded.add(command[1])
 
     def enqueue(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         """Queue ``commands`` for the writer task, which sends them in one write: the
@@ -429,9 +434,7 @@ class Link(Watched):
                     reply = await wire.read()
                     # Each reply shows the server alive: the next one gets a full timeout.
                     self._expect_reply(self._shard.timeout)
-                    script = command[1:] if command[0] == "ASKING" else command
-                    if script[0] == "EVALSHA":
-                        self._loaded.add(script[1])
+                    self._ran(command)
                 except NoScriptError:
                     # Not run: the server forgot its scripts (SCRIPT FLUSH). Safe to resend.
                     forgotten.append((command, future))
@@ -494,20 +497,18 @@ class Link(Watched):
         await discard(connection, wait=True)
 
 
-def _pack_asking(command: tuple[Any, ...]) -> bytes:
-    if command[0] == "ASKING":
-        return pack(("ASKING",)) + pack(command[1:])
-    return pack(command)
+def _unasked(command: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``command`` without the ``ASKING`` it is sent behind, if any."""
+    return command[1:] if command[0] == "ASKING" else command
 
 
 def _script_of(command: tuple[Any, ...]) -> str:
     """The SHA1 of an EVALSHA command, behind its ASKING if any."""
-    return str(command[2] if command[0] == "ASKING" else command[1])
+    return str(_unasked(command)[1])
 
 
 def _describe(command: tuple[Any, ...]) -> str:
-    if command[0] == "ASKING":
-        command = command[1:]
+    command = _unasked(command)
     if command[0] == "EVALSHA":
         return f"{SCRIPTS[command[1]].name} script"
     return str(command[0])
