@@ -5,14 +5,16 @@ real server's replies read the same way redis-py reads them."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
-from redis.asyncio.connection import ConnectionPool
+from redis.asyncio.connection import ConnectionPool, SSLConnection
 from redis.exceptions import (
     AskError,
     BusyLoadingError,
@@ -24,7 +26,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from multilayer.backends.redis.wire import Incomplete, Wire, pack, parse
-from tests.support.brokers import broker, free_port, redis_argv
+from tests.support.brokers import broker, certificates, free_port, redis_argv, redis_tls_argv
+from tests.support.faults import Relay
 
 
 class _Transport:
@@ -37,6 +40,9 @@ class _Transport:
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def get_extra_info(self, name: str) -> None:
+        return None
 
 
 class _Writer:
@@ -200,6 +206,14 @@ async def _write_refuses_a_closing_connection() -> None:
         await wire.write(pack(("PING",)))
 
 
+def test_bytes_count_as_unsent_where_the_kernel_cannot_be_asked() -> None:
+    async def body() -> None:
+        wire, _ = _wire()  # its transport has no socket
+        assert not wire.all_sent()
+
+    asyncio.run(body())
+
+
 def test_pack() -> None:
     assert pack(("SET", "k", b"v\r\n", 3, 0.1)) == (
         b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$1\r\n3\r\n$3\r\n0.1\r\n"
@@ -288,3 +302,49 @@ def test_write_refuses_a_closing_connection() -> None:
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_a_real_server_reads_as_with_redis_py(redis_port: int, protocol: int) -> None:
     asyncio.run(_a_real_server_reads_as_with_redis_py(redis_port, protocol))
+
+
+async def _all_sent_counts_what_asyncio_and_the_kernel_hold(port: int, tls: Path | None) -> None:
+    relay = Relay(port, pace=0.2)  # the server reads 32 KiB each 0.2 s
+    options: dict[str, Any] = {"host": "127.0.0.1", "port": relay.port}
+    if tls is not None:
+        options.update(connection_class=SSLConnection, ssl_ca_certs=str(tls / "ca.pem"))
+    connection = ConnectionPool(**options).make_connection()
+    await connection.connect()
+    wire = Wire(connection)
+    # The kernel's answer as if it held nothing unsent: then only asyncio's buffers count.
+    kernel_empty = mock.patch.object(fcntl, "ioctl", lambda *_: bytes(4))
+    try:
+        await wire.write(pack(("PING",)))
+        assert await wire.read() == b"PONG"
+        assert wire.all_sent()
+        wire.send(pack(("SET", "big", b"x" * 300_000)))
+        with kernel_empty:
+            deadline = time.monotonic() + 10
+            while not wire.all_sent():
+                assert time.monotonic() < deadline, "asyncio never handed the bytes over"
+                await asyncio.sleep(0.001)
+        # asyncio handed them all to the kernel, which has not sent them all yet.
+        assert not wire.all_sent()
+        # More than the kernel takes at once: asyncio holds the rest. Beneath TLS, the TCP
+        # transport holds it: the TLS transport encrypts what it is given at once.
+        wire.send(pack(("SET", "bigger", b"x" * 8_000_000)))
+        with kernel_empty:
+            assert not wire.all_sent()
+    finally:
+        # Closed at once: a close waits until the server has read what it was sent.
+        if connection._writer is not None:
+            connection._writer.transport.abort()
+        await wire.close(wait=True)
+        relay.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["redis", "rediss"])
+def test_all_sent_counts_what_asyncio_and_the_kernel_hold(tls: bool, tmp_path: Path) -> None:
+    port = free_port()
+    certs = certificates(tmp_path) if tls else None
+    argv = redis_argv(port, tmp_path)
+    if certs is not None:
+        argv = redis_tls_argv(port, tmp_path, certs, client_certs="no")
+    with broker(argv, port, tmp_path):
+        asyncio.run(_all_sent_counts_what_asyncio_and_the_kernel_hold(port, certs))

@@ -119,13 +119,26 @@ class RedisController(Controller):
 
 class Relay:
     """A TCP relay on a free loopback port to ``127.0.0.1:target``, whose traffic towards
-    the connecting side can be held: what the target sends from then on never arrives."""
+    the connecting side can be held: what the target sends from then on never arrives.
 
-    def __init__(self, target: int) -> None:
-        self.port, self.target = free_port(), target
+    With ``pace``, the target reads slowly: what the connecting side sends is passed on in
+    pieces of at most 32 KiB, each ``pace`` seconds after the last, through a receive
+    buffer that small, so the rest waits unsent in the connecting side's kernel.
+    """
+
+    #: The receive buffer towards the connecting side, and the most one read takes, when paced.
+    PIECE = 32 * 1024
+
+    def __init__(self, target: int, *, pace: float = 0.0) -> None:
+        self.port, self.target, self.pace = free_port(), target, pace
         self.flowing = threading.Event()
         self.flowing.set()
-        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener = socket.socket()
+        if pace:
+            # Inherited by accepted sockets; it must be set before listen() to bound the window.
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.PIECE)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen()
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -140,13 +153,23 @@ class Relay:
                 continue
             far.settimeout(None)
             self.sockets += [near, far]
-            threading.Thread(target=self._pump, args=(near, far, None), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(near, far, None, self.pace), daemon=True
+            ).start()
             threading.Thread(target=self._pump, args=(far, near, self.flowing), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, gate: threading.Event | None) -> None:
+    @classmethod
+    def _pump(
+        cls,
+        source: socket.socket,
+        sink: socket.socket,
+        gate: threading.Event | None,
+        pace: float = 0.0,
+    ) -> None:
         with contextlib.suppress(OSError):
-            while data := source.recv(65536):
+            while data := source.recv(cls.PIECE if pace else 65536):
+                if pace:
+                    time.sleep(pace)
                 # Checked after the read: bytes read while held are never passed on.
                 while gate is not None and not gate.wait(0.5):
                     if source.fileno() < 0:

@@ -413,8 +413,8 @@ class RedisBackend(Backend):
             for link, command in zip(links, commands, strict=True)
         ]
         ready = [future for future in written if future is not None]
-        # Bytes the socket did not take yet (a large message) would be lost if the event
-        # loop ended next: then the answer is awaited, which also waits for them.
+        # Bytes that have not left this host yet (a large message, a server slow to read)
+        # could be lost if the event loop ended next: then the answer is awaited instead.
         if len(ready) == len(written) and all(link.sent_all() for link in links):
             epoch = None if cluster is None else cluster.epoch
             self._unanswered.track(group, answer(ready), epoch=epoch)

@@ -253,8 +253,8 @@ class Link(Watched):
         return future
 
     def sent_all(self) -> bool:
-        """Whether the socket took every byte written on this link."""
-        return self._connection is not None and not self._connection.unsent()
+        """Whether every byte written on this link has left this host."""
+        return self._connection is not None and self._connection.all_sent()
 
     async def _read_written(
         self, wire: Wire, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]

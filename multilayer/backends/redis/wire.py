@@ -10,6 +10,10 @@ redis-py raises for them (NOSCRIPT, MOVED, ASK, TRYAGAIN, ...), from its own tab
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import socket
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +36,9 @@ __all__ = ["Incomplete", "Push", "Wire", "discard", "pack", "parse"]
 _READ_SIZE = 1 << 16
 #: Buffered bytes over which a write waits for the socket to take them.
 _WRITE_HIGH = 1 << 16
+#: Linux's ioctl for the bytes a TCP socket holds that it has not sent (linux/sockios.h).
+_SIOCOUTQNSD = 0x894B
+_NO_BYTES = bytes(4)
 
 
 class Incomplete(Exception):
@@ -148,7 +155,7 @@ class Wire:
     backend's watchdog).
     """
 
-    __slots__ = ("_buffer", "_pos", "_stream", "_writer", "connection")
+    __slots__ = ("_buffer", "_pos", "_socket", "_stream", "_transports", "_writer", "connection")
 
     def __init__(self, connection: AbstractConnection) -> None:
         self.connection = connection
@@ -159,6 +166,7 @@ class Wire:
         self._writer = writer
         self._buffer = b""
         self._pos = 0
+        self._transports, self._socket = _holders(writer.transport)
 
     def send(self, data: bytes) -> None:
         """Send ``data`` without waiting: what the socket does not take at once is
@@ -168,9 +176,25 @@ class Wire:
             raise RedisConnectionError("Connection closed before write")
         writer.write(data)
 
-    def unsent(self) -> int:
-        """Bytes written that the socket has not taken yet."""
-        return int(self._writer.transport.get_write_buffer_size())
+    def all_sent(self) -> bool:
+        """Whether every byte written has left this host: neither asyncio nor the kernel
+        holds any. False where that cannot be told.
+
+        Only then is a command whose reply nobody awaits safe from the event loop's end.
+        A connection closed while replies are due is reset by the first to arrive, and
+        the reset drops what the kernel had not sent yet; bytes already sent still reach
+        the server.
+        """
+        if any(transport.get_write_buffer_size() for transport in self._transports):
+            return False
+        # Asked each time: a closed socket's descriptor (-1 then) may be another's now.
+        fd = -1 if self._socket is None else self._socket.fileno()
+        if fd < 0:
+            return False
+        try:
+            return fcntl.ioctl(fd, _SIOCOUTQNSD, _NO_BYTES) == _NO_BYTES
+        except OSError:
+            return False
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; waits only while the socket is behind."""
@@ -227,6 +251,22 @@ class Wire:
     async def close(self, *, wait: bool = False) -> None:
         """Close the connection; with ``wait``, until it is closed."""
         await self.connection.disconnect(nowait=not wait)
+
+
+def _holders(
+    transport: asyncio.WriteTransport,
+) -> tuple[list[asyncio.WriteTransport], socket.socket | None]:
+    """The transports that may hold bytes written on ``transport``, and the socket to ask
+    the kernel about, None where it cannot be asked."""
+    sock = transport.get_extra_info("socket") if sys.platform == "linux" else None
+    if transport.get_extra_info("ssl_object") is None:
+        return [transport], sock
+    # asyncio's TLS transport counts only the bytes not encrypted yet; the encrypted ones
+    # wait in the TCP transport beneath it, which asyncio offers no public way to reach.
+    beneath = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    if not isinstance(beneath, asyncio.WriteTransport):
+        return [transport], None
+    return [transport, beneath], sock
 
 
 async def discard(wire: Wire | None, *, wait: bool = False) -> None:
