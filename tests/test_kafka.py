@@ -903,3 +903,25 @@ def test_a_topic_of_one_partition_keeps_everything_in_it(broker_url: str) -> Non
         assert consumer.partitions_for_topic("multilayer.onepart") == {0}
     finally:
         consumer.close()
+
+
+class _RacingProducer:
+    """A producer whose first close() fails as kafka-python's does when its sender thread
+    closes the wake-up socket pair under it."""
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    def close(self, timeout: float) -> None:
+        self.closes += 1
+        if self.closes == 1:
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_producer_close_that_loses_the_race_to_its_own_sender_is_finished() -> None:
+    options = ChannelLayer("kafka://127.0.0.1:9").backend_options
+    view = View("multilayer.t", 2.0)
+    writer = Writer("multilayer.t", options, view.busy, view.route)
+    writer.producer = producer = _RacingProducer()
+    writer.stop()
+    assert producer.closes == 2

@@ -140,7 +140,14 @@ class Writer:
         if self._thread is not None:
             self._thread.join(10)
         if self.producer is not None:
-            self.producer.close(10)
+            try:
+                self.producer.close(10)
+            except OSError:
+                # kafka-python races with itself: its sender thread, told to stop, closes
+                # the client's wake-up socket pair while close() writes to it (a broken
+                # pipe, seen once in CI). The sender has stopped; a second close() ends
+                # what the first left undone (joining it, closing the metrics).
+                self.producer.close(10)
 
     def give_back(self, queue: str, items: list[Item]) -> None:
         """Return held ``items`` of ``queue`` to the head of the queue, for every process."""
