@@ -134,6 +134,7 @@ class Relay:
         self.flowing = threading.Event()
         self.flowing.set()
         self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server
         if pace:
             # Inherited by accepted sockets; it must be set before listen() to bound the window.
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.PIECE)
