@@ -23,6 +23,7 @@ import redis.asyncio
 
 from multilayer import BrokerError, ChannelFull, ChannelLayer, ConfigurationError
 from multilayer.backends.redis import RedisBackend
+from multilayer.backends.redis import backend as redis_backend
 from multilayer.backends.redis.ring import Ring
 from multilayer.backends.redis.shard import make_shards
 from multilayer.capacity import CapacityPolicy
@@ -384,10 +385,12 @@ def test_group_send_is_one_script_call_per_shard(three_redis: list[int]) -> None
 
 @contextlib.asynccontextmanager
 async def paused_room(
-    url: str, port: int, pause_ms: int
+    url: str, port: int, pause_ms: int, *, places: bool = False
 ) -> AsyncIterator[tuple[ChannelLayer, str, redis.asyncio.Redis]]:
-    """A layer with an inbox in group ``room`` that got one group message and one message
-    (its links are up, the scripts are loaded), then Redis paused for writes for
+    """A layer with an inbox in group ``room`` that got one group message, and one
+    message on a normal channel (its links are up, the scripts are loaded, and it holds
+    no place reserved in the inbox, so a send there waits for Redis) or, with
+    ``places``, in the inbox (reserving places there); then Redis paused for writes for
     ``pause_ms``; the layer, the inbox and an admin connection."""
     layer = ChannelLayer(url, prefix="paused")
     admin = redis.asyncio.Redis(host="127.0.0.1", port=port)
@@ -395,9 +398,10 @@ async def paused_room(
         inbox = await layer.new_channel()
         await layer.group_add("room", inbox)
         await layer.group_send("room", {"n": 0})
-        await layer.send(inbox, {"n": 0})
-        for _ in range(2):
-            assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 0}
+        primer = inbox if places else "primer"
+        await layer.send(primer, {"n": 0})
+        for channel in (inbox, primer):
+            assert await asyncio.wait_for(layer.receive(channel), 5) == {"n": 0}
         await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
         yield layer, inbox, admin
     finally:
@@ -554,16 +558,32 @@ def test_a_send_and_the_group_send_behind_it_both_forgotten_go_out_again_in_orde
     run(body)
 
 
-def group_sends_outlive_their_event_loop(layer: ChannelLayer) -> None:
-    """As under async_to_sync: an event loop whose last call is a group_send that returned
-    unanswered ends without close(). Both copies, one of 1 MB, must reach the member."""
+async def _to_group(layer: ChannelLayer, inbox: str, message: dict[str, Any]) -> None:
+    if message["n"] == 0:
+        await layer.group_add("room", inbox)
+    await layer.group_send("room", message)
+
+
+async def _to_inbox(layer: ChannelLayer, inbox: str, message: dict[str, Any]) -> None:
+    await layer.send(inbox, message)
+
+
+#: How a message reaches an inbox: by a group send, or by a send (the second one on a
+#: place the first one reserved); either may return before Redis answers.
+SENDS = {"group_send": _to_group, "send": _to_inbox}
+
+
+def sends_outlive_their_event_loop(layer: ChannelLayer, operation: str) -> None:
+    """As under async_to_sync: an event loop whose last call is a send or group send that
+    returned unanswered ends without close(). Both messages, one of 1 MB, must reach the
+    inbox."""
     big = "x" * 1_000_000
+    deliver = SENDS[operation]
 
     async def send_and_end() -> str:
         inbox = await layer.new_channel()
-        await layer.group_add("room", inbox)
-        await layer.group_send("room", {"n": 0})
-        await layer.group_send("room", {"n": 1, "big": big})
+        await deliver(layer, inbox, {"n": 0})
+        await deliver(layer, inbox, {"n": 1, "big": big})
         return inbox
 
     async def receive_both(inbox: str) -> None:
@@ -578,19 +598,21 @@ def group_sends_outlive_their_event_loop(layer: ChannelLayer) -> None:
     run(lambda: receive_both(inbox))
 
 
-def test_group_sends_from_an_event_loop_that_ends_at_once_arrive(redis_port: int) -> None:
-    group_sends_outlive_their_event_loop(
-        ChannelLayer(f"redis://127.0.0.1:{redis_port}/0", prefix="ends")
+@pytest.mark.parametrize("operation", SENDS)
+def test_sends_from_an_event_loop_that_ends_at_once_arrive(redis_port: int, operation: str) -> None:
+    sends_outlive_their_event_loop(
+        ChannelLayer(f"redis://127.0.0.1:{redis_port}/0", prefix="ends"), operation
     )
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["redis", "rediss"])
-def test_a_group_send_a_slow_server_has_not_read_survives_the_event_loop_ending(
-    tls: bool, tmp_path: Path
+@pytest.mark.parametrize("operation", SENDS)
+def test_a_send_a_slow_server_has_not_read_survives_the_event_loop_ending(
+    operation: str, tls: bool, tmp_path: Path
 ) -> None:
-    """The server reads slowly, so most of the 1 MB group send waits unsent in this host's
-    kernel, past asyncio's buffer (past the TLS layer's too). Were the group send to return
-    then, the loop's end would close the connection with the first group send's reply
+    """The server reads slowly, so most of the 1 MB message waits unsent in this host's
+    kernel, past asyncio's buffer (past the TLS layer's too). Were the send or group send
+    to return then, the loop's end would close the connection with the first one's reply
     still due; that reply, arriving, resets the connection, and the reset drops the bytes
     not yet sent. So it returns only once every byte has left."""
     port = free_port()
@@ -603,9 +625,112 @@ def test_a_group_send_a_slow_server_has_not_read_survives_the_event_loop_ending(
     try:
         with broker(argv, port, tmp_path):
             url = f"{scheme}://127.0.0.1:{relay.port}/0{query}"
-            group_sends_outlive_their_event_loop(ChannelLayer(url, prefix="slow"))
+            sends_outlive_their_event_loop(ChannelLayer(url, prefix="slow"), operation)
     finally:
         relay.close()
+
+
+def test_a_send_on_a_reserved_place_returns_before_redis_answers_in_order(
+    redis_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send to an inbox reserves places there for its layer's next sends, which cannot
+    be refused: they return once written, before Redis (paused for writes here) answers,
+    and arrive in the order they were made."""
+    # Places that outlast any pause of a loaded machine between the steps below.
+    monkeypatch.setattr(redis_backend, "_RESERVE_MS", 10_000)
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with paused_room(url, redis_port, 1500, places=True) as (layer, inbox, _):
+            for n in (1, 2):
+                await asyncio.wait_for(layer.send(inbox, {"n": n}), 0.5)
+            await answered(layer)
+            got = [await asyncio.wait_for(layer.receive(inbox), 5) for _ in range(2)]
+            assert got == [{"n": 1}, {"n": 2}]
+
+    run(body)
+
+
+def test_places_reserved_for_one_sender_count_as_taken_for_the_others_until_they_end(
+    redis_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender's unused places count as taken for another sender, never for itself: it
+    fills the inbox to exactly its capacity; after the places end, they are free again."""
+    monkeypatch.setattr(redis_backend, "_RESERVE_MS", 10_000)
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        holder, other, owner = (ChannelLayer(url, prefix="places", capacity=10) for _ in "abc")
+        try:
+            inbox = await owner.new_channel()
+            # One queued; half the 9 free places (4) are reserved for the holder.
+            await holder.send(inbox, {"by": "holder", "n": 0})
+            for n in range(5):
+                await other.send(inbox, {"by": "other", "n": n})
+            with pytest.raises(ChannelFull):
+                await other.send(inbox, {"by": "other", "n": 5})
+            # Queue depths leave the places reserved out.
+            assert (await owner.stats()).queues == {non_local_name(inbox): 6}
+            for n in range(1, 5):
+                await holder.send(inbox, {"by": "holder", "n": n})
+            with pytest.raises(ChannelFull):
+                await holder.send(inbox, {"by": "holder", "n": 5})
+            await answered(holder)
+            got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(10)]
+            for sender in ("holder", "other"):
+                assert [m["n"] for m in got if m["by"] == sender] == list(range(5))
+
+            monkeypatch.setattr(redis_backend, "_RESERVE_MS", 300)
+            await holder.send(inbox, {"by": "holder", "n": 6})
+            await asyncio.sleep(0.5)
+            for n in range(9):
+                await other.send(inbox, {"by": "other", "n": n})
+            with pytest.raises(ChannelFull):
+                await other.send(inbox, {"by": "other", "n": 9})
+        finally:
+            await owner.flush()
+            for layer in (holder, other, owner):
+                await layer.close()
+
+    run(body)
+
+
+def test_a_send_whose_place_is_gone_is_checked_and_a_refusal_is_logged(
+    redis_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Places flushed away, a send that counted on one is checked like any other: into
+    an inbox with room it arrives; into a full one it is refused after it returned, which
+    is logged (the message is lost, as at-most-once allows), and the sender's next sends
+    wait for Redis's answer, so the next one raises ChannelFull."""
+    monkeypatch.setattr(redis_backend, "_RESERVE_MS", 10_000)
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        holder, other, owner = (ChannelLayer(url, prefix="gone", capacity=5) for _ in "abc")
+        try:
+            inbox = await owner.new_channel()
+            # One queued, 2 places reserved for the holder; all flushed.
+            await holder.send(inbox, {"n": 0})
+            await owner.flush()
+            await holder.send(inbox, {"n": 1})
+            await answered(holder)
+            assert await asyncio.wait_for(owner.receive(inbox), 5) == {"n": 1}
+            for n in range(2, 7):
+                await other.send(inbox, {"n": n})
+            await holder.send(inbox, {"n": 7})
+            await answered(holder)
+            assert f"send to {inbox!r} may be lost after it returned" in caplog.text
+            with pytest.raises(ChannelFull):
+                await holder.send(inbox, {"n": 8})
+            got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(5)]
+            assert got == [{"n": n} for n in range(2, 7)]
+        finally:
+            await owner.flush()
+            for layer in (holder, other, owner):
+                await layer.close()
+
+    with caplog.at_level(logging.WARNING, logger="multilayer"):
+        run(body)
 
 
 def test_the_group_script_seals_envelopes_byte_for_byte_as_fanout_does(redis_port: int) -> None:

@@ -114,7 +114,9 @@ class RedisController(Controller):
 
     def queued(self, prefix: str) -> int:
         with self._admin() as admin:
-            return sum(admin.llen(key) for key in admin.keys(f"{prefix}:q:*"))
+            # The queues' lists, not the places reserved in them.
+            queues = admin.scan_iter(match=f"{prefix}:q:*", _type="list")
+            return sum(admin.llen(key) for key in queues)
 
 
 class Relay:

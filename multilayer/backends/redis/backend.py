@@ -75,10 +75,17 @@ __all__ = ["RedisBackend"]
 
 logger = logging.getLogger(__name__)
 
-#: Group sends that may await Redis's answer at once before the next one waits for it.
+#: Sends and group sends that may await Redis's answer at once before the next one
+#: waits for it.
 _MAX_UNANSWERED = 1000
-#: Seconds for which group sends wait for Redis's answer after one failed unanswered.
+#: Seconds for which sends and group sends wait for Redis's answer after one failed
+#: unanswered.
 _DISTRUST = 5.0
+#: Most places a push asks Redis to reserve for the next pushes to its queue, and for how
+#: many milliseconds (used for half of that, counted from before asking, so that a place
+#: cannot end while its push travels).
+_RESERVE = 256
+_RESERVE_MS = 200
 
 _SENTINEL = ("redis+sentinel",)
 _CLUSTER = ("redis+cluster", "rediss+cluster")
@@ -205,6 +212,7 @@ class RedisBackend(Backend):
         self._queue_prefix = f"{settings.prefix}:q:"
         self._group_prefix = f"{settings.prefix}:g:"
         self._unanswered = _Unanswered()
+        self._reserved = _Reserved()
 
     async def open(self) -> None:
         if self._cluster is not None:
@@ -234,6 +242,7 @@ class RedisBackend(Backend):
         try:
             while True:
                 await asyncio.sleep(period)
+                self._reserved.prune()
                 current = loop.time()
                 watched: list[Watched] = [shard.link for shard in self._servers()]
                 for late in (*watched, *self._receivers.values()):
@@ -317,12 +326,16 @@ class RedisBackend(Backend):
         await self._place(inbox).call("PING")
 
     async def push(self, channel: str, payload: bytes, *, deadline: float, capacity: int) -> None:
+        """The push script (:data:`.scripts.PUSH`). To a process inbox, its answer
+        reserves places for this instance's next pushes there, which then return once
+        written (see :class:`_Reserved`). A push to a normal channel, or on a cluster,
+        awaits its answer."""
         if self._unanswered.holds_back:
             await self._unanswered.settled()
         queue = non_local_name(channel)
         current = now()
         place = self._place(queue)
-        accepted = await place.call(
+        command = (
             "EVALSHA",
             PUSH.sha,
             1,
@@ -331,9 +344,48 @@ class RedisBackend(Backend):
             capacity,
             current,
             ttl_ms(deadline, current),
+            self.consumer,
         )
+        if self._cluster is not None or queue == channel:
+            accepted = await place.call(*command, 0, 0)
+        else:
+            accepted = await self._push_to_inbox(channel, queue, place, command)
+            if accepted is None:
+                return
         if not accepted:
             raise ChannelFull(f"channel {channel!r} is full ({capacity} messages waiting)")
+
+    async def _push_to_inbox(
+        self, channel: str, queue: str, place: Place, command: tuple[Any, ...]
+    ) -> Any:
+        """:meth:`push` to a process inbox: with a place reserved before, written and
+        returned at once (None) while Redis's answer is trusted; otherwise awaited, and
+        asking for places if none is asked already."""
+        reserved = self._reserved
+        while (asking := reserved.asking(queue)) is not None:
+            # Its answer decides whether this push has a place.
+            await asyncio.wait((asking,))
+        admitted = self._unanswered.admits()
+        if reserved.take(queue):
+            link = place.shard().link
+            used = (*command, -1, 0)
+            future = link.write_now(used) if admitted else None
+            if future is not None and link.sent_all():
+                self._unanswered.track_push(channel, future)
+                return None
+            # Not written at once, or not sent yet: awaited, using its place all the same.
+            return await (future or link.enqueue([used])[0])
+        if not admitted:
+            return await place.call(*command, 0, 0)
+        asked = time.monotonic()
+        reserved.ask(queue)
+        granted = 0
+        try:
+            accepted = await place.call(*command, _RESERVE, _RESERVE_MS)
+            granted = accepted - 1
+        finally:
+            reserved.answered(queue, granted, asked)
+        return accepted
 
     async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
         return await self._receiver(queue).pop(limit)
@@ -558,8 +610,12 @@ class RedisBackend(Backend):
         groups: dict[str, int] = {}
         current = now()
         for shard in await self._masters():
-            for prefix, table in ((self._queue_prefix, queues), (self._group_prefix, groups)):
-                async for keys in _scan(shard, prefix + "*"):
+            for prefix, table, kind in (
+                (self._queue_prefix, queues, "list"),
+                (self._group_prefix, groups, "zset"),
+            ):
+                # Of a queue's keys, its list only: not the places reserved in it.
+                async for keys in _scan(shard, prefix + "*", kind):
                     counts = await asyncio.gather(
                         *(
                             shard.link.call("LLEN", key)
@@ -592,16 +648,78 @@ class RedisBackend(Backend):
                 await asyncio.gather(*(shard.link.call("UNLINK", *page) for page in slots.values()))
 
 
-class _Unanswered:
-    """The group sends of one backend instance that returned before Redis answered.
+class _Reserved:
+    """The places in process inboxes that Redis reserved for one backend instance.
 
-    A group send never raises ChannelFull, so its caller needs Redis's answer only for a
-    failure. While no group send failed lately and fewer than ``_MAX_UNANSWERED`` wait,
-    :meth:`RedisBackend.group_send` returns once each link wrote its script at once
-    (:meth:`.shard.Link.write_now`), in this instance's order of commands on that link,
-    and the socket took every byte. A failure is then logged (its copies may be lost, as
-    at-most-once allows), and the group sends of the next ``_DISTRUST`` seconds wait for
-    Redis and raise, as sends do.
+    A push's answer reserves places (:data:`.scripts.PUSH`): for ``_RESERVE_MS``, at most
+    half the free room, counted as taken for every other sender meanwhile. While this
+    instance holds one in an inbox, used for half of that time at most, its next push
+    there cannot be refused for capacity, so :meth:`RedisBackend.push` returns once the
+    push is written and sent, as a group send does (see :class:`_Unanswered`).
+
+    The server's places and these stay the same: only a push that asks replaces them,
+    it asks only once these are used up or old, and the instance's other pushes to that
+    inbox wait for its answer. So a single sender's ChannelFull stays exact; another
+    sender may see an inbox as full for up to ``_RESERVE_MS`` while places reserved and
+    not used hold up to half its room.
+    """
+
+    def __init__(self) -> None:
+        #: Places by inbox: how many are left, and until when (monotonic) to use them.
+        self._places: dict[str, list[float]] = {}
+        #: The inboxes a push asks for places in now, and the end of its wait.
+        self._asking: dict[str, asyncio.Future[None]] = {}
+
+    def asking(self, queue: str) -> asyncio.Future[None] | None:
+        """Set when the push asking for places in ``queue`` has its answer; None if none
+        asks."""
+        return self._asking.get(queue)
+
+    def take(self, queue: str) -> bool:
+        """Whether a place is reserved in ``queue``; it is then used."""
+        places = self._places.get(queue)
+        if places is None:
+            return False
+        if places[1] <= time.monotonic():
+            del self._places[queue]
+            return False
+        places[0] -= 1
+        if not places[0]:
+            del self._places[queue]
+        return True
+
+    def ask(self, queue: str) -> None:
+        """A push asks for places in ``queue``: the instance's others wait for it."""
+        self._asking[queue] = asyncio.get_running_loop().create_future()
+
+    def answered(self, queue: str, count: int, asked: float) -> None:
+        """The push that asked at ``asked`` (monotonic) got ``count`` places in ``queue``
+        (0: none, or no answer), which replace those held before."""
+        if count > 0:
+            self._places[queue] = [count, asked + _RESERVE_MS / 2000]
+        else:
+            self._places.pop(queue, None)
+        self._asking.pop(queue).set_result(None)
+
+    def prune(self) -> None:
+        """Forget the places that may no longer be used (the inboxes not sent to since)."""
+        current = time.monotonic()
+        for queue in [queue for queue, (_, until) in self._places.items() if until <= current]:
+            del self._places[queue]
+
+
+class _Unanswered:
+    """The sends and group sends of one backend instance that returned before Redis
+    answered.
+
+    A group send never raises ChannelFull, and a send that uses a reserved place cannot
+    be refused (:class:`_Reserved`), so their callers need Redis's answer only for a
+    failure. While none failed lately and fewer than ``_MAX_UNANSWERED`` wait, they
+    return once their link wrote their command at once (:meth:`.shard.Link.write_now`),
+    in this instance's order of commands on that link, and the socket sent every byte. A
+    failure is then logged (the message or copies may be lost, as at-most-once allows),
+    and for the next ``_DISTRUST`` seconds sends and group sends wait for Redis and
+    raise.
 
     On a cluster, a script that found a bucket elsewhere (a slot moving, or a master
     mistaken) is sent again per bucket after the call returned. So that nothing
@@ -619,6 +737,8 @@ class _Unanswered:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The replies of unanswered sends (a callback each, cheaper than a task).
+        self._pushes: set[asyncio.Future[Any]] = set()
         self._distrust_until = 0.0
         #: The latest chained group send, while it is unanswered.
         self._latest: asyncio.Task[None] | None = None
@@ -633,8 +753,11 @@ class _Unanswered:
         return self._chained > 0
 
     def admits(self) -> bool:
-        """Whether a group send may return before Redis answers it."""
-        return len(self._tasks) < _MAX_UNANSWERED and time.monotonic() >= self._distrust_until
+        """Whether a send or group send may return before Redis answers it."""
+        return (
+            len(self._tasks) + len(self._pushes) < _MAX_UNANSWERED
+            and time.monotonic() >= self._distrust_until
+        )
 
     def latest(self) -> asyncio.Task[None] | None:
         """The chained group send a new one comes after, if it is still unanswered."""
@@ -656,6 +779,27 @@ class _Unanswered:
             self._chained += 1
             self._epoch = epoch
             task.add_done_callback(self._unchain)
+
+    def track_push(self, channel: str, reply: asyncio.Future[Any]) -> None:
+        """Check from now on the ``reply`` of a send to ``channel`` that used a reserved
+        place: 1, unless the place was gone (0: the queue was full)."""
+        self._pushes.add(reply)
+        reply.add_done_callback(partial(self._pushed, channel))
+
+    def _pushed(self, channel: str, reply: asyncio.Future[Any]) -> None:
+        self._pushes.discard(reply)
+        # Cancelled: the link closed, with its instance or its event loop.
+        if reply.cancelled():
+            return
+        error = reply.exception()
+        if error is None and reply.result():
+            return
+        self._distrust_until = time.monotonic() + _DISTRUST
+        logger.warning(
+            "send to %r may be lost after it returned: %s",
+            channel,
+            error or "the queue was full, its reserved place gone (flushed?)",
+        )
 
     def _unchain(self, task: asyncio.Task[None]) -> None:
         self._chained -= 1
@@ -681,8 +825,8 @@ class _Unanswered:
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the answers still due."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        if self._tasks or self._pushes:
+            await asyncio.wait({*self._tasks, *self._pushes}, timeout=timeout)
 
 
 def _unflagged(error: BaseException | None) -> bool:
@@ -692,11 +836,13 @@ def _unflagged(error: BaseException | None) -> bool:
     return isinstance(error, ResponseError) and ("shebang" in text or "compiling" in text)
 
 
-async def _scan(shard: Shard, pattern: str) -> AsyncIterator[list[bytes]]:
-    """The keys ``pattern`` matches on ``shard``, a non-empty page at a time."""
+async def _scan(shard: Shard, pattern: str, kind: str = "") -> AsyncIterator[list[bytes]]:
+    """The keys ``pattern`` matches on ``shard`` (those of type ``kind`` only, if given),
+    a non-empty page at a time."""
     cursor = b"0"
+    only = ("TYPE", kind) if kind else ()
     while True:
-        cursor, keys = await shard.link.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+        cursor, keys = await shard.link.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000, *only)
         if keys:
             yield keys
         if cursor == b"0":

@@ -12,7 +12,8 @@ Key layout (``P`` is the layer prefix; docs/backends/redis.md gives memory costs
 see :mod:`multilayer.fanout`, has an empty suffix); ``P:g:GROUP`` sorted set of member
 channels scored by membership deadline, kept on the shard of each member;
 ``P:f:CONSUMER:QUEUE`` and ``P:l1:``/``P:l2:CONSUMER:QUEUE`` the in-flight and landing
-lists of one receiving backend instance; ``P:m:TOKEN`` a layer's membership marker.
+lists of one receiving backend instance; ``P:m:TOKEN`` a layer's membership marker;
+``P:q:QUEUE#r`` hash of the places senders reserved in the queue (see ``PUSH``).
 """
 
 from __future__ import annotations
@@ -68,18 +69,47 @@ local function trim_expired(key, now)
   end
   return redis.call('LLEN', key)
 end
--- Appended first and taken back if the queue is over capacity once its expired head is
--- dropped (the new element, at the tail, is live): one call when there is room, and
--- nothing else runs meanwhile, so nobody sees the queue over capacity. A new list (one
--- element) has no lifetime yet: it gets this one without asking.
-local function push(key, element, capacity, now, ttl)
+-- The places senders reserved in the queue at ``key`` and have not used (see PUSH): a
+-- hash next to it, ``units end_ms`` per sender. Those past their end (the server's
+-- clock) are dropped, and so are ``holder``'s, which asks again only once it stopped
+-- using them. A cluster's keys (hash-tagged) have none, and are not asked: a key that a
+-- migrating slot no longer holds would fail the script halfway.
+local function reserved(key, holder)
+  if string.find(key, '{', 1, true) then return 0 end
+  local places = key .. '#r'
+  if redis.call('EXISTS', places) == 0 then return 0 end
+  local time = redis.call('TIME')
+  local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
+  local entries = redis.call('HGETALL', places)
+  local total = 0
+  for i = 1, #entries, 2 do
+    local units, ends = string.match(entries[i + 1], '^(%d+) (%d+)$')
+    if not units or tonumber(ends) <= now_ms or entries[i] == holder then
+      redis.call('HDEL', places, entries[i])
+    else
+      total = total + tonumber(units)
+    end
+  end
+  return total
+end
+-- Appended first and taken back if the queue is over capacity (places reserved count as
+-- taken) once its expired head is dropped (the new element, at the tail, is live): two
+-- calls when there is room and no reservation, and nothing else runs meanwhile, so
+-- nobody sees the queue over capacity. A new list (one element) has no lifetime yet: it
+-- gets this one without asking. Returns 0 when full, else 1 + the places left free.
+local function push(key, element, capacity, now, ttl, holder)
   local length = redis.call('RPUSH', key, element)
-  if length > capacity and trim_expired(key, now) > capacity then
-    redis.call('RPOP', key)
-    return 0
+  local others = reserved(key, holder)
+  local taken = length + others
+  if taken > capacity then
+    taken = trim_expired(key, now) + others
+    if taken > capacity then
+      redis.call('RPOP', key)
+      return 0
+    end
   end
   if length == 1 then redis.call('PEXPIRE', key, ttl) else keep_alive(key, ttl) end
-  return 1
+  return 1 + capacity - taken
 end
 """
 
@@ -115,11 +145,51 @@ local function held(inflight, confirmed, landings, delivered, quick)
 end
 """
 
-# KEYS: queue. ARGV: element, capacity, now, ttl_ms. Returns 1, or 0 when full.
+# KEYS: queue. ARGV: element, capacity, now, ttl_ms, sender (a backend instance's
+# token), places (how many to reserve; -1: this push uses one reserved before), lease_ms.
+# Returns 0 when full, else 1 + the places reserved for the sender: at most half the
+# free room, for lease_ms. Until used or past their end, reserved places count as taken
+# for everyone else, so the sender's next pushes, which use them, cannot be refused, and
+# it may go on before they are answered. A push whose places are gone (flushed, or
+# dropped after their end) is checked like any other.
 PUSH = Script(
     "push",
     _LUA_HELPERS
-    + "return push(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))",
+    + """
+local key, element, capacity = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local now, ttl, sender, wanted = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local places = key .. '#r'
+if wanted < 0 then
+  local entry = redis.call('HGET', places, sender)
+  local units, ends = string.match(entry or '', '^(%d+) (%d+)$')
+  if units then
+    -- Counted as taken by everyone since it was reserved, even past its end: it is
+    -- used, not checked.
+    if units == '1' then
+      redis.call('HDEL', places, sender)
+    else
+      redis.call('HSET', places, sender, (tonumber(units) - 1) .. ' ' .. ends)
+    end
+    if redis.call('RPUSH', key, element) == 1 then
+      redis.call('PEXPIRE', key, ttl)
+    else
+      keep_alive(key, ttl)
+    end
+    return 1
+  end
+  wanted = 0
+end
+-- Only a push that asks for places replaces the sender's: it asks once it used them.
+local room = push(key, element, capacity, now, ttl, wanted > 0 and sender or nil)
+local granted = math.min(wanted, math.floor((room - 1) / 2))
+if granted < 1 then return room > 0 and 1 or 0 end
+local lease = tonumber(ARGV[7])
+local time = redis.call('TIME')
+local ends = time[1] * 1000 + math.floor(time[2] / 1000) + lease
+redis.call('HSET', places, sender, granted .. ' ' .. string.format('%d', ends))
+keep_alive(places, lease)
+return 1 + granted
+""",
 )
 
 # KEYS: queue, inflight, landing 1, landing 2. ARGV: now, limit, confirmed marker, new
