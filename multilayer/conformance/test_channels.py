@@ -255,6 +255,38 @@ def test_capacity_is_atomic_across_instances(harness: Harness) -> None:
     harness.run(body)
 
 
+def test_concurrent_sends_of_one_layer_fill_the_capacity_and_every_accepted_one_arrives(
+    harness: Harness,
+) -> None:
+    # Eight tasks of one layer send ten messages each at once: a layer that lets sends
+    # go on before the broker answers must still refuse exactly what does not fit, and
+    # deliver everything it did not refuse.
+    async def body() -> None:
+        sender, receiver = harness.layer(capacity=50), harness.layer(capacity=50)
+        inbox = await receiver.new_channel()
+
+        async def task(channel: str, t: int, accepted: list[tuple[int, int]]) -> None:
+            for i in range(10):
+                try:
+                    await sender.send(channel, {"t": t, "i": i})
+                except ChannelFull:
+                    continue
+                accepted.append((t, i))
+
+        for channel in ("conf.crowd", inbox):
+            accepted: list[tuple[int, int]] = []
+            await asyncio.gather(*(task(channel, t, accepted) for t in range(8)))
+            assert len(accepted) == 50
+            got = [await recv(receiver, channel) for _ in range(50)]
+            assert sorted((m["t"], m["i"]) for m in got) == sorted(accepted)
+            for t in range(8):
+                sent = [m["i"] for m in got if m["t"] == t]
+                assert sent == sorted(sent), f"task {t}'s messages arrived out of order"
+            await assert_nothing(receiver, channel, 0.3)
+
+    harness.run(body)
+
+
 def test_capacity_of_process_channels_counts_the_whole_inbox(harness: Harness) -> None:
     async def body() -> None:
         sender, owner = harness.layer(capacity=4), harness.layer(capacity=4)

@@ -128,32 +128,31 @@ def test_spec_sized_messages_outlive_the_event_loop_that_sent_them(
     # Django code calls the layer through async_to_sync: each call runs in an event loop
     # that ends, without close(), as soon as the call returns, and a send that returned
     # must still arrive. A small group send first leaves an answer due where the layer
-    # does not wait for one; the large messages are written behind it.
+    # does not wait for one; the large messages are written behind it. A small send to
+    # the inbox goes before the large one, which a layer may then send without waiting.
     keys = _keys(encrypted)
+    first = {"type": "conf.first"}
     sender, receiver = harness.layer(**keys), harness.layer(**keys)
     inbox = async_to_sync(receiver.new_channel)()
     async_to_sync(receiver.group_add)("conf-ends", inbox)
 
     async def send_then_end() -> None:
-        await sender.group_send("conf-ends", {"type": "conf.first"})
+        await sender.group_send("conf-ends", first)
         await sender.send("conf.ends", SPEC_EXAMPLE)
+        await sender.send(inbox, first)
         await sender.send(inbox, SPEC_EXAMPLE)
         await sender.group_send("conf-ends", SPEC_EXAMPLE)
 
     asyncio.run(asyncio.wait_for(send_then_end(), 60))
-    for last in ("send", "group_send"):
-        async_to_sync(sender.group_send)("conf-ends", {"type": "conf.first"})
-        if last == "send":
-            async_to_sync(sender.send)(inbox, SPEC_EXAMPLE)
-        else:
-            async_to_sync(sender.group_send)("conf-ends", SPEC_EXAMPLE)
+    async_to_sync(sender.group_send)("conf-ends", first)
+    async_to_sync(sender.send)(inbox, SPEC_EXAMPLE)
+    async_to_sync(sender.group_send)("conf-ends", first)
+    async_to_sync(sender.group_send)("conf-ends", SPEC_EXAMPLE)
 
     async def receive_all() -> None:
         assert await recv(receiver, "conf.ends") == SPEC_EXAMPLE
-        expected = [{"type": "conf.first"}, SPEC_EXAMPLE, SPEC_EXAMPLE] + 2 * [
-            {"type": "conf.first"},
-            SPEC_EXAMPLE,
-        ]
+        expected = [first, first, SPEC_EXAMPLE, SPEC_EXAMPLE, first, SPEC_EXAMPLE, first,
+                    SPEC_EXAMPLE]  # fmt: skip
         assert [await recv(receiver, inbox) for _ in expected] == expected
         await assert_nothing(receiver, inbox, 0.3)
 

@@ -140,6 +140,8 @@ class ZmqCore(Backend):
         self._peers: dict[str, Link] = {}
         #: Inbox key -> [places leased to us, monotonic time to stop using them].
         self._credits: dict[str, list[Any]] = {}
+        #: Queue or inbox key -> set once the push asking for a lease there is answered.
+        self._asking_lease: dict[str, asyncio.Future[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         #: Group sends the hub has not answered yet (it answers once members have them): a
         #: direct send to a node, and close(), wait for them.

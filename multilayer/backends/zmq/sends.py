@@ -41,29 +41,51 @@ class Sends(ZmqCore):
         # The hub leases places like a node does (see _push_specific): sends on a lease
         # cost no round trip, and ChannelFull stays exact for one sender.
         link = self._link(name)
-        if self._use_credit(key):
+        if await self._use_credit(key):
             link.send_leased(key, channel, payload)
             return OK
-        reply = await link.call("push", (key, channel, capacity, WANT), (payload,), self._timeout)
-        self._store_credit(key, reply[1] if len(reply) > 1 else 0)
+        granted = 0
+        self._ask_lease(key)
+        try:
+            reply = await link.call(
+                "push", (key, channel, capacity, WANT), (payload,), self._timeout
+            )
+            granted = reply[1] if len(reply) > 1 else 0
+        finally:
+            self._store_credit(key, granted)
         status: int = reply[0]
         return status
 
-    def _use_credit(self, key: str) -> bool:
-        """Take one place of a lease held on ``key``; False when none is usable."""
+    async def _use_credit(self, key: str) -> bool:
+        """Take one place of a lease held on ``key``; False when none is usable.
+
+        The push asking for a lease (:meth:`_ask_lease`) is waited for first: its answer
+        replaces the lease held, so a place taken before it would be counted twice, and
+        sends on a lease are stored whatever the capacity.
+        """
+        while (asking := self._asking_lease.get(key)) is not None:
+            await asyncio.wait((asking,))
         credit = self._credits.get(key)
         if credit is None or credit[0] <= 0 or time.monotonic() >= credit[1]:
             return False
         credit[0] -= 1
         return True
 
+    def _ask_lease(self, key: str) -> None:
+        """A push asks for a lease on ``key``: the others to it wait for its answer."""
+        self._asking_lease[key] = asyncio.get_running_loop().create_future()
+
     def _store_credit(self, key: str, granted: int) -> None:
-        """Remember a lease of ``granted`` places on ``key`` (0: none)."""
+        """Remember a lease of ``granted`` places on ``key`` (0: none, or no answer), and
+        let the pushes waiting for it go on."""
         if granted:
             # Use the lease for half its life, so it cannot lapse in transit.
             self._credits[key] = [granted, time.monotonic() + LEASE / 2]
         else:
             self._credits.pop(key, None)
+        asking = self._asking_lease.pop(key, None)
+        if asking is not None:
+            asking.set_result(None)
 
     async def _push_specific(
         self, key: str, name: str, channel: str, payload: bytes, capacity: int
@@ -74,11 +96,13 @@ class Sends(ZmqCore):
                 # A group send forwarded by the hub must reach the node before this does.
                 await asyncio.wait(set(self._group_sends))
             peer = self._peer(*known)
-            if self._use_credit(key):
+            if await self._use_credit(key):
                 peer.send_leased(key, channel, payload)
                 return OK
             peer.unsettled = False  # the node answers in order: this answer settles all
             reply_by = time.time() + self._peer_timeout
+            granted = 0
+            self._ask_lease(key)
             try:
                 reply = await peer.call(
                     "deliver",
@@ -92,9 +116,11 @@ class Sends(ZmqCore):
             else:
                 status: int = reply[0][0]
                 if status != UNKNOWN:
-                    self._store_credit(key, reply[1])
+                    granted = reply[1]
                     return status
                 self._forget(key, peer)
+            finally:
+                self._store_credit(key, granted)
         await self._settle()
         reply = await self._link(name).call(
             "spush", (key, channel, capacity), (payload,), self._timeout + self._peer_timeout
