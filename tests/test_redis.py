@@ -651,6 +651,21 @@ def test_a_send_on_a_reserved_place_returns_before_redis_answers_in_order(
     run(body)
 
 
+@contextlib.asynccontextmanager
+async def sharing_an_inbox(
+    url: str, prefix: str, capacity: int
+) -> AsyncIterator[tuple[ChannelLayer, ChannelLayer, ChannelLayer, str]]:
+    """Two senders (the first to reserve places) and the owner of an inbox with the given
+    capacity: the three layers and the inbox; flushed and closed afterwards."""
+    holder, other, owner = (ChannelLayer(url, prefix=prefix, capacity=capacity) for _ in "abc")
+    try:
+        yield holder, other, owner, await owner.new_channel()
+    finally:
+        await owner.flush()
+        for layer in (holder, other, owner):
+            await layer.close()
+
+
 def test_places_reserved_for_one_sender_count_as_taken_for_the_others_until_they_end(
     redis_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -660,9 +675,7 @@ def test_places_reserved_for_one_sender_count_as_taken_for_the_others_until_they
 
     async def body() -> None:
         url = f"redis://127.0.0.1:{redis_port}/0"
-        holder, other, owner = (ChannelLayer(url, prefix="places", capacity=10) for _ in "abc")
-        try:
-            inbox = await owner.new_channel()
+        async with sharing_an_inbox(url, "places", 10) as (holder, other, owner, inbox):
             # One queued; half the 9 free places (4) are reserved for the holder.
             await holder.send(inbox, {"by": "holder", "n": 0})
             for n in range(5):
@@ -687,10 +700,26 @@ def test_places_reserved_for_one_sender_count_as_taken_for_the_others_until_they
                 await other.send(inbox, {"by": "other", "n": n})
             with pytest.raises(ChannelFull):
                 await other.send(inbox, {"by": "other", "n": 9})
-        finally:
-            await owner.flush()
-            for layer in (holder, other, owner):
-                await layer.close()
+
+    run(body)
+
+
+def test_a_layers_own_flush_takes_its_places_with_it(
+    redis_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its own flush a layer holds no place: its next send to the inbox asks again,
+    so a full inbox refuses it at once, not after it returned."""
+    monkeypatch.setattr(redis_backend, "_RESERVE_MS", 10_000)
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with sharing_an_inbox(url, "own", 5) as (holder, other, _, inbox):
+            await holder.send(inbox, {"n": 0})
+            await holder.flush()
+            for n in range(1, 6):
+                await other.send(inbox, {"n": n})
+            with pytest.raises(ChannelFull):
+                await holder.send(inbox, {"n": 6})
 
     run(body)
 
@@ -706,9 +735,7 @@ def test_a_send_whose_place_is_gone_is_checked_and_a_refusal_is_logged(
 
     async def body() -> None:
         url = f"redis://127.0.0.1:{redis_port}/0"
-        holder, other, owner = (ChannelLayer(url, prefix="gone", capacity=5) for _ in "abc")
-        try:
-            inbox = await owner.new_channel()
+        async with sharing_an_inbox(url, "gone", 5) as (holder, other, owner, inbox):
             # One queued, 2 places reserved for the holder; all flushed.
             await holder.send(inbox, {"n": 0})
             await owner.flush()
@@ -724,10 +751,6 @@ def test_a_send_whose_place_is_gone_is_checked_and_a_refusal_is_logged(
                 await holder.send(inbox, {"n": 8})
             got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(5)]
             assert got == [{"n": n} for n in range(2, 7)]
-        finally:
-            await owner.flush()
-            for layer in (holder, other, owner):
-                await layer.close()
 
     with caplog.at_level(logging.WARNING, logger="multilayer"):
         run(body)

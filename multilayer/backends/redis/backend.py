@@ -635,8 +635,10 @@ class RedisBackend(Backend):
 
     async def flush(self) -> None:
         """Delete every key under this prefix on every master (SCAN, then UNLINK a page;
-        on a cluster, one UNLINK per slot of the page, since a command spans one slot)."""
+        on a cluster, one UNLINK per slot of the page, since a command spans one slot).
+        The places reserved for this instance go with them: its next send asks again."""
         await self._unanswered.settled()
+        self._reserved.forget()
         for shard in await self._masters():
             async for keys in _scan(shard, f"{self.settings.prefix}:*"):
                 if self._cluster is None:
@@ -700,6 +702,10 @@ class _Reserved:
         else:
             self._places.pop(queue, None)
         self._asking.pop(queue).set_result(None)
+
+    def forget(self) -> None:
+        """Forget every place held (a flush deleted them on Redis)."""
+        self._places.clear()
 
     def prune(self) -> None:
         """Forget the places that may no longer be used (the inboxes not sent to since)."""
