@@ -34,6 +34,7 @@ from tests.support.brokers import (
     BrokerProcess,
     broker,
     certificates,
+    connections_to,
     free_port,
     redis_argv,
     redis_tls_argv,
@@ -605,6 +606,16 @@ def test_sends_from_an_event_loop_that_ends_at_once_arrive(redis_port: int, oper
     )
 
 
+def plain_or_tls(tls: bool, tmp_path: Path) -> tuple[int, list[str], str, str]:
+    """A Redis server to start, plain or over TLS: its port, its argv, and the scheme and
+    options (``name=value&``, possibly none) of a URL to reach it, before its host."""
+    port = free_port()
+    if not tls:
+        return port, redis_argv(port, tmp_path), "redis", ""
+    argv = redis_tls_argv(port, tmp_path, certificates(tmp_path), client_certs="no")
+    return port, argv, "rediss", f"ssl_cafile={tmp_path / 'ca.pem'}&"
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["redis", "rediss"])
 @pytest.mark.parametrize("operation", SENDS)
 def test_a_send_a_slow_server_has_not_read_survives_the_event_loop_ending(
@@ -615,19 +626,51 @@ def test_a_send_a_slow_server_has_not_read_survives_the_event_loop_ending(
     to return then, the loop's end would close the connection with the first one's reply
     still due; that reply, arriving, resets the connection, and the reset drops the bytes
     not yet sent. So it returns only once every byte has left."""
-    port = free_port()
-    if tls:
-        argv = redis_tls_argv(port, tmp_path, certificates(tmp_path), client_certs="no")
-        scheme, query = "rediss", f"?ssl_cafile={tmp_path / 'ca.pem'}"
-    else:
-        argv, scheme, query = redis_argv(port, tmp_path), "redis", ""
+    port, argv, scheme, options = plain_or_tls(tls, tmp_path)
     relay = Relay(port, pace=0.02)
     try:
         with broker(argv, port, tmp_path):
-            url = f"{scheme}://127.0.0.1:{relay.port}/0{query}"
+            url = f"{scheme}://127.0.0.1:{relay.port}/0?{options}"
             sends_outlive_their_event_loop(ChannelLayer(url, prefix="slow"), operation)
     finally:
         relay.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["redis", "rediss"])
+def test_close_or_the_event_loop_ending_leaves_no_socket_open(tls: bool, tmp_path: Path) -> None:
+    """A receiver keeps its connection between receives. Once close() returns, or the
+    event loop ends without close(), every socket the layer opened is closed, even when
+    the server goes silent first: a TLS shutdown must go both ways, so it is waited for,
+    and cut short after connect_timeout. The receiver's task, cancelled first, closes its
+    connection without waiting; the backend, released next, waits for that close too."""
+    port, argv, scheme, options = plain_or_tls(tls, tmp_path)
+
+    async def receive_then_silence(relay: Relay) -> ChannelLayer:
+        layer = ChannelLayer(
+            f"{scheme}://127.0.0.1:{relay.port}/0?{options}connect_timeout=0.5", prefix="shut"
+        )
+        inbox = await layer.new_channel()
+        await layer.send(inbox, {"n": 0})
+        assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 0}
+        assert connections_to(relay.port) > 0
+        relay.hold()  # the server's replies are lost, its half of a shutdown too
+        return layer
+
+    async def closed(relay: Relay) -> None:
+        await (await receive_then_silence(relay)).close()
+        assert connections_to(relay.port) == 0
+
+    def check(body: Callable[[Relay], Awaitable[object]]) -> None:
+        relay = Relay(port)
+        try:
+            run(lambda: body(relay))
+            assert connections_to(relay.port) == 0
+        finally:
+            relay.close()
+
+    with broker(argv, port, tmp_path):
+        check(closed)
+        check(receive_then_silence)
 
 
 def test_a_send_on_a_reserved_place_returns_before_redis_answers_in_order(

@@ -81,6 +81,23 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def connections_to(port: int) -> int:
+    """How many sockets this process holds open to ``127.0.0.1:port`` (Linux's /proc),
+    whatever state their TCP connection is in."""
+    require(Path("/proc/net/tcp").is_file(), "needs /proc to list the process's sockets")
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            ours.add(os.readlink(f"/proc/self/fd/{fd}"))
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, inode = fields[2], fields[9]
+        if remote == f"0100007F:{port:04X}" and f"socket:[{inode}]" in ours:
+            count += 1
+    return count
+
+
 def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
     """Wait until ``host:port`` accepts TCP connections, or raise TimeoutError."""
     deadline = time.monotonic() + timeout

@@ -121,7 +121,8 @@ class RedisController(Controller):
 
 class Relay:
     """A TCP relay on a free loopback port to ``127.0.0.1:target``, whose traffic towards
-    the connecting side can be held: what the target sends from then on never arrives.
+    the connecting side can be held: what the target sends from then on never arrives,
+    nor does the end of its stream.
 
     With ``pace``, the target reads slowly: what the connecting side sends is passed on in
     pieces of at most 32 KiB, each ``pace`` seconds after the last, through a receive
@@ -174,11 +175,21 @@ class Relay:
                 if pace:
                     time.sleep(pace)
                 # Checked after the read: bytes read while held are never passed on.
-                while gate is not None and not gate.wait(0.5):
-                    if source.fileno() < 0:
-                        return
+                if not cls._open(gate, source):
+                    return
                 sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
+            # Nor is the end of the stream: a held target never closes its side either.
+            if cls._open(gate, source):
+                sink.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _open(gate: threading.Event | None, source: socket.socket) -> bool:
+        """Wait while ``gate`` holds the traffic: True once it flows, False once the
+        relay is closed."""
+        while gate is not None and not gate.wait(0.5):
+            if source.fileno() < 0:
+                return False
+        return True
 
     def hold(self) -> None:
         """From now on, nothing the target sends reaches the connected side."""

@@ -381,10 +381,9 @@ class Receiver(Watched):
             await discard(wire, wait=True)
 
     async def drop(self, *, wait: bool = False) -> None:
-        """Close the connection; the next receive makes a new one. ``wait``: until it is
-        closed (see :func:`.shard.discard`), when the backend is released."""
-        connection, self._connection = self._connection, None
+        """Close the connection; the next receive makes a new one. ``wait``: the backend
+        is released (see :meth:`.Watched._let_go`)."""
         self._client_id = None
         self._armed = 0
         self._deadline = None
-        await discard(connection, wait=wait)
+        await self._let_go(wait=wait)

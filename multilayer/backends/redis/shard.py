@@ -177,6 +177,8 @@ class Watched:
         #: Loop time by which the command in flight must be answered; None when idle.
         self._deadline: float | None = None
         self._overdue = False
+        #: Connections closed without waiting, which may still be closing.
+        self._closing: list[Wire] = []
 
     def _expect_reply(self, within: float) -> None:
         self._deadline = asyncio.get_running_loop().time() + within
@@ -189,6 +191,21 @@ class Watched:
             self._overdue = True
             return self._connection
         return None
+
+    async def _let_go(self, *, wait: bool) -> None:
+        """Close the connection, if any; the next command makes a new one. ``wait``: the
+        backend is being released, and the event loop may end next, so this waits until
+        the connection and every one closed before without waiting are closed (see
+        :meth:`.Wire.close`)."""
+        connection, self._connection = self._connection, None
+        if wait:
+            closing, self._closing = self._closing, []
+            await asyncio.gather(*(discard(wire, wait=True) for wire in (*closing, connection)))
+            return
+        if connection is not None:
+            self._closing = [wire for wire in self._closing if not wire.released()]
+            self._closing.append(connection)
+        await discard(connection)
 
     def _explain(self, error: BaseException) -> BaseException:
         if self._overdue:
@@ -393,8 +410,7 @@ class Link(Watched):
                 future.cancel()
             self._writer = None
             # Also reached when the event loop ends without close(): leave no socket open.
-            connection, self._connection = self._connection, None
-            await discard(connection, wait=True)
+            await self._let_go(wait=True)
 
     async def _send(
         self,
@@ -415,9 +431,8 @@ class Link(Watched):
                 if self._connection is not None and self._connection.unfit():
                     # Closed by the server while idle (a restart, a timeout, CLIENT KILL):
                     # nothing was sent on it, so reconnecting is safe.
-                    stale, self._connection = self._connection, None
                     self._shard.lose()
-                    await discard(stale)
+                    await self._let_go(wait=False)
                 if self._connection is None:
                     self._connection = await self._shard.connect()
                     self._loaded.clear()
@@ -480,12 +495,11 @@ class Link(Watched):
         commands, and fail ``batch``'s with ``cause``: they may have run. The next
         command connects again. ``lost``: the server is told lost."""
         self._reading = None
-        connection, self._connection = self._connection, None
         if lost:
             self._shard.lose()
         for command, future in batch:
             _settle(future, error=self._shard.error(_describe(command), cause))
-        await discard(connection)
+        await self._let_go(wait=False)
 
     async def close(self) -> None:
         """Stop the writer task; commands it had not sent are cancelled."""
@@ -493,8 +507,7 @@ class Link(Watched):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        connection, self._connection = self._connection, None
-        await discard(connection, wait=True)
+        await self._let_go(wait=True)
 
 
 def _unasked(command: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -155,7 +154,10 @@ class Wire:
     backend's watchdog).
     """
 
-    __slots__ = ("_buffer", "_pos", "_socket", "_stream", "_transports", "_writer", "connection")
+    __slots__ = (
+        "_buffer", "_countable", "_pos", "_socket", "_stream", "_transports", "_writer",
+        "connection",
+    )  # fmt: skip
 
     def __init__(self, connection: AbstractConnection) -> None:
         self.connection = connection
@@ -166,7 +168,8 @@ class Wire:
         self._writer = writer
         self._buffer = b""
         self._pos = 0
-        self._transports, self._socket = _holders(writer.transport)
+        self._socket = writer.transport.get_extra_info("socket")
+        self._transports, self._countable = _holders(writer.transport)
 
     def send(self, data: bytes) -> None:
         """Send ``data`` without waiting: what the socket does not take at once is
@@ -188,7 +191,7 @@ class Wire:
         if any(transport.get_write_buffer_size() for transport in self._transports):
             return False
         # Asked each time: a closed socket's descriptor (-1 then) may be another's now.
-        fd = -1 if self._socket is None else self._socket.fileno()
+        fd = self._socket.fileno() if self._countable else -1
         if fd < 0:
             return False
         try:
@@ -249,32 +252,45 @@ class Wire:
         )
 
     async def close(self, *, wait: bool = False) -> None:
-        """Close the connection; with ``wait``, until it is closed."""
-        await self.connection.disconnect(nowait=not wait)
+        """Close the connection; with ``wait``, until it is closed, even if it was closed
+        before without waiting, and aborted past the connect timeout.
+
+        A TLS connection closes only once its shutdown has gone both ways, in the event
+        loop: one left half closed when the loop ends keeps its socket open.
+        """
+        await self.connection.disconnect(nowait=True)
+        if not wait or self.released():
+            return
+        try:
+            await asyncio.wait_for(
+                self._writer.wait_closed(), self.connection.socket_connect_timeout
+            )
+        except BaseException as error:
+            # Aborted, the socket closes at the loop's next step, whatever the peer does.
+            self._writer.transport.abort()
+            if not isinstance(error, (asyncio.TimeoutError, OSError)):
+                raise
+
+    def released(self) -> bool:
+        """Whether the socket is closed (True where that cannot be told)."""
+        return self._socket is None or self._socket.fileno() < 0
 
 
-def _holders(
-    transport: asyncio.WriteTransport,
-) -> tuple[list[asyncio.WriteTransport], socket.socket | None]:
-    """The transports that may hold bytes written on ``transport``, and the socket to ask
-    the kernel about, None where it cannot be asked."""
-    sock = transport.get_extra_info("socket") if sys.platform == "linux" else None
+def _holders(transport: asyncio.WriteTransport) -> tuple[list[asyncio.WriteTransport], bool]:
+    """The transports that may hold bytes written on ``transport``, and whether the
+    kernel can be asked about the bytes its socket holds."""
+    countable = sys.platform == "linux" and transport.get_extra_info("socket") is not None
     if transport.get_extra_info("ssl_object") is None:
-        return [transport], sock
+        return [transport], countable
     # asyncio's TLS transport counts only the bytes not encrypted yet; the encrypted ones
     # wait in the TCP transport beneath it, which asyncio offers no public way to reach.
     beneath = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
     if not isinstance(beneath, asyncio.WriteTransport):
-        return [transport], None
-    return [transport, beneath], sock
+        return [transport], False
+    return [transport, beneath], countable
 
 
 async def discard(wire: Wire | None, *, wait: bool = False) -> None:
-    """Close ``wire``, if any; with ``wait``, until it is closed (bounded by
-    ``connect_timeout``).
-
-    A TLS connection closes only once its shutdown has gone both ways, in the event loop:
-    releasing it without waiting when the loop is about to end leaves its socket open.
-    """
+    """Close ``wire``, if any (see :meth:`Wire.close`)."""
     if wire is not None:
         await wire.close(wait=wait)
