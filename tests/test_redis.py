@@ -673,23 +673,52 @@ def test_close_or_the_event_loop_ending_leaves_no_socket_open(tls: bool, tmp_pat
         check(receive_then_silence)
 
 
-def test_a_send_on_a_reserved_place_returns_before_redis_answers_in_order(
+def test_a_stream_of_sends_on_reserved_places_returns_before_redis_answers_in_order(
     redis_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A send to an inbox reserves places there for its layer's next sends, which cannot
-    be refused: they return once written, before Redis (paused for writes here) answers,
-    and arrive in the order they were made."""
+    be refused: while the layer only sends, they return once written, before Redis
+    (paused for writes here) answers, and arrive in the order they were made."""
     # Places that outlast any pause of a loaded machine between the steps below.
     monkeypatch.setattr(redis_backend, "_RESERVE_MS", 10_000)
 
     async def body() -> None:
         url = f"redis://127.0.0.1:{redis_port}/0"
-        async with paused_room(url, redis_port, 1500, places=True) as (layer, inbox, _):
-            for n in (1, 2):
-                await asyncio.wait_for(layer.send(inbox, {"n": n}), 0.5)
-            await answered(layer)
-            got = [await asyncio.wait_for(layer.receive(inbox), 5) for _ in range(2)]
-            assert got == [{"n": 1}, {"n": 2}]
+        admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
+        async with sharing_an_inbox(url, "stream", 100) as (sender, _, owner, inbox):
+            await sender.send(inbox, {"n": 0})
+            try:
+                await admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+                for n in (1, 2):
+                    await asyncio.wait_for(sender.send(inbox, {"n": n}), 0.5)
+                await answered(sender)
+            finally:
+                await admin.execute_command("CLIENT", "UNPAUSE")
+                await admin.aclose()
+            got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(3)]
+            assert got == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+    run(body)
+
+
+def test_a_send_after_a_receive_waits_for_redis_and_gives_up_its_places(
+    redis_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer that received since its last send to an inbox is most likely answering
+    what it received, and its next step waits for the answer to that: its next send
+    there waits for Redis, which is then quicker (see docs/backends/redis.md), and gives
+    up the places it held."""
+    monkeypatch.setattr(redis_backend, "_RESERVE_MS", 10_000)
+
+    async def body() -> None:
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        async with paused_room(url, redis_port, 1000, places=True) as (layer, inbox, _):
+            sending = asyncio.ensure_future(layer.send(inbox, {"n": 1}))
+            await asyncio.sleep(0.3)
+            assert not sending.done(), "a send after a receive returns once Redis answers"
+            await asyncio.wait_for(sending, 5)
+            assert not layer._state().backend._reserved.take(non_local_name(inbox))
+            assert await asyncio.wait_for(layer.receive(inbox), 5) == {"n": 1}
 
     run(body)
 

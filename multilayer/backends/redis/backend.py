@@ -212,6 +212,8 @@ class RedisBackend(Backend):
         self._queue_prefix = f"{settings.prefix}:q:"
         self._group_prefix = f"{settings.prefix}:g:"
         self._unanswered = _Unanswered()
+        #: Whether a pop took messages since the last push to an inbox (see _push_to_inbox).
+        self._received = False
         self._reserved = _Reserved()
 
     async def open(self) -> None:
@@ -360,23 +362,29 @@ class RedisBackend(Backend):
     ) -> Any:
         """:meth:`push` to a process inbox: with a place reserved before, written and
         returned at once (None) while Redis's answer is trusted; otherwise awaited, and
-        asking for places if none is asked already."""
+        asking for places if none is asked already. A push made after a pop took
+        messages neither uses nor asks for places, and gives up those held there."""
         reserved = self._reserved
+        # Most likely a reply, whose sender waits next for what it causes: returning early
+        # gains nothing then, and the work it leaves for the loop delays Redis (measured:
+        # docs/backends/redis.md, "A send made after the layer received").
+        reply, self._received = self._received, False
         while (asking := reserved.asking(queue)) is not None:
             # Its answer decides whether this push has a place.
             await asyncio.wait((asking,))
-        admitted = self._unanswered.admits()
+        if reply or not self._unanswered.admits():
+            # The script gives up this instance's places in the inbox as well.
+            reserved.drop(queue)
+            return await place.call(*command, 0, 0)
         if reserved.take(queue):
             link = place.shard().link
             used = (*command, -1, 0)
-            future = link.write_now(used) if admitted else None
+            future = link.write_now(used)
             if future is not None and link.sent_all():
                 self._unanswered.track_push(channel, future)
                 return None
             # Not written at once, or not sent yet: awaited, using its place all the same.
             return await (future or link.enqueue([used])[0])
-        if not admitted:
-            return await place.call(*command, 0, 0)
         asked = time.monotonic()
         reserved.ask(queue)
         granted = 0
@@ -388,7 +396,10 @@ class RedisBackend(Backend):
         return accepted
 
     async def pop(self, queue: str, limit: int) -> list[tuple[str, bytes]]:
-        return await self._receiver(queue).pop(limit)
+        taken = await self._receiver(queue).pop(limit)
+        if taken:
+            self._received = True
+        return taken
 
     def arm(self, queue: str, limit: int) -> None:
         self._receiver(queue).arm(limit)
@@ -702,6 +713,11 @@ class _Reserved:
         else:
             self._places.pop(queue, None)
         self._asking.pop(queue).set_result(None)
+
+    def drop(self, queue: str) -> None:
+        """Forget the places held in ``queue``: a push of this instance that neither uses
+        nor asks for one gives them up on Redis."""
+        self._places.pop(queue, None)
 
     def forget(self) -> None:
         """Forget every place held (a flush deleted them on Redis)."""

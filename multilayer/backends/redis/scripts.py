@@ -71,9 +71,9 @@ local function trim_expired(key, now)
 end
 -- The places senders reserved in the queue at ``key`` and have not used (see PUSH): a
 -- hash next to it, ``units end_ms`` per sender. Those past their end (the server's
--- clock) are dropped, and so are ``holder``'s, which asks again only once it stopped
--- using them. A cluster's keys (hash-tagged) have none, and are not asked: a key that a
--- migrating slot no longer holds would fail the script halfway.
+-- clock) are dropped, and so are ``holder``'s: its push is not on a place, so it asks
+-- for new ones or gives them up. A cluster's keys (hash-tagged) have none, and are not
+-- asked: a key that a migrating slot no longer holds would fail the script halfway.
 local function reserved(key, holder)
   if string.find(key, '{', 1, true) then return 0 end
   local places = key .. '#r'
@@ -179,8 +179,9 @@ if wanted < 0 then
   end
   wanted = 0
 end
--- Only a push that asks for places replaces the sender's: it asks once it used them.
-local room = push(key, element, capacity, now, ttl, wanted > 0 and sender or nil)
+-- A push not on a place replaces the sender's places (with none unless it asks): it
+-- asks once it used them, and a push that does not ask gives them up.
+local room = push(key, element, capacity, now, ttl, sender)
 local granted = math.min(wanted, math.floor((room - 1) / 2))
 if granted < 1 then return room > 0 and 1 or 0 end
 local lease = tonumber(ARGV[7])
