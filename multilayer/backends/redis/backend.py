@@ -711,7 +711,7 @@ class _Reserved:
         if count > 0:
             self._places[queue] = [count, asked + _RESERVE_MS / 2000]
         else:
-            self._places.pop(queue, None)
+            self.drop(queue)
         self._asking.pop(queue).set_result(None)
 
     def drop(self, queue: str) -> None:
