@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from ..url import LayerURL
-from . import LayerContender, NotApplicable, payload
+from . import PINGPONG_SECONDS, LayerContender, NotApplicable, payload
 
 __all__ = ["channels_kafka", "raw_kafka"]
 
@@ -172,23 +172,28 @@ class RawKafka:
                     return value
             raise NotApplicable(f"raw_kafka: no echo within {PEER_BOUND:g}s")
 
+        stop = threading.Event()
+
         def echo() -> None:
-            for _ in range(n):
-                producer.send(topics[1], next_record(consumers[0]))
-                producer.flush()
+            while not stop.is_set():
+                for records in consumers[0].poll(timeout_ms=100, max_records=1).values():
+                    producer.send(topics[1], records[0].value)
+                    producer.flush()
 
         echoer = threading.Thread(target=echo)
         echoer.start()
-        rounds = []
+        rounds: list[float] = []
+        began = time.perf_counter()
         try:
-            for i in range(n):
+            while len(rounds) < n or time.perf_counter() - began < PINGPONG_SECONDS:
                 started = time.perf_counter()
-                producer.send(topics[0], msgpack.packb(payload(i)))
+                producer.send(topics[0], msgpack.packb(payload(len(rounds))))
                 producer.flush()
                 next_record(consumers[1])
                 rounds.append(time.perf_counter() - started)
-            echoer.join()
         finally:
+            stop.set()
+            echoer.join()
             producer.close()
             for consumer in consumers:
                 consumer.close()

@@ -209,8 +209,7 @@ class RawPika:
         a.consume(pong)
 
         async def echo() -> None:
-            for _ in range(n):
-                await b.publish(pong, msgpack.packb(await b.receive()))
+            await b.publish(pong, msgpack.packb(await b.receive()))
 
         async def round_trip(i: int) -> None:
             await a.publish(ping, msgpack.packb(payload(i)))

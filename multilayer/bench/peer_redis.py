@@ -140,8 +140,7 @@ class RawRedis:
         ping, pong = f"{self._prefix}:ping", f"{self._prefix}:pong"
 
         async def echo() -> None:
-            for _ in range(n):
-                await b.lpush(pong, await _brpop(b, ping))
+            await b.lpush(pong, await _brpop(b, ping))
 
         async def round_trip(i: int) -> None:
             await a.lpush(ping, msgpack.packb(payload(i)))
