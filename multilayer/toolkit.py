@@ -22,6 +22,8 @@ import contextlib
 import random
 import ssl
 import threading
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -165,19 +167,27 @@ class ProcessWide(Generic[_T]):
     The core makes one backend instance per event loop, so what they must share (a
     connection to a log, a node socket, what is known of a queue) lives here. An entry is
     made by the first :meth:`use` and, unless ``keep`` is set, dropped when the last
-    backend that used it calls :meth:`release`, so a long-running process does not keep
-    state for every key it ever touched. With ``keep``, users are not counted: nothing is
-    ever dropped. All methods are thread-safe.
+    backend that used it calls :meth:`release` (or, with :meth:`use_while`, once its last
+    owner is garbage collected), so a long-running process does not keep state for every
+    key it ever touched. With ``keep``, users are not counted: nothing is ever dropped.
+    All methods are thread-safe.
     """
 
     def __init__(self, *, keep: bool = False) -> None:
         self._entries: dict[Hashable, tuple[_T, set[int]]] = {}
         self._lock = threading.Lock()
         self._keep = keep
+        #: The owners of :meth:`use_while`, by id, with what tells when they are collected.
+        self._owners: dict[int, weakref.finalize[..., Any]] = {}
+        #: Owners collected since the last call: their finalizers only append here, since
+        #: a collection may run while this thread holds the lock; the next call releases
+        #: them, before any object that took over an id can use it.
+        self._collected: deque[int] = deque()
 
     def use(self, key: Hashable, user: object, make: Callable[[], _T]) -> _T:
         """The state under ``key`` (``make()`` if none), kept until ``user`` releases it."""
         with self._lock:
+            self._drop_collected()
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = (make(), set())
@@ -185,21 +195,41 @@ class ProcessWide(Generic[_T]):
                 entry[1].add(id(user))
             return entry[0]
 
+    def use_while(self, key: Hashable, owner: object, make: Callable[[], _T]) -> _T:
+        """The state under ``key`` (``make()`` if none), kept while ``owner`` lives: for
+        state that belongs to something outliving the backends (a layer, which makes one
+        per event loop) and that needs no stopping when it is dropped."""
+        with self._lock:
+            # First, so that an id that a collected owner left is not taken for its own.
+            self._drop_collected()
+            if not self._keep and id(owner) not in self._owners:
+                self._owners[id(owner)] = weakref.finalize(owner, self._collected.append, id(owner))
+        return self.use(key, owner, make)
+
+    def _drop_collected(self) -> None:
+        while self._collected:
+            owner = self._collected.popleft()
+            del self._owners[owner]
+            self._drop(owner)
+
     def get(self, key: Hashable) -> _T | None:
         """The state under ``key``, if any; does not mark a use."""
         with self._lock:
+            self._drop_collected()
             entry = self._entries.get(key)
             return None if entry is None else entry[0]
 
     def users(self, key: Hashable) -> int:
         """How many open backends use the state under ``key``."""
         with self._lock:
+            self._drop_collected()
             entry = self._entries.get(key)
             return 0 if entry is None else len(entry[1])
 
     def under(self, prefix: tuple[Any, ...]) -> list[_T]:
         """The state of every tuple key that starts with ``prefix``."""
         with self._lock:
+            self._drop_collected()
             n = len(prefix)
             return [
                 state
@@ -213,17 +243,22 @@ class ProcessWide(Generic[_T]):
         The caller stops what the returned states hold (threads, sockets), outside the
         lock and outside any other backend's way.
         """
-        dropped: list[_T] = []
         with self._lock:
-            for key, (state, users) in list(self._entries.items()):
-                users.discard(id(user))
-                if not users and not self._keep:
-                    del self._entries[key]
-                    dropped.append(state)
+            self._drop_collected()
+            return self._drop(id(user))
+
+    def _drop(self, user: int) -> list[_T]:
+        dropped: list[_T] = []
+        for key, (state, users) in list(self._entries.items()):
+            users.discard(user)
+            if not users and not self._keep:
+                del self._entries[key]
+                dropped.append(state)
         return dropped
 
     def __len__(self) -> int:
         with self._lock:
+            self._drop_collected()
             return len(self._entries)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -31,6 +32,7 @@ from multilayer.capacity import CapacityPolicy
 from tests.support.brokers import (
     RabbitNode,
     certificates,
+    connections_to,
     free_port,
     listening,
     require,
@@ -390,9 +392,11 @@ def test_an_idle_consumer_hands_back_its_prefetch(shared: str) -> None:
 
 
 def test_process_wide_queue_state_is_dropped_with_the_last_layer_using_it(shared: str) -> None:
-    """What this process remembers per consumed queue (handed-out ids, inbox memberships)
-    lives while a layer using it is open: a process that consumes many channels over its
-    life, or opens and closes layers, does not keep an entry for each one for good."""
+    """What this process remembers per consumed queue does not stay for good: a process
+    that consumes many channels over its life, or opens and closes layers, does not keep
+    an entry for each one. Handed-out ids live while a layer using the queue is open; an
+    inbox's memberships as long as the layer that owns it, which may be used again after
+    close(), in another event loop."""
     baseline = (len(consumer.handed_ids), len(groups.inbox_members))
 
     async def body() -> None:
@@ -413,12 +417,16 @@ def test_process_wide_queue_state_is_dropped_with_the_last_layer_using_it(shared
             assert len(consumer.handed_ids) >= baseline[0] + 21
             assert len(groups.inbox_members) == baseline[1] + 1
         finally:
-            await first.flush()
             await first.close()
             await second.close()
-        assert (len(consumer.handed_ids), len(groups.inbox_members)) == baseline
+        assert len(consumer.handed_ids) == baseline[0]
+        assert len(groups.inbox_members) == baseline[1] + 1
+        await first.flush()
+        await first.close()
 
     run(body)
+    gc.collect()  # the layers are gone
+    assert (len(consumer.handed_ids), len(groups.inbox_members)) == baseline
 
 
 async def recv_or_none(layer: ChannelLayer, channel: str) -> dict[str, Any] | None:
@@ -1315,6 +1323,29 @@ def test_tls_listener(node: RabbitNode) -> None:
         await untrusted.close()
 
     run(body)
+
+
+def test_close_or_the_event_loop_ending_leaves_no_tls_socket_open(node: RabbitNode) -> None:
+    """Once close() returns, or the event loop ends without close(), no socket the layer
+    opened to the TLS listener is left: a TLS connection is shut down in the loop, so it
+    must be done before the loop ends."""
+    url = f"amqps://127.0.0.1:{node.tls_port}/?ca_file={node.ca_file}"
+
+    async def used() -> ChannelLayer:
+        layer = _layer(url)
+        channel = await layer.new_channel()
+        await layer.send(channel, {"n": 0})
+        assert await recv(layer, channel) == {"n": 0}
+        assert connections_to(node.tls_port) > 0
+        return layer
+
+    async def closed() -> None:
+        await (await used()).close()
+        assert connections_to(node.tls_port) == 0
+
+    for body in (closed, used):
+        run(body)
+        assert connections_to(node.tls_port) == 0
 
 
 def test_flush_removes_only_its_prefix_on_a_shared_vhost(node: RabbitNode) -> None:

@@ -4,6 +4,7 @@ and contexts."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 import threading
 
@@ -91,6 +92,30 @@ def test_process_wide_with_keep_outlives_its_users() -> None:
     assert shared.use("store", object(), dict) is state
     # Users are not counted, so a process making backends all its life keeps no trace.
     assert shared.users("store") == 0
+
+
+class _Layer:
+    """Stands for a layer: something weakly referable that outlives its backends."""
+
+
+def test_process_wide_state_used_while_an_owner_lives_goes_when_the_last_is_collected() -> None:
+    shared: ProcessWide[list[int]] = ProcessWide()
+    first, second, backend = _Layer(), _Layer(), object()
+    state = shared.use_while(("broker", "inbox"), first, list)
+    assert shared.use_while(("broker", "inbox"), second, list) is state
+    # Backends come and go (one per event loop); the owners keep the state.
+    assert shared.use(("broker", "inbox"), backend, list) is state
+    assert shared.release(backend) == []
+    del first
+    gc.collect()
+    assert shared.get(("broker", "inbox")) is state
+    del second
+    gc.collect()
+    assert shared.get(("broker", "inbox")) is None and len(shared) == 0
+    # An owner made now, perhaps at a collected one's address, is an owner of its own.
+    third = _Layer()
+    assert shared.use_while(("broker", "inbox"), third, list) == []
+    assert shared.users(("broker", "inbox")) == 1
 
 
 SPECS = tls_options("rediss", aliases={"ssl_ca_certs": "ssl_cafile", "ssl_cert_reqs": "ssl_verify"})

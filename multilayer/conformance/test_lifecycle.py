@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import sys
 import threading
 from typing import Any
 
+import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer
 
@@ -134,6 +139,50 @@ def test_async_to_sync(harness: Harness) -> None:
     finally:
         async_to_sync(layer.flush)()
         async_to_sync(layer.close)()
+
+
+def _open_sockets() -> int:
+    """How many sockets this process holds (Linux's /proc)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts sockets in /proc")
+def test_a_call_per_event_loop_keeps_groups_and_leaves_no_sockets(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Django view calls the layer with ``async_to_sync`` once per request, each call in
+    an event loop of its own. A group joined in one loop still gets what is sent to it
+    from the next ones; what the layer opens in a loop is closed when the loop ends, or
+    reused, so a server's sockets do not grow with its requests; and a loop's end is
+    nothing to warn about."""
+    caplog.set_level(logging.WARNING, logger="multilayer")
+    layer = harness.layer()
+
+    def request(channel: str, number: int) -> None:
+        async_to_sync(layer.send)(channel, {"n": number})
+        async_to_sync(layer.group_send)("conf-requests", {"g": number})
+        assert async_to_sync(recv)(layer, channel) == {"n": number}
+        assert async_to_sync(recv)(layer, channel) == {"g": number}
+
+    try:
+        channel = async_to_sync(layer.new_channel)()
+        async_to_sync(layer.group_add)("conf-requests", channel)
+        for number in range(3):
+            request(channel, number)
+        settled = _open_sockets()
+        for number in range(3, 23):
+            request(channel, number)
+        # A margin for connections of other layers in this process (left open by
+        # earlier tests) that come and go meanwhile; one per loop would be 20.
+        assert _open_sockets() <= settled + 3
+    finally:
+        async_to_sync(layer.flush)()
+        async_to_sync(layer.close)()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("multilayer")] == []
 
 
 def test_close_keeps_what_a_loop_fetched_for_another_channel(harness: Harness) -> None:

@@ -24,7 +24,7 @@ from .connection import Link
 from .consumer import Consumer, Handed, handed_ids
 from .credit import Credits
 from .gates import GATED, Gates
-from .groups import Groups, inbox_members
+from .groups import Groups
 from .topology import Topology, idle_lifetime
 
 __all__ = ["RabbitMQBackend"]
@@ -108,7 +108,9 @@ class RabbitMQBackend(Backend):
         self.topology = Topology(
             self.link, settings, self.config["queue_expiry"], self.config["queue_type"]
         )
-        self.groups = Groups(self.link, self.topology, self, self._refused_copy)
+        self.groups = Groups(
+            self.link, self.topology, lambda: self.membership_ledger, self._refused_copy
+        )
         self.gates = Gates(self.link, self.topology)
         self.credits = Credits(self.topology.ready, self._resend)
         self._key = (url.hosts, self.link.vhost)
@@ -149,7 +151,6 @@ class RabbitMQBackend(Backend):
         self.abandon()
 
     def abandon(self) -> None:
-        inbox_members.release(self)
         handed_ids.release(self)
 
     async def _restore(self) -> None:

@@ -132,6 +132,12 @@ class Link:
             raise Disconnected(f"lost the connection to RabbitMQ at {self.url.sanitized()}")
         return self.connection
 
+    @property
+    def closing(self) -> bool:
+        """Whether this link is closing its connection for good: close(), or the end of
+        its event loop (as after each ``async_to_sync`` call)."""
+        return self._closing
+
     def reconnected_within(self, seconds: float) -> bool:
         """Whether the connection was made again in the last ``seconds``."""
         at = self._reconnected_at

@@ -47,8 +47,9 @@ _JOIN, _LEAVE = "+", "-"
 class InboxMembers:
     """Group memberships of the channels of one process inbox.
 
-    Shared by every backend of the owning layer in this OS process (one per event loop),
-    because any of them may be the one receiving from the inbox.
+    Kept as long as the layer that owns the inbox, and shared by its backends (one per
+    event loop), because any of them may be the one receiving from the inbox: a view
+    that calls ``async_to_sync(layer.group_send)`` runs each call in a loop of its own.
     """
 
     def __init__(self) -> None:
@@ -96,23 +97,29 @@ class InboxMembers:
             self._groups.clear()
 
 
-#: Memberships of the inboxes owned by this OS process, per (hosts, vhost, queue).
+#: Memberships of the inboxes owned by this OS process, per (hosts, vhost, queue), each
+#: kept while the owning layer's membership ledger lives.
 inbox_members: ProcessWide[InboxMembers] = ProcessWide()
 
 
 class Groups:
     """group_add, group_discard and group_send of one backend.
 
-    ``user`` is the backend, for :data:`inbox_members`; ``on_full(group)`` counts a
-    group message some member's queue refused.
+    ``layer()`` is what lives as long as the backend's layer (its membership ledger),
+    which keeps the memberships of the layer's inboxes in :data:`inbox_members`;
+    ``on_full(group)`` counts a group message some member's queue refused.
     """
 
     def __init__(
-        self, link: Link, topology: Topology, user: object, on_full: Callable[[str], None]
+        self,
+        link: Link,
+        topology: Topology,
+        layer: Callable[[], object],
+        on_full: Callable[[str], None],
     ) -> None:
         self.link = link
         self.topology = topology
-        self._user = user
+        self._layer = layer
         self._on_full = on_full
         self._key = (link.url.hosts, link.vhost)
         self._window = ConfirmWindow(_GROUP_WINDOW)
@@ -120,7 +127,7 @@ class Groups:
 
     def members(self, queue: str) -> InboxMembers:
         """The memberships of inbox ``queue``, owned by this process."""
-        return inbox_members.use((*self._key, queue), self._user, InboxMembers)
+        return inbox_members.use_while((*self._key, queue), self._layer(), InboxMembers)
 
     def _owner_here(self, queue: str) -> InboxMembers | None:
         return inbox_members.get((*self._key, queue))
@@ -268,7 +275,12 @@ class Groups:
 
     def _confirmed(self, group: str, confirm: asyncio.Future[str]) -> None:
         error = confirm.exception()
-        if error is not None:
+        if error is not None and self.link.closing:
+            # Closed here, after the publish: RabbitMQ routes it before the close, only
+            # its confirm goes unheard. A view calling async_to_sync(group_send) ends its
+            # event loop right after each call, so this is no news.
+            logger.debug("group_send to %r unconfirmed at close: %r", group, error)
+        elif error is not None:
             logger.warning("group_send to %r may be lost: %r", group, error)
             if reply_code(error) == NOT_FOUND:
                 # The exchange went with its last binding (no member was bound): declared
