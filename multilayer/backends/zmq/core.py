@@ -196,6 +196,12 @@ class ZmqCore(Backend):
         self._links, self._peers, self._tasks = [], {}, []
         _close_all(self._owned)
 
+    def abandon(self) -> None:
+        # Its loop ended without close(): nothing reads these sockets any more. Closed now
+        # rather than when a garbage collection finds this backend, or a process that
+        # calls async_to_sync per request holds a hub connection per call until then.
+        _close_all(self._owned)
+
     async def broker_version(self) -> str:
         reply = await self._links[0].call("ping", (), (), self._timeout)
         return f"multilayer hub {reply[1]}"
