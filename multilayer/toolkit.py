@@ -188,12 +188,15 @@ class ProcessWide(Generic[_T]):
         """The state under ``key`` (``make()`` if none), kept until ``user`` releases it."""
         with self._lock:
             self._drop_collected()
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = (make(), set())
-            if not self._keep:
-                entry[1].add(id(user))
-            return entry[0]
+            return self._use(key, user, make)
+
+    def _use(self, key: Hashable, user: object, make: Callable[[], _T]) -> _T:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = (make(), set())
+        if not self._keep:
+            entry[1].add(id(user))
+        return entry[0]
 
     def use_while(self, key: Hashable, owner: object, make: Callable[[], _T]) -> _T:
         """The state under ``key`` (``make()`` if none), kept while ``owner`` lives: for
@@ -204,7 +207,7 @@ class ProcessWide(Generic[_T]):
             self._drop_collected()
             if not self._keep and id(owner) not in self._owners:
                 self._owners[id(owner)] = weakref.finalize(owner, self._collected.append, id(owner))
-        return self.use(key, owner, make)
+            return self._use(key, owner, make)
 
     def _drop_collected(self) -> None:
         while self._collected:
