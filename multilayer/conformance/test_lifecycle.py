@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 import threading
 from typing import Any
 
@@ -141,8 +140,10 @@ def test_async_to_sync(harness: Harness) -> None:
         async_to_sync(layer.close)()
 
 
-def _open_sockets() -> int:
-    """How many sockets this process holds (Linux's /proc)."""
+def _open_sockets() -> int | None:
+    """How many sockets this process holds; None where there is no /proc to tell."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # closed meanwhile
@@ -150,7 +151,6 @@ def _open_sockets() -> int:
     return count
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts sockets in /proc")
 def test_a_call_per_event_loop_keeps_groups_and_leaves_no_sockets(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -178,7 +178,8 @@ def test_a_call_per_event_loop_keeps_groups_and_leaves_no_sockets(
             request(channel, number)
         # A margin for connections of other layers in this process (left open by
         # earlier tests) that come and go meanwhile; one per loop would be 20.
-        assert _open_sockets() <= settled + 3
+        now_open = _open_sockets()
+        assert settled is None or now_open is None or now_open <= settled + 3
     finally:
         async_to_sync(layer.flush)()
         async_to_sync(layer.close)()
