@@ -391,18 +391,20 @@ async def paused_room(
     """A layer with an inbox in group ``room`` that got one group message, and one
     message on a normal channel (its links are up, the scripts are loaded, and it holds
     no place reserved in the inbox, so a send there waits for Redis) or, with
-    ``places``, in the inbox (reserving places there); then Redis paused for writes for
-    ``pause_ms``; the layer, the inbox and an admin connection."""
+    ``places``, two in the inbox (the second reserving places there); then Redis paused
+    for writes for ``pause_ms``; the layer, the inbox and an admin connection."""
     layer = ChannelLayer(url, prefix="paused")
     admin = redis.asyncio.Redis(host="127.0.0.1", port=port)
     try:
         inbox = await layer.new_channel()
         await layer.group_add("room", inbox)
         await layer.group_send("room", {"n": 0})
-        primer = inbox if places else "primer"
-        await layer.send(primer, {"n": 0})
-        for channel in (inbox, primer):
-            assert await asyncio.wait_for(layer.receive(channel), 5) == {"n": 0}
+        one = [("primer", {"n": 0})]
+        primers = [(inbox, {"n": 0.1}), (inbox, {"n": 0.2})] if places else one
+        for channel, message in primers:
+            await layer.send(channel, message)
+        for channel, message in [(inbox, {"n": 0}), *primers]:
+            assert await asyncio.wait_for(layer.receive(channel), 5) == message
         await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
         yield layer, inbox, admin
     finally:
@@ -676,8 +678,8 @@ def test_close_or_the_event_loop_ending_leaves_no_socket_open(tls: bool, tmp_pat
 def test_a_stream_of_sends_on_reserved_places_returns_before_redis_answers_in_order(
     redis_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A send to an inbox reserves places there for its layer's next sends, which cannot
-    be refused: while the layer only sends, they return once written, before Redis
+    """A layer's second send to an inbox reserves places there for its next sends, which
+    cannot be refused: while the layer only sends, they return once written, before Redis
     (paused for writes here) answers, and arrive in the order they were made."""
     # Places that outlast any pause of a loaded machine between the steps below.
     monkeypatch.setattr(redis_backend, "_RESERVE_MS", 10_000)
@@ -686,17 +688,18 @@ def test_a_stream_of_sends_on_reserved_places_returns_before_redis_answers_in_or
         url = f"redis://127.0.0.1:{redis_port}/0"
         admin = redis.asyncio.Redis(host="127.0.0.1", port=redis_port)
         async with sharing_an_inbox(url, "stream", 100) as (sender, _, owner, inbox):
-            await sender.send(inbox, {"n": 0})
+            for n in (0, 1):
+                await sender.send(inbox, {"n": n})
             try:
                 await admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
-                for n in (1, 2):
+                for n in (2, 3):
                     await asyncio.wait_for(sender.send(inbox, {"n": n}), 0.5)
                 await answered(sender)
             finally:
                 await admin.execute_command("CLIENT", "UNPAUSE")
                 await admin.aclose()
-            got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(3)]
-            assert got == [{"n": 0}, {"n": 1}, {"n": 2}]
+            got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(4)]
+            assert got == [{"n": n} for n in range(4)]
 
     run(body)
 
@@ -748,30 +751,33 @@ def test_places_reserved_for_one_sender_count_as_taken_for_the_others_until_they
     async def body() -> None:
         url = f"redis://127.0.0.1:{redis_port}/0"
         async with sharing_an_inbox(url, "places", 10) as (holder, other, owner, inbox):
-            # One queued; half the 9 free places (4) are reserved for the holder.
-            await holder.send(inbox, {"by": "holder", "n": 0})
-            for n in range(5):
+            # Two queued: the first send asked for nothing, the second got half the 8
+            # free places (4) reserved for the holder.
+            for n in range(2):
+                await holder.send(inbox, {"by": "holder", "n": n})
+            for n in range(4):
                 await other.send(inbox, {"by": "other", "n": n})
             with pytest.raises(ChannelFull):
-                await other.send(inbox, {"by": "other", "n": 5})
+                await other.send(inbox, {"by": "other", "n": 4})
             # Queue depths leave the places reserved out.
             assert (await owner.stats()).queues == {non_local_name(inbox): 6}
-            for n in range(1, 5):
+            for n in range(2, 6):
                 await holder.send(inbox, {"by": "holder", "n": n})
             with pytest.raises(ChannelFull):
-                await holder.send(inbox, {"by": "holder", "n": 5})
+                await holder.send(inbox, {"by": "holder", "n": 6})
             await answered(holder)
             got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(10)]
-            for sender in ("holder", "other"):
-                assert [m["n"] for m in got if m["by"] == sender] == list(range(5))
+            assert [m["n"] for m in got if m["by"] == "holder"] == list(range(6))
+            assert [m["n"] for m in got if m["by"] == "other"] == list(range(4))
 
             monkeypatch.setattr(redis_backend, "_RESERVE_MS", 300)
-            await holder.send(inbox, {"by": "holder", "n": 6})
+            for n in (7, 8):
+                await holder.send(inbox, {"by": "holder", "n": n})
             await asyncio.sleep(0.5)
-            for n in range(9):
+            for n in range(8):
                 await other.send(inbox, {"by": "other", "n": n})
             with pytest.raises(ChannelFull):
-                await other.send(inbox, {"by": "other", "n": 9})
+                await other.send(inbox, {"by": "other", "n": 8})
 
     run(body)
 
@@ -786,7 +792,8 @@ def test_a_layers_own_flush_takes_its_places_with_it(
     async def body() -> None:
         url = f"redis://127.0.0.1:{redis_port}/0"
         async with sharing_an_inbox(url, "own", 5) as (holder, other, _, inbox):
-            await holder.send(inbox, {"n": 0})
+            for n in (-1, 0):  # the second reserves a place
+                await holder.send(inbox, {"n": n})
             await holder.flush()
             for n in range(1, 6):
                 await other.send(inbox, {"n": n})
@@ -807,22 +814,24 @@ def test_a_send_whose_place_is_gone_is_checked_and_a_refusal_is_logged(
 
     async def body() -> None:
         url = f"redis://127.0.0.1:{redis_port}/0"
-        async with sharing_an_inbox(url, "gone", 5) as (holder, other, owner, inbox):
-            # One queued, 2 places reserved for the holder; all flushed.
-            await holder.send(inbox, {"n": 0})
+        async with sharing_an_inbox(url, "gone", 7) as (holder, other, owner, inbox):
+            # Two queued, the second reserving 2 places (half of 5) for the holder; all
+            # flushed.
+            for n in (-1, 0):
+                await holder.send(inbox, {"n": n})
             await owner.flush()
             await holder.send(inbox, {"n": 1})
             await answered(holder)
             assert await asyncio.wait_for(owner.receive(inbox), 5) == {"n": 1}
-            for n in range(2, 7):
+            for n in range(2, 9):
                 await other.send(inbox, {"n": n})
-            await holder.send(inbox, {"n": 7})
+            await holder.send(inbox, {"n": 9})
             await answered(holder)
             assert f"send to {inbox!r} may be lost after it returned" in caplog.text
             with pytest.raises(ChannelFull):
-                await holder.send(inbox, {"n": 8})
-            got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(5)]
-            assert got == [{"n": n} for n in range(2, 7)]
+                await holder.send(inbox, {"n": 10})
+            got = [await asyncio.wait_for(owner.receive(inbox), 5) for _ in range(7)]
+            assert got == [{"n": n} for n in range(2, 9)]
 
     with caplog.at_level(logging.WARNING, logger="multilayer"):
         run(body)

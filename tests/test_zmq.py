@@ -30,7 +30,7 @@ from multilayer.backends.zmq import groups as zmq_groups
 from multilayer.backends.zmq.groups import STREAMING
 from multilayer.backends.zmq.hub.main import _exposed
 from multilayer.backends.zmq.node import Node, running_nodes
-from multilayer.backends.zmq.protocol import DEFAULT_MAX_MESSAGE, shard
+from multilayer.backends.zmq.protocol import DEFAULT_MAX_MESSAGE, WANT, Leases, shard
 from multilayer.backends.zmq.security import RefusalLog, is_loopback
 from multilayer.serialization import pack, unpack_message
 from tests.support.brokers import BrokerProcess, free_port
@@ -593,6 +593,20 @@ def test_leases_never_let_two_senders_overfill_a_channel(hub: Hub) -> None:
                 await layer.close()
 
     run(body())
+
+
+def test_leases_go_to_senders_that_ask_again_and_hold_half_the_room_at_most() -> None:
+    leases = Leases()
+    assert leases.grant(b"once", 100, WANT) == 0  # a first ask reserves nothing
+    assert leases.reserved() == 0
+    assert leases.grant(b"streaming", 100, WANT) == 0
+    assert leases.grant(b"streaming", 99, WANT) == 49
+    assert leases.grant(b"other", 98, WANT) == 0
+    # Together, never more than half of the free room: half of it is leased already.
+    assert leases.grant(b"other", 97, WANT) == 0
+    assert leases.grant(b"other", 120, WANT) == 60 - 49
+    assert leases.reserved() == 60
+    assert leases.grant(b"streaming", 98, 5) == 5  # a new ask replaces the sender's lease
 
 
 def test_prefetched_messages_go_back_to_the_hub(hub: Hub) -> None:

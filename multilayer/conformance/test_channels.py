@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull, MessageTooLarge
 
 from ..exceptions import ForeignChannel
@@ -253,6 +254,32 @@ def test_capacity_is_atomic_across_instances(harness: Harness) -> None:
             await assert_nothing(receiver, channel, 0.3)
 
     harness.run(body)
+
+
+def test_a_sender_per_send_fills_the_whole_capacity(harness: Harness) -> None:
+    # A Django view's async_to_sync(layer.send) runs each send in an event loop, and so on
+    # a connection, of its own: a new sender every time. Places a layer sets aside for a
+    # sender's next sends must not make a channel look full to the others while it is not.
+    sender, receiver = harness.layer(capacity=10), harness.layer(capacity=10)
+    send = async_to_sync(sender.send)
+    try:
+        inbox = async_to_sync(receiver.new_channel)()
+        for channel in ("conf.once", inbox):
+            for i in range(10):
+                send(channel, {"i": i})
+            with pytest.raises(ChannelFull):
+                send(channel, {"i": 10})
+
+            async def drain(channel: str) -> list[Any]:
+                got = [(await recv(receiver, channel))["i"] for _ in range(10)]
+                await assert_nothing(receiver, channel, 0.3)
+                return got
+
+            assert async_to_sync(drain)(channel) == list(range(10))
+    finally:
+        async_to_sync(receiver.flush)()
+        async_to_sync(receiver.close)()
+        async_to_sync(sender.close)()
 
 
 def test_concurrent_sends_of_one_layer_fill_the_capacity_and_every_accepted_one_arrives(

@@ -250,3 +250,41 @@ def test_close_keeps_what_a_running_loop_fetched(harness: Harness) -> None:
         other.call_soon_threadsafe(other.stop)
         thread.join(10)
         other.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "loop end"])
+def test_what_was_sent_arrives_after_its_sender_stops(harness: Harness, ending: str) -> None:
+    """A send or group_send that returned is the layer's to deliver, even when the layer
+    closes, or its event loop ends, at once: what it still had to write goes out rather
+    than being dropped with its connections. A Django view does this on every request:
+    ``async_to_sync(layer.group_send)(...)`` runs in an event loop of its own, and the
+    next call's loop takes over."""
+    receiver = harness.layer()
+    sender = harness.layer()
+
+    async def send_all(channel: str, number: int) -> None:
+        await sender.send("conf.stops", {"n": number})
+        await sender.send(channel, {"n": number})
+        await sender.group_send("conf-stops", {"g": number})
+        if ending == "close":
+            await sender.close()
+
+    try:
+        channel = async_to_sync(receiver.new_channel)()
+        async_to_sync(receiver.group_add)("conf-stops", channel)
+        for number in range(20):
+            async_to_sync(send_all)(channel, number)
+            async_to_sync(sender.group_send)("conf-stops", {"g": number, "alone": True})
+
+        async def drain() -> None:
+            for number in range(20):
+                assert await recv(receiver, "conf.stops") == {"n": number}
+                assert await recv(receiver, channel) == {"n": number}
+                assert await recv(receiver, channel) == {"g": number}
+                assert await recv(receiver, channel) == {"g": number, "alone": True}
+
+        async_to_sync(drain)()
+    finally:
+        async_to_sync(receiver.flush)()
+        async_to_sync(receiver.close)()
+        async_to_sync(sender.close)()

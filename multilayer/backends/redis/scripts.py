@@ -96,7 +96,8 @@ end
 -- taken) once its expired head is dropped (the new element, at the tail, is live): two
 -- calls when there is room and no reservation, and nothing else runs meanwhile, so
 -- nobody sees the queue over capacity. A new list (one element) has no lifetime yet: it
--- gets this one without asking. Returns 0 when full, else 1 + the places left free.
+-- gets this one without asking. Returns 0 when full, else 1 + the places left free;
+-- then the places others reserved.
 local function push(key, element, capacity, now, ttl, holder)
   local length = redis.call('RPUSH', key, element)
   local others = reserved(key, holder)
@@ -109,7 +110,7 @@ local function push(key, element, capacity, now, ttl, holder)
     end
   end
   if length == 1 then redis.call('PEXPIRE', key, ttl) else keep_alive(key, ttl) end
-  return 1 + capacity - taken
+  return 1 + capacity - taken, others
 end
 """
 
@@ -147,11 +148,14 @@ end
 
 # KEYS: queue. ARGV: element, capacity, now, ttl_ms, sender (a backend instance's
 # token), places (how many to reserve; -1: this push uses one reserved before), lease_ms.
-# Returns 0 when full, else 1 + the places reserved for the sender: at most half the
-# free room, for lease_ms. Until used or past their end, reserved places count as taken
-# for everyone else, so the sender's next pushes, which use them, cannot be refused, and
-# it may go on before they are answered. A push whose places are gone (flushed, or
-# dropped after their end) is checked like any other.
+# Returns 0 when full, else 1 + the places reserved for the sender, for lease_ms: none
+# on its first ask within lease_ms (a sender that pushes once, as a backend per event
+# loop does, sets nothing aside), and never so many that all senders' places exceed
+# half the room free of stored messages. Until used or past their end, reserved places
+# count as taken for everyone else, so the sender's next pushes, which use them, cannot
+# be refused, and it may go on before they are answered; another sender is refused
+# only once at least half the queue holds messages. A push whose places are gone
+# (flushed, or dropped after their end) is checked like any other.
 PUSH = Script(
     "push",
     _LUA_HELPERS
@@ -159,10 +163,10 @@ PUSH = Script(
 local key, element, capacity = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local now, ttl, sender, wanted = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local places = key .. '#r'
+local entry = redis.call('HGET', places, sender)
+local units, ends = string.match(entry or '', '^(%d+) (%d+)$')
 if wanted < 0 then
-  local entry = redis.call('HGET', places, sender)
-  local units, ends = string.match(entry or '', '^(%d+) (%d+)$')
-  if units then
+  if units and units ~= '0' then
     -- Counted as taken by everyone since it was reserved, even past its end: it is
     -- used, not checked.
     if units == '1' then
@@ -180,14 +184,19 @@ if wanted < 0 then
   wanted = 0
 end
 -- A push not on a place replaces the sender's places (with none unless it asks): it
--- asks once it used them, and a push that does not ask gives them up.
-local room = push(key, element, capacity, now, ttl, sender)
-local granted = math.min(wanted, math.floor((room - 1) / 2))
-if granted < 1 then return room > 0 and 1 or 0 end
+-- asks once it used them, and a push that does not ask gives them up. An entry of 0
+-- places says that the sender asked within lease_ms.
+local room, others = push(key, element, capacity, now, ttl, sender)
+if room == 0 or wanted < 1 then return room > 0 and 1 or 0 end
 local lease = tonumber(ARGV[7])
 local time = redis.call('TIME')
-local ends = time[1] * 1000 + math.floor(time[2] / 1000) + lease
-redis.call('HSET', places, sender, granted .. ' ' .. string.format('%d', ends))
+local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
+local granted = 0
+if ends and tonumber(ends) > now_ms then
+  granted = math.min(wanted, math.floor((room - 1 + others) / 2) - others)
+end
+if granted < 0 then granted = 0 end
+redis.call('HSET', places, sender, granted .. ' ' .. string.format('%d', now_ms + lease))
 keep_alive(places, lease)
 return 1 + granted
 """,

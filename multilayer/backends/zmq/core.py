@@ -289,7 +289,7 @@ class ZmqCore(Backend):
 
 def _close_all(sockets: list[zmq.Socket[bytes]]) -> None:
     for sock in sockets:
-        sock.close(0)
+        sock.close()  # lingering (link.LINGER_MS): what was written still goes out
     sockets.clear()
 
 

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 _BATCH_BYTES = 1024 * 1024
 #: A leased send this long after the previous write goes out at once, unbatched.
 _SPARSE = 0.001
+#: How long a closed socket still tries to write what was written to it (ms). Zero would
+#: drop a send or group_send that had returned but not yet left the process when its
+#: layer closed or its event loop ended; closing never waits for it.
+LINGER_MS = 10_000
 
 
 class Restarted(Exception):
@@ -56,7 +60,7 @@ class Link:
         # The backend owns the raw socket and closes it even if its event loop just ends
         # (async_to_sync); the asyncio view is a shadow that never warns on collection.
         owned.append(raw)
-        raw.setsockopt(zmq.LINGER, 0)
+        raw.setsockopt(zmq.LINGER, LINGER_MS)
         raw.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE)
         raw.setsockopt(zmq.SNDHWM, 100_000)
         raw.setsockopt(zmq.RCVHWM, 100_000)
@@ -261,8 +265,8 @@ class Link:
         self._reader.cancel()
         # Closing the asyncio view first unregisters its file descriptor from the loop:
         # a stale registration would steal the wake-ups of a later socket reusing the fd.
-        self.sock.close(0)
-        self.raw.close(0)
+        self.sock.close()
+        self.raw.close()
         closed = BrokerError(f"the connection to {self.endpoint} was closed")
         for future in self.pending.values():
             if not future.done():

@@ -101,22 +101,30 @@ def number(value: Any) -> float:
 class Leases:
     """Places of one queue reserved for senders (hub queues and node inboxes alike).
 
-    With an ok, the queue's owner leases a sender up to ``want`` places for ``LEASE``
-    seconds, never more than half the free room: the sender then sends that many
-    messages without waiting for answers, and another sender is never refused while
-    there is space. Places leased and not used yet count as taken for everyone else.
+    With an ok, the queue's owner leases a sender that asked before within ``LEASE``
+    seconds up to ``want`` places for ``LEASE`` seconds: the sender then sends that many
+    messages without waiting for answers. A sender's first ask gets no lease, so one that
+    sends once (a Django view's ``async_to_sync`` call, a backend per event loop) never
+    holds places it will not use. Places leased and not used yet count as taken for
+    everyone else, and all leases together hold at most half the free room, so another
+    sender is refused only once the queue is at least half full of stored messages.
     """
 
     def __init__(self) -> None:
         #: sender id -> (places left, monotonic end of the lease)
         self._leases: dict[bytes, tuple[int, float]] = {}
+        #: sender id -> monotonic time of its last ask, for ``LEASE`` seconds
+        self._asked: dict[bytes, float] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._leases)
+        return bool(self._leases or self._asked)
 
     def reserved(self, but: bytes = b"") -> int:
         """Places leased to senders other than ``but``; drops spent and expired leases."""
         current = time.monotonic()
+        for sender, asked in list(self._asked.items()):
+            if asked + LEASE <= current:
+                del self._asked[sender]
         total = 0
         for sender, (count, until) in list(self._leases.items()):
             if count <= 0 or until <= current:
@@ -128,9 +136,14 @@ class Leases:
     def grant(self, sender: bytes, free: int, want: int) -> int:
         """Lease ``sender`` up to ``want`` of ``free`` places (free of stored messages)."""
         self._leases.pop(sender, None)
-        granted = max(0, min(want, (free - self.reserved()) // 2))
+        reserved = self.reserved()
+        asked_before = sender in self._asked
+        current = self._asked[sender] = time.monotonic()
+        if not asked_before:
+            return 0
+        granted = max(0, min(want, free // 2 - reserved))
         if granted:
-            self._leases[sender] = (granted, time.monotonic() + LEASE)
+            self._leases[sender] = (granted, current + LEASE)
         return granted
 
     def use(self, sender: bytes) -> bool:
