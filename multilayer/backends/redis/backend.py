@@ -664,8 +664,9 @@ class RedisBackend(Backend):
 class _Reserved:
     """The places in process inboxes that Redis reserved for one backend instance.
 
-    A push's answer reserves places (:data:`.scripts.PUSH`): for ``_RESERVE_MS``, at most
-    half the free room, counted as taken for every other sender meanwhile. While this
+    A push's answer reserves places (:data:`.scripts.PUSH`): for ``_RESERVE_MS``, from the
+    instance's second push there within that time on, all senders' places together at
+    most half the free room, counted as taken for every other sender meanwhile. While this
     instance holds one in an inbox, used for half of that time at most, its next push
     there cannot be refused for capacity, so :meth:`RedisBackend.push` returns once the
     push is written and sent, as a group send does (see :class:`_Unanswered`).
@@ -673,8 +674,8 @@ class _Reserved:
     The server's places and these stay the same: only a push that asks replaces them,
     it asks only once these are used up or old, and the instance's other pushes to that
     inbox wait for its answer. So a single sender's ChannelFull stays exact; another
-    sender may see an inbox as full for up to ``_RESERVE_MS`` while places reserved and
-    not used hold up to half its room.
+    sender may see an inbox as full for up to ``_RESERVE_MS`` once messages fill at
+    least half of it, places reserved and not used the rest.
     """
 
     def __init__(self) -> None:

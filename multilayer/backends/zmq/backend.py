@@ -9,17 +9,17 @@ inbox, by that loop, so a message wakes its receive with no thread hop), holding
 inboxes of that process's layers. Process-specific messages go straight from sender to
 node once the sender has learnt the node's endpoint (the first message travels through
 the hub, which answers with the endpoint); the node checks capacity and answers ok/full,
-and with an ok leases the sender a few places (at most half the free room, for 0.2 s)
-that it fills without waiting for answers. Normal-channel sends get the same leases from
-the hub, and a pop takes up to 100 waiting messages, the ones no receive wanted going
-back to the hub after 1 s. ``group_send`` is one request to the hub, which queues a copy
-for each normal member and forwards to each process inbox with members one envelope
-(:mod:`multilayer.fanout`) naming them, counted once against the inbox's capacity; the
-receiving layer hands it to each member. To a group whose members live in at most two
-queues (normal channels or inboxes) the sender sends itself, the same copies and
-envelopes, from a copy of the members the hub leases it for 0.5 s and invalidates before
-it answers any change to the group. Several hubs shard queues, groups and inboxes by
-rendezvous hashing of the name.
+and with an ok leases a sender that asks again a few places (all leases at most half the
+free room, for 0.2 s) that it fills without waiting for answers. Normal-channel sends
+get the same leases from the hub, and a pop takes up to 100 waiting messages, the ones
+no receive wanted going back to the hub after 1 s. ``group_send`` is one request to the
+hub, which queues a copy for each normal member and forwards to each process inbox with
+members one envelope (:mod:`multilayer.fanout`) naming them, counted once against the
+inbox's capacity; the receiving layer hands it to each member. To a group whose members
+live in at most two queues (normal channels or inboxes) the sender sends itself, the
+same copies and envelopes, from a copy of the members the hub leases it for 0.5 s and
+invalidates before it answers any change to the group. Several hubs shard queues, groups
+and inboxes by rendezvous hashing of the name.
 Optional CURVE encryption and authentication.
 
 Faults. The hub keeps everything in memory: a hub restart loses the queued normal-channel
