@@ -69,6 +69,11 @@ local function trim_expired(key, now)
   end
   return redis.call('LLEN', key)
 end
+-- The server's clock in milliseconds: what the ends of reserved places are counted in.
+local function server_ms()
+  local time = redis.call('TIME')
+  return time[1] * 1000 + math.floor(time[2] / 1000)
+end
 -- The places senders reserved in the queue at ``key`` and have not used (see PUSH): a
 -- hash next to it, ``units end_ms`` per sender. Those past their end (the server's
 -- clock) are dropped, and so are ``holder``'s: its push is not on a place, so it asks
@@ -78,8 +83,7 @@ local function reserved(key, holder)
   if string.find(key, '{', 1, true) then return 0 end
   local places = key .. '#r'
   if redis.call('EXISTS', places) == 0 then return 0 end
-  local time = redis.call('TIME')
-  local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
+  local now_ms = server_ms()
   local entries = redis.call('HGETALL', places)
   local total = 0
   for i = 1, #entries, 2 do
@@ -189,13 +193,11 @@ end
 local room, others = push(key, element, capacity, now, ttl, sender)
 if room == 0 or wanted < 1 then return room > 0 and 1 or 0 end
 local lease = tonumber(ARGV[7])
-local time = redis.call('TIME')
-local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
+local now_ms = server_ms()
 local granted = 0
 if ends and tonumber(ends) > now_ms then
-  granted = math.min(wanted, math.floor((room - 1 + others) / 2) - others)
+  granted = math.max(0, math.min(wanted, math.floor((room - 1 + others) / 2) - others))
 end
-if granted < 0 then granted = 0 end
 redis.call('HSET', places, sender, granted .. ' ' .. string.format('%d', now_ms + lease))
 keep_alive(places, lease)
 return 1 + granted
